@@ -1,0 +1,55 @@
+# Kythira task runner. `just --list` shows every recipe.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+plugin_out := "target/plugins"
+
+default:
+    @just --list
+
+# Install the compilation targets the plugins need (idempotent).
+setup:
+    rustup target add wasm32-unknown-unknown wasm32-wasip2
+
+# Build every plugin (examples and misbehaving test plugins) into components under target/plugins/.
+plugins: setup
+    bash guest-sdk/build-plugins.sh {{plugin_out}}
+
+# Main job: build the plugins and run the demo.
+demo: plugins
+    cargo run -p kythira -- demo --plugins {{plugin_out}}
+
+# The whole test suite: simulator seeds, mutation check, then every unit and integration test.
+test: plugins
+    cargo run --release -p kythira-sim --bin sim -- --seeds 1000 --nodes 3
+    cargo run --release -p kythira-sim --bin sim -- --seeds 1000 --nodes 5
+    just sim-mutants
+    cargo nextest run --workspace --no-fail-fast
+
+# Run the deterministic cluster simulator, e.g. `just sim --seeds 100 --nodes 5` or `just sim --seed 42`.
+sim *ARGS:
+    cargo run --release -p kythira-sim --bin sim -- {{ARGS}}
+
+# Inject classic Raft bugs one at a time and check that the simulator catches each.
+sim-mutants:
+    cargo run --release -p kythira-sim --features mutants --bin sim-mutants
+
+# Every benchmark.
+bench: bench-core bench-storage bench-plugin
+
+bench-core:
+    cargo run --release -p kythira-sim --bin bench-core
+
+bench-storage:
+    cargo bench -p kythira-storage --bench storage
+
+bench-plugin: plugins
+    cargo bench -p kythira-runtime --bench plugin
+
+# Create plugins/NAME from the template; it builds and passes its tests as created.
+new-plugin NAME:
+    bash guest-sdk/new-plugin.sh {{NAME}}
+
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
