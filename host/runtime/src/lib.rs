@@ -1,0 +1,1 @@
+//! The Kythira plugin runtime.
