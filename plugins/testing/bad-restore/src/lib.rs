@@ -1,0 +1,1 @@
+//! Restore always fails.

@@ -1,0 +1,1 @@
+//! Loops forever in apply.

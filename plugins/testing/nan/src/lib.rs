@@ -1,0 +1,1 @@
+//! Produces NaNs.

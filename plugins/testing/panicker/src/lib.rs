@@ -1,0 +1,1 @@
+//! Panics in apply.

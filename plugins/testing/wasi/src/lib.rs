@@ -1,0 +1,1 @@
+//! Imports WASI; must be refused.
