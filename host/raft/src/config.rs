@@ -1,0 +1,130 @@
+//! Static configuration of a core.
+
+use crate::error::ConfigError;
+use crate::types::NodeId;
+
+/// Settings of one core. Build with [`Config::new`] and adjust fields.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node.
+    pub id: NodeId,
+    /// Every voting member, including `id`.
+    pub voters: Vec<NodeId>,
+    /// Minimum election timeout in ticks; each timeout is drawn uniformly from
+    /// `[election_ticks, 2 * election_ticks)`. Also the check-quorum period and
+    /// the leader lease during which vote requests are ignored.
+    pub election_ticks: u32,
+    /// Ticks between heartbeats; must be smaller than `election_ticks`.
+    pub heartbeat_ticks: u32,
+    /// Most entries in one `Append`.
+    pub max_entries_per_message: usize,
+    /// Most payload bytes (plus a fixed per-entry overhead) in one `Append`;
+    /// a single larger entry is still sent alone.
+    pub max_bytes_per_message: usize,
+    /// Most unacknowledged `Append`s per follower in the replicate state.
+    pub max_inflight_messages: usize,
+    /// Run a pre-vote round before incrementing the term (thesis §9.6), so a
+    /// node rejoining from a partition does not disrupt a working leader.
+    pub pre_vote: bool,
+    /// A leader that has not heard from a quorum within `election_ticks`
+    /// steps down, and nodes ignore vote requests while they have a live leader.
+    pub check_quorum: bool,
+    /// Seed of the election-timeout generator; give each node its own.
+    pub seed: u64,
+    /// An injected bug, for testing the tests.
+    #[cfg(feature = "mutants")]
+    pub mutation: Option<Mutation>,
+}
+
+/// Classic Raft bugs that can be switched on to check that the simulator
+/// catches them. Exists only with the `mutants` feature.
+#[cfg(feature = "mutants")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mutation {
+    /// Commit an entry of an earlier term once a quorum stores it (the bug of
+    /// figure 8 in the Raft paper).
+    CommitPreviousTermByCount,
+    /// Grant votes without checking that the candidate's log is up to date.
+    VoteWithoutLogCheck,
+    /// Send vote responses before the vote is durable.
+    VoteBeforePersist,
+    /// Accept an `Append` without checking the entry before it.
+    AppendWithoutPrevCheck,
+}
+
+#[cfg(feature = "mutants")]
+impl Mutation {
+    /// Every mutation.
+    pub const ALL: [Mutation; 4] = [
+        Mutation::CommitPreviousTermByCount,
+        Mutation::VoteWithoutLogCheck,
+        Mutation::VoteBeforePersist,
+        Mutation::AppendWithoutPrevCheck,
+    ];
+
+    /// Stable short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutation::CommitPreviousTermByCount => "commit-previous-term-by-count",
+            Mutation::VoteWithoutLogCheck => "vote-without-log-check",
+            Mutation::VoteBeforePersist => "vote-before-persist",
+            Mutation::AppendWithoutPrevCheck => "append-without-prev-check",
+        }
+    }
+}
+
+impl Config {
+    /// Defaults that suit a LAN with a tick of about 10 ms: election timeout
+    /// 10–20 ticks, heartbeat every 2, pre-vote and check-quorum on.
+    pub fn new(id: NodeId, voters: impl IntoIterator<Item = NodeId>) -> Self {
+        Self {
+            id,
+            voters: voters.into_iter().collect(),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            max_entries_per_message: 256,
+            max_bytes_per_message: 1 << 20,
+            max_inflight_messages: 64,
+            pre_vote: true,
+            check_quorum: true,
+            seed: id,
+            #[cfg(feature = "mutants")]
+            mutation: None,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return Err(ConfigError::ReservedId);
+        }
+        let mut voters = self.voters.clone();
+        voters.sort_unstable();
+        if voters.windows(2).any(|w| w[0] == w[1]) {
+            return Err(ConfigError::DuplicateVoter);
+        }
+        if voters.contains(&0) {
+            return Err(ConfigError::ReservedId);
+        }
+        if !voters.contains(&self.id) {
+            return Err(ConfigError::NotAVoter(self.id));
+        }
+        if self.heartbeat_ticks == 0 || self.heartbeat_ticks >= self.election_ticks {
+            return Err(ConfigError::Timeouts {
+                heartbeat: self.heartbeat_ticks,
+                election: self.election_ticks,
+            });
+        }
+        if self.max_entries_per_message == 0
+            || self.max_bytes_per_message == 0
+            || self.max_inflight_messages == 0
+        {
+            return Err(ConfigError::ZeroLimit);
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "mutants")]
+    pub(crate) fn mutated(&self, m: Mutation) -> bool {
+        self.mutation == Some(m)
+    }
+}

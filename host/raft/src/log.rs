@@ -1,0 +1,324 @@
+//! The core's in-memory view of the log: a durable prefix and an unstable
+//! suffix that the driver has not yet persisted.
+
+use crate::types::{Entry, Index, Term};
+
+/// The log as the core sees it.
+///
+/// Indices `offset + 1 ..= last_index()` are held in memory. `offset` is 0
+/// until log compaction exists; it is kept so that compaction only has to
+/// move it (the term at `offset` is remembered for the consistency check).
+#[derive(Clone, Debug)]
+pub struct RaftLog {
+    offset: Index,
+    offset_term: Term,
+    entries: Vec<Entry>,
+    /// Entries up to here are durable (as far as the core has been told).
+    stable: Index,
+    /// Highest index known to be committed.
+    committed: Index,
+    /// Highest index handed to the driver for application.
+    applied: Index,
+}
+
+/// Why an append from the leader was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum AppendRefusal {
+    /// The entry at `prev_index` does not have `prev_term` (or is missing).
+    Mismatch,
+    /// The append would replace a committed entry: the sender is broken.
+    ConflictsWithCommitted,
+}
+
+impl RaftLog {
+    pub(crate) fn restore(entries: Vec<Entry>, committed: Index, applied: Index) -> Self {
+        let stable = entries.len() as Index;
+        Self {
+            offset: 0,
+            offset_term: 0,
+            entries,
+            stable,
+            committed,
+            applied,
+        }
+    }
+
+    /// Index of the first entry held (1 until compaction exists).
+    pub fn first_index(&self) -> Index {
+        self.offset + 1
+    }
+
+    /// Index of the last entry (0 when empty).
+    pub fn last_index(&self) -> Index {
+        self.offset + self.entries.len() as Index
+    }
+
+    /// Term of the last entry (0 when empty).
+    pub fn last_term(&self) -> Term {
+        self.entries.last().map_or(self.offset_term, |e| e.term)
+    }
+
+    /// Term of the entry at `index`, if known.
+    pub fn term(&self, index: Index) -> Option<Term> {
+        if index == self.offset {
+            return Some(self.offset_term);
+        }
+        self.get(index).map(|e| e.term)
+    }
+
+    /// The entry at `index`, if held.
+    pub fn get(&self, index: Index) -> Option<&Entry> {
+        if index <= self.offset {
+            return None;
+        }
+        self.entries.get((index - self.offset - 1) as usize)
+    }
+
+    /// Entries in `lo..=hi` that are held (clamped to what exists).
+    pub fn entries(&self, lo: Index, hi: Index) -> &[Entry] {
+        let lo = lo.max(self.first_index());
+        let hi = hi.min(self.last_index());
+        if lo > hi {
+            return &[];
+        }
+        &self.entries[(lo - self.offset - 1) as usize..(hi - self.offset) as usize]
+    }
+
+    /// Highest committed index.
+    pub fn committed(&self) -> Index {
+        self.committed
+    }
+
+    /// Highest index handed out for application.
+    pub fn applied(&self) -> Index {
+        self.applied
+    }
+
+    /// Highest index known to be durable.
+    pub fn stable(&self) -> Index {
+        self.stable
+    }
+
+    /// Whether a log ending at (`last_index`, `last_term`) is at least as
+    /// up to date as this one (Raft §5.4.1).
+    pub fn is_up_to_date(&self, last_index: Index, last_term: Term) -> bool {
+        last_term > self.last_term()
+            || (last_term == self.last_term() && last_index >= self.last_index())
+    }
+
+    pub(crate) fn matches(&self, index: Index, term: Term) -> bool {
+        self.term(index) == Some(term)
+    }
+
+    /// Append new entries at the end (leader path).
+    pub(crate) fn append(&mut self, entry: Entry) {
+        debug_assert_eq!(
+            entry.index,
+            self.last_index() + 1,
+            "leader append must be contiguous"
+        );
+        debug_assert!(
+            entry.term >= self.last_term(),
+            "terms never decrease along the log"
+        );
+        self.entries.push(entry);
+    }
+
+    /// Follower path: the consistency check (skipped by the matching mutant),
+    /// then truncation of the conflicting suffix only, then append. Returns the
+    /// last index known to match the leader.
+    pub(crate) fn try_append(
+        &mut self,
+        prev_index: Index,
+        prev_term: Term,
+        entries: &[Entry],
+        check_prev: bool,
+    ) -> Result<Index, AppendRefusal> {
+        if prev_index > self.last_index() || (check_prev && !self.matches(prev_index, prev_term)) {
+            return Err(AppendRefusal::Mismatch);
+        }
+        let last_new = prev_index + entries.len() as Index;
+        // First entry that is not already present with the same term. Entries
+        // that match are kept: a delayed or duplicated append must never cut
+        // off entries that a later append added.
+        let conflict = entries.iter().find(|e| !self.matches(e.index, e.term));
+        if let Some(first_new) = conflict {
+            if first_new.index <= self.last_index() {
+                if first_new.index <= self.committed {
+                    return Err(AppendRefusal::ConflictsWithCommitted);
+                }
+                self.truncate_from(first_new.index);
+            }
+            let skip = (first_new.index - prev_index - 1) as usize;
+            for e in &entries[skip..] {
+                debug_assert_eq!(e.index, self.last_index() + 1);
+                self.entries.push(e.clone());
+            }
+        }
+        Ok(last_new)
+    }
+
+    fn truncate_from(&mut self, index: Index) {
+        assert!(index > self.committed, "never truncate committed entries");
+        debug_assert!(index > self.offset);
+        self.entries.truncate((index - self.offset - 1) as usize);
+        self.stable = self.stable.min(index - 1);
+    }
+
+    /// The largest index `<= index` whose term is `<= term`, with its term:
+    /// the fast-backtracking hint (etcd's findConflictByTerm).
+    pub(crate) fn find_conflict_by_term(&self, index: Index, term: Term) -> (Index, Term) {
+        let mut i = index.min(self.last_index());
+        loop {
+            match self.term(i) {
+                Some(t) if t > term => i -= 1,
+                Some(t) => return (i, t),
+                None => return (i, 0),
+            }
+        }
+    }
+
+    /// Raise the commit index. Never lowers it.
+    pub(crate) fn commit_to(&mut self, index: Index) -> bool {
+        if index > self.committed {
+            assert!(
+                index <= self.last_index(),
+                "commit {index} past last index {}",
+                self.last_index()
+            );
+            self.committed = index;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Entries not yet handed to the driver for persistence.
+    pub(crate) fn unstable(&self) -> &[Entry] {
+        self.entries(self.stable + 1, self.last_index())
+    }
+
+    /// The driver made entries up to (`index`, `term`) durable. Ignored when
+    /// the entry was replaced in the meantime: the replacement is still unstable.
+    pub(crate) fn stable_to(&mut self, index: Index, term: Term) {
+        if index > self.stable && self.matches(index, term) {
+            self.stable = index;
+        }
+    }
+
+    /// Committed, durable entries not yet handed out; hands them out.
+    pub(crate) fn take_committed(&mut self) -> Vec<Entry> {
+        let hi = self.committed.min(self.stable);
+        if hi <= self.applied {
+            return Vec::new();
+        }
+        let out = self.entries(self.applied + 1, hi).to_vec();
+        debug_assert_eq!(out.first().map(|e| e.index), Some(self.applied + 1));
+        self.applied = hi;
+        out
+    }
+
+    pub(crate) fn has_committed_to_apply(&self) -> bool {
+        self.committed.min(self.stable) > self.applied
+    }
+
+    /// Entries from `lo` for one message, within both limits; at least one
+    /// entry if any exists.
+    pub(crate) fn slice_for_message(
+        &self,
+        lo: Index,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Vec<Entry> {
+        let all = self.entries(lo, self.last_index());
+        let mut bytes = 0;
+        let mut n = 0;
+        for e in all.iter().take(max_entries) {
+            bytes += e.size();
+            if n > 0 && bytes > max_bytes {
+                break;
+            }
+            n += 1;
+        }
+        all[..n].to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::EntryKind;
+
+    fn e(index: Index, term: Term) -> Entry {
+        Entry {
+            term,
+            index,
+            kind: EntryKind::Normal,
+            data: Default::default(),
+        }
+    }
+
+    fn log(terms: &[Term]) -> RaftLog {
+        RaftLog::restore(
+            terms
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| e(i as Index + 1, t))
+                .collect(),
+            0,
+            0,
+        )
+    }
+
+    fn terms(l: &RaftLog) -> Vec<Term> {
+        l.entries(1, l.last_index())
+            .iter()
+            .map(|e| e.term)
+            .collect()
+    }
+
+    #[test]
+    fn stale_append_keeps_later_entries() {
+        let mut l = log(&[1, 1, 1]);
+        assert_eq!(l.try_append(0, 0, &[e(1, 1)], true), Ok(1));
+        assert_eq!(terms(&l), [1, 1, 1]);
+    }
+
+    #[test]
+    fn conflicting_suffix_is_replaced() {
+        let mut l = log(&[1, 1, 2, 2]);
+        assert_eq!(l.try_append(2, 1, &[e(3, 3)], true), Ok(3));
+        assert_eq!(terms(&l), [1, 1, 3]);
+        assert_eq!(l.stable(), 2);
+    }
+
+    #[test]
+    fn committed_entries_are_never_replaced() {
+        let mut l = log(&[1, 1, 2]);
+        l.commit_to(3);
+        assert_eq!(
+            l.try_append(2, 1, &[e(3, 3)], true),
+            Err(AppendRefusal::ConflictsWithCommitted)
+        );
+        assert_eq!(terms(&l), [1, 1, 2]);
+    }
+
+    #[test]
+    fn conflict_hint_skips_terms() {
+        let l = log(&[1, 1, 2, 2, 4, 4]);
+        assert_eq!(l.find_conflict_by_term(6, 3), (4, 2));
+        assert_eq!(l.find_conflict_by_term(9, 5), (6, 4));
+        assert_eq!(l.find_conflict_by_term(6, 0), (0, 0));
+    }
+
+    #[test]
+    fn slices_respect_limits() {
+        let l = log(&[1; 10]);
+        assert_eq!(l.slice_for_message(3, 4, usize::MAX).len(), 4);
+        assert_eq!(l.slice_for_message(3, 100, 2 * ENTRY_OVERHEAD).len(), 2);
+        assert_eq!(l.slice_for_message(3, 100, 1).len(), 1);
+        assert!(l.slice_for_message(11, 100, 100).is_empty());
+    }
+
+    use crate::types::ENTRY_OVERHEAD;
+}

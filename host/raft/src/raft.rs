@@ -1,0 +1,954 @@
+//! The Raft state machine.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::config::Config;
+#[cfg(feature = "mutants")]
+use crate::config::Mutation;
+use crate::error::{ProposeError, RestoreError, StepError};
+use crate::log::{AppendRefusal, RaftLog};
+use crate::message::{AppendOutcome, Message, MessageBody};
+use crate::progress::Progress;
+use crate::read_index::ReadRounds;
+use crate::ready::{ReadState, Ready};
+use crate::rng::SplitMix64;
+use crate::types::{Entry, EntryKind, HardState, Index, NodeId, Persisted, Term};
+
+/// The role a node plays in its current term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Follows a leader (or waits for one).
+    Follower,
+    /// Asks whether it could win an election, without changing its term.
+    PreCandidate,
+    /// Campaigns in its current term.
+    Candidate,
+    /// Leads its current term.
+    Leader,
+}
+
+/// Where a proposal was placed; it succeeded if and only if the entry at
+/// `index` is applied with this `term`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Proposal {
+    /// Log index of the new entry.
+    pub index: Index,
+    /// Term of the new entry.
+    pub term: Term,
+}
+
+#[derive(Debug)]
+enum State {
+    Follower,
+    PreCandidate(Votes),
+    Candidate(Votes),
+    Leader(Box<Leadership>),
+}
+
+#[derive(Debug, Default)]
+struct Votes(BTreeMap<NodeId, bool>);
+
+impl Votes {
+    fn record(&mut self, from: NodeId, granted: bool) {
+        self.0.entry(from).or_insert(granted);
+    }
+
+    fn tally(&self) -> (usize, usize) {
+        let granted = self.0.values().filter(|&&g| g).count();
+        (granted, self.0.len() - granted)
+    }
+}
+
+#[derive(Debug)]
+struct Leadership {
+    progress: BTreeMap<NodeId, Progress>,
+    reads: ReadRounds,
+    /// Proposals or a commit advance wait to be broadcast at the next `ready`,
+    /// so that everything proposed in between goes out in one batch.
+    broadcast: Broadcast,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Broadcast {
+    None,
+    /// Send new entries where the window allows.
+    Entries,
+    /// Also send empty appends: followers must learn a new commit index.
+    Commit,
+}
+
+/// Messages produced while handling inputs, sorted by whether they may leave
+/// before the current batch of writes is durable.
+#[derive(Debug, Default)]
+struct Outbox {
+    id: NodeId,
+    now: Vec<Message>,
+    after_persist: Vec<Message>,
+    #[cfg(feature = "mutants")]
+    vote_before_persist: bool,
+}
+
+impl Outbox {
+    fn send(&mut self, term: Term, to: NodeId, body: MessageBody) {
+        let early = match body {
+            // Only leaders send these, and a leader's term and vote became
+            // durable before it could win; entries count only once durable.
+            MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => true,
+            // Pre-votes change no state.
+            MessageBody::PreVote { .. } | MessageBody::PreVoteResponse { .. } => true,
+            #[cfg(feature = "mutants")]
+            MessageBody::VoteResponse { .. } if self.vote_before_persist => true,
+            // A vote, a vote request (which carries our own vote) and every
+            // acknowledgement promise durable state.
+            MessageBody::Vote { .. }
+            | MessageBody::VoteResponse { .. }
+            | MessageBody::AppendResponse(_)
+            | MessageBody::HeartbeatResponse { .. } => false,
+        };
+        let m = Message {
+            from: self.id,
+            to,
+            term,
+            body,
+        };
+        if early {
+            self.now.push(m);
+        } else {
+            self.after_persist.push(m);
+        }
+    }
+}
+
+/// The consensus core of one node. Deterministic: the same inputs in the
+/// same order produce the same outputs.
+#[derive(Debug)]
+pub struct Raft {
+    cfg: Config,
+    /// Other voters, sorted.
+    peers: Vec<NodeId>,
+    quorum: usize,
+    term: Term,
+    vote: Option<NodeId>,
+    leader: Option<NodeId>,
+    state: State,
+    log: RaftLog,
+    election_elapsed: u32,
+    heartbeat_elapsed: u32,
+    randomized_timeout: u32,
+    rng: SplitMix64,
+    out: Outbox,
+    read_states: Vec<ReadState>,
+    dropped_reads: Vec<u64>,
+    /// The hard state last handed out in a `Ready`.
+    handed_out: HardState,
+    /// The last entry of the `Ready` being handled, once one is handed out.
+    outstanding: Option<Option<(Index, Term)>>,
+}
+
+impl Raft {
+    /// A core starting as a follower from what the node persisted.
+    pub fn new(cfg: Config, persisted: Persisted) -> Result<Self, RestoreError> {
+        cfg.validate()?;
+        let Persisted {
+            hard_state: hs,
+            entries,
+            applied,
+        } = persisted;
+        let mut prev_term = 0;
+        for (i, e) in entries.iter().enumerate() {
+            if e.index != i as Index + 1 || e.term < prev_term || e.term == 0 {
+                return Err(RestoreError::BadEntry {
+                    index: e.index,
+                    term: e.term,
+                });
+            }
+            if e.term > hs.term {
+                return Err(RestoreError::EntryFromFuture {
+                    entry_term: e.term,
+                    term: hs.term,
+                });
+            }
+            prev_term = e.term;
+        }
+        let last = entries.len() as Index;
+        if hs.commit > last || applied > hs.commit {
+            return Err(RestoreError::BadCommit {
+                commit: hs.commit,
+                applied,
+                last,
+            });
+        }
+        if let Some(v) = hs.vote
+            && !cfg.voters.contains(&v)
+        {
+            return Err(RestoreError::UnknownVote(v));
+        }
+        let mut peers: Vec<NodeId> = cfg
+            .voters
+            .iter()
+            .copied()
+            .filter(|&v| v != cfg.id)
+            .collect();
+        peers.sort_unstable();
+        let mut raft = Self {
+            quorum: cfg.voters.len() / 2 + 1,
+            peers,
+            term: hs.term,
+            vote: hs.vote,
+            leader: None,
+            state: State::Follower,
+            log: RaftLog::restore(entries, hs.commit, applied),
+            election_elapsed: 0,
+            heartbeat_elapsed: 0,
+            randomized_timeout: 0,
+            rng: SplitMix64::new(cfg.seed),
+            out: Outbox {
+                id: cfg.id,
+                #[cfg(feature = "mutants")]
+                vote_before_persist: cfg.mutated(Mutation::VoteBeforePersist),
+                ..Outbox::default()
+            },
+            read_states: Vec::new(),
+            dropped_reads: Vec::new(),
+            handed_out: hs,
+            outstanding: None,
+            cfg,
+        };
+        raft.reset_timers();
+        Ok(raft)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+
+    /// Current term.
+    pub fn term(&self) -> Term {
+        self.term
+    }
+
+    /// Vote cast in the current term.
+    pub fn vote(&self) -> Option<NodeId> {
+        self.vote
+    }
+
+    /// The leader of the current term, if known.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+
+    /// Current role.
+    pub fn role(&self) -> Role {
+        match self.state {
+            State::Follower => Role::Follower,
+            State::PreCandidate(_) => Role::PreCandidate,
+            State::Candidate(_) => Role::Candidate,
+            State::Leader(_) => Role::Leader,
+        }
+    }
+
+    /// The in-memory log, durable prefix and unstable suffix.
+    pub fn log(&self) -> &RaftLog {
+        &self.log
+    }
+
+    /// Current hard state (not necessarily durable yet).
+    pub fn hard_state(&self) -> HardState {
+        HardState {
+            term: self.term,
+            vote: self.vote,
+            commit: self.log.committed(),
+        }
+    }
+
+    /// Replication progress of `peer`, when leader.
+    pub fn progress(&self, peer: NodeId) -> Option<&Progress> {
+        match &self.state {
+            State::Leader(l) => l.progress.get(&peer),
+            _ => None,
+        }
+    }
+
+    /// One unit of logical time. Drives elections and heartbeats.
+    pub fn tick(&mut self) {
+        self.election_elapsed = self.election_elapsed.saturating_add(1);
+        if !matches!(self.state, State::Leader(_)) {
+            if self.election_elapsed >= self.randomized_timeout {
+                self.campaign();
+            }
+            return;
+        }
+        self.heartbeat_elapsed += 1;
+        if self.election_elapsed >= self.cfg.election_ticks {
+            self.election_elapsed = 0;
+            if self.cfg.check_quorum && !self.quorum_recently_active() {
+                // Partitioned away from a quorum: stop serving reads and
+                // accepting proposals that cannot commit.
+                let term = self.term;
+                self.become_follower(term, None);
+                return;
+            }
+        }
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
+            self.heartbeat_elapsed = 0;
+            self.broadcast_heartbeat();
+        }
+    }
+
+    /// Append a normal entry with `data`. Only the leader accepts proposals;
+    /// the entry goes out with the next `Ready`.
+    pub fn propose(&mut self, data: Bytes) -> Result<Proposal, ProposeError> {
+        let State::Leader(l) = &mut self.state else {
+            return Err(ProposeError::NotLeader {
+                leader: self.leader,
+            });
+        };
+        let index = self.log.last_index() + 1;
+        self.log.append(Entry {
+            term: self.term,
+            index,
+            kind: EntryKind::Normal,
+            data,
+        });
+        l.broadcast = l.broadcast.max(Broadcast::Entries);
+        Ok(Proposal {
+            index,
+            term: self.term,
+        })
+    }
+
+    /// Request a linearizable read identified by `ctx`. It appears in
+    /// `Ready::read_states` once a quorum confirmed this node's leadership
+    /// (or in `Ready::dropped_reads` if it loses leadership first).
+    pub fn read_index(&mut self, ctx: u64) -> Result<(), ProposeError> {
+        let State::Leader(l) = &mut self.state else {
+            return Err(ProposeError::NotLeader {
+                leader: self.leader,
+            });
+        };
+        l.reads.request(ctx);
+        self.maybe_start_read_round();
+        Ok(())
+    }
+
+    /// Feed a message from the network. An `Err` means the message was
+    /// refused and changed nothing.
+    pub fn step(&mut self, m: Message) -> Result<(), StepError> {
+        self.validate(&m)?;
+        if m.term > self.term {
+            let is_request = matches!(
+                m.body,
+                MessageBody::Vote { .. } | MessageBody::PreVote { .. }
+            );
+            if is_request && self.in_lease() {
+                // We heard from a live leader within the minimum election
+                // timeout: a node that cannot hear it must not depose it.
+                return Ok(());
+            }
+            match m.body {
+                // Neither a pre-vote request nor a granted pre-vote (which
+                // carries the term the sender would campaign in) is evidence
+                // of a real higher term.
+                MessageBody::PreVote { .. } | MessageBody::PreVoteResponse { granted: true } => {}
+                MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => {
+                    self.become_follower(m.term, Some(m.from))
+                }
+                _ => self.become_follower(m.term, None),
+            }
+        } else if m.term < self.term {
+            match m.body {
+                // Tell a stale leader about the new term, or it would keep
+                // waiting: with check-quorum it gets no vote requests.
+                MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => self.out.send(
+                    self.term,
+                    m.from,
+                    MessageBody::HeartbeatResponse { read_round: 0 },
+                ),
+                MessageBody::PreVote { .. } => self.out.send(
+                    self.term,
+                    m.from,
+                    MessageBody::PreVoteResponse { granted: false },
+                ),
+                _ => {}
+            }
+            return Ok(());
+        }
+
+        match m.body {
+            MessageBody::Vote {
+                last_index,
+                last_term,
+            } => self.handle_vote_request(m.from, m.term, last_index, last_term, false),
+            MessageBody::PreVote {
+                last_index,
+                last_term,
+            } => self.handle_vote_request(m.from, m.term, last_index, last_term, true),
+            MessageBody::PreVoteResponse { granted } => {
+                self.handle_vote_response(m.from, m.term, granted, true)
+            }
+            MessageBody::VoteResponse { granted } => {
+                self.handle_vote_response(m.from, m.term, granted, false)
+            }
+            MessageBody::Append {
+                prev_index,
+                prev_term,
+                entries,
+                commit,
+            } => {
+                self.hear_from_leader(m.from);
+                self.handle_append(m.from, prev_index, prev_term, &entries, commit)?;
+            }
+            MessageBody::Heartbeat { commit, read_round } => {
+                self.hear_from_leader(m.from);
+                // `commit` is at most what the leader knows we store; a value
+                // past our log can only come from a broken sender.
+                if commit <= self.log.last_index() {
+                    self.log.commit_to(commit);
+                }
+                self.out.send(
+                    self.term,
+                    m.from,
+                    MessageBody::HeartbeatResponse { read_round },
+                );
+            }
+            MessageBody::AppendResponse(outcome) => self.handle_append_response(m.from, outcome)?,
+            MessageBody::HeartbeatResponse { read_round } => {
+                self.handle_heartbeat_response(m.from, read_round)
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `ready` would return a batch.
+    pub fn has_ready(&self) -> bool {
+        self.outstanding.is_none()
+            && (!self.out.now.is_empty()
+                || !self.out.after_persist.is_empty()
+                || !self.log.unstable().is_empty()
+                || self.hard_state() != self.handed_out
+                || self.log.has_committed_to_apply()
+                || !self.read_states.is_empty()
+                || !self.dropped_reads.is_empty()
+                || matches!(&self.state, State::Leader(l) if l.broadcast != Broadcast::None))
+    }
+
+    /// The next batch of work, if any and if the previous one was advanced.
+    pub fn ready(&mut self) -> Option<Ready> {
+        if self.outstanding.is_some() {
+            return None;
+        }
+        self.flush_broadcast();
+        if !self.has_ready() {
+            return None;
+        }
+        let hs = self.hard_state();
+        let hard_state = (hs != self.handed_out).then_some(hs);
+        self.handed_out = hs;
+        let entries = self.log.unstable().to_vec();
+        self.outstanding = Some(entries.last().map(|e| (e.index, e.term)));
+        Some(Ready {
+            hard_state,
+            entries,
+            messages: std::mem::take(&mut self.out.now),
+            persisted_messages: std::mem::take(&mut self.out.after_persist),
+            committed_entries: self.log.take_committed(),
+            read_states: std::mem::take(&mut self.read_states),
+            dropped_reads: std::mem::take(&mut self.dropped_reads),
+        })
+    }
+
+    /// The last `Ready`'s entries and hard state are durable.
+    ///
+    /// # Panics
+    /// If no `Ready` is outstanding (a driver bug).
+    pub fn advance(&mut self) {
+        let last = self
+            .outstanding
+            .take()
+            .expect("advance() without an outstanding ready()");
+        if let Some((index, term)) = last {
+            self.log.stable_to(index, term);
+        }
+        if matches!(self.state, State::Leader(_)) {
+            // Our own copy now counts towards the quorum.
+            self.maybe_commit();
+        }
+    }
+
+    // ---- elections ------------------------------------------------------
+
+    fn in_lease(&self) -> bool {
+        self.cfg.check_quorum
+            && self.leader.is_some()
+            && self.election_elapsed < self.cfg.election_ticks
+    }
+
+    fn reset_timers(&mut self) {
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        let min = u64::from(self.cfg.election_ticks);
+        self.randomized_timeout = self.rng.range(min, 2 * min) as u32;
+    }
+
+    fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        debug_assert!(term >= self.term, "terms never decrease");
+        if let State::Leader(l) = &mut self.state {
+            self.dropped_reads.extend(l.reads.drain());
+        }
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        self.state = State::Follower;
+        self.leader = leader;
+        self.reset_timers();
+    }
+
+    fn campaign(&mut self) {
+        if self.cfg.pre_vote {
+            self.leader = None;
+            self.state = State::PreCandidate(Votes::default());
+            self.reset_timers();
+            self.request_votes(true);
+        } else {
+            self.campaign_for_real();
+        }
+    }
+
+    fn campaign_for_real(&mut self) {
+        self.term += 1;
+        self.vote = Some(self.cfg.id);
+        self.leader = None;
+        self.state = State::Candidate(Votes::default());
+        self.reset_timers();
+        self.request_votes(false);
+    }
+
+    fn request_votes(&mut self, pre: bool) {
+        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
+        let term = if pre { self.term + 1 } else { self.term };
+        for &to in &self.peers {
+            let body = if pre {
+                MessageBody::PreVote {
+                    last_index,
+                    last_term,
+                }
+            } else {
+                MessageBody::Vote {
+                    last_index,
+                    last_term,
+                }
+            };
+            self.out.send(term, to, body);
+        }
+        // Our own vote; may already decide a single-node election.
+        self.handle_vote_response(self.cfg.id, term, true, pre);
+    }
+
+    fn handle_vote_request(
+        &mut self,
+        from: NodeId,
+        term: Term,
+        last_index: Index,
+        last_term: Term,
+        pre: bool,
+    ) {
+        let can_vote = self.vote == Some(from)
+            || (self.vote.is_none() && self.leader.is_none())
+            || (pre && term > self.term);
+        let up_to_date = self.log.is_up_to_date(last_index, last_term);
+        #[cfg(feature = "mutants")]
+        let up_to_date = up_to_date || self.cfg.mutated(Mutation::VoteWithoutLogCheck);
+        let granted = can_vote && up_to_date;
+        if pre {
+            // A granted pre-vote answers in the term asked about, so the
+            // pre-candidate can tell it from a rejection by a newer term.
+            let reply_term = if granted { term } else { self.term };
+            self.out
+                .send(reply_term, from, MessageBody::PreVoteResponse { granted });
+        } else {
+            if granted {
+                debug_assert!(
+                    self.vote.is_none() || self.vote == Some(from),
+                    "one vote per term"
+                );
+                self.vote = Some(from);
+                self.election_elapsed = 0;
+            }
+            self.out
+                .send(self.term, from, MessageBody::VoteResponse { granted });
+        }
+    }
+
+    fn handle_vote_response(&mut self, from: NodeId, term: Term, granted: bool, pre: bool) {
+        let votes = match &mut self.state {
+            State::PreCandidate(v) if pre && term == self.term + 1 => v,
+            // A rejected pre-vote carries the responder's (not higher) term.
+            State::PreCandidate(v) if pre && !granted && term <= self.term => v,
+            State::Candidate(v) if !pre && term == self.term => v,
+            _ => return,
+        };
+        votes.record(from, granted);
+        let (yes, no) = votes.tally();
+        if yes >= self.quorum {
+            if pre {
+                self.campaign_for_real();
+            } else {
+                self.become_leader();
+            }
+        } else if no >= self.quorum {
+            let term = self.term;
+            self.become_follower(term, None);
+        }
+    }
+
+    fn become_leader(&mut self) {
+        debug_assert_eq!(self.vote, Some(self.cfg.id), "a leader voted for itself");
+        let next = self.log.last_index() + 1;
+        self.state = State::Leader(Box::new(Leadership {
+            progress: self
+                .peers
+                .iter()
+                .map(|&p| (p, Progress::new(next)))
+                .collect(),
+            reads: ReadRounds::default(),
+            broadcast: Broadcast::Entries,
+        }));
+        self.leader = Some(self.cfg.id);
+        self.reset_timers();
+        // Committing an entry of our own term commits all earlier ones and
+        // lets reads be served (Raft §5.4.2, §8).
+        self.log.append(Entry {
+            term: self.term,
+            index: next,
+            kind: EntryKind::Noop,
+            data: Bytes::new(),
+        });
+    }
+
+    fn quorum_recently_active(&mut self) -> bool {
+        let State::Leader(l) = &mut self.state else {
+            return false;
+        };
+        let active = 1 + l.progress.values().filter(|p| p.recent_active).count();
+        for p in l.progress.values_mut() {
+            p.recent_active = false;
+        }
+        active >= self.quorum
+    }
+
+    // ---- replication: follower side --------------------------------------
+
+    fn hear_from_leader(&mut self, from: NodeId) {
+        if !matches!(self.state, State::Follower) {
+            // A leader exists in our term: we lost the election.
+            let term = self.term;
+            self.become_follower(term, Some(from));
+        }
+        self.leader = Some(from);
+        self.election_elapsed = 0;
+    }
+
+    fn handle_append(
+        &mut self,
+        from: NodeId,
+        prev_index: Index,
+        prev_term: Term,
+        entries: &[Entry],
+        commit: Index,
+    ) -> Result<(), StepError> {
+        if prev_index < self.log.committed() {
+            // The committed prefix matches the leader's; restart from there.
+            let last_index = self.log.committed();
+            self.out.send(
+                self.term,
+                from,
+                MessageBody::AppendResponse(AppendOutcome::Accepted { last_index }),
+            );
+            return Ok(());
+        }
+        let check_prev = true;
+        #[cfg(feature = "mutants")]
+        let check_prev = check_prev && !self.cfg.mutated(Mutation::AppendWithoutPrevCheck);
+        match self
+            .log
+            .try_append(prev_index, prev_term, entries, check_prev)
+        {
+            Ok(last_index) => {
+                self.log.commit_to(commit.min(last_index));
+                self.out.send(
+                    self.term,
+                    from,
+                    MessageBody::AppendResponse(AppendOutcome::Accepted { last_index }),
+                );
+                Ok(())
+            }
+            Err(AppendRefusal::Mismatch) => {
+                let (hint_index, hint_term) = self
+                    .log
+                    .find_conflict_by_term(prev_index.min(self.log.last_index()), prev_term);
+                self.out.send(
+                    self.term,
+                    from,
+                    MessageBody::AppendResponse(AppendOutcome::Rejected {
+                        prev_index,
+                        hint_index,
+                        hint_term,
+                    }),
+                );
+                Ok(())
+            }
+            Err(AppendRefusal::ConflictsWithCommitted) => Err(StepError::Malformed {
+                from,
+                reason: "append would replace committed entries",
+            }),
+        }
+    }
+
+    // ---- replication: leader side ----------------------------------------
+
+    fn handle_append_response(
+        &mut self,
+        from: NodeId,
+        outcome: AppendOutcome,
+    ) -> Result<(), StepError> {
+        let State::Leader(l) = &mut self.state else {
+            return Ok(());
+        };
+        let pr = l.progress.get_mut(&from).expect("validated sender");
+        pr.recent_active = true;
+        match outcome {
+            AppendOutcome::Accepted { last_index } => {
+                if last_index > self.log.last_index() {
+                    return Err(StepError::Malformed {
+                        from,
+                        reason: "acknowledged entries the leader never had",
+                    });
+                }
+                if pr.accepted(last_index) && self.maybe_commit() {
+                    return Ok(());
+                }
+            }
+            AppendOutcome::Rejected {
+                prev_index,
+                hint_index,
+                hint_term,
+            } => {
+                let hint = if hint_term > 0 {
+                    self.log.find_conflict_by_term(hint_index, hint_term).0
+                } else {
+                    hint_index
+                };
+                if !pr.rejected(prev_index, hint) {
+                    return Ok(());
+                }
+            }
+        }
+        let State::Leader(l) = &mut self.state else {
+            unreachable!("still leader");
+        };
+        let pr = l.progress.get_mut(&from).expect("validated sender");
+        send_append(
+            &mut self.out,
+            &self.log,
+            &self.cfg,
+            self.term,
+            from,
+            pr,
+            false,
+        );
+        Ok(())
+    }
+
+    fn handle_heartbeat_response(&mut self, from: NodeId, read_round: u64) {
+        let State::Leader(l) = &mut self.state else {
+            return;
+        };
+        let pr = l.progress.get_mut(&from).expect("validated sender");
+        pr.recent_active = true;
+        pr.read_ack = pr.read_ack.max(read_round);
+        pr.unpause();
+        if pr.matched < self.log.last_index() {
+            send_append(
+                &mut self.out,
+                &self.log,
+                &self.cfg,
+                self.term,
+                from,
+                pr,
+                false,
+            );
+        }
+        if read_round > 0
+            && l.reads
+                .maybe_confirm(&l.progress, self.quorum, &mut self.read_states)
+        {
+            self.maybe_start_read_round();
+        }
+    }
+
+    /// Advance the commit index to the highest index stored by a quorum,
+    /// if that entry is of the current term (Raft §5.4.2). Returns whether it moved.
+    fn maybe_commit(&mut self) -> bool {
+        let State::Leader(l) = &mut self.state else {
+            return false;
+        };
+        let mut matched: Vec<Index> = l.progress.values().map(|p| p.matched).collect();
+        matched.push(self.log.stable());
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let candidate = matched[self.quorum - 1];
+        let current_term = self.log.term(candidate) == Some(self.term);
+        #[cfg(feature = "mutants")]
+        let current_term = current_term || self.cfg.mutated(Mutation::CommitPreviousTermByCount);
+        if !current_term || !self.log.commit_to(candidate) {
+            return false;
+        }
+        l.broadcast = Broadcast::Commit;
+        self.maybe_start_read_round();
+        true
+    }
+
+    fn flush_broadcast(&mut self) {
+        let State::Leader(l) = &mut self.state else {
+            return;
+        };
+        let allow_empty = match std::mem::replace(&mut l.broadcast, Broadcast::None) {
+            Broadcast::None => return,
+            Broadcast::Entries => false,
+            Broadcast::Commit => true,
+        };
+        for (&to, pr) in &mut l.progress {
+            send_append(
+                &mut self.out,
+                &self.log,
+                &self.cfg,
+                self.term,
+                to,
+                pr,
+                allow_empty,
+            );
+        }
+    }
+
+    fn broadcast_heartbeat(&mut self) {
+        let State::Leader(l) = &mut self.state else {
+            return;
+        };
+        let read_round = l.reads.current();
+        for (&to, pr) in &l.progress {
+            let commit = pr.matched.min(self.log.committed());
+            self.out
+                .send(self.term, to, MessageBody::Heartbeat { commit, read_round });
+        }
+    }
+
+    fn maybe_start_read_round(&mut self) {
+        let State::Leader(l) = &mut self.state else {
+            return;
+        };
+        // Until an entry of this term commits, our commit index may lag the
+        // previous leader's (Raft thesis §6.4, step 1).
+        if self.log.term(self.log.committed()) != Some(self.term) {
+            return;
+        }
+        let Some(read_round) = l.reads.maybe_start(self.log.committed()) else {
+            return;
+        };
+        if l.reads
+            .maybe_confirm(&l.progress, self.quorum, &mut self.read_states)
+        {
+            // Single voter: our own acknowledgement is a quorum.
+            return self.maybe_start_read_round();
+        }
+        for (&to, pr) in &l.progress {
+            let commit = pr.matched.min(self.log.committed());
+            self.out
+                .send(self.term, to, MessageBody::Heartbeat { commit, read_round });
+        }
+    }
+
+    fn validate(&self, m: &Message) -> Result<(), StepError> {
+        if m.to != self.cfg.id {
+            return Err(StepError::WrongRecipient {
+                to: m.to,
+                me: self.cfg.id,
+            });
+        }
+        if self.peers.binary_search(&m.from).is_err() {
+            return Err(StepError::UnknownSender(m.from));
+        }
+        let malformed = |reason| {
+            Err(StepError::Malformed {
+                from: m.from,
+                reason,
+            })
+        };
+        if let MessageBody::Append {
+            prev_index,
+            prev_term,
+            entries,
+            ..
+        } = &m.body
+        {
+            let mut expected = *prev_index;
+            let mut term = *prev_term;
+            for e in entries {
+                expected += 1;
+                if e.index != expected {
+                    return malformed("append entries are not contiguous");
+                }
+                if e.term < term || e.term > m.term {
+                    return malformed("append entry terms out of order");
+                }
+                term = e.term;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Send `to` the next entries its progress allows. An empty append is sent
+/// only if `allow_empty` (to carry a commit index) or to probe.
+fn send_append(
+    out: &mut Outbox,
+    log: &RaftLog,
+    cfg: &Config,
+    term: Term,
+    to: NodeId,
+    pr: &mut Progress,
+    allow_empty: bool,
+) {
+    if !pr.can_send(cfg.max_inflight_messages) {
+        return;
+    }
+    let entries = log.slice_for_message(
+        pr.next,
+        cfg.max_entries_per_message,
+        cfg.max_bytes_per_message,
+    );
+    let probing = matches!(pr.state, crate::progress::ReplicationState::Probe { .. });
+    if entries.is_empty() && !allow_empty && !probing {
+        return;
+    }
+    let prev_index = pr.next - 1;
+    let Some(prev_term) = log.term(prev_index) else {
+        // Only reachable once compaction exists: the follower needs a snapshot.
+        debug_assert!(false, "entry {prev_index} missing without compaction");
+        return;
+    };
+    let last = prev_index + entries.len() as Index;
+    pr.sent(last, !entries.is_empty());
+    out.send(
+        term,
+        to,
+        MessageBody::Append {
+            prev_index,
+            prev_term,
+            entries,
+            commit: log.committed(),
+        },
+    );
+}
