@@ -1,0 +1,299 @@
+//! The durable log and hard-state store on fjall.
+//!
+//! # Layout
+//!
+//! One fjall database per node with two keyspaces (see [`layout`]): `log` maps
+//! big-endian indexes to checksummed entries, `meta` holds the format marker, the
+//! log bounds and the hard state, each checksummed.
+//!
+//! # Durability and group commit
+//!
+//! All writes go through one writer thread. It takes every request that is queued,
+//! validates each against the log as it will be after the ones before it, writes
+//! all of them as one atomic fjall batch together with the new log bounds, syncs
+//! the journal once, and only then publishes the new state to readers and answers
+//! every caller. So a write is acknowledged only after it is on disk, and concurrent
+//! writers share one sync.
+//!
+//! # Recovery
+//!
+//! Because the bounds record travels in the same atomic batch as the entries, it
+//! is a "synced up to" watermark: fjall's journal recovery drops a torn batch as a
+//! whole (entries and bounds together), and after that every index inside the
+//! bounds must be present, checksum-clean and in term order. Anything else is
+//! corruption and [`FjallStore::open`] fails with an error naming the database
+//! directory and the index. Opening reads and verifies every retained entry, which
+//! keeps open time proportional to the retained log (compact it after snapshots).
+//!
+//! A limit of this scheme: damage inside fjall's own journal that fjall itself
+//! treats as a torn tail (it truncates the journal at the first undecodable
+//! record) is indistinguishable from a crash before those batches were synced.
+
+mod recovery;
+mod writer;
+
+use crate::{
+    HardState, HardStateStore, LogEntry, LogStore, RaftStorage, Result, StorageError,
+    codec::{self, decode_log_key},
+    shape::LogShape,
+};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable};
+use std::{
+    ops::Range,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock, mpsc},
+    thread::JoinHandle,
+};
+use writer::{Op, Request, Writer};
+
+/// Names and keys of the on-disk layout, for tools that inspect a store.
+pub mod layout {
+    /// Keyspace of log entries, keyed by big-endian index.
+    pub const LOG_KEYSPACE: &str = "log";
+    /// Keyspace of the metadata records below.
+    pub const META_KEYSPACE: &str = "meta";
+    /// Key of the format marker.
+    pub const FORMAT_KEY: &[u8] = b"format";
+    /// Value of the format marker this version writes and reads.
+    pub const FORMAT_VALUE: &[u8] = b"kythira-storage/1";
+    /// Key of the durable log bounds.
+    pub const BOUNDS_KEY: &[u8] = b"log_bounds";
+    /// Key of the hard state.
+    pub const HARD_STATE_KEY: &[u8] = b"hard_state";
+    pub use crate::codec::{encode_entry, log_key};
+}
+
+/// What readers see: the state as of the last durable group commit.
+struct View {
+    shape: LogShape,
+    hard_state: HardState,
+    /// Database snapshot taken right after that commit, so reads never observe a
+    /// later, not yet synced, batch.
+    snapshot: fjall::Snapshot,
+}
+
+struct Shared {
+    path: PathBuf,
+    db: Database,
+    log: Keyspace,
+    meta: Keyspace,
+    view: RwLock<Arc<View>>,
+}
+
+impl Shared {
+    fn db_error(&self, source: fjall::Error) -> StorageError {
+        StorageError::Database {
+            path: self.path.clone(),
+            source: Arc::new(source),
+        }
+    }
+
+    fn view(&self) -> Arc<View> {
+        Arc::clone(&self.view.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn publish(&self, view: View) {
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+    }
+}
+
+/// Durable [`RaftStorage`] on fjall with group commit. See the module docs.
+///
+/// All methods block (writes until their sync completes); call them from
+/// `spawn_blocking` or a dedicated thread in an async program. The store may be
+/// shared between threads; concurrent writes are committed together.
+pub struct FjallStore {
+    shared: Arc<Shared>,
+    requests: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl FjallStore {
+    /// Opens (or creates) the store in directory `path`, verifying every retained
+    /// entry. Fails with a corruption error if acknowledged data is damaged.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let db_error = |source| StorageError::Database {
+            path: path.clone(),
+            source: Arc::new(source),
+        };
+        // Syncs are issued by the writer thread only, once per group.
+        let db = Database::builder(&path)
+            .manual_journal_persist(true)
+            .open()
+            .map_err(db_error)?;
+        let log = db
+            .keyspace(layout::LOG_KEYSPACE, KeyspaceCreateOptions::default)
+            .map_err(db_error)?;
+        let meta = db
+            .keyspace(layout::META_KEYSPACE, KeyspaceCreateOptions::default)
+            .map_err(db_error)?;
+        let recovered = recovery::recover(&path, &db, &log, &meta)?;
+        let view = View {
+            shape: recovered.shape.clone(),
+            hard_state: recovered.hard_state,
+            snapshot: db.snapshot(),
+        };
+        let shared = Arc::new(Shared {
+            path,
+            db,
+            log,
+            meta,
+            view: RwLock::new(Arc::new(view)),
+        });
+        let (requests, queue) = mpsc::channel();
+        let writer = Writer::new(Arc::clone(&shared), recovered.shape, recovered.hard_state);
+        let writer = std::thread::Builder::new()
+            .name("kythira-storage-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|e| StorageError::io("spawn writer thread for", &shared.path, e))?;
+        Ok(Self {
+            shared,
+            requests: Some(requests),
+            writer: Some(writer),
+        })
+    }
+
+    /// Directory of the database.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Term of the last entry (or of the compacted prefix when the log is empty).
+    pub fn last_term(&self) -> u64 {
+        self.shared.view().shape.last_term()
+    }
+
+    fn submit(&self, op: Op) -> Result<()> {
+        let (done, outcome) = mpsc::sync_channel(1);
+        let poisoned = || StorageError::Poisoned {
+            path: self.shared.path.clone(),
+            cause: "the writer thread stopped".into(),
+        };
+        self.requests
+            .as_ref()
+            .expect("present until drop")
+            .send(Request { op, done })
+            .map_err(|_| poisoned())?;
+        outcome.recv().map_err(|_| poisoned())?
+    }
+
+    fn missing(&self, view: &View, index: u64) -> StorageError {
+        StorageError::MissingEntry {
+            path: self.shared.path.clone(),
+            index,
+            first: view.shape.first_index(),
+            last: view.shape.last_index(),
+        }
+    }
+
+    fn decode(&self, index: u64, value: &[u8]) -> Result<LogEntry> {
+        codec::decode_entry(index, value).map_err(|defect| StorageError::CorruptEntry {
+            path: self.shared.path.clone(),
+            index,
+            defect,
+        })
+    }
+}
+
+impl Drop for FjallStore {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer finish what is queued and exit.
+        drop(self.requests.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl LogStore for FjallStore {
+    fn first_index(&self) -> u64 {
+        self.shared.view().shape.first_index()
+    }
+
+    fn last_index(&self) -> u64 {
+        self.shared.view().shape.last_index()
+    }
+
+    fn term(&self, index: u64) -> Result<u64> {
+        self.shared.view().shape.term(index)
+    }
+
+    fn entry(&self, index: u64) -> Result<LogEntry> {
+        let view = self.shared.view();
+        view.shape.check_range(index, index + 1)?;
+        let value = view
+            .snapshot
+            .get(&self.shared.log, codec::log_key(index))
+            .map_err(|e| self.shared.db_error(e))?
+            .ok_or_else(|| self.missing(&view, index))?;
+        self.decode(index, &value)
+    }
+
+    fn entries(&self, range: Range<u64>, max_bytes: u64) -> Result<Vec<LogEntry>> {
+        let view = self.shared.view();
+        view.shape.check_range(range.start, range.end)?;
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = codec::log_key(range.start)..codec::log_key(range.end);
+        let mut out = Vec::new();
+        let mut total = 0u64;
+        let mut expected = range.start;
+        for item in view.snapshot.range(&self.shared.log, keys) {
+            let (key, value) = item.into_inner().map_err(|e| self.shared.db_error(e))?;
+            if decode_log_key(&key) != Some(expected) {
+                return Err(self.missing(&view, expected));
+            }
+            let entry = self.decode(expected, &value)?;
+            total = total.saturating_add(entry.size());
+            if !out.is_empty() && total > max_bytes {
+                return Ok(out);
+            }
+            out.push(entry);
+            expected += 1;
+        }
+        if expected != range.end {
+            return Err(self.missing(&view, expected));
+        }
+        Ok(out)
+    }
+
+    fn append(&self, entries: &[LogEntry]) -> Result<()> {
+        self.submit(Op::Append(entries.to_vec()))
+    }
+
+    fn truncate_suffix(&self, from: u64) -> Result<()> {
+        self.submit(Op::Truncate(from))
+    }
+
+    fn compact_prefix(&self, upto: u64) -> Result<()> {
+        self.submit(Op::Compact(upto))
+    }
+
+    fn reset(&self, index: u64, term: u64) -> Result<()> {
+        self.submit(Op::Reset { index, term })
+    }
+}
+
+impl HardStateStore for FjallStore {
+    fn hard_state(&self) -> HardState {
+        self.shared.view().hard_state
+    }
+
+    fn save_hard_state(&self, state: &HardState) -> Result<()> {
+        self.submit(Op::Save {
+            hard_state: Some(*state),
+            entries: Vec::new(),
+        })
+    }
+}
+
+impl RaftStorage for FjallStore {
+    fn save(&self, hard_state: Option<&HardState>, entries: &[LogEntry]) -> Result<()> {
+        self.submit(Op::Save {
+            hard_state: hard_state.copied(),
+            entries: entries.to_vec(),
+        })
+    }
+}

@@ -1,0 +1,226 @@
+//! The group-commit writer thread.
+
+use super::{Shared, View, layout};
+use crate::{
+    HardState, LogEntry, Result, StorageError, codec, shape::LogShape, traits::check_hard_state,
+};
+use fjall::PersistMode;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, mpsc},
+};
+
+/// Requests drained into one group at most; bounds the memory of one batch.
+const MAX_GROUP: usize = 1024;
+
+pub(super) enum Op {
+    Append(Vec<LogEntry>),
+    Truncate(u64),
+    Compact(u64),
+    Reset {
+        index: u64,
+        term: u64,
+    },
+    Save {
+        hard_state: Option<HardState>,
+        entries: Vec<LogEntry>,
+    },
+}
+
+pub(super) struct Request {
+    pub op: Op,
+    pub done: mpsc::SyncSender<Result<()>>,
+}
+
+/// The log as a group's requests leave it, before anything is written.
+struct Staged {
+    shape: LogShape,
+    hard_state: HardState,
+    /// Entries appended by the group and not removed again, by index.
+    written: BTreeMap<u64, LogEntry>,
+}
+
+impl Staged {
+    fn apply(&mut self, op: Op) -> Result<()> {
+        match op {
+            Op::Append(entries) => {
+                self.shape.check_append(&entries)?;
+                self.append(entries);
+            }
+            Op::Truncate(from) => {
+                self.shape.check_truncate(from)?;
+                self.written.split_off(&from);
+                self.shape.truncate(from);
+            }
+            Op::Compact(upto) => {
+                self.shape.check_compact(upto)?;
+                self.shape.compact(upto);
+            }
+            Op::Reset { index, term } => {
+                self.shape.check_reset(index, term)?;
+                self.written.clear();
+                self.shape.reset(index, term);
+            }
+            Op::Save {
+                hard_state,
+                entries,
+            } => {
+                if let Some(next) = &hard_state {
+                    check_hard_state(&self.hard_state, next)?;
+                }
+                self.shape.check_append(&entries)?;
+                if let Some(next) = hard_state {
+                    self.hard_state = next;
+                }
+                self.append(entries);
+            }
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, entries: Vec<LogEntry>) {
+        let Some(first) = entries.first() else {
+            return;
+        };
+        self.written.split_off(&first.index);
+        self.shape.append(&entries);
+        self.written
+            .extend(entries.into_iter().map(|entry| (entry.index, entry)));
+    }
+}
+
+/// Owns the durable state and is the only writer of the database.
+pub(super) struct Writer {
+    shared: Arc<Shared>,
+    shape: LogShape,
+    hard_state: HardState,
+    /// Set after a failed write or sync: memory and disk may disagree from then on.
+    poisoned: Option<String>,
+}
+
+impl Writer {
+    pub fn new(shared: Arc<Shared>, shape: LogShape, hard_state: HardState) -> Self {
+        Self {
+            shared,
+            shape,
+            hard_state,
+            poisoned: None,
+        }
+    }
+
+    pub fn run(mut self, queue: mpsc::Receiver<Request>) {
+        while let Ok(first) = queue.recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match queue.try_recv() {
+                    Ok(request) => group.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+    }
+
+    fn commit_group(&mut self, group: Vec<Request>) {
+        if let Some(cause) = &self.poisoned {
+            for request in group {
+                let _ = request.done.send(Err(StorageError::Poisoned {
+                    path: self.shared.path.clone(),
+                    cause: cause.clone(),
+                }));
+            }
+            return;
+        }
+        let mut staged = Staged {
+            shape: self.shape.clone(),
+            hard_state: self.hard_state,
+            written: BTreeMap::new(),
+        };
+        let mut accepted = Vec::with_capacity(group.len());
+        for request in group {
+            // A rejected request changes nothing and is answered at once; the
+            // others still go ahead.
+            match staged.apply(request.op) {
+                Ok(()) => accepted.push(request.done),
+                Err(error) => {
+                    let _ = request.done.send(Err(error));
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        debug_assert!({
+            staged.shape.assert_invariants();
+            true
+        });
+        let outcome = if staged.shape == self.shape && staged.hard_state == self.hard_state {
+            // Nothing changed (e.g. truncating past the end): the current state is
+            // already durable.
+            Ok(())
+        } else {
+            self.write(&staged)
+        };
+        match outcome {
+            Ok(()) => {
+                self.shape = staged.shape;
+                self.hard_state = staged.hard_state;
+                self.shared.publish(View {
+                    shape: self.shape.clone(),
+                    hard_state: self.hard_state,
+                    snapshot: self.shared.db.snapshot(),
+                });
+                for done in accepted {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Err(source) => {
+                self.poisoned = Some(source.to_string());
+                for done in accepted {
+                    let _ = done.send(Err(StorageError::Database {
+                        path: self.shared.path.clone(),
+                        source: Arc::clone(&source),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Writes the net effect of a group as one atomic batch and syncs it.
+    fn write(&self, staged: &Staged) -> Result<(), Arc<fjall::Error>> {
+        let Shared { db, log, meta, .. } = &*self.shared;
+        let before = self.shape.bounds();
+        let after = staged.shape.bounds();
+        let mut batch = db.batch();
+        // Indexes stored before but outside the new bounds are removed; indexes
+        // inside the new bounds that the group wrote are (over)written. The two sets
+        // are disjoint, so no key gets two operations in one batch (fjall gives all
+        // items of a batch the same sequence number).
+        let (old_lo, old_hi) = (before.compacted_index + 1, before.last_index);
+        let (new_lo, new_hi) = (after.compacted_index + 1, after.last_index);
+        for index in (old_lo..=old_hi.min(new_lo - 1)).chain(old_lo.max(new_hi + 1)..=old_hi) {
+            batch.remove(log, codec::log_key(index));
+        }
+        for entry in staged.written.range(new_lo..=new_hi).map(|(_, e)| e) {
+            batch.insert(log, codec::log_key(entry.index), codec::encode_entry(entry));
+        }
+        if after != before {
+            // The watermark: same batch as the entries, so it never claims more or
+            // less than what recovery will find.
+            batch.insert(meta, layout::BOUNDS_KEY, codec::encode_bounds(&after));
+        }
+        if staged.hard_state != self.hard_state {
+            batch.insert(
+                meta,
+                layout::HARD_STATE_KEY,
+                codec::encode_hard_state(&staged.hard_state),
+            );
+        }
+        batch.commit().map_err(Arc::new)?;
+        // SYNC POINT: makes the batch above (entries, bounds, hard state) durable
+        // before any caller of this group is told it succeeded. fdatasync suffices:
+        // the journal's size change is data-relevant metadata, and fjall fsyncs the
+        // directory itself when it creates journal files.
+        db.persist(PersistMode::SyncData).map_err(Arc::new)
+    }
+}
