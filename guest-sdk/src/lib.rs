@@ -1,1 +1,45 @@
-//! The Kythira guest SDK.
+//! The Kythira guest SDK: write a replicated state machine as a plain Rust
+//! type and ship it as a WebAssembly component.
+//!
+//! A plugin implements [`StateMachine`] with its own serde `Command`,
+//! `Response`, `Query` and `QueryResponse` types and exports it:
+//!
+//! ```ignore
+//! kythira_guest::export!(Counter);
+//! ```
+//!
+//! On `wasm32` targets [`export!`] generates the component exports of the
+//! `kythira:state-machine` WIT world; elsewhere it expands to a compile-time
+//! check only, so the same crate also builds as a native library whose types
+//! and logic hosts, clients and tests use directly (through [`Raw`] and
+//! [`testing`]).
+//!
+//! All bytes crossing the boundary are [`codec`] (postcard) encodings.
+
+extern crate self as kythira_guest;
+
+pub mod codec;
+mod export;
+mod raw;
+mod state_machine;
+pub mod testing;
+
+pub use raw::Raw;
+pub use state_machine::{ApplyContext, RestoreError, StateMachine};
+
+/// Bindings of the `kythira:state-machine` world; used by [`export!`] only.
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "state-machine",
+        runtime_path: "kythira_guest::bindings::__rt",
+        pub_export_macro: true,
+        export_macro_name: "export_state_machine",
+        default_bindings_module: "kythira_guest::bindings",
+    });
+
+    #[doc(hidden)]
+    pub use wit_bindgen::rt as __rt;
+}

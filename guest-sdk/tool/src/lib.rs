@@ -1,1 +1,104 @@
-//! Plugin build tool.
+//! Build steps for Kythira plugins that cargo cannot do on its own.
+//!
+//! A plugin crate built for `wasm32-unknown-unknown` is a core WebAssembly
+//! module that carries its WIT world in a `component-type` custom section
+//! (wit-bindgen puts it there). [`componentize`] turns such a module into the
+//! component the Kythira runtime loads.
+
+use anyhow::Context as _;
+use wit_component::ComponentEncoder;
+
+/// Wraps a core module built with wit-bindgen into a validated component.
+///
+/// # Errors
+///
+/// If the module carries no component type information, does not match the
+/// world it declares, or the resulting component does not validate.
+pub fn componentize(core_module: &[u8]) -> anyhow::Result<Vec<u8>> {
+    if wasmparser::Parser::is_component(core_module) {
+        anyhow::bail!("input is already a component, not a core module");
+    }
+    ComponentEncoder::default()
+        .validate(true)
+        .module(core_module)
+        .context("input is not a core module carrying component type information (was it built with the kythira-guest SDK?)")?
+        .encode()
+        .context("core module does not form a valid component")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use wit_component::{StringEncoding, dummy_module, embed_component_metadata};
+    use wit_parser::{ManglingAndAbi, Resolve};
+
+    /// A core module exporting the Kythira world, with its metadata embedded
+    /// exactly as wit-bindgen does.
+    fn state_machine_core_module() -> Vec<u8> {
+        let mut resolve = Resolve::default();
+        let wit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../wit");
+        let (package, _) = resolve.push_path(&wit).unwrap();
+        let world = resolve
+            .select_world(&[package], Some("state-machine"))
+            .unwrap();
+        let mut module = dummy_module(&resolve, world, ManglingAndAbi::Standard32);
+        embed_component_metadata(&mut module, &resolve, world, StringEncoding::UTF8, false)
+            .unwrap();
+        module
+    }
+
+    #[test]
+    fn componentizes_a_state_machine_module() {
+        let component = componentize(&state_machine_core_module()).unwrap();
+        assert!(wasmparser::Parser::is_component(&component));
+
+        let mut exports = Vec::new();
+        let mut imports = Vec::new();
+        for payload in wasmparser::Parser::new(0).parse_all(&component) {
+            match payload.unwrap() {
+                wasmparser::Payload::ComponentExportSection(section) => {
+                    for export in section {
+                        exports.push(export.unwrap().name.0.to_owned());
+                    }
+                }
+                wasmparser::Payload::ComponentImportSection(section) => {
+                    for import in section {
+                        imports.push(import.unwrap().name.0.to_owned());
+                    }
+                }
+                _ => {}
+            }
+        }
+        exports.sort();
+        assert_eq!(
+            exports,
+            ["apply", "get-state", "query", "restore-from-snapshot"]
+        );
+        assert!(imports.is_empty(), "unexpected imports: {imports:?}");
+    }
+
+    #[test]
+    fn refuses_a_module_without_component_type() {
+        // The smallest valid core module: magic and version only.
+        let bare = b"\0asm\x01\0\0\0";
+        let error = componentize(bare).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("valid component")
+                || format!("{error:#}").contains("component type"),
+            "{error:#}"
+        );
+    }
+
+    #[test]
+    fn refuses_a_component() {
+        let component = componentize(&state_machine_core_module()).unwrap();
+        let error = componentize(&component).unwrap_err();
+        assert!(error.to_string().contains("already a component"), "{error}");
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        assert!(componentize(b"not wasm at all").is_err());
+    }
+}

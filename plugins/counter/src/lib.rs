@@ -1,1 +1,89 @@
-//! Counter plugin.
+//! Named counters: signed 64-bit integers addressed by byte-string names,
+//! changed by checked additions.
+//!
+//! Commands, queries and responses are postcard encodings of [`Command`],
+//! [`Query`] and `i64`; encode them with [`kythira_guest::codec`].
+
+use std::collections::BTreeMap;
+
+use kythira_guest::{ApplyContext, StateMachine};
+use serde::{Deserialize, Serialize};
+
+/// A command, applied through the replicated log. Every command answers the
+/// counter's value after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Adds `delta` (possibly negative) to the counter `name`, which starts
+    /// at zero. Refused, changing nothing, if the result would overflow.
+    Add { name: Vec<u8>, delta: i64 },
+    /// Sets the counter `name` to `value`.
+    Set { name: Vec<u8>, value: i64 },
+    /// Removes the counter `name`, which reads as zero afterwards.
+    Reset { name: Vec<u8> },
+}
+
+/// A read-only request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Query {
+    /// Answers the counter `name` (zero if it was never set).
+    Get { name: Vec<u8> },
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CounterError {
+    #[error("adding {delta} to {current} overflows")]
+    Overflow { current: i64, delta: i64 },
+}
+
+/// The counters. Zero counters are not stored, so every state has exactly one
+/// representation.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    values: BTreeMap<Vec<u8>, i64>,
+}
+
+impl Counters {
+    /// The value of counter `name`.
+    #[must_use]
+    pub fn get(&self, name: &[u8]) -> i64 {
+        self.values.get(name).copied().unwrap_or(0)
+    }
+
+    fn set(&mut self, name: Vec<u8>, value: i64) -> i64 {
+        if value == 0 {
+            self.values.remove(&name);
+        } else {
+            self.values.insert(name, value);
+        }
+        value
+    }
+}
+
+impl StateMachine for Counters {
+    type Command = Command;
+    type Response = i64;
+    type Query = Query;
+    type QueryResponse = i64;
+    type Error = CounterError;
+
+    fn apply(&mut self, _ctx: &ApplyContext, command: Command) -> Result<i64, CounterError> {
+        match command {
+            Command::Add { name, delta } => {
+                let current = self.get(&name);
+                let value = current
+                    .checked_add(delta)
+                    .ok_or(CounterError::Overflow { current, delta })?;
+                Ok(self.set(name, value))
+            }
+            Command::Set { name, value } => Ok(self.set(name, value)),
+            Command::Reset { name } => Ok(self.set(name, 0)),
+        }
+    }
+
+    fn query(&self, Query::Get { name }: Query) -> Result<i64, CounterError> {
+        Ok(self.get(&name))
+    }
+}
+
+kythira_guest::export!(Counters);

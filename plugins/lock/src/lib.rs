@@ -1,1 +1,265 @@
-//! Lock plugin.
+//! Named locks with leases.
+//!
+//! A lock is held by an owner until it releases it or its lease runs out.
+//! Leases expire by log time — the leader-assigned timestamp of the entry being
+//! applied ([`ApplyContext::timestamp_ms`]) — never by a clock, so every replica
+//! agrees on exactly which entry found a lease expired.
+//!
+//! Each grant carries a fencing token: the log index of the entry that
+//! acquired the lock. Tokens only grow, so a resource that remembers the
+//! highest token it has seen can refuse a holder whose lease already ran out.
+//!
+//! Commands, queries and responses are postcard encodings of [`Command`],
+//! [`Query`], [`Response`] and `Option<Lease>`; encode them with
+//! [`kythira_guest::codec`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kythira_guest::{ApplyContext, StateMachine};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The longest lease one command may ask for: one day.
+pub const MAX_LEASE_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// A command, applied through the replicated log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Takes the lock `name` for `lease_ms` from now if it is free or its
+    /// lease has run out. If `owner` already holds it, extends the lease and
+    /// keeps the token, so a retried acquire is harmless. Answers
+    /// [`Response::Granted`] or [`Response::Busy`].
+    Acquire {
+        name: Vec<u8>,
+        owner: Vec<u8>,
+        lease_ms: u64,
+    },
+    /// Extends `owner`'s lease on `name` to `lease_ms` from now. Answers
+    /// [`Response::Granted`] or [`Response::NotHolder`].
+    Renew {
+        name: Vec<u8>,
+        owner: Vec<u8>,
+        lease_ms: u64,
+    },
+    /// Frees `name` if `owner` holds it. Answers [`Response::Released`] or
+    /// [`Response::NotHolder`].
+    Release { name: Vec<u8>, owner: Vec<u8> },
+}
+
+/// A read-only request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Query {
+    /// Answers the lease on `name`, if one is recorded. A query carries no
+    /// log time, so the lease may have run out already: compare
+    /// `expires_at_ms` with the time the caller goes by.
+    Get { name: Vec<u8> },
+}
+
+/// A lock's current holder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Who holds the lock.
+    pub owner: Vec<u8>,
+    /// Log time at which the lease runs out; the lock is free for any entry
+    /// with `timestamp_ms >= expires_at_ms`.
+    pub expires_at_ms: u64,
+    /// Fencing token: the log index of the acquiring entry.
+    pub token: u64,
+}
+
+/// The answer to a [`Command`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The caller holds the lock under this lease.
+    Granted(Lease),
+    /// Another owner holds the lock under this lease.
+    Busy(Lease),
+    /// The lock was freed.
+    Released,
+    /// The caller does not hold the lock (never did, or its lease ran out);
+    /// `current` is whoever does.
+    NotHolder { current: Option<Lease> },
+}
+
+/// Why a command was refused; the state is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LockError {
+    #[error("lease of {lease_ms} ms is outside 1..={MAX_LEASE_MS} ms")]
+    InvalidLease { lease_ms: u64 },
+}
+
+/// The lock table, with an expiry index so that run-out leases are dropped in
+/// order as log time passes instead of lingering forever.
+///
+/// Only `leases` is serialized; the index is derived from it on restore, so a
+/// snapshot cannot hold an inconsistent pair.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Locks {
+    leases: BTreeMap<Vec<u8>, Lease>,
+    by_expiry: BTreeSet<(u64, Vec<u8>)>,
+}
+
+impl Locks {
+    /// The lease recorded on `name`, possibly run out (see [`Query::Get`]).
+    #[must_use]
+    pub fn lease(&self, name: &[u8]) -> Option<&Lease> {
+        self.leases.get(name)
+    }
+
+    /// Number of leases recorded.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Whether no lease is recorded.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+
+    fn from_leases(leases: BTreeMap<Vec<u8>, Lease>) -> Self {
+        let by_expiry = leases
+            .iter()
+            .map(|(name, lease)| (lease.expires_at_ms, name.clone()))
+            .collect();
+        Self { leases, by_expiry }
+    }
+
+    /// Drops every lease that has run out by `now_ms`.
+    fn expire(&mut self, now_ms: u64) {
+        while let Some(first) = self.by_expiry.first() {
+            if first.0 > now_ms {
+                break;
+            }
+            let (_, name) = self.by_expiry.pop_first().expect("checked non-empty");
+            let removed = self.leases.remove(&name);
+            debug_assert!(removed.is_some(), "expiry index out of step with leases");
+        }
+    }
+
+    fn acquire(
+        &mut self,
+        index: u64,
+        name: Vec<u8>,
+        owner: Vec<u8>,
+        expires_at_ms: u64,
+    ) -> Response {
+        let token = match self.leases.get(&name) {
+            Some(held) if held.owner != owner => return Response::Busy(held.clone()),
+            Some(held) => held.token,
+            None => index,
+        };
+        self.grant(
+            name,
+            Lease {
+                owner,
+                expires_at_ms,
+                token,
+            },
+        )
+    }
+
+    fn renew(&mut self, name: Vec<u8>, owner: Vec<u8>, expires_at_ms: u64) -> Response {
+        let token = match self.leases.get(&name) {
+            Some(held) if held.owner == owner => held.token,
+            current => {
+                return Response::NotHolder {
+                    current: current.cloned(),
+                };
+            }
+        };
+        self.grant(
+            name,
+            Lease {
+                owner,
+                expires_at_ms,
+                token,
+            },
+        )
+    }
+
+    fn release(&mut self, name: Vec<u8>, owner: &[u8]) -> Response {
+        match self.leases.get(&name) {
+            Some(held) if held.owner == owner => {
+                let expires_at_ms = held.expires_at_ms;
+                self.leases.remove(&name);
+                self.by_expiry.remove(&(expires_at_ms, name));
+                Response::Released
+            }
+            current => Response::NotHolder {
+                current: current.cloned(),
+            },
+        }
+    }
+
+    fn grant(&mut self, name: Vec<u8>, lease: Lease) -> Response {
+        if let Some(old) = self.leases.get(&name) {
+            self.by_expiry.remove(&(old.expires_at_ms, name.clone()));
+        }
+        self.by_expiry.insert((lease.expires_at_ms, name.clone()));
+        self.leases.insert(name, lease.clone());
+        debug_assert_eq!(self.leases.len(), self.by_expiry.len());
+        Response::Granted(lease)
+    }
+}
+
+fn expiry(ctx: &ApplyContext, lease_ms: u64) -> Result<u64, LockError> {
+    if lease_ms == 0 || lease_ms > MAX_LEASE_MS {
+        return Err(LockError::InvalidLease { lease_ms });
+    }
+    // Saturating: a lease cannot outlive the end of log time anyway.
+    Ok(ctx.timestamp_ms.saturating_add(lease_ms))
+}
+
+impl StateMachine for Locks {
+    type Command = Command;
+    type Response = Response;
+    type Query = Query;
+    type QueryResponse = Option<Lease>;
+    type Error = LockError;
+
+    fn apply(&mut self, ctx: &ApplyContext, command: Command) -> Result<Response, LockError> {
+        match command {
+            Command::Acquire {
+                name,
+                owner,
+                lease_ms,
+            } => {
+                let expires_at_ms = expiry(ctx, lease_ms)?;
+                self.expire(ctx.timestamp_ms);
+                Ok(self.acquire(ctx.index, name, owner, expires_at_ms))
+            }
+            Command::Renew {
+                name,
+                owner,
+                lease_ms,
+            } => {
+                let expires_at_ms = expiry(ctx, lease_ms)?;
+                self.expire(ctx.timestamp_ms);
+                Ok(self.renew(name, owner, expires_at_ms))
+            }
+            Command::Release { name, owner } => {
+                self.expire(ctx.timestamp_ms);
+                Ok(self.release(name, &owner))
+            }
+        }
+    }
+
+    fn query(&self, Query::Get { name }: Query) -> Result<Option<Lease>, LockError> {
+        Ok(self.leases.get(&name).cloned())
+    }
+}
+
+impl Serialize for Locks {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.leases.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Locks {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        BTreeMap::deserialize(deserializer).map(Self::from_leases)
+    }
+}
+
+kythira_guest::export!(Locks);

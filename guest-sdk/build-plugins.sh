@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Builds every plugin into a component: OUTDIR/<name>.wasm.
+#
+#   guest-sdk/build-plugins.sh OUTDIR
+#
+# Plugins built for wasm32-unknown-unknown are core modules carrying their WIT
+# world; `kythira-plugin componentize` turns each into a component. The WASI test
+# plugin is built for wasm32-wasip2, whose linker already emits a component (one
+# that imports wasi:*, which is the point of it). Respects CARGO_TARGET_DIR.
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1"
+out=$(cd "$1" && pwd)
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+target_dir=${CARGO_TARGET_DIR:-target}
+mkdir -p "$target_dir"
+target_dir=$(cd "$target_dir" && pwd)
+
+# Component name, then package name.
+plugins=(
+    kv kythira-plugin-kv
+    counter kythira-plugin-counter
+    lock kythira-plugin-lock
+    looper kythira-testing-looper
+    memhog kythira-testing-memhog
+    panicker kythira-testing-panicker
+    bad-restore kythira-testing-bad-restore
+    nan kythira-testing-nan
+)
+
+packages=()
+for ((i = 0; i < ${#plugins[@]}; i += 2)); do
+    packages+=(-p "${plugins[i + 1]}")
+done
+
+cargo build --profile plugin --target wasm32-unknown-unknown "${packages[@]}"
+cargo build --profile plugin --target wasm32-wasip2 -p kythira-testing-wasi
+cargo build -p kythira-plugin-tool --bin kythira-plugin
+
+tool="$target_dir/debug/kythira-plugin"
+built=()
+for ((i = 0; i < ${#plugins[@]}; i += 2)); do
+    name=${plugins[i]}
+    core="$target_dir/wasm32-unknown-unknown/plugin/${plugins[i + 1]//-/_}.wasm"
+    "$tool" componentize "$core" -o "$out/$name.wasm"
+    built+=("$out/$name.wasm")
+done
+cp "$target_dir/wasm32-wasip2/plugin/kythira_testing_wasi.wasm" "$out/wasi.wasm"
+built+=("$out/wasi.wasm")
+
+echo "built ${#built[@]} plugin components:"
+for file in "${built[@]}"; do
+    printf '  %-40s %8d bytes\n' "$file" "$(stat -c %s "$file")"
+done
