@@ -1,1 +1,158 @@
-fn main() {}
+//! Storage benchmarks: `cargo bench -p kythira-storage --bench storage`.
+//!
+//! Prints `BENCH name=<id> value=<n> unit=<u>` lines, each the median of several
+//! runs, with the physical fsync rate of the same disk as the baseline. Works in a
+//! directory under the target directory (same disk as the repository, not tmpfs).
+
+use kythira_storage::{FjallStore, HardState, HardStateStore, LogEntry, LogStore};
+use std::{
+    fs::{self, File},
+    io::Write,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+const RUNS: usize = 5;
+const PAYLOAD: [u8; 100] = [0x5a; 100];
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn report(name: &str, value: f64, unit: &str) {
+    println!("BENCH name={name} value={value:.1} unit={unit}");
+}
+
+fn fresh_dir(root: &Path, name: &str) -> Result<PathBuf> {
+    let dir = root.join(name);
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn entries(first: u64, count: u64) -> Vec<LogEntry> {
+    (first..first + count)
+        .map(|index| LogEntry::new(index, 1, &PAYLOAD[..]))
+        .collect()
+}
+
+/// Syncs per second of a plain file: append 4 KiB, fdatasync.
+fn fsync_floor(root: &Path) -> Result<f64> {
+    let dir = fresh_dir(root, "fsync")?;
+    let mut file = File::create(dir.join("floor"))?;
+    let block = [0xa5u8; 4096];
+    let syncs = 1000;
+    let start = Instant::now();
+    for _ in 0..syncs {
+        file.write_all(&block)?;
+        file.sync_data()?;
+    }
+    Ok(f64::from(syncs) / start.elapsed().as_secs_f64())
+}
+
+/// Entries per second appending `batch` 100-byte entries per call (one sync each).
+fn append(root: &Path, batch: u64, total: u64) -> Result<f64> {
+    let dir = fresh_dir(root, "append")?;
+    let store = FjallStore::open(&dir)?;
+    let batches: Vec<_> = (0..total / batch)
+        .map(|n| entries(1 + n * batch, batch))
+        .collect();
+    let start = Instant::now();
+    for entries in &batches {
+        store.append(entries)?;
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(store.last_index(), total / batch * batch);
+    Ok((total / batch * batch) as f64 / elapsed.as_secs_f64())
+}
+
+/// Hard-state saves per second from `threads` concurrent callers (group commit),
+/// and the number of saves per sync.
+fn concurrent_saves(root: &Path, threads: u64, per_thread: u64) -> Result<(f64, f64)> {
+    let dir = fresh_dir(root, "concurrent")?;
+    let store = FjallStore::open(&dir)?;
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for thread in 0..threads {
+            let store = &store;
+            scope.spawn(move || {
+                for n in 0..per_thread {
+                    let state = HardState {
+                        term: 1,
+                        vote: None,
+                        commit: thread * per_thread + n,
+                    };
+                    store.save_hard_state(&state).expect("save hard state");
+                }
+            });
+        }
+    });
+    let elapsed = start.elapsed();
+    let saves = (threads * per_thread) as f64;
+    Ok((saves / elapsed.as_secs_f64(), saves / store.sync_count() as f64))
+}
+
+/// Milliseconds to open (and fully verify) a log of `count` entries.
+fn reopen(root: &Path, count: u64) -> Result<Vec<f64>> {
+    let dir = fresh_dir(root, "reopen")?;
+    {
+        let store = FjallStore::open(&dir)?;
+        let chunk = 8192;
+        let mut next = 1;
+        while next <= count {
+            let n = chunk.min(count - next + 1);
+            store.append(&entries(next, n))?;
+            next += n;
+        }
+    }
+    let mut times = Vec::new();
+    for _ in 0..RUNS {
+        let start = Instant::now();
+        let store = FjallStore::open(&dir)?;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(store.last_index(), count);
+    }
+    Ok(times)
+}
+
+fn main() -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("storage-bench");
+    fs::create_dir_all(&root)?;
+    let started = Instant::now();
+
+    let mut floor = Vec::new();
+    let mut each = Vec::new();
+    let mut group64 = Vec::new();
+    let mut group512 = Vec::new();
+    let mut concurrent = Vec::new();
+    let mut per_sync = Vec::new();
+    // Interleaved so that a noisy neighbour affects every measurement alike.
+    for _ in 0..RUNS {
+        floor.push(fsync_floor(&root)?);
+        each.push(append(&root, 1, 1000)?);
+        group64.push(append(&root, 64, 64 * 200)?);
+        group512.push(append(&root, 512, 512 * 60)?);
+        let (rate, ratio) = concurrent_saves(&root, 8, 250)?;
+        concurrent.push(rate);
+        per_sync.push(ratio);
+    }
+    let floor = median(floor);
+    let each = median(each);
+    report("storage.fsync_floor", floor, "syncs/s");
+    report("storage.append.sync_each", each, "entries/s");
+    report("storage.append.sync_each_vs_floor", each / floor, "ratio");
+    report("storage.append.group64", median(group64), "entries/s");
+    report("storage.append.group512", median(group512), "entries/s");
+    report("storage.hard_state.concurrent8", median(concurrent), "saves/s");
+    report("storage.hard_state.concurrent8_per_sync", median(per_sync), "saves/sync");
+    report("storage.reopen.1m", median(reopen(&root, 1_000_000)?), "ms");
+
+    fs::remove_dir_all(&root)?;
+    eprintln!("storage bench took {:.1?}", started.elapsed());
+    Ok(())
+}

@@ -7,7 +7,11 @@ use crate::{
 use fjall::PersistMode;
 use std::{
     collections::BTreeMap,
-    sync::{Arc, mpsc},
+    sync::{
+        Arc,
+        atomic::Ordering,
+        mpsc,
+    },
 };
 
 /// Requests drained into one group at most; bounds the memory of one batch.
@@ -221,6 +225,8 @@ impl Writer {
         // before any caller of this group is told it succeeded. fdatasync suffices:
         // the journal's size change is data-relevant metadata, and fjall fsyncs the
         // directory itself when it creates journal files.
-        db.persist(PersistMode::SyncData).map_err(Arc::new)
+        db.persist(PersistMode::SyncData).map_err(Arc::new)?;
+        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
