@@ -213,33 +213,38 @@ fn splitmix64(state: &mut u64) -> u64 {
 
 struct CacheEntry<S> {
     hash: u64,
-    words: Box<[u64]>,
+    /// Offset of the set's words in [`Cache::words`].
+    offset: usize,
     state: S,
 }
 
 /// Every (linearized set, state) pair the search has reached.
 struct Cache<S> {
     table: HashTable<CacheEntry<S>>,
+    /// The sets' words, back to back: one allocation for all entries.
+    words: Vec<u64>,
     hasher: foldhash::fast::FixedState,
 }
 
-impl<S: Eq + std::hash::Hash> Cache<S> {
-    fn new() -> Self {
+impl<S: Clone + Eq + std::hash::Hash> Cache<S> {
+    fn new(capacity: usize, words_per_set: usize) -> Self {
         Self {
-            table: HashTable::new(),
+            table: HashTable::with_capacity(capacity),
+            words: Vec::with_capacity(capacity * words_per_set),
             hasher: foldhash::fast::FixedState::with_seed(0xbb67_ae85_84ca_a73b),
         }
     }
 
     /// Records the pair; false if it was already there.
-    fn insert(&mut self, set: &LinearizedSet, state: &S) -> bool
-    where
-        S: Clone,
-    {
+    fn insert(&mut self, set: &LinearizedSet, state: &S) -> bool {
         let hash = set.hash ^ self.hasher.hash_one(state);
+        let len = set.words.len();
+        let words = &self.words;
         let entry = self.table.entry(
             hash,
-            |e| e.hash == hash && *e.words == *set.words && e.state == *state,
+            |e| {
+                e.hash == hash && e.state == *state && words[e.offset..e.offset + len] == *set.words
+            },
             |e| e.hash,
         );
         match entry {
@@ -247,12 +252,40 @@ impl<S: Eq + std::hash::Hash> Cache<S> {
             hashbrown::hash_table::Entry::Vacant(vacant) => {
                 vacant.insert(CacheEntry {
                     hash,
-                    words: set.words.clone().into_boxed_slice(),
+                    offset: self.words.len(),
                     state: state.clone(),
                 });
+                self.words.extend_from_slice(&set.words);
                 true
             }
         }
+    }
+}
+
+/// The deepest stack of linearized operations seen so far, kept in
+/// amortized O(1) per search step: only the part of the stack that changed
+/// since the last record is copied.
+#[derive(Default)]
+struct Longest {
+    /// Partition-local operations in linearization order.
+    ops: Vec<u32>,
+    /// Length of the prefix `ops` shares with the current stack.
+    shared: usize,
+}
+
+impl Longest {
+    /// The stack grew to `depth`; `op_at(i)` is its `i`th operation.
+    fn pushed(&mut self, depth: usize, op_at: impl Fn(usize) -> u32) {
+        if depth > self.ops.len() {
+            self.ops.truncate(self.shared);
+            self.ops.extend((self.shared..depth).map(op_at));
+            self.shared = depth;
+        }
+    }
+
+    /// The stack shrank to `depth`.
+    fn popped(&mut self, depth: usize) {
+        self.shared = self.shared.min(depth);
     }
 }
 
@@ -268,11 +301,11 @@ pub(crate) fn check_partition<M: Model>(
     let mut unlinearized_completed = ops.iter().filter(|op| op.ret.is_some()).count();
     let mut list = EventList::new(&ops);
     let mut linearized = LinearizedSet::new(ops.len());
-    let mut cache = Cache::new();
+    let mut cache = Cache::new(ops.len(), linearized.words.len());
     let mut state = model.init();
     // Each linearized operation's call node and the state before it.
     let mut stack: Vec<(NodeId, M::State)> = Vec::new();
-    let mut longest: Vec<u32> = Vec::new();
+    let mut longest = Longest::default();
 
     let mut entry = list.first();
     loop {
@@ -305,9 +338,7 @@ pub(crate) fn check_partition<M: Model>(
                             unlinearized_completed -= 1;
                         }
                         list.lift(entry);
-                        if stack.len() > longest.len() {
-                            longest = stack.iter().map(|&(id, _)| list.node(id).op).collect();
-                        }
+                        longest.pushed(stack.len(), |depth| list.node(stack[depth].0).op);
                         entry = list.first();
                         continue;
                     }
@@ -321,12 +352,14 @@ pub(crate) fn check_partition<M: Model>(
                 let Some((call, previous)) = stack.pop() else {
                     return PartitionResult::NotLinearizable {
                         longest_linearization: longest
+                            .ops
                             .iter()
                             .map(|&op| indices[op as usize])
                             .collect(),
                     };
                 };
                 state = previous;
+                longest.popped(stack.len());
                 let call_node = list.node(call);
                 if let Kind::Call { ret } = call_node.kind
                     && ret != NIL

@@ -267,8 +267,7 @@ fn counterexample_names_the_failing_partition_and_its_longest_linearization() {
         get(1, 2, None, 6, 7),
         put(1, 2, 21, 8, 9),
     ];
-    let Verdict::NotLinearizable(counterexample) =
-        check_history(&KvModel, &history, None).unwrap()
+    let Verdict::NotLinearizable(counterexample) = check_history(&KvModel, &history, None).unwrap()
     else {
         panic!("history is not linearizable");
     };
@@ -277,7 +276,10 @@ fn counterexample_names_the_failing_partition_and_its_longest_linearization() {
     assert_eq!(counterexample.longest_linearization, vec![1, 2]);
     let text = counterexample.render(&history);
     assert!(text.contains("partition 1 is not linearizable"), "{text}");
-    assert!(text.contains("longest legal linearization: 2 of 4"), "{text}");
+    assert!(
+        text.contains("longest legal linearization: 2 of 4"),
+        "{text}"
+    );
     assert!(text.contains("Get(None)"), "{text}");
 }
 

@@ -46,3 +46,5 @@ pub fn pending_get(client: u64, key: u64, call: u64) -> KvOp {
         ret: None,
     }
 }
+
+pub mod generate;
