@@ -122,10 +122,18 @@ impl Progress {
         };
     }
 
-    /// Heartbeat response: the follower is alive, so retry a probe.
-    pub(crate) fn unpause(&mut self) {
-        if let ReplicationState::Probe { paused } = &mut self.state {
-            *paused = false;
+    /// Heartbeat response: the follower is alive. Retry a probe, and free
+    /// the oldest slot of a full window: its append may have been lost, and
+    /// without a slot nothing would be sent to find out (the follower
+    /// rejects the next append if so, which falls back to probing).
+    pub(crate) fn heard_from(&mut self, max_inflight: usize) {
+        match &mut self.state {
+            ReplicationState::Probe { paused } => *paused = false,
+            ReplicationState::Replicate { inflight } => {
+                if inflight.len() >= max_inflight {
+                    inflight.pop_front();
+                }
+            }
         }
     }
 }

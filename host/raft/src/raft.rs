@@ -770,8 +770,10 @@ impl Raft {
         let pr = l.progress.get_mut(&from).expect("validated sender");
         pr.recent_active = true;
         pr.read_ack = pr.read_ack.max(read_round);
-        pr.unpause();
+        pr.heard_from(self.cfg.max_inflight_messages);
         if pr.matched < self.log.last_index() {
+            // Even with nothing new to send: an empty append finds out
+            // whether earlier ones were lost.
             send_append(
                 &mut self.out,
                 &self.log,
@@ -779,7 +781,7 @@ impl Raft {
                 self.term,
                 from,
                 pr,
-                false,
+                true,
             );
         }
         if read_round > 0

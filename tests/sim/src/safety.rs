@@ -1,0 +1,195 @@
+//! The safety properties of Raft (paper, figure 3), checked incrementally so
+//! that checking after every step costs O(1) amortised per event:
+//!
+//! * election safety: at most one leader per term;
+//! * leader append-only: a leader never overwrites or deletes its entries;
+//! * log matching: two logs with an entry of the same index and term agree on
+//!   every entry up to it (checked on durable logs with prefix hashes);
+//! * leader completeness: a new leader holds every entry applied anywhere;
+//! * state machine safety: no two nodes apply different entries at an index,
+//!   and each node applies its entries in order, each once.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
+
+use kythira_raft::{Entry, EntryKind, Index, NodeId, Raft, Role, Term};
+
+/// A broken invariant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// Which property.
+    pub property: &'static str,
+    /// What was seen.
+    pub detail: String,
+}
+
+/// Incremental checker of every node's observable state.
+#[derive(Debug, Default)]
+pub struct Safety {
+    leaders: HashMap<Term, NodeId>,
+    /// Per node: (term, last index, term of last) when last seen as leader.
+    leader_tip: HashMap<NodeId, (Term, Index, Term)>,
+    /// Per node: prefix hashes of its durable log, index i at i - 1.
+    durable_prefix: HashMap<NodeId, Vec<u64>>,
+    /// Prefix hash of every (index, term) ever made durable anywhere.
+    prefix_by_position: HashMap<(Index, Term), u64>,
+    /// Entries applied anywhere, index i at i - 1: (term, content hash).
+    applied: Vec<(Term, u64)>,
+    /// Per node: last applied index since its last restart.
+    node_applied: HashMap<NodeId, Index>,
+}
+
+/// Content hash of an entry (FNV-1a over kind and payload).
+pub fn entry_hash(e: &Entry) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let kind = match e.kind {
+        EntryKind::Noop => 1u8,
+        _ => 2u8,
+    };
+    for b in std::iter::once(kind).chain(e.data.iter().copied()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn chain(prev: u64, term: Term, content: u64) -> u64 {
+    let mut z = prev ^ term.rotate_left(17) ^ content.rotate_left(41);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn violation(property: &'static str, detail: String) -> Result<(), Violation> {
+    Err(Violation { property, detail })
+}
+
+impl Safety {
+    /// Check the observable state of `raft` after it handled an input.
+    pub fn observe(&mut self, raft: &Raft) -> Result<(), Violation> {
+        let id = raft.id();
+        if raft.role() != Role::Leader {
+            self.leader_tip.remove(&id);
+            return Ok(());
+        }
+        let term = raft.term();
+        match self.leaders.entry(term) {
+            MapEntry::Occupied(o) if *o.get() != id => {
+                return violation(
+                    "election safety",
+                    format!("nodes {} and {id} both lead term {term}", o.get()),
+                );
+            }
+            MapEntry::Occupied(_) => {}
+            MapEntry::Vacant(v) => {
+                v.insert(id);
+            }
+        }
+        let log = raft.log();
+        match self.leader_tip.get(&id) {
+            Some(&(t, last, last_term)) if t == term => {
+                if log.last_index() < last || log.term(last) != Some(last_term) {
+                    return violation(
+                        "leader append-only",
+                        format!("leader {id} of term {term} had ({last}, {last_term}), now ends at {}", log.last_index()),
+                    );
+                }
+            }
+            _ => self.check_completeness(raft)?,
+        }
+        self.leader_tip.insert(id, (term, log.last_index(), log.last_term()));
+        Ok(())
+    }
+
+    /// A new leader must hold every entry applied anywhere.
+    fn check_completeness(&self, raft: &Raft) -> Result<(), Violation> {
+        let log = raft.log();
+        for (i, &(term, hash)) in self.applied.iter().enumerate() {
+            let index = i as Index + 1;
+            match log.get(index) {
+                Some(e) if e.term == term && entry_hash(e) == hash => {}
+                other => {
+                    return violation(
+                        "leader completeness",
+                        format!(
+                            "leader {} of term {} has {:?} at {index}, applied entry has term {term}",
+                            raft.id(),
+                            raft.term(),
+                            other.map(|e| e.term)
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `node` durably wrote `entries`, replacing its log from `entries[0].index`.
+    pub fn persisted(&mut self, node: NodeId, entries: &[Entry]) -> Result<(), Violation> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let prefix = self.durable_prefix.entry(node).or_default();
+        if first.index as usize > prefix.len() + 1 {
+            return violation(
+                "log matching",
+                format!("node {node} wrote entry {} after a log ending at {}", first.index, prefix.len()),
+            );
+        }
+        prefix.truncate(first.index as usize - 1);
+        for e in entries {
+            let prev = prefix.last().copied().unwrap_or(0);
+            let h = chain(prev, e.term, entry_hash(e));
+            match self.prefix_by_position.entry((e.index, e.term)) {
+                MapEntry::Occupied(o) if *o.get() != h => {
+                    return violation(
+                        "log matching",
+                        format!("node {node} holds ({}, {}) with a prefix that differs from another node's", e.index, e.term),
+                    );
+                }
+                MapEntry::Occupied(_) => {}
+                MapEntry::Vacant(v) => {
+                    v.insert(h);
+                }
+            }
+            prefix.push(h);
+        }
+        Ok(())
+    }
+
+    /// `node` lost its volatile state; it will apply from the start again.
+    pub fn restarted(&mut self, node: NodeId) {
+        self.node_applied.insert(node, 0);
+        self.leader_tip.remove(&node);
+    }
+
+    /// `node` applied `e`.
+    pub fn applied(&mut self, node: NodeId, e: &Entry) -> Result<(), Violation> {
+        let last = self.node_applied.entry(node).or_insert(0);
+        if e.index != *last + 1 {
+            return violation(
+                "state machine safety",
+                format!("node {node} applied {} right after {}", e.index, *last),
+            );
+        }
+        *last = e.index;
+        let hash = entry_hash(e);
+        match self.applied.get(e.index as usize - 1) {
+            Some(&(term, h)) if term != e.term || h != hash => violation(
+                "state machine safety",
+                format!("node {node} applied ({}, {}) where another applied term {term}", e.index, e.term),
+            ),
+            Some(_) => Ok(()),
+            None => {
+                debug_assert_eq!(self.applied.len() as Index + 1, e.index);
+                self.applied.push((e.term, hash));
+                Ok(())
+            }
+        }
+    }
+
+    /// Entries applied by at least one node.
+    pub fn applied_anywhere(&self) -> Index {
+        self.applied.len() as Index
+    }
+}
