@@ -1,0 +1,97 @@
+//! Crash-test child: writes to a store in a loop and prints every write that was
+//! acknowledged (and so must be durable), until the parent kills it.
+//!
+//! Usage: `storage-crash-child log|snapshot <dir> <seed>`. Output lines:
+//! `A <last index>` after an append, `H <n>` after saving hard state `n`,
+//! `S <n>` after finishing snapshot `n`. Payloads follow `model.rs`.
+
+mod model;
+
+use kythira_storage::{FjallStore, HardStateStore, LogEntry, LogStore, SnapshotStore};
+use std::io::Write;
+
+type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Prints a whole report line and flushes it, so the parent sees it at once.
+fn report(line: std::fmt::Arguments<'_>) -> Result {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Exits at once: a failing child must not wait for its other thread.
+fn fail(error: impl std::fmt::Display) -> ! {
+    eprintln!("storage-crash-child: {error}");
+    std::process::exit(1)
+}
+
+fn run_log(dir: &str, seed: u64) -> Result {
+    let store = FjallStore::open(dir)?;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let first_hard_state = store.hard_state().term + 1;
+    std::thread::scope(|scope| {
+        // Hard-state saves run concurrently with appends and share their syncs.
+        scope.spawn(|| {
+            for n in first_hard_state.. {
+                store
+                    .save_hard_state(&model::hard_state(n))
+                    .unwrap_or_else(|e| fail(e));
+                report(format_args!("H {n}")).unwrap_or_else(|e| fail(e));
+            }
+        });
+        loop {
+            let last = store.last_index();
+            // Mostly plain appends; sometimes rewrite the last few entries with the
+            // same content (an overwrite that must never lose them), sometimes
+            // compact an old prefix.
+            let start = match rng.u8(0..10) {
+                0 => last.saturating_sub(rng.u64(0..4)).max(store.first_index()),
+                1 if last > 600 => {
+                    store.compact_prefix(last - 500).unwrap_or_else(|e| fail(e));
+                    continue;
+                }
+                _ => last + 1,
+            };
+            let count = rng.u64(1..=16);
+            let entries: Vec<LogEntry> = (start..start + count).map(model::entry).collect();
+            store.append(&entries).unwrap_or_else(|e| fail(e));
+            report(format_args!("A {}", start + count - 1)).unwrap_or_else(|e| fail(e));
+        }
+    })
+}
+
+fn run_snapshot(dir: &str, seed: u64) -> Result {
+    let store = SnapshotStore::open(dir)?;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let first = store.latest().map_or(1, |info| info.meta.term + 1);
+    for n in first.. {
+        let mut writer = store.begin(model::snapshot_meta(n))?;
+        let len = model::snapshot_len(n);
+        let mut offset = 0;
+        while offset < len {
+            let chunk = rng.u64(1..=32 << 10).min(len - offset);
+            let bytes: Vec<u8> = (offset..offset + chunk)
+                .map(|at| model::snapshot_byte(n, at))
+                .collect();
+            writer.write_chunk(&bytes)?;
+            offset += chunk;
+        }
+        writer.finish()?;
+        report(format_args!("S {n}"))?;
+    }
+    Ok(())
+}
+
+fn main() -> Result {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, mode, dir, seed] = args.as_slice() else {
+        return Err("usage: storage-crash-child log|snapshot <dir> <seed>".into());
+    };
+    let seed: u64 = seed.parse()?;
+    match mode.as_str() {
+        "log" => run_log(dir, seed),
+        "snapshot" => run_snapshot(dir, seed),
+        other => Err(format!("unknown mode {other}").into()),
+    }
+}
