@@ -18,12 +18,33 @@ pub fn componentize(core_module: &[u8]) -> anyhow::Result<Vec<u8>> {
     if wasmparser::Parser::is_component(core_module) {
         anyhow::bail!("input is already a component, not a core module");
     }
+    // Without this section the encoder would happily produce an empty
+    // component that exports nothing; refuse early with the likely cause.
+    if !has_component_type(core_module)? {
+        anyhow::bail!(
+            "core module carries no component type information (was it built with the kythira-guest SDK's export! macro?)"
+        );
+    }
     ComponentEncoder::default()
         .validate(true)
         .module(core_module)
-        .context("input is not a core module carrying component type information (was it built with the kythira-guest SDK?)")?
+        .context("reading the core module's component type information")?
         .encode()
         .context("core module does not form a valid component")
+}
+
+/// Whether the module has a `component-type` custom section, where wit-bindgen
+/// records the world the module implements (possibly with a suffix).
+fn has_component_type(core_module: &[u8]) -> anyhow::Result<bool> {
+    for payload in wasmparser::Parser::new(0).parse_all(core_module) {
+        if let wasmparser::Payload::CustomSection(section) =
+            payload.context("input is not a valid WebAssembly module")?
+            && section.name().starts_with("component-type")
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -59,12 +80,12 @@ mod tests {
             match payload.unwrap() {
                 wasmparser::Payload::ComponentExportSection(section) => {
                     for export in section {
-                        exports.push(export.unwrap().name.0.to_owned());
+                        exports.push(export.unwrap().name.name.to_owned());
                     }
                 }
                 wasmparser::Payload::ComponentImportSection(section) => {
                     for import in section {
-                        imports.push(import.unwrap().name.0.to_owned());
+                        imports.push(import.unwrap().name.name.to_owned());
                     }
                 }
                 _ => {}
@@ -75,7 +96,9 @@ mod tests {
             exports,
             ["apply", "get-state", "query", "restore-from-snapshot"]
         );
-        assert!(imports.is_empty(), "unexpected imports: {imports:?}");
+        // A type defined at world level is imported by the component; it
+        // grants nothing. No function or interface is imported.
+        assert_eq!(imports, ["apply-context"]);
     }
 
     #[test]
@@ -99,6 +122,10 @@ mod tests {
 
     #[test]
     fn refuses_garbage() {
-        assert!(componentize(b"not wasm at all").is_err());
+        let error = componentize(b"not wasm at all").unwrap_err();
+        assert!(
+            error.to_string().contains("not a valid WebAssembly module"),
+            "{error:#}"
+        );
     }
 }

@@ -87,3 +87,71 @@ impl StateMachine for Counters {
 }
 
 kythira_guest::export!(Counters);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kythira_guest::testing::Harness;
+
+    fn add(name: &[u8], delta: i64) -> Command {
+        Command::Add {
+            name: name.to_vec(),
+            delta,
+        }
+    }
+
+    fn get(name: &[u8]) -> Query {
+        Query::Get {
+            name: name.to_vec(),
+        }
+    }
+
+    #[test]
+    fn adds_sets_and_resets() {
+        let mut counters = Harness::<Counters>::new();
+        assert_eq!(counters.query(&get(b"hits")), Ok(0));
+        assert_eq!(counters.apply(&add(b"hits", 5)), Ok(5));
+        assert_eq!(counters.apply(&add(b"hits", -7)), Ok(-2));
+        assert_eq!(counters.apply(&add(b"misses", 1)), Ok(1));
+        assert_eq!(
+            counters.apply(&Command::Set {
+                name: b"misses".to_vec(),
+                value: 40
+            }),
+            Ok(40)
+        );
+        assert_eq!(counters.query(&get(b"hits")), Ok(-2));
+        assert_eq!(
+            counters.apply(&Command::Reset {
+                name: b"hits".to_vec()
+            }),
+            Ok(0)
+        );
+        assert_eq!(counters.query(&get(b"hits")), Ok(0));
+        assert_eq!(counters.query(&get(b"misses")), Ok(40));
+        counters.assert_deterministic();
+        counters.assert_snapshot_transparent();
+    }
+
+    #[test]
+    fn refuses_overflow_and_changes_nothing() {
+        let mut counters = Harness::<Counters>::new();
+        counters.apply(&add(b"n", i64::MAX)).unwrap();
+        let before = counters.state();
+        assert_eq!(
+            counters.apply(&add(b"n", 1)),
+            Err(format!("adding 1 to {} overflows", i64::MAX))
+        );
+        assert_eq!(counters.state(), before);
+        assert_eq!(counters.apply(&add(b"n", -i64::MAX)), Ok(0));
+        counters.assert_deterministic();
+    }
+
+    #[test]
+    fn zero_is_not_stored_so_equal_counters_snapshot_equally() {
+        let mut touched = Harness::<Counters>::new();
+        touched.apply(&add(b"n", 3)).unwrap();
+        touched.apply(&add(b"n", -3)).unwrap();
+        assert_eq!(touched.state(), Harness::<Counters>::new().state());
+    }
+}

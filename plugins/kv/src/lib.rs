@@ -164,3 +164,187 @@ impl StateMachine for KvStore {
 }
 
 kythira_guest::export!(KvStore);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kythira_guest::testing::Harness;
+
+    fn put(key: &[u8], value: &[u8]) -> Command {
+        Command::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+        }
+    }
+
+    fn scan(prefix: &[u8], start_after: Option<&[u8]>, limit: u32) -> Scan {
+        Scan {
+            prefix: prefix.to_vec(),
+            start_after: start_after.map(<[u8]>::to_vec),
+            limit,
+        }
+    }
+
+    fn entries(pairs: &[(&[u8], &[u8])], more: bool) -> Response {
+        Response::Entries {
+            entries: pairs
+                .iter()
+                .map(|(key, value)| (key.to_vec(), value.to_vec()))
+                .collect(),
+            more,
+        }
+    }
+
+    #[test]
+    fn put_get_delete() {
+        let mut kv = Harness::<KvStore>::new();
+        assert_eq!(kv.apply(&put(b"a", b"1")), Ok(Response::Value(None)));
+        assert_eq!(
+            kv.apply(&put(b"a", b"2")),
+            Ok(Response::Value(Some(b"1".to_vec())))
+        );
+        assert_eq!(
+            kv.apply(&Command::Get { key: b"a".to_vec() }),
+            Ok(Response::Value(Some(b"2".to_vec())))
+        );
+        assert_eq!(
+            kv.query(&Query::Get { key: b"a".to_vec() }),
+            Ok(Response::Value(Some(b"2".to_vec())))
+        );
+        assert_eq!(
+            kv.apply(&Command::Delete { key: b"a".to_vec() }),
+            Ok(Response::Value(Some(b"2".to_vec())))
+        );
+        assert_eq!(
+            kv.apply(&Command::Delete { key: b"a".to_vec() }),
+            Ok(Response::Value(None))
+        );
+        assert_eq!(
+            kv.query(&Query::Get { key: b"a".to_vec() }),
+            Ok(Response::Value(None))
+        );
+        assert!(kv.machine().is_empty());
+        kv.assert_deterministic();
+        kv.assert_snapshot_transparent();
+    }
+
+    #[test]
+    fn compare_and_swap() {
+        let mut kv = Harness::<KvStore>::new();
+        let cas = |expected: Option<&[u8]>, new: Option<&[u8]>| Command::CompareAndSwap {
+            key: b"k".to_vec(),
+            expected: expected.map(<[u8]>::to_vec),
+            new: new.map(<[u8]>::to_vec),
+        };
+        // Create only if absent.
+        assert_eq!(kv.apply(&cas(None, Some(b"v1"))), Ok(Response::Swapped));
+        assert_eq!(
+            kv.apply(&cas(None, Some(b"other"))),
+            Ok(Response::Mismatch {
+                current: Some(b"v1".to_vec())
+            })
+        );
+        assert_eq!(
+            kv.apply(&cas(Some(b"v1"), Some(b"v2"))),
+            Ok(Response::Swapped)
+        );
+        assert_eq!(
+            kv.apply(&cas(Some(b"v1"), None)),
+            Ok(Response::Mismatch {
+                current: Some(b"v2".to_vec())
+            })
+        );
+        // Delete only if unchanged.
+        assert_eq!(kv.apply(&cas(Some(b"v2"), None)), Ok(Response::Swapped));
+        assert!(kv.machine().is_empty());
+        assert_eq!(
+            kv.apply(&cas(Some(b"v2"), None)),
+            Ok(Response::Mismatch { current: None })
+        );
+        kv.assert_deterministic();
+        kv.assert_snapshot_transparent();
+    }
+
+    #[test]
+    fn scans_by_prefix_in_pages() {
+        let mut kv = Harness::<KvStore>::new();
+        for key in [&b"a"[..], b"b/1", b"b/2", b"b/3", b"b", b"c/1"] {
+            kv.apply(&put(key, key)).unwrap();
+        }
+        assert_eq!(
+            kv.query(&Query::Scan(scan(b"b/", None, 2))),
+            Ok(entries(&[(b"b/1", b"b/1"), (b"b/2", b"b/2")], true))
+        );
+        assert_eq!(
+            kv.query(&Query::Scan(scan(b"b/", Some(b"b/2"), 2))),
+            Ok(entries(&[(b"b/3", b"b/3")], false))
+        );
+        // A cursor before the prefix starts at the prefix.
+        assert_eq!(
+            kv.query(&Query::Scan(scan(b"b/", Some(b"a"), 10))),
+            Ok(entries(
+                &[(b"b/1", b"b/1"), (b"b/2", b"b/2"), (b"b/3", b"b/3")],
+                false
+            ))
+        );
+        // The empty prefix scans everything; the command form answers alike.
+        assert_eq!(
+            kv.apply(&Command::Scan(scan(b"", None, 3))),
+            Ok(entries(
+                &[(b"a", b"a"), (b"b", b"b"), (b"b/1", b"b/1")],
+                true
+            ))
+        );
+        assert_eq!(
+            kv.query(&Query::Scan(scan(b"b/", None, 0))),
+            Ok(entries(&[], true))
+        );
+        assert_eq!(
+            kv.query(&Query::Scan(scan(b"z", None, 5))),
+            Ok(entries(&[], false))
+        );
+        assert_eq!(
+            kv.query(&Query::Scan(scan(b"", None, MAX_SCAN_LIMIT + 1))),
+            Err(format!(
+                "scan limit {} exceeds the maximum of {MAX_SCAN_LIMIT}",
+                MAX_SCAN_LIMIT + 1
+            ))
+        );
+        kv.assert_snapshot_round_trip();
+    }
+
+    #[test]
+    fn refuses_malformed_commands_without_changing_state() {
+        let mut kv = Harness::<KvStore>::new();
+        kv.apply(&put(b"k", b"v")).unwrap();
+        let before = kv.state();
+        let error = kv.apply_bytes(&[0, 5, b'k']).unwrap_err();
+        assert!(error.starts_with("invalid command"), "{error}");
+        let error = kv.apply_bytes(&[42]).unwrap_err();
+        assert!(error.starts_with("invalid command"), "{error}");
+        assert_eq!(kv.state(), before);
+    }
+
+    #[test]
+    fn many_keys_are_deterministic_and_snapshot_transparent() {
+        let mut kv = Harness::<KvStore>::new();
+        for i in 0u32..200 {
+            // A fixed pseudo-random walk over 50 keys.
+            let key = (i.wrapping_mul(2_654_435_761) % 50).to_be_bytes();
+            let command = match i % 4 {
+                0 | 1 => put(&key, &i.to_le_bytes()),
+                2 => Command::Delete { key: key.to_vec() },
+                _ => Command::CompareAndSwap {
+                    key: key.to_vec(),
+                    expected: None,
+                    new: Some(vec![1]),
+                },
+            };
+            kv.apply(&command).unwrap();
+        }
+        assert!(!kv.machine().is_empty());
+        kv.assert_snapshot_round_trip();
+        kv.assert_deterministic();
+        kv.assert_snapshot_transparent();
+    }
+}

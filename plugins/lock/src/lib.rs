@@ -263,3 +263,173 @@ impl<'de> Deserialize<'de> for Locks {
 }
 
 kythira_guest::export!(Locks);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kythira_guest::testing::Harness;
+
+    fn acquire(name: &[u8], owner: &[u8], lease_ms: u64) -> Command {
+        Command::Acquire {
+            name: name.to_vec(),
+            owner: owner.to_vec(),
+            lease_ms,
+        }
+    }
+
+    fn renew(name: &[u8], owner: &[u8], lease_ms: u64) -> Command {
+        Command::Renew {
+            name: name.to_vec(),
+            owner: owner.to_vec(),
+            lease_ms,
+        }
+    }
+
+    fn release(name: &[u8], owner: &[u8]) -> Command {
+        Command::Release {
+            name: name.to_vec(),
+            owner: owner.to_vec(),
+        }
+    }
+
+    fn lease(owner: &[u8], expires_at_ms: u64, token: u64) -> Lease {
+        Lease {
+            owner: owner.to_vec(),
+            expires_at_ms,
+            token,
+        }
+    }
+
+    #[test]
+    fn one_holder_at_a_time_until_release() {
+        let mut locks = Harness::<Locks>::new();
+        locks.advance_ms(1_000);
+        assert_eq!(
+            locks.apply(&acquire(b"job", b"alice", 500)),
+            Ok(Response::Granted(lease(b"alice", 1_500, 1)))
+        );
+        assert_eq!(
+            locks.apply(&acquire(b"job", b"bob", 500)),
+            Ok(Response::Busy(lease(b"alice", 1_500, 1)))
+        );
+        assert_eq!(
+            locks.apply(&release(b"job", b"bob")),
+            Ok(Response::NotHolder {
+                current: Some(lease(b"alice", 1_500, 1))
+            })
+        );
+        assert_eq!(
+            locks.apply(&release(b"job", b"alice")),
+            Ok(Response::Released)
+        );
+        assert_eq!(
+            locks.query(&Query::Get {
+                name: b"job".to_vec()
+            }),
+            Ok(None)
+        );
+        // The next holder's token is its own entry's index: higher than alice's.
+        assert_eq!(
+            locks.apply(&acquire(b"job", b"bob", 500)),
+            Ok(Response::Granted(lease(b"bob", 1_500, 5)))
+        );
+        locks.assert_deterministic();
+        locks.assert_snapshot_transparent();
+    }
+
+    #[test]
+    fn leases_expire_by_log_time() {
+        let mut locks = Harness::<Locks>::new();
+        locks.apply(&acquire(b"job", b"alice", 100)).unwrap();
+        locks.advance_ms(99);
+        assert_eq!(
+            locks.apply(&acquire(b"job", b"bob", 100)),
+            Ok(Response::Busy(lease(b"alice", 100, 1)))
+        );
+        locks.advance_ms(1);
+        assert_eq!(
+            locks.apply(&acquire(b"job", b"bob", 100)),
+            Ok(Response::Granted(lease(b"bob", 200, 3)))
+        );
+        // Alice's lease ran out: she can neither renew nor release.
+        assert_eq!(
+            locks.apply(&renew(b"job", b"alice", 100)),
+            Ok(Response::NotHolder {
+                current: Some(lease(b"bob", 200, 3))
+            })
+        );
+        locks.advance_ms(1_000);
+        assert_eq!(
+            locks.apply(&release(b"job", b"bob")),
+            Ok(Response::NotHolder { current: None })
+        );
+        locks.assert_deterministic();
+        locks.assert_snapshot_transparent();
+    }
+
+    #[test]
+    fn renewal_and_reacquisition_keep_the_token() {
+        let mut locks = Harness::<Locks>::new();
+        locks.apply(&acquire(b"job", b"alice", 100)).unwrap();
+        locks.advance_ms(80);
+        assert_eq!(
+            locks.apply(&renew(b"job", b"alice", 100)),
+            Ok(Response::Granted(lease(b"alice", 180, 1)))
+        );
+        locks.advance_ms(90);
+        assert_eq!(
+            locks.apply(&acquire(b"job", b"alice", 50)),
+            Ok(Response::Granted(lease(b"alice", 220, 1)))
+        );
+        assert_eq!(
+            locks.apply(&renew(b"job", b"bob", 100)),
+            Ok(Response::NotHolder {
+                current: Some(lease(b"alice", 220, 1))
+            })
+        );
+        locks.assert_snapshot_transparent();
+    }
+
+    #[test]
+    fn expired_leases_are_dropped_from_the_state() {
+        let mut locks = Harness::<Locks>::new();
+        for name in [&b"a"[..], b"b", b"c"] {
+            locks.apply(&acquire(name, b"alice", 10)).unwrap();
+        }
+        locks.apply(&acquire(b"d", b"alice", 1_000)).unwrap();
+        assert_eq!(locks.machine().len(), 4);
+        locks.advance_ms(10);
+        locks.apply(&release(b"nothing", b"alice")).unwrap();
+        assert_eq!(locks.machine().len(), 1);
+        assert!(locks.machine().lease(b"d").is_some());
+        locks.assert_snapshot_round_trip();
+        locks.assert_snapshot_transparent();
+    }
+
+    #[test]
+    fn refuses_invalid_leases_and_changes_nothing() {
+        let mut locks = Harness::<Locks>::new();
+        locks.apply(&acquire(b"job", b"alice", 10)).unwrap();
+        locks.advance_ms(50);
+        let before = locks.state();
+        for lease_ms in [0, MAX_LEASE_MS + 1] {
+            assert_eq!(
+                locks.apply(&acquire(b"job", b"bob", lease_ms)),
+                Err(format!(
+                    "lease of {lease_ms} ms is outside 1..={MAX_LEASE_MS} ms"
+                ))
+            );
+            assert!(locks.apply(&renew(b"job", b"alice", lease_ms)).is_err());
+        }
+        // Not even the run-out lease was dropped by the refused commands.
+        assert_eq!(locks.state(), before);
+    }
+
+    #[test]
+    fn a_snapshot_cannot_desynchronize_the_expiry_index() {
+        let mut locks = Harness::<Locks>::new();
+        locks.apply(&acquire(b"x", b"o", 5)).unwrap();
+        let restored: Locks = kythira_guest::codec::decode(&locks.state()).unwrap();
+        assert_eq!(&restored, locks.machine());
+    }
+}
