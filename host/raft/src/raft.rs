@@ -10,7 +10,7 @@ use crate::config::Mutation;
 use crate::error::{ProposeError, RestoreError, StepError};
 use crate::log::{AppendRefusal, RaftLog};
 use crate::message::{AppendOutcome, Message, MessageBody};
-use crate::progress::Progress;
+use crate::progress::{Progress, ReplicationState};
 use crate::read_index::ReadRounds;
 use crate::ready::{ReadState, Ready};
 use crate::rng::SplitMix64;
@@ -912,8 +912,9 @@ impl Raft {
     }
 }
 
-/// Send `to` the next entries its progress allows. An empty append is sent
-/// only if `allow_empty` (to carry a commit index) or to probe.
+/// Send `to` the next entries its progress allows, as many messages as the
+/// inflight window takes. An empty append is sent only if `allow_empty` (to
+/// carry a commit index or detect lost appends) or to probe.
 fn send_append(
     out: &mut Outbox,
     log: &RaftLog,
@@ -923,34 +924,31 @@ fn send_append(
     pr: &mut Progress,
     allow_empty: bool,
 ) {
-    if !pr.can_send(cfg.max_inflight_messages) {
-        return;
+    let mut allow_empty = allow_empty;
+    while pr.can_send(cfg.max_inflight_messages) {
+        let entries =
+            log.slice_for_message(pr.next, cfg.max_entries_per_message, cfg.max_bytes_per_message);
+        let probing = matches!(pr.state, ReplicationState::Probe { .. });
+        if entries.is_empty() && !allow_empty && !probing {
+            return;
+        }
+        allow_empty = false;
+        let prev_index = pr.next - 1;
+        let Some(prev_term) = log.term(prev_index) else {
+            // Only reachable once compaction exists: the follower needs a snapshot.
+            debug_assert!(false, "entry {prev_index} missing without compaction");
+            return;
+        };
+        let last = prev_index + entries.len() as Index;
+        let empty = entries.is_empty();
+        pr.sent(last, !empty);
+        out.send(
+            term,
+            to,
+            MessageBody::Append { prev_index, prev_term, entries, commit: log.committed() },
+        );
+        if empty {
+            return;
+        }
     }
-    let entries = log.slice_for_message(
-        pr.next,
-        cfg.max_entries_per_message,
-        cfg.max_bytes_per_message,
-    );
-    let probing = matches!(pr.state, crate::progress::ReplicationState::Probe { .. });
-    if entries.is_empty() && !allow_empty && !probing {
-        return;
-    }
-    let prev_index = pr.next - 1;
-    let Some(prev_term) = log.term(prev_index) else {
-        // Only reachable once compaction exists: the follower needs a snapshot.
-        debug_assert!(false, "entry {prev_index} missing without compaction");
-        return;
-    };
-    let last = prev_index + entries.len() as Index;
-    pr.sent(last, !entries.is_empty());
-    out.send(
-        term,
-        to,
-        MessageBody::Append {
-            prev_index,
-            prev_term,
-            entries,
-            commit: log.committed(),
-        },
-    );
 }

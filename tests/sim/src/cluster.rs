@@ -183,6 +183,10 @@ pub struct Cluster {
     net: Network,
     /// Disk latency range in µs.
     disk: (u64, u64),
+    /// Time between faults in µs.
+    fault_gap: (u64, u64),
+    /// Time from a crash to the restart in µs.
+    restart_gap: (u64, u64),
     safety: Safety,
     /// Check invariants (off for throughput runs).
     check: bool,
@@ -206,6 +210,14 @@ impl Cluster {
             (50, 1_000)
         } else {
             (1_000, 20_000)
+        };
+        // A third of the runs are storms: many faults and quick restarts,
+        // which is what it takes for histories like figure 8 of the paper.
+        let storm = checked && rng.chance(0.35);
+        let (fault_gap, restart_gap) = if storm {
+            ((10_000, 80_000), (5_000, 100_000))
+        } else {
+            ((50_000, 300_000), (20_000, 1_000_000))
         };
         let mut net = Network::new(n);
         if !checked {
@@ -232,6 +244,8 @@ impl Cluster {
                 .collect(),
             net,
             disk,
+            fault_gap,
+            restart_gap,
             safety: Safety::default(),
             check: checked,
             clients: (0..clients)
@@ -252,7 +266,7 @@ impl Cluster {
             cluster.schedule(at, Event::ClientAct { client: c });
         }
         if checked {
-            let at = cluster.rng.range(50_000, 300_000);
+            let at = cluster.rng.range(cluster.fault_gap.0, cluster.fault_gap.1);
             cluster.schedule(at, Event::Fault);
             cluster.schedule(FAULTS_END, Event::Heal);
             cluster.schedule(LEADER_DEADLINE, Event::CheckLeader);
@@ -266,7 +280,7 @@ impl Cluster {
         cfg.seed = self.rng.next_u64();
         if matches!(self.opts.workload, Workload::Checked) {
             // Small limits exercise batching and flow control.
-            cfg.max_entries_per_message = self.rng.range(1, 64) as usize;
+            cfg.max_entries_per_message = self.rng.pick(&[1, 2, 3, 64]);
             cfg.max_inflight_messages = self.rng.range(1, 16) as usize;
             cfg.max_bytes_per_message = self.rng.range(1, 4096) as usize;
         }
@@ -305,7 +319,7 @@ impl Cluster {
         n.incarnation += 1;
         n.reads.clear();
         let incarnation = n.incarnation;
-        let at = self.now + self.rng.range(20_000, 1_000_000);
+        let at = self.now + self.rng.range(self.restart_gap.0, self.restart_gap.1);
         self.schedule(at, Event::Restart { node, incarnation });
     }
 
@@ -379,7 +393,7 @@ impl Cluster {
             Event::Fault => {
                 if !self.faults_over {
                     self.inject_fault();
-                    let at = self.now + self.rng.range(50_000, 300_000);
+                    let at = self.now + self.rng.range(self.fault_gap.0, self.fault_gap.1);
                     self.schedule(at, Event::Fault);
                 }
                 Ok(())
@@ -700,7 +714,10 @@ impl Cluster {
                 // Prefer a node in the middle of a write: the interesting crash.
                 let writing: Vec<usize> = (0..n).filter(|&i| self.nodes[i].writing.is_some()).collect();
                 let up: Vec<usize> = (0..n).filter(|&i| self.nodes[i].raft.is_some()).collect();
-                let victim = if !writing.is_empty() && self.rng.chance(0.6) {
+                let leader = self.current_leader();
+                let victim = if leader.is_some() && self.rng.chance(0.3) {
+                    leader
+                } else if !writing.is_empty() && self.rng.chance(0.6) {
                     Some(self.rng.pick(&writing))
                 } else if !up.is_empty() {
                     Some(self.rng.pick(&up))
@@ -757,7 +774,6 @@ impl Cluster {
                 continue;
             }
             if let Some(n) = self.nodes.iter().find(|n| n.applied < index) {
-                for n in &self.nodes { if let Some(r) = &n.raft { eprintln!("DBG node {} role {:?} term {} last {} commit {} stable {} applied {} writing {} prog {:?}", n.id, r.role(), r.term(), r.log().last_index(), r.log().committed(), r.log().stable(), n.applied, n.writing.is_some(), (1..=3).map(|p| r.progress(p).map(|p| (p.matched, p.next, p.state.clone()))).collect::<Vec<_>>()); } }
                 return Err(Violation {
                     property: "liveness",
                     detail: format!(

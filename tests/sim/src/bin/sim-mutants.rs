@@ -1,11 +1,12 @@
 //! Inject each classic Raft bug in turn and check that the simulator catches
 //! it within a bounded number of seeds.
 
+use anyhow::{Context, bail};
 use kythira_raft::Mutation;
 use kythira_sim::{Options, run_seeds};
 
-/// Seeds tried per mutant before declaring it missed.
-const MAX_SEEDS: u64 = 3_000;
+/// Seeds tried per mutant before declaring it missed (`--max-seeds N`).
+const DEFAULT_MAX_SEEDS: u64 = 3_000;
 
 /// Cluster size used to hunt each mutant.
 pub fn nodes_for(m: Mutation) -> usize {
@@ -17,11 +18,24 @@ pub fn nodes_for(m: Mutation) -> usize {
     }
 }
 
-fn main() {
+fn main() -> anyhow::Result<()> {
+    let mut max_seeds = DEFAULT_MAX_SEEDS;
+    let mut only = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        match flag.as_str() {
+            "--max-seeds" => max_seeds = args.next().context("--max-seeds needs a value")?.parse()?,
+            "--only" => only = Some(args.next().context("--only needs a mutant name")?),
+            other => bail!("unknown argument {other}; usage: sim-mutants [--max-seeds N] [--only NAME]"),
+        }
+    }
     let mut missed = 0;
     for m in Mutation::ALL {
+        if only.as_deref().is_some_and(|o| o != m.name()) {
+            continue;
+        }
         let nodes = nodes_for(m);
-        let summary = run_seeds(0, MAX_SEEDS, 2, true, |seed| Options {
+        let summary = run_seeds(0, max_seeds, 2, true, |seed| Options {
             mutation: Some(m),
             ..Options::checked(nodes, seed)
         });
@@ -45,4 +59,5 @@ fn main() {
     if missed > 0 {
         std::process::exit(1);
     }
+    Ok(())
 }
