@@ -26,6 +26,11 @@
 //!   state) pair is cached and never explored twice. The set is a bitset; its
 //!   hash is maintained incrementally (Zobrist hashing), so a cache probe costs
 //!   one hash of the model state and no allocation unless the pair is new.
+//! * Pending operations are kept out of the cache key: a node is pruned when
+//!   a node with the same completed set and state was reached with a
+//!   *subset* of its pending operations, since that one can do everything
+//!   this one can (it may simply never linearize the extra ones). Without
+//!   pending operations this is plain memoization.
 //!
 //! # Semantics
 //!
@@ -34,7 +39,9 @@
 //!   event, so the search may linearize them anywhere after their call and
 //!   succeeds as soon as every *completed* operation is linearized; a pending
 //!   operation that is never chosen is one that did not take effect. The model
-//!   sees such an operation with `output: None`.
+//!   sees such an operation with `output: None`. Many pending operations that
+//!   change the state make the search exponential in their number per
+//!   partition (each may or may not have happened); `max_steps` bounds it.
 //! * **Equal times overlap.** A call at time `t` and a return at time `t` are
 //!   treated as concurrent: at equal times, calls are ordered before returns
 //!   (Porcupine's rule). This never reports a violation that a finer clock

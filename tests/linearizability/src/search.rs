@@ -211,17 +211,63 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-struct CacheEntry<S> {
-    hash: u64,
-    /// Offset of the set's words in [`Cache::words`].
-    offset: usize,
-    state: S,
+/// Operations that never completed, as a plain bitset: they are not part of
+/// the cache key, only of the dominance test (see [`Cache`]).
+struct PendingSet {
+    words: Vec<u64>,
 }
 
-/// Every (linearized set, state) pair the search has reached.
+impl PendingSet {
+    fn new(len: usize) -> Self {
+        Self {
+            words: vec![0; len.div_ceil(64)],
+        }
+    }
+
+    fn insert(&mut self, op: u32) {
+        debug_assert_eq!(self.words[op as usize / 64] & (1 << (op % 64)), 0);
+        self.words[op as usize / 64] |= 1 << (op % 64);
+    }
+
+    fn remove(&mut self, op: u32) {
+        debug_assert_ne!(self.words[op as usize / 64] & (1 << (op % 64)), 0);
+        self.words[op as usize / 64] &= !(1 << (op % 64));
+    }
+}
+
+/// True if every member of `a` is in `b`.
+fn is_subset(a: &[u64], b: &[u64]) -> bool {
+    a.iter().zip(b).all(|(a, b)| a & !b == 0)
+}
+
+struct CacheEntry<S> {
+    hash: u64,
+    /// Offset of the completed set's words in [`Cache::words`].
+    offset: usize,
+    state: S,
+    /// Pending sets reached with this completed set and state, none a
+    /// superset of another, back to back. Empty when the partition has no
+    /// pending operations.
+    pending: Vec<u64>,
+}
+
+/// The search nodes reached so far, as (completed set, state) keys with the
+/// minimal pending sets reached for each.
+///
+/// A node (completed C, pending P, state s) *dominates* (C, P', s) when P ⊆
+/// P': every continuation of the second is one of the first, which may
+/// simply never linearize the pending operations in P' \ P (whether a
+/// pending operation can be linearized depends only on the completed
+/// operations still to go). So a node dominated by one already reached is
+/// pruned. This is sound for the same reason plain memoization is: if a
+/// legal linearization exists, take a reached node with the shortest legal
+/// continuation; its next node was either reached (shorter continuation) or
+/// pruned for a reached node that dominates it (at most as long), so the
+/// search finds it. With no pending operations, dominance is equality.
 struct Cache<S> {
     table: HashTable<CacheEntry<S>>,
-    /// The sets' words, back to back: one allocation for all entries.
+    /// The completed sets' words, back to back: one allocation for all
+    /// entries.
     words: Vec<u64>,
     hasher: foldhash::fast::FixedState,
 }
@@ -235,27 +281,50 @@ impl<S: Clone + Eq + std::hash::Hash> Cache<S> {
         }
     }
 
-    /// Records the pair; false if it was already there.
-    fn insert(&mut self, set: &LinearizedSet, state: &S) -> bool {
-        let hash = set.hash ^ self.hasher.hash_one(state);
-        let len = set.words.len();
+    /// Records the node; false if a node reached before dominates it.
+    fn insert(&mut self, completed: &LinearizedSet, pending: &PendingSet, state: &S) -> bool {
+        let hash = completed.hash ^ self.hasher.hash_one(state);
+        let len = completed.words.len();
         let words = &self.words;
         let entry = self.table.entry(
             hash,
             |e| {
-                e.hash == hash && e.state == *state && words[e.offset..e.offset + len] == *set.words
+                e.hash == hash
+                    && e.state == *state
+                    && words[e.offset..e.offset + len] == *completed.words
             },
             |e| e.hash,
         );
         match entry {
-            hashbrown::hash_table::Entry::Occupied(_) => false,
+            hashbrown::hash_table::Entry::Occupied(mut occupied) => {
+                let pending = &pending.words[..];
+                if pending.is_empty() {
+                    return false;
+                }
+                let known = &mut occupied.get_mut().pending;
+                if known.chunks(pending.len()).any(|p| is_subset(p, pending)) {
+                    return false;
+                }
+                // Sets this one dominates are redundant from now on.
+                let mut kept = 0;
+                for i in (0..known.len()).step_by(pending.len()) {
+                    if !is_subset(pending, &known[i..i + pending.len()]) {
+                        known.copy_within(i..i + pending.len(), kept);
+                        kept += pending.len();
+                    }
+                }
+                known.truncate(kept);
+                known.extend_from_slice(pending);
+                true
+            }
             hashbrown::hash_table::Entry::Vacant(vacant) => {
                 vacant.insert(CacheEntry {
                     hash,
                     offset: self.words.len(),
                     state: state.clone(),
+                    pending: pending.words.clone(),
                 });
-                self.words.extend_from_slice(&set.words);
+                self.words.extend_from_slice(&completed.words);
                 true
             }
         }
@@ -289,6 +358,70 @@ impl Longest {
     }
 }
 
+/// Which operations are linearized, completed and pending ones apart.
+struct Linearized {
+    completed: LinearizedSet,
+    pending: PendingSet,
+    /// Each partition-local operation's bit in `completed` or `pending`.
+    slots: Vec<Slot>,
+    /// Completed operations not yet linearized.
+    completed_left: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    Completed(u32),
+    Pending(u32),
+}
+
+impl Linearized {
+    fn new<I, O>(ops: &[&Operation<I, O>]) -> Self {
+        let (mut completed, mut pending) = (0u32, 0u32);
+        let slots: Vec<Slot> = ops
+            .iter()
+            .map(|op| {
+                let counter = if op.ret.is_some() {
+                    &mut completed
+                } else {
+                    &mut pending
+                };
+                *counter += 1;
+                if op.ret.is_some() {
+                    Slot::Completed(*counter - 1)
+                } else {
+                    Slot::Pending(*counter - 1)
+                }
+            })
+            .collect();
+        Self {
+            completed: LinearizedSet::new(completed as usize),
+            pending: PendingSet::new(pending as usize),
+            slots,
+            completed_left: completed as usize,
+        }
+    }
+
+    fn insert(&mut self, op: u32) {
+        match self.slots[op as usize] {
+            Slot::Completed(bit) => {
+                self.completed.insert(bit);
+                self.completed_left -= 1;
+            }
+            Slot::Pending(bit) => self.pending.insert(bit),
+        }
+    }
+
+    fn remove(&mut self, op: u32) {
+        match self.slots[op as usize] {
+            Slot::Completed(bit) => {
+                self.completed.remove(bit);
+                self.completed_left += 1;
+            }
+            Slot::Pending(bit) => self.pending.remove(bit),
+        }
+    }
+}
+
 /// Searches for a legal linearization of the operations `indices` of
 /// `history`.
 pub(crate) fn check_partition<M: Model>(
@@ -298,10 +431,9 @@ pub(crate) fn check_partition<M: Model>(
     budget: &mut Budget,
 ) -> PartitionResult {
     let ops: Vec<&Operation<M::Input, M::Output>> = indices.iter().map(|&i| &history[i]).collect();
-    let mut unlinearized_completed = ops.iter().filter(|op| op.ret.is_some()).count();
     let mut list = EventList::new(&ops);
-    let mut linearized = LinearizedSet::new(ops.len());
-    let mut cache = Cache::new(ops.len(), linearized.words.len());
+    let mut linearized = Linearized::new(&ops);
+    let mut cache = Cache::new(ops.len(), linearized.completed.words.len());
     let mut state = model.init();
     // Each linearized operation's call node and the state before it.
     let mut stack: Vec<(NodeId, M::State)> = Vec::new();
@@ -311,7 +443,7 @@ pub(crate) fn check_partition<M: Model>(
     loop {
         // Pending operations need not be linearized: they may never have
         // taken effect.
-        if unlinearized_completed == 0 {
+        if linearized.completed_left == 0 {
             return PartitionResult::Linearizable;
         }
         // An unlinearized completed operation keeps its return node in the
@@ -326,17 +458,13 @@ pub(crate) fn check_partition<M: Model>(
                 let op = ops[node.op as usize];
                 if let Some(next) = model.step(&state, &op.input, op.output.as_ref())
                     // A pending operation that leaves the state unchanged
-                    // (e.g. a read) is equivalent to one that never took
-                    // effect: skipping it keeps the search from branching
-                    // on it.
+                    // (e.g. a read) is dominated by not linearizing it:
+                    // skip it without asking the cache.
                     && (ret != NIL || next != state)
                 {
                     linearized.insert(node.op);
-                    if cache.insert(&linearized, &next) {
+                    if cache.insert(&linearized.completed, &linearized.pending, &next) {
                         stack.push((entry, std::mem::replace(&mut state, next)));
-                        if ret != NIL {
-                            unlinearized_completed -= 1;
-                        }
                         list.lift(entry);
                         longest.pushed(stack.len(), |depth| list.node(stack[depth].0).op);
                         entry = list.first();
@@ -361,15 +489,177 @@ pub(crate) fn check_partition<M: Model>(
                 state = previous;
                 longest.popped(stack.len());
                 let call_node = list.node(call);
-                if let Kind::Call { ret } = call_node.kind
-                    && ret != NIL
-                {
-                    unlinearized_completed += 1;
-                }
                 linearized.remove(call_node.op);
                 list.unlift(call);
                 entry = call_node.next;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(call: u64, ret: Option<u64>) -> Operation<(), ()> {
+        Operation {
+            client: 0,
+            input: (),
+            call,
+            output: ret.map(|_| ()),
+            ret,
+        }
+    }
+
+    /// The list from the head, as (operation, is return).
+    fn walk(list: &EventList) -> Vec<(u32, bool)> {
+        let mut out = Vec::new();
+        let mut id = list.first();
+        while id != NIL {
+            let node = list.node(id);
+            out.push((node.op, matches!(node.kind, Kind::Return)));
+            id = node.next;
+        }
+        out
+    }
+
+    #[test]
+    fn events_sort_by_time_with_calls_before_returns_on_ties() {
+        let ops = [op(5, Some(5)), op(0, Some(5)), op(5, Some(9)), op(1, None)];
+        let refs: Vec<_> = ops.iter().collect();
+        let list = EventList::new(&refs);
+        assert_eq!(
+            walk(&list),
+            vec![
+                (1, false),
+                (3, false),
+                (0, false),
+                (2, false),
+                (0, true),
+                (1, true),
+                (2, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn unlift_in_reverse_order_restores_the_list() {
+        let ops = [op(0, Some(4)), op(1, Some(2)), op(3, None), op(5, Some(6))];
+        let refs: Vec<_> = ops.iter().collect();
+        let mut list = EventList::new(&refs);
+        let original = walk(&list);
+        let calls: Vec<NodeId> = (1..list.nodes.len() as NodeId)
+            .filter(|&id| matches!(list.node(id).kind, Kind::Call { .. }))
+            .collect();
+        // Lift in an order that is not the list order, including the
+        // pending operation (no return node) and the last node.
+        let order = [calls[1], calls[3], calls[2], calls[0]];
+        for &call in &order {
+            list.lift(call);
+        }
+        assert_eq!(walk(&list), vec![]);
+        for &call in order.iter().rev() {
+            list.unlift(call);
+        }
+        assert_eq!(walk(&list), original);
+
+        list.lift(calls[1]);
+        assert_eq!(
+            walk(&list),
+            vec![(0, false), (2, false), (0, true), (3, false), (3, true)]
+        );
+        list.unlift(calls[1]);
+        assert_eq!(walk(&list), original);
+    }
+
+    #[test]
+    fn longest_keeps_the_deepest_stack() {
+        let mut stack: Vec<u32> = Vec::new();
+        let mut longest = Longest::default();
+        let push = |stack: &mut Vec<u32>, longest: &mut Longest, op| {
+            stack.push(op);
+            longest.pushed(stack.len(), |i| stack[i]);
+        };
+        push(&mut stack, &mut longest, 1);
+        push(&mut stack, &mut longest, 2);
+        stack.pop();
+        longest.popped(stack.len());
+        push(&mut stack, &mut longest, 3);
+        assert_eq!(longest.ops, vec![1, 2]);
+        push(&mut stack, &mut longest, 4);
+        assert_eq!(longest.ops, vec![1, 3, 4]);
+        stack.clear();
+        longest.popped(0);
+        push(&mut stack, &mut longest, 5);
+        assert_eq!(longest.ops, vec![1, 3, 4]);
+    }
+
+    #[test]
+    fn budget_counts_steps() {
+        let mut budget = Budget::new(Some(2));
+        assert!(budget.take());
+        assert!(budget.take());
+        assert!(!budget.take());
+        let mut unbounded = Budget::new(None);
+        assert!((0..1000).all(|_| unbounded.take()));
+    }
+
+    #[test]
+    fn linearized_set_hash_depends_only_on_membership() {
+        let mut a = LinearizedSet::new(130);
+        let mut b = LinearizedSet::new(130);
+        for op in [3, 129, 64] {
+            a.insert(op);
+        }
+        for op in [64, 3, 7, 129] {
+            b.insert(op);
+        }
+        b.remove(7);
+        assert_eq!(a.words, b.words);
+        assert_eq!(a.hash, b.hash);
+        a.remove(129);
+        assert_ne!(a.hash, b.hash);
+    }
+
+    #[test]
+    fn cache_prunes_nodes_dominated_by_fewer_pending_operations() {
+        let completed = LinearizedSet::new(3);
+        let mut cache = Cache::new(4, 1);
+        let pending = |ops: &[u32]| {
+            let mut set = PendingSet::new(4);
+            ops.iter().for_each(|&op| set.insert(op));
+            set
+        };
+        assert!(cache.insert(&completed, &pending(&[0, 1]), &7));
+        assert!(!cache.insert(&completed, &pending(&[0, 1]), &7));
+        assert!(cache.insert(&completed, &pending(&[0]), &7));
+        assert!(!cache.insert(&completed, &pending(&[0, 1]), &7));
+        assert!(!cache.insert(&completed, &pending(&[0, 2, 3]), &7));
+        assert!(cache.insert(&completed, &pending(&[1, 2]), &7));
+        // Another state or another completed set is another node.
+        assert!(cache.insert(&completed, &pending(&[0, 1]), &8));
+        let mut more = LinearizedSet::new(3);
+        more.insert(2);
+        assert!(cache.insert(&more, &pending(&[0, 1]), &7));
+        // Only the minimal pending sets are kept.
+        let entry = cache
+            .table
+            .iter()
+            .find(|e| e.state == 7 && e.offset == 0)
+            .expect("entry for the empty completed set");
+        assert_eq!(entry.pending, vec![0b1, 0b110]);
+    }
+
+    #[test]
+    fn without_pending_operations_the_cache_is_exact() {
+        let mut completed = LinearizedSet::new(70);
+        let none = PendingSet::new(0);
+        let mut cache = Cache::new(4, 2);
+        assert!(cache.insert(&completed, &none, &1));
+        assert!(!cache.insert(&completed, &none, &1));
+        completed.insert(69);
+        assert!(cache.insert(&completed, &none, &1));
+        assert!(!cache.insert(&completed, &none, &1));
+        assert!(cache.insert(&completed, &none, &2));
     }
 }
