@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use common::KvOp;
 use common::generate::{Shape, linearizable_history, specs};
-use kythira_linearizability::kv::{KvModel, KvOutput};
+use kythira_linearizability::kv::{KvInput, KvModel, KvOutput};
 use kythira_linearizability::{Outcome, check};
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::TestRunner;
@@ -75,6 +75,19 @@ fn max_concurrency(history: &[KvOp]) -> usize {
     max
 }
 
+/// Makes the last read of key 0 return a value nobody wrote: the search
+/// must exhaust that key's partition before giving up.
+fn with_violation(mut history: Vec<KvOp>) -> Vec<KvOp> {
+    let victim = history
+        .iter()
+        .rposition(|op| {
+            matches!(op.output, Some(KvOutput::Get(_))) && op.input == KvInput::Get { key: 0 }
+        })
+        .expect("the history reads key 0");
+    history[victim].output = Some(KvOutput::Get(Some(u64::MAX)));
+    history
+}
+
 fn main() {
     let concurrent = Shape {
         clients: 5,
@@ -104,23 +117,9 @@ fn main() {
         Outcome::Linearizable,
     );
 
-    // The last read of key 0 returns a value nobody wrote: the search must
-    // exhaust that key's partition before giving up.
-    let mut violation = linearizable;
-    let victim = violation
-        .iter()
-        .rposition(|op| {
-            matches!(op.output, Some(KvOutput::Get(_)))
-                && matches!(
-                    op.input,
-                    kythira_linearizability::kv::KvInput::Get { key: 0 }
-                )
-        })
-        .expect("the history reads key 0");
-    violation[victim].output = Some(KvOutput::Get(Some(u64::MAX)));
     report(
         "lin_check_concurrent_2000_ops_10_keys_5_clients_violation",
-        &violation,
+        &with_violation(linearizable),
         Outcome::NotLinearizable { partition: 0 },
     );
 
@@ -140,9 +139,15 @@ fn main() {
         pending: 0.1,
         ..concurrent
     };
+    let linearizable = history(many_pending);
     report(
         "lin_check_concurrent_2000_ops_10_keys_5_clients_10pct_pending",
-        &history(many_pending),
+        &linearizable,
         Outcome::Linearizable,
+    );
+    report(
+        "lin_check_concurrent_2000_ops_10_keys_5_clients_10pct_pending_violation",
+        &with_violation(linearizable),
+        Outcome::NotLinearizable { partition: 0 },
     );
 }
