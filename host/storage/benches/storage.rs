@@ -94,7 +94,10 @@ fn concurrent_saves(root: &Path, threads: u64, per_thread: u64) -> Result<(f64, 
     });
     let elapsed = start.elapsed();
     let saves = (threads * per_thread) as f64;
-    Ok((saves / elapsed.as_secs_f64(), saves / store.sync_count() as f64))
+    Ok((
+        saves / elapsed.as_secs_f64(),
+        saves / store.sync_count() as f64,
+    ))
 }
 
 /// Milliseconds to open (and fully verify) a log of `count` entries.
@@ -148,8 +151,16 @@ fn main() -> Result<()> {
     report("storage.append.sync_each_vs_floor", each / floor, "ratio");
     report("storage.append.group64", median(group64), "entries/s");
     report("storage.append.group512", median(group512), "entries/s");
-    report("storage.hard_state.concurrent8", median(concurrent), "saves/s");
-    report("storage.hard_state.concurrent8_per_sync", median(per_sync), "saves/sync");
+    report(
+        "storage.hard_state.concurrent8",
+        median(concurrent),
+        "saves/s",
+    );
+    report(
+        "storage.hard_state.concurrent8_per_sync",
+        median(per_sync),
+        "saves/sync",
+    );
     report("storage.reopen.1m", median(reopen(&root, 1_000_000)?), "ms");
 
     fs::remove_dir_all(&root)?;

@@ -69,7 +69,11 @@ fn seal(body: &[u8]) -> Vec<u8> {
 
 fn unseal<const N: usize>(value: &[u8]) -> Result<[u8; N], String> {
     if value.len() != CRC_LEN + N {
-        return Err(format!("expected {} bytes, found {}", CRC_LEN + N, value.len()));
+        return Err(format!(
+            "expected {} bytes, found {}",
+            CRC_LEN + N,
+            value.len()
+        ));
     }
     let (crc, body) = value.split_at(CRC_LEN);
     let stored = u32::from_be_bytes(crc.try_into().expect("slice of CRC_LEN bytes"));

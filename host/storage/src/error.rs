@@ -71,7 +71,9 @@ pub enum StorageError {
         defect: EntryDefect,
     },
     /// A log entry inside the durable bounds is absent.
-    #[error("log entry {index} is missing from {path}; the durable log state says entries {first}..={last} are present")]
+    #[error(
+        "log entry {index} is missing from {path}; the durable log state says entries {first}..={last} are present"
+    )]
     MissingEntry {
         /// Directory of the log database.
         path: PathBuf,

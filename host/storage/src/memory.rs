@@ -1,7 +1,8 @@
 //! A log and hard-state store in memory: for tests and simulations. Not durable.
 
 use crate::{
-    HardState, HardStateStore, LogEntry, LogStore, RaftStorage, Result, shape::LogShape,
+    HardState, HardStateStore, LogEntry, LogStore, RaftStorage, Result,
+    shape::LogShape,
     traits::{check_hard_state, within_budget},
 };
 use std::{collections::VecDeque, ops::Range, sync::Mutex};

@@ -122,8 +122,7 @@ impl LogShape {
             )));
         }
         let mut previous = self.term(first.index - 1)?;
-        let mut expected = first.index;
-        for entry in entries {
+        for (expected, entry) in (first.index..).zip(entries) {
             if entry.index != expected {
                 return Err(StorageError::InvalidAppend(format!(
                     "entry with index {} where {expected} was expected",
@@ -137,7 +136,6 @@ impl LogShape {
                 )));
             }
             previous = entry.term;
-            expected += 1;
         }
         Ok(())
     }
@@ -241,7 +239,10 @@ impl LogShape {
     /// Asserts the structural invariants; cheap, used by tests and debug builds.
     pub fn assert_invariants(&self) {
         assert!(self.compacted_index <= self.last_index);
-        assert_eq!(self.runs.is_empty(), self.compacted_index == self.last_index);
+        assert_eq!(
+            self.runs.is_empty(),
+            self.compacted_index == self.last_index
+        );
         if let Some(first) = self.runs.first() {
             assert_eq!(first.first, self.compacted_index + 1);
             assert!(first.term >= self.compacted_term);
@@ -260,7 +261,9 @@ mod tests {
     use super::*;
 
     fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<LogEntry> {
-        range.map(|index| LogEntry::new(index, term, vec![])).collect()
+        range
+            .map(|index| LogEntry::new(index, term, vec![]))
+            .collect()
     }
 
     #[test]

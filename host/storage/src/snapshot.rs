@@ -178,7 +178,8 @@ impl SnapshotStore {
             .create_new(true)
             .open(&temp)
             .map_err(|e| StorageError::io("create", &temp, e))?;
-        let mut header = Vec::with_capacity(FIXED_HEADER_LEN as usize + meta.configuration.len() + 4);
+        let mut header =
+            Vec::with_capacity(FIXED_HEADER_LEN as usize + meta.configuration.len() + 4);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&VERSION.to_be_bytes());
         header.extend_from_slice(&meta.index.to_be_bytes());
@@ -217,7 +218,8 @@ impl SnapshotStore {
         let Some(latest) = latest.as_ref() else {
             return Ok(None);
         };
-        let file = File::open(&latest.path).map_err(|e| StorageError::io("open", &latest.path, e))?;
+        let file =
+            File::open(&latest.path).map_err(|e| StorageError::io("open", &latest.path, e))?;
         Ok(Some(SnapshotReader {
             file,
             path: latest.path.clone(),
@@ -323,12 +325,10 @@ impl Write for SnapshotWriter {
 
 impl Drop for SnapshotWriter {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
-            // Abandoned before finish: the partial file is never visible; remove it
-            // now rather than at the next open. Failure here is harmless.
-            let _ = fs::remove_file(&self.temp);
-        } else if self.temp.exists() {
-            // finish() failed before or at the rename.
+        // Abandoned, or finish() failed before its rename: the temporary file was
+        // never visible. Remove it now rather than at the next open; after a
+        // successful finish it no longer exists. Failure here is harmless.
+        if self.file.take().is_some() || self.temp.exists() {
             let _ = fs::remove_file(&self.temp);
         }
     }
@@ -353,7 +353,11 @@ impl SnapshotReader {
 
     /// Up to `max_len` bytes of data from `offset`; empty at or past the end.
     pub fn read_chunk(&self, offset: u64, max_len: usize) -> Result<Bytes> {
-        let len = self.info.data_len.saturating_sub(offset).min(max_len as u64) as usize;
+        let len = self
+            .info
+            .data_len
+            .saturating_sub(offset)
+            .min(max_len as u64) as usize;
         let mut chunk = vec![0; len];
         self.file
             .read_exact_at(&mut chunk, self.data_offset + offset)
@@ -422,7 +426,9 @@ fn verify_file(path: &Path) -> Result<SnapshotInfo> {
     if config_len > u64::from(MAX_CONFIGURATION_LEN)
         || FIXED_HEADER_LEN + config_len + 4 + TRAILER_LEN > file_len
     {
-        return Err(corrupt(format!("implausible configuration length {config_len}")));
+        return Err(corrupt(format!(
+            "implausible configuration length {config_len}"
+        )));
     }
     let mut rest = vec![0u8; config_len as usize + 4];
     reader.read_exact(&mut rest).map_err(io_error)?;

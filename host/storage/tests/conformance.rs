@@ -76,7 +76,13 @@ fn starts_empty<H: Harness>() {
     let s = h.store();
     assert_eq!((s.first_index(), s.last_index()), (1, 0));
     assert_eq!(s.term(0).unwrap(), 0);
-    assert!(matches!(s.term(1), Err(StorageError::Unavailable { index: 1, last_index: 0 })));
+    assert!(matches!(
+        s.term(1),
+        Err(StorageError::Unavailable {
+            index: 1,
+            last_index: 0
+        })
+    ));
     assert!(matches!(s.entry(1), Err(StorageError::Unavailable { .. })));
     assert_eq!(s.entries(1..1, 100).unwrap(), vec![]);
     assert_eq!(s.hard_state(), HardState::default());
@@ -93,8 +99,14 @@ fn appends_and_reads_back<H: Harness>() {
     assert_eq!(s.term(3).unwrap(), 1);
     assert_eq!(s.term(4).unwrap(), 2);
     assert_eq!(all(s), [entries(1..4, 1), entries(4..9, 2)].concat());
-    assert!(matches!(s.entries(2..10, 100), Err(StorageError::Unavailable { index: 9, .. })));
-    assert!(matches!(s.entries(0..2, 100), Err(StorageError::Compacted { index: 0, .. })));
+    assert!(matches!(
+        s.entries(2..10, 100),
+        Err(StorageError::Unavailable { index: 9, .. })
+    ));
+    assert!(matches!(
+        s.entries(0..2, 100),
+        Err(StorageError::Compacted { index: 0, .. })
+    ));
 }
 
 fn byte_budget_returns_a_prefix_but_at_least_one<H: Harness>() {
@@ -105,7 +117,10 @@ fn byte_budget_returns_a_prefix_but_at_least_one<H: Harness>() {
     assert_eq!(s.entries(1..11, 0).unwrap(), entries(1..2, 1));
     let budget = sizes[..3].iter().sum::<u64>();
     assert_eq!(s.entries(1..11, budget).unwrap(), entries(1..4, 1));
-    assert_eq!(s.entries(1..11, budget + sizes[3] - 1).unwrap(), entries(1..4, 1));
+    assert_eq!(
+        s.entries(1..11, budget + sizes[3] - 1).unwrap(),
+        entries(1..4, 1)
+    );
     assert_eq!(s.entries(4..6, u64::MAX).unwrap(), entries(4..6, 1));
 }
 
@@ -125,13 +140,16 @@ fn rejects_invalid_appends_without_changing_anything<H: Harness>() {
     s.append(&entries(1..4, 3)).unwrap();
     let before = all(s);
     for bad in [
-        entries(5..6, 3),                                // gap
-        entries(4..5, 2),                                // lower term
-        vec![entry(4, 3), entry(6, 3)],                  // not contiguous
-        vec![entry(4, 4), entry(5, 3)],                  // term decreases inside
-        entries(0..1, 3),                                // index 0
+        entries(5..6, 3),               // gap
+        entries(4..5, 2),               // lower term
+        vec![entry(4, 3), entry(6, 3)], // not contiguous
+        vec![entry(4, 4), entry(5, 3)], // term decreases inside
+        entries(0..1, 3),               // index 0
     ] {
-        assert!(matches!(s.append(&bad), Err(StorageError::InvalidAppend(_))), "{bad:?}");
+        assert!(
+            matches!(s.append(&bad), Err(StorageError::InvalidAppend(_))),
+            "{bad:?}"
+        );
     }
     assert_eq!(all(s), before);
     s.append(&[]).unwrap();
@@ -141,7 +159,8 @@ fn rejects_invalid_appends_without_changing_anything<H: Harness>() {
 fn truncates_and_compacts<H: Harness>() {
     let mut h = H::new();
     let s = h.store();
-    s.append(&[entries(1..5, 1), entries(5..11, 2)].concat()).unwrap();
+    s.append(&[entries(1..5, 1), entries(5..11, 2)].concat())
+        .unwrap();
     s.truncate_suffix(9).unwrap();
     s.truncate_suffix(20).unwrap();
     s.compact_prefix(6).unwrap();
@@ -150,11 +169,26 @@ fn truncates_and_compacts<H: Harness>() {
     let s = h.store();
     assert_eq!((s.first_index(), s.last_index()), (7, 8));
     assert_eq!(s.term(6).unwrap(), 2);
-    assert!(matches!(s.term(5), Err(StorageError::Compacted { index: 5, first_index: 7 })));
+    assert!(matches!(
+        s.term(5),
+        Err(StorageError::Compacted {
+            index: 5,
+            first_index: 7
+        })
+    ));
     assert!(matches!(s.entry(6), Err(StorageError::Compacted { .. })));
-    assert!(matches!(s.truncate_suffix(6), Err(StorageError::Compacted { .. })));
-    assert!(matches!(s.compact_prefix(9), Err(StorageError::Unavailable { .. })));
-    assert!(matches!(s.append(&entries(6..7, 2)), Err(StorageError::InvalidAppend(_))));
+    assert!(matches!(
+        s.truncate_suffix(6),
+        Err(StorageError::Compacted { .. })
+    ));
+    assert!(matches!(
+        s.compact_prefix(9),
+        Err(StorageError::Unavailable { .. })
+    ));
+    assert!(matches!(
+        s.append(&entries(6..7, 2)),
+        Err(StorageError::InvalidAppend(_))
+    ));
     assert_eq!(all(s), entries(7..9, 2));
 
     s.compact_prefix(8).unwrap();
@@ -172,34 +206,66 @@ fn reset_discards_the_log_after_a_snapshot<H: Harness>() {
     let s = h.store();
     assert_eq!((s.first_index(), s.last_index()), (21, 20));
     assert_eq!(s.term(20).unwrap(), 3);
-    assert!(matches!(s.reset(19, 3), Err(StorageError::Compacted { .. })));
+    assert!(matches!(
+        s.reset(19, 3),
+        Err(StorageError::Compacted { .. })
+    ));
     s.append(&entries(21..23, 3)).unwrap();
     assert_eq!(all(s), entries(21..23, 3));
 }
 
 fn hard_state_keeps_election_safety<H: Harness>() {
     let mut h = H::new();
-    let voted = HardState { term: 5, vote: Some(2), commit: 0 };
+    let voted = HardState {
+        term: 5,
+        vote: Some(2),
+        commit: 0,
+    };
     h.store().save_hard_state(&voted).unwrap();
     h.reopen();
     let s = h.store();
     assert_eq!(s.hard_state(), voted);
-    let other_vote = HardState { vote: Some(3), ..voted };
-    assert!(matches!(s.save_hard_state(&other_vote), Err(StorageError::InvalidHardState(_))));
-    let older = HardState { term: 4, vote: None, commit: 0 };
-    assert!(matches!(s.save_hard_state(&older), Err(StorageError::InvalidHardState(_))));
+    let other_vote = HardState {
+        vote: Some(3),
+        ..voted
+    };
+    assert!(matches!(
+        s.save_hard_state(&other_vote),
+        Err(StorageError::InvalidHardState(_))
+    ));
+    let older = HardState {
+        term: 4,
+        vote: None,
+        commit: 0,
+    };
+    assert!(matches!(
+        s.save_hard_state(&older),
+        Err(StorageError::InvalidHardState(_))
+    ));
     let committed = HardState { commit: 7, ..voted };
     s.save_hard_state(&committed).unwrap();
-    let next_term = HardState { term: 6, vote: None, commit: 7 };
+    let next_term = HardState {
+        term: 6,
+        vote: None,
+        commit: 7,
+    };
     s.save_hard_state(&next_term).unwrap();
     assert_eq!(s.hard_state(), next_term);
 }
 
 fn save_is_all_or_nothing<H: Harness>() {
     let mut h = H::new();
-    let state = HardState { term: 2, vote: Some(1), commit: 1 };
+    let state = HardState {
+        term: 2,
+        vote: Some(1),
+        commit: 1,
+    };
     h.store().save(Some(&state), &entries(1..3, 2)).unwrap();
-    let next = HardState { term: 3, vote: Some(1), commit: 2 };
+    let next = HardState {
+        term: 3,
+        vote: Some(1),
+        commit: 2,
+    };
     // Invalid entries: the hard state must not be saved either.
     assert!(h.store().save(Some(&next), &entries(5..6, 3)).is_err());
     h.reopen();
@@ -300,7 +366,8 @@ impl Model {
         if from < self.first() {
             return false;
         }
-        self.entries.truncate(from.saturating_sub(self.first()) as usize);
+        self.entries
+            .truncate(from.saturating_sub(self.first()) as usize);
         true
     }
     fn compact(&mut self, upto: u64) -> bool {
@@ -318,7 +385,10 @@ impl Model {
         if index < self.compacted.0 || term < self.compacted.1 {
             return false;
         }
-        *self = Self { compacted: (index, term), entries: Vec::new() };
+        *self = Self {
+            compacted: (index, term),
+            entries: Vec::new(),
+        };
         true
     }
 }
@@ -326,11 +396,26 @@ impl Model {
 #[derive(Clone, Debug)]
 enum Op {
     /// Append `count` entries of term `last term + bump` starting `back` before the end.
-    Append { back: u64, count: u64, bump: u64 },
-    Truncate { back: u64 },
-    Compact { forward: u64 },
-    Reset { ahead: u64, bump: u64 },
-    Read { start: u64, len: u64, budget: u64 },
+    Append {
+        back: u64,
+        count: u64,
+        bump: u64,
+    },
+    Truncate {
+        back: u64,
+    },
+    Compact {
+        forward: u64,
+    },
+    Reset {
+        ahead: u64,
+        bump: u64,
+    },
+    Read {
+        start: u64,
+        len: u64,
+        budget: u64,
+    },
     Reopen,
 }
 
@@ -355,21 +440,37 @@ fn check_against_model<H: Harness>(ops: &[Op]) -> Result<(), TestCaseError> {
         match *op {
             Op::Append { back, count, bump } => {
                 let start = (model.last() + 1).saturating_sub(back);
-                let new: Vec<LogEntry> =
-                    (start..start + count).map(|i| entry(i, last_term + bump)).collect();
+                let new: Vec<LogEntry> = (start..start + count)
+                    .map(|i| entry(i, last_term + bump))
+                    .collect();
                 prop_assert_eq!(s.append(&new).is_ok(), model.append(&new), "{:?}", op);
             }
             Op::Truncate { back } => {
                 let from = (model.last() + 1).saturating_sub(back);
-                prop_assert_eq!(s.truncate_suffix(from).is_ok(), model.truncate(from), "{:?}", op);
+                prop_assert_eq!(
+                    s.truncate_suffix(from).is_ok(),
+                    model.truncate(from),
+                    "{:?}",
+                    op
+                );
             }
             Op::Compact { forward } => {
                 let upto = model.compacted.0 + forward;
-                prop_assert_eq!(s.compact_prefix(upto).is_ok(), model.compact(upto), "{:?}", op);
+                prop_assert_eq!(
+                    s.compact_prefix(upto).is_ok(),
+                    model.compact(upto),
+                    "{:?}",
+                    op
+                );
             }
             Op::Reset { ahead, bump } => {
                 let (index, term) = (model.last() + ahead, last_term + bump);
-                prop_assert_eq!(s.reset(index, term).is_ok(), model.reset(index, term), "{:?}", op);
+                prop_assert_eq!(
+                    s.reset(index, term).is_ok(),
+                    model.reset(index, term),
+                    "{:?}",
+                    op
+                );
             }
             Op::Read { start, len, budget } => {
                 let lo = model.compacted.0.saturating_sub(2) + start;
@@ -398,7 +499,10 @@ fn check_against_model<H: Harness>(ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Reopen => h.reopen(),
         }
         let s = h.store();
-        prop_assert_eq!((s.first_index(), s.last_index()), (model.first(), model.last()));
+        prop_assert_eq!(
+            (s.first_index(), s.last_index()),
+            (model.first(), model.last())
+        );
         for index in model.compacted.0..=model.last() {
             prop_assert_eq!(s.term(index).ok(), model.term(index));
         }
@@ -436,7 +540,11 @@ fn concurrent_writers_share_syncs() {
         for thread in 0..threads {
             scope.spawn(move || {
                 for n in 0..saves {
-                    let state = HardState { term: 1, vote: None, commit: thread * saves + n + 1 };
+                    let state = HardState {
+                        term: 1,
+                        vote: None,
+                        commit: thread * saves + n + 1,
+                    };
                     store.save_hard_state(&state).unwrap();
                 }
             });
@@ -446,6 +554,10 @@ fn concurrent_writers_share_syncs() {
     assert!(syncs >= 1 && syncs <= threads * saves);
     // Every save waited for a sync, and a loaded machine still queues some of the
     // eight writers behind one another's sync.
-    assert!(syncs < threads * saves, "{syncs} syncs for {} saves", threads * saves);
+    assert!(
+        syncs < threads * saves,
+        "{syncs} syncs for {} saves",
+        threads * saves
+    );
     assert_eq!(store.hard_state().term, 1);
 }

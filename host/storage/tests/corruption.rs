@@ -35,15 +35,23 @@ fn store_with_entries(dir: &Path, count: u64) {
         .collect();
     store.append(&entries).unwrap();
     store
-        .save_hard_state(&HardState { term: 2, vote: Some(1), commit: count })
+        .save_hard_state(&HardState {
+            term: 2,
+            vote: Some(1),
+            commit: count,
+        })
         .unwrap();
 }
 
 /// Runs `damage` on the raw keyspaces (log, meta) of a closed store, durably.
 fn with_raw_keyspaces(dir: &Path, damage: impl FnOnce(&fjall::Keyspace, &fjall::Keyspace)) {
     let db = fjall::Database::builder(dir).open().unwrap();
-    let log = db.keyspace(layout::LOG_KEYSPACE, fjall::KeyspaceCreateOptions::default).unwrap();
-    let meta = db.keyspace(layout::META_KEYSPACE, fjall::KeyspaceCreateOptions::default).unwrap();
+    let log = db
+        .keyspace(layout::LOG_KEYSPACE, fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    let meta = db
+        .keyspace(layout::META_KEYSPACE, fjall::KeyspaceCreateOptions::default)
+        .unwrap();
     damage(&log, &meta);
     db.persist(fjall::PersistMode::SyncAll).unwrap();
 }
@@ -52,7 +60,10 @@ fn open_error(dir: &Path) -> StorageError {
     match FjallStore::open(dir) {
         Ok(_) => panic!("a damaged store opened"),
         Err(error) => {
-            assert!(error.to_string().contains(&dir.display().to_string()), "{error}");
+            assert!(
+                error.to_string().contains(&dir.display().to_string()),
+                "{error}"
+            );
             error
         }
     }
@@ -85,10 +96,20 @@ fn a_flipped_byte_in_a_synced_entry_stops_the_open() {
 fn a_missing_middle_entry_stops_the_open() {
     let dir = temp_dir();
     store_with_entries(dir.path(), 100);
-    with_raw_keyspaces(dir.path(), |log, _| log.remove(layout::log_key(37)).unwrap());
+    with_raw_keyspaces(dir.path(), |log, _| {
+        log.remove(layout::log_key(37)).unwrap()
+    });
     let error = open_error(dir.path());
     assert!(
-        matches!(error, StorageError::MissingEntry { index: 37, first: 1, last: 100, .. }),
+        matches!(
+            error,
+            StorageError::MissingEntry {
+                index: 37,
+                first: 1,
+                last: 100,
+                ..
+            }
+        ),
         "{error}"
     );
 }
@@ -97,9 +118,14 @@ fn a_missing_middle_entry_stops_the_open() {
 fn a_missing_last_entry_is_not_mistaken_for_a_torn_tail() {
     let dir = temp_dir();
     store_with_entries(dir.path(), 100);
-    with_raw_keyspaces(dir.path(), |log, _| log.remove(layout::log_key(100)).unwrap());
+    with_raw_keyspaces(dir.path(), |log, _| {
+        log.remove(layout::log_key(100)).unwrap()
+    });
     let error = open_error(dir.path());
-    assert!(matches!(error, StorageError::MissingEntry { index: 100, .. }), "{error}");
+    assert!(
+        matches!(error, StorageError::MissingEntry { index: 100, .. }),
+        "{error}"
+    );
 }
 
 #[test]
@@ -108,7 +134,8 @@ fn a_well_formed_entry_with_a_lower_term_stops_the_open() {
     store_with_entries(dir.path(), 100);
     with_raw_keyspaces(dir.path(), |log, _| {
         let entry = LogEntry::new(60, 1, payload(60));
-        log.insert(layout::log_key(60), layout::encode_entry(&entry)).unwrap();
+        log.insert(layout::log_key(60), layout::encode_entry(&entry))
+            .unwrap();
     });
     let error = open_error(dir.path());
     assert!(
@@ -116,7 +143,10 @@ fn a_well_formed_entry_with_a_lower_term_stops_the_open() {
             error,
             StorageError::CorruptEntry {
                 index: 60,
-                defect: EntryDefect::TermRegression { term: 1, previous: 2 },
+                defect: EntryDefect::TermRegression {
+                    term: 1,
+                    previous: 2
+                },
                 ..
             }
         ),
@@ -130,10 +160,21 @@ fn an_entry_beyond_the_durable_bounds_stops_the_open() {
     store_with_entries(dir.path(), 100);
     with_raw_keyspaces(dir.path(), |log, _| {
         let entry = LogEntry::new(103, 2, payload(103));
-        log.insert(layout::log_key(103), layout::encode_entry(&entry)).unwrap();
+        log.insert(layout::log_key(103), layout::encode_entry(&entry))
+            .unwrap();
     });
     let error = open_error(dir.path());
-    assert!(matches!(error, StorageError::StrayEntry { index: 103, last: 100, .. }), "{error}");
+    assert!(
+        matches!(
+            error,
+            StorageError::StrayEntry {
+                index: 103,
+                last: 100,
+                ..
+            }
+        ),
+        "{error}"
+    );
 }
 
 #[test]
@@ -157,7 +198,10 @@ fn damaged_metadata_stops_the_open() {
 
         with_raw_keyspaces(dir.path(), |_, meta| meta.remove(key).unwrap());
         let error = open_error(dir.path());
-        assert!(matches!(error, StorageError::CorruptRecord { .. }), "{error}");
+        assert!(
+            matches!(error, StorageError::CorruptRecord { .. }),
+            "{error}"
+        );
     }
 }
 
@@ -189,7 +233,8 @@ fn a_torn_unsynced_tail_is_dropped_and_the_rest_opens() {
     assert!(full_len > synced_len);
     // As if the machine died while the last batch was being written.
     let file = fs::OpenOptions::new().write(true).open(&journal).unwrap();
-    file.set_len(synced_len + (full_len - synced_len) / 2).unwrap();
+    file.set_len(synced_len + (full_len - synced_len) / 2)
+        .unwrap();
     drop(file);
 
     let store = FjallStore::open(dir.path()).unwrap();
@@ -221,7 +266,11 @@ fn a_flipped_byte_in_the_journal_is_loud() {
 
 fn snapshot_store_with_one(dir: &Path) -> PathBuf {
     let store = SnapshotStore::open(dir).unwrap();
-    let meta = SnapshotMeta { index: 500, term: 4, configuration: b"members=1,2,3"[..].into() };
+    let meta = SnapshotMeta {
+        index: 500,
+        term: 4,
+        configuration: b"members=1,2,3"[..].into(),
+    };
     let mut writer = store.begin(meta).unwrap();
     for chunk in 0..10u8 {
         writer.write_chunk(&[chunk; 1000]).unwrap();
@@ -271,7 +320,12 @@ fn a_truncated_snapshot_stops_the_open() {
     let dir = temp_dir();
     let file = snapshot_store_with_one(dir.path());
     let len = fs::metadata(&file).unwrap().len();
-    fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len - 7).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len - 7)
+        .unwrap();
     snapshot_open_error(dir.path(), &file);
 }
 
@@ -279,7 +333,11 @@ fn a_truncated_snapshot_stops_the_open() {
 fn snapshot_damage_found_while_streaming_is_an_error() {
     let dir = temp_dir();
     let store = SnapshotStore::open(dir.path()).unwrap();
-    let meta = SnapshotMeta { index: 9, term: 1, configuration: Default::default() };
+    let meta = SnapshotMeta {
+        index: 9,
+        term: 1,
+        configuration: Default::default(),
+    };
     let mut writer = store.begin(meta).unwrap();
     writer.write_chunk(&[7; 4096]).unwrap();
     writer.finish().unwrap();

@@ -29,7 +29,11 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(120);
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
-        .map(|value| value.parse().unwrap_or_else(|_| panic!("{name} must be a number")))
+        .map(|value| {
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("{name} must be a number"))
+        })
         .unwrap_or(default)
 }
 
@@ -63,7 +67,11 @@ fn crash_child(mode: &str, dir: &Path, seed: u64, reports: u64) -> Acknowledged 
         let Ok(line) = received.recv_timeout(REPORT_TIMEOUT) else {
             let _ = child.kill();
             let mut stderr = String::new();
-            let _ = child.stderr.take().expect("piped").read_to_string(&mut stderr);
+            let _ = child
+                .stderr
+                .take()
+                .expect("piped")
+                .read_to_string(&mut stderr);
             panic!("child stopped reporting (seed {seed}); stderr: {stderr}");
         };
         let (kind, value) = line.split_once(' ').expect("report line");
@@ -126,15 +134,28 @@ fn verify_snapshots(dir: &Path, acknowledged: &Acknowledged, round: u64) {
         return;
     };
     let n = info.meta.term;
-    assert!(n >= acknowledged.snapshot, "round {round}: snapshot {} lost", acknowledged.snapshot);
+    assert!(
+        n >= acknowledged.snapshot,
+        "round {round}: snapshot {} lost",
+        acknowledged.snapshot
+    );
     assert_eq!(info.meta, model::snapshot_meta(n));
     assert_eq!(info.data_len, model::snapshot_len(n));
     let mut reader = store.open_latest().unwrap().expect("latest snapshot");
     let mut data = Vec::new();
-    reader.read_to_end(&mut data).expect("read verifies the checksum");
-    assert!(data.iter().enumerate().all(|(at, byte)| *byte == model::snapshot_byte(n, at as u64)));
+    reader
+        .read_to_end(&mut data)
+        .expect("read verifies the checksum");
+    assert!(
+        data.iter()
+            .enumerate()
+            .all(|(at, byte)| *byte == model::snapshot_byte(n, at as u64))
+    );
     let chunk = reader.read_chunk(info.data_len / 2, 4096).unwrap();
-    assert_eq!(&chunk[..], &data[data.len() / 2..(data.len() / 2 + 4096).min(data.len())]);
+    assert_eq!(
+        &chunk[..],
+        &data[data.len() / 2..(data.len() / 2 + 4096).min(data.len())]
+    );
 }
 
 fn crash_rounds(mode: &str, max_reports: u64, verify: fn(&Path, &Acknowledged, u64)) {

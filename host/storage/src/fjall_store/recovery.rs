@@ -70,7 +70,11 @@ fn initialize(path: &Path, db: &Database, log: &Keyspace, meta: &Keyspace) -> Re
     let shape = LogShape::default();
     let hard_state = HardState::default();
     let mut batch = db.batch();
-    batch.insert(meta, layout::BOUNDS_KEY, codec::encode_bounds(&shape.bounds()));
+    batch.insert(
+        meta,
+        layout::BOUNDS_KEY,
+        codec::encode_bounds(&shape.bounds()),
+    );
     batch.insert(
         meta,
         layout::HARD_STATE_KEY,
@@ -128,15 +132,15 @@ fn scan_log(path: &Path, log: &Keyspace, bounds: &LogBounds) -> Result<LogShape>
             return Err(missing(shape.last_index() + 1));
         }
     }
-    if let Some(beyond) = bounds.last_index.checked_add(1) {
-        if let Some(item) = log.range(codec::log_key(beyond)..).next() {
-            let key = item.key().map_err(db_error)?;
-            return Err(StorageError::StrayEntry {
-                path: path.to_path_buf(),
-                index: codec::decode_log_key(&key).unwrap_or(beyond),
-                last: bounds.last_index,
-            });
-        }
+    if let Some(beyond) = bounds.last_index.checked_add(1)
+        && let Some(item) = log.range(codec::log_key(beyond)..).next()
+    {
+        let key = item.key().map_err(db_error)?;
+        return Err(StorageError::StrayEntry {
+            path: path.to_path_buf(),
+            index: codec::decode_log_key(&key).unwrap_or(beyond),
+            last: bounds.last_index,
+        });
     }
     Ok(shape)
 }

@@ -7,11 +7,7 @@ use crate::{
 use fjall::PersistMode;
 use std::{
     collections::BTreeMap,
-    sync::{
-        Arc,
-        atomic::Ordering,
-        mpsc,
-    },
+    sync::{Arc, atomic::Ordering, mpsc},
 };
 
 /// Requests drained into one group at most; bounds the memory of one batch.

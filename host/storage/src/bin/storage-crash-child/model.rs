@@ -9,7 +9,8 @@ pub fn term_of(index: u64) -> u64 {
 }
 
 fn byte(seed: u64, position: u64) -> u8 {
-    let mixed = (seed ^ position.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let mixed =
+        (seed ^ position.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     (mixed >> 56) as u8
 }
 
