@@ -51,6 +51,32 @@
 //!   is one attempt to linearize a call or one backtrack) over all partitions;
 //!   when it runs out the result is [`Outcome::Undecided`].
 //!
+//! # Example
+//!
+//! ```
+//! use kythira_linearizability::kv::{KvInput, KvModel, KvOutput};
+//! use kythira_linearizability::{Operation, Outcome, Verdict, check, check_history};
+//!
+//! let history = vec![
+//!     // Client 1 writes 5 to key 7 and is acknowledged at time 10 ...
+//!     Operation { client: 1, input: KvInput::Put { key: 7, value: 5 }, call: 0,
+//!                 output: Some(KvOutput::Put), ret: Some(10) },
+//!     // ... client 3's write of 6 never got a reply ...
+//!     Operation { client: 3, input: KvInput::Put { key: 7, value: 6 }, call: 1,
+//!                 output: None, ret: None },
+//!     // ... and afterwards client 2 reads nothing: the acknowledged write is lost.
+//!     Operation { client: 2, input: KvInput::Get { key: 7 }, call: 11,
+//!                 output: Some(KvOutput::Get(None)), ret: Some(12) },
+//! ];
+//! assert_eq!(
+//!     check(&KvModel, &history, Some(1_000_000)),
+//!     Outcome::NotLinearizable { partition: 0 }
+//! );
+//! if let Ok(Verdict::NotLinearizable(counterexample)) = check_history(&KvModel, &history, None) {
+//!     println!("{}", counterexample.render(&history));
+//! }
+//! ```
+//!
 //! Deliberately left out: parallel checking of partitions (callers check many
 //! histories and parallelize across them) and models with nondeterministic
 //! steps (a model returns at most one next state; a pending operation's
@@ -203,7 +229,8 @@ impl Counterexample {
 /// # Panics
 ///
 /// If the history is malformed (see [`HistoryError`]); use [`check_history`]
-/// to get the error instead.
+/// to get the error instead. Also if one partition has 2^31 operations or
+/// more (the search indexes them with 32 bits).
 pub fn check<M: Model>(
     model: &M,
     history: &[Operation<M::Input, M::Output>],
@@ -219,6 +246,10 @@ pub fn check<M: Model>(
 ///
 /// Partitions are checked in order; the first one found not linearizable is
 /// reported. `max_steps` bounds the search over all partitions.
+///
+/// # Panics
+///
+/// If one partition has 2^31 operations or more.
 pub fn check_history<M: Model>(
     model: &M,
     history: &[Operation<M::Input, M::Output>],

@@ -47,9 +47,9 @@ const HEAD: NodeId = 0;
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
-    /// `ret` is the operation's return node, or `NIL` for a pending operation.
+    /// `ret` is the operation's return node; `None` for a pending operation.
     Call {
-        ret: NodeId,
+        ret: Option<NodeId>,
     },
     Return,
 }
@@ -74,7 +74,7 @@ struct EventList {
 impl EventList {
     /// `ops[i]` is operation `i` of the partition.
     fn new<I, O>(ops: &[&Operation<I, O>]) -> Self {
-        // (time, calls before returns at equal times, operation, is return)
+        // (time, is return, operation): at equal times calls sort first.
         let mut events: Vec<(u64, bool, u32)> = Vec::with_capacity(ops.len() * 2);
         for (i, op) in ops.iter().enumerate() {
             let i = u32::try_from(i).expect("partition has fewer than 2^32 operations");
@@ -107,11 +107,11 @@ impl EventList {
                 // times calls come first), so the call node exists already.
                 let call = call_node[op as usize];
                 debug_assert_ne!(call, NIL);
-                nodes[call as usize].kind = Kind::Call { ret: id };
+                nodes[call as usize].kind = Kind::Call { ret: Some(id) };
                 Kind::Return
             } else {
                 call_node[op as usize] = id;
-                Kind::Call { ret: NIL }
+                Kind::Call { ret: None }
             };
             nodes.push(Node {
                 op,
@@ -151,33 +151,29 @@ impl EventList {
     /// Removes a call node and its return node.
     fn lift(&mut self, call: NodeId) {
         self.unlink(call);
-        if let Kind::Call { ret } = self.node(call).kind
-            && ret != NIL
-        {
+        if let Kind::Call { ret: Some(ret) } = self.node(call).kind {
             self.unlink(ret);
         }
     }
 
     /// Undoes the most recent [`EventList::lift`] still in effect.
     fn unlift(&mut self, call: NodeId) {
-        if let Kind::Call { ret } = self.node(call).kind
-            && ret != NIL
-        {
+        if let Kind::Call { ret: Some(ret) } = self.node(call).kind {
             self.relink(ret);
         }
         self.relink(call);
     }
 }
 
-/// The set of linearized operations, with an incrementally maintained
+/// The linearized completed operations, with an incrementally maintained
 /// Zobrist hash (xor of a fixed random key per member).
-struct LinearizedSet {
+struct CompletedSet {
     words: Vec<u64>,
     keys: Vec<u64>,
     hash: u64,
 }
 
-impl LinearizedSet {
+impl CompletedSet {
     fn new(len: usize) -> Self {
         let mut seed = 0x6a09_e667_f3bc_c908;
         let keys = (0..len).map(|_| splitmix64(&mut seed)).collect();
@@ -282,7 +278,7 @@ impl<S: Clone + Eq + std::hash::Hash> Cache<S> {
     }
 
     /// Records the node; false if a node reached before dominates it.
-    fn insert(&mut self, completed: &LinearizedSet, pending: &PendingSet, state: &S) -> bool {
+    fn insert(&mut self, completed: &CompletedSet, pending: &PendingSet, state: &S) -> bool {
         let hash = completed.hash ^ self.hasher.hash_one(state);
         let len = completed.words.len();
         let words = &self.words;
@@ -360,7 +356,7 @@ impl Longest {
 
 /// Which operations are linearized, completed and pending ones apart.
 struct Linearized {
-    completed: LinearizedSet,
+    completed: CompletedSet,
     pending: PendingSet,
     /// Each partition-local operation's bit in `completed` or `pending`.
     slots: Vec<Slot>,
@@ -377,24 +373,20 @@ enum Slot {
 impl Linearized {
     fn new<I, O>(ops: &[&Operation<I, O>]) -> Self {
         let (mut completed, mut pending) = (0u32, 0u32);
-        let slots: Vec<Slot> = ops
+        let slots = ops
             .iter()
             .map(|op| {
-                let counter = if op.ret.is_some() {
-                    &mut completed
-                } else {
-                    &mut pending
-                };
-                *counter += 1;
                 if op.ret.is_some() {
-                    Slot::Completed(*counter - 1)
+                    completed += 1;
+                    Slot::Completed(completed - 1)
                 } else {
-                    Slot::Pending(*counter - 1)
+                    pending += 1;
+                    Slot::Pending(pending - 1)
                 }
             })
             .collect();
         Self {
-            completed: LinearizedSet::new(completed as usize),
+            completed: CompletedSet::new(completed as usize),
             pending: PendingSet::new(pending as usize),
             slots,
             completed_left: completed as usize,
@@ -460,7 +452,7 @@ pub(crate) fn check_partition<M: Model>(
                     // A pending operation that leaves the state unchanged
                     // (e.g. a read) is dominated by not linearizing it:
                     // skip it without asking the cache.
-                    && (ret != NIL || next != state)
+                    && (ret.is_some() || next != state)
                 {
                     linearized.insert(node.op);
                     if cache.insert(&linearized.completed, &linearized.pending, &next) {
@@ -606,8 +598,8 @@ mod tests {
 
     #[test]
     fn linearized_set_hash_depends_only_on_membership() {
-        let mut a = LinearizedSet::new(130);
-        let mut b = LinearizedSet::new(130);
+        let mut a = CompletedSet::new(130);
+        let mut b = CompletedSet::new(130);
         for op in [3, 129, 64] {
             a.insert(op);
         }
@@ -623,7 +615,7 @@ mod tests {
 
     #[test]
     fn cache_prunes_nodes_dominated_by_fewer_pending_operations() {
-        let completed = LinearizedSet::new(3);
+        let completed = CompletedSet::new(3);
         let mut cache = Cache::new(4, 1);
         let pending = |ops: &[u32]| {
             let mut set = PendingSet::new(4);
@@ -638,7 +630,7 @@ mod tests {
         assert!(cache.insert(&completed, &pending(&[1, 2]), &7));
         // Another state or another completed set is another node.
         assert!(cache.insert(&completed, &pending(&[0, 1]), &8));
-        let mut more = LinearizedSet::new(3);
+        let mut more = CompletedSet::new(3);
         more.insert(2);
         assert!(cache.insert(&more, &pending(&[0, 1]), &7));
         // Only the minimal pending sets are kept.
@@ -652,7 +644,7 @@ mod tests {
 
     #[test]
     fn without_pending_operations_the_cache_is_exact() {
-        let mut completed = LinearizedSet::new(70);
+        let mut completed = CompletedSet::new(70);
         let none = PendingSet::new(0);
         let mut cache = Cache::new(4, 2);
         assert!(cache.insert(&completed, &none, &1));
