@@ -161,6 +161,13 @@ impl LogShape {
         self.last_index = index;
     }
 
+    /// Records entries through `index` that all have the last entry's term; used
+    /// while scanning a stored log.
+    pub fn extend_to(&mut self, index: u64) {
+        debug_assert!(!self.runs.is_empty() && index >= self.last_index);
+        self.last_index = index;
+    }
+
     /// Checks that the suffix from `from` may be removed: never the compacted prefix.
     pub fn check_truncate(&self, from: u64) -> Result<()> {
         if from <= self.compacted_index {

@@ -354,3 +354,70 @@ fn snapshot_damage_found_while_streaming_is_an_error() {
     // fs::write replaced the contents of the same inode, so the earlier reader sees it too.
     assert!(std::io::Read::read_to_end(&mut reader, &mut Vec::new()).is_err());
 }
+
+#[test]
+fn large_logs_are_verified_in_slices_with_terms_and_damage_found_across_them() {
+    // Large enough to be split between cores at open (where there is more than
+    // one): slices 1..=20_000 and 20_001..=40_000 on two cores.
+    let dir = temp_dir();
+    let term_of = |index: u64| match index {
+        ..10_000 => 1,
+        10_000..20_001 => 2,
+        20_001..30_000 => 5,
+        _ => 6,
+    };
+    let entry = |index: u64, term: u64| LogEntry::new(index, term, &b"x"[..]);
+    {
+        let store = FjallStore::open(dir.path()).unwrap();
+        for start in (1..=40_000).step_by(10_000) {
+            let batch: Vec<LogEntry> = (start..start + 10_000)
+                .map(|i| entry(i, term_of(i)))
+                .collect();
+            store.append(&batch).unwrap();
+        }
+    }
+    {
+        let store = FjallStore::open(dir.path()).unwrap();
+        assert_eq!(store.last_index(), 40_000);
+        for index in [1, 9_999, 10_000, 20_000, 20_001, 29_999, 30_000, 40_000] {
+            assert_eq!(
+                store.term(index).unwrap(),
+                term_of(index),
+                "term of {index}"
+            );
+        }
+    }
+    // A term regression exactly at the start of the second slice.
+    with_raw_keyspaces(dir.path(), |log, _| {
+        let value = layout::encode_entry(&entry(20_001, 1));
+        log.insert(layout::log_key(20_001), value).unwrap();
+    });
+    let error = open_error(dir.path());
+    assert!(
+        matches!(
+            error,
+            StorageError::CorruptEntry {
+                index: 20_001,
+                defect: EntryDefect::TermRegression {
+                    term: 1,
+                    previous: 2
+                },
+                ..
+            }
+        ),
+        "{error}"
+    );
+    // Repaired, and instead a damaged entry inside the second slice.
+    with_raw_keyspaces(dir.path(), |log, _| {
+        let value = layout::encode_entry(&entry(20_001, 5));
+        log.insert(layout::log_key(20_001), value).unwrap();
+        let mut value = log.get(layout::log_key(35_000)).unwrap().unwrap().to_vec();
+        value[0] ^= 0xff;
+        log.insert(layout::log_key(35_000), value).unwrap();
+    });
+    let error = open_error(dir.path());
+    assert!(
+        matches!(error, StorageError::CorruptEntry { index: 35_000, .. }),
+        "{error}"
+    );
+}
