@@ -195,6 +195,34 @@ mod tests {
         }
     }
 
+    /// The examples of this crate's README, byte for byte.
+    #[test]
+    fn wire_format_matches_the_readme() {
+        use kythira_guest::codec::encode;
+        assert_eq!(
+            encode(&put(b"k", b"vv")).unwrap(),
+            [0x00, 0x01, 0x6b, 0x02, 0x76, 0x76]
+        );
+        let cas = Command::CompareAndSwap {
+            key: b"k".to_vec(),
+            expected: None,
+            new: Some(b"v".to_vec()),
+        };
+        assert_eq!(
+            encode(&cas).unwrap(),
+            [0x03, 0x01, 0x6b, 0x00, 0x01, 0x01, 0x76]
+        );
+        assert_eq!(
+            encode(&Query::Scan(scan(b"a", None, 300))).unwrap(),
+            [0x01, 0x01, 0x61, 0x00, 0xac, 0x02]
+        );
+        assert_eq!(encode(&Response::Value(None)).unwrap(), [0x00, 0x00]);
+        assert_eq!(
+            encode(&entries(&[(b"a", b"1")], false)).unwrap(),
+            [0x03, 0x01, 0x01, 0x61, 0x01, 0x31, 0x00]
+        );
+    }
+
     #[test]
     fn put_get_delete() {
         let mut kv = Harness::<KvStore>::new();
