@@ -67,7 +67,7 @@ impl LogStore for MemoryStore {
 
     fn entry(&self, index: u64) -> Result<LogEntry> {
         let state = self.lock();
-        state.shape.check_range(index, index + 1)?;
+        state.shape.check_range(index, index.saturating_add(1))?;
         Ok(state.entries[state.slot(index)].clone())
     }
 

@@ -134,6 +134,34 @@ fn append_replaces_a_conflicting_suffix<H: Harness>() {
     assert_eq!(all(s), [entries(1..3, 1), entries(3..5, 2)].concat());
 }
 
+fn rewriting_entries_with_the_same_terms_stores_the_new_payloads<H: Harness>() {
+    let mut h = H::new();
+    h.store().append(&entries(1..5, 1)).unwrap();
+    let rewritten = vec![
+        LogEntry::new(3, 1, &b"new three"[..]),
+        LogEntry::new(4, 1, &b"new four"[..]),
+    ];
+    h.store().append(&rewritten).unwrap();
+    h.reopen();
+    assert_eq!(all(h.store()), [entries(1..3, 1), rewritten].concat());
+}
+
+fn absurd_indexes_are_errors_not_panics<H: Harness>() {
+    let h = H::new();
+    let s = h.store();
+    s.append(&entries(1..3, 1)).unwrap();
+    assert!(matches!(
+        s.entry(u64::MAX),
+        Err(StorageError::Unavailable { .. })
+    ));
+    assert!(matches!(
+        s.term(u64::MAX),
+        Err(StorageError::Unavailable { .. })
+    ));
+    assert!(s.entries(2..u64::MAX, 10).is_err());
+    assert_eq!(s.entries(2..1, 10).unwrap(), vec![]);
+}
+
 fn rejects_invalid_appends_without_changing_anything<H: Harness>() {
     let h = H::new();
     let s = h.store();
@@ -295,6 +323,14 @@ macro_rules! conformance {
             #[test]
             fn append_replaces_a_conflicting_suffix() {
                 super::append_replaces_a_conflicting_suffix::<$harness>();
+            }
+            #[test]
+            fn rewriting_entries_with_the_same_terms_stores_the_new_payloads() {
+                super::rewriting_entries_with_the_same_terms_stores_the_new_payloads::<$harness>();
+            }
+            #[test]
+            fn absurd_indexes_are_errors_not_panics() {
+                super::absurd_indexes_are_errors_not_panics::<$harness>();
             }
             #[test]
             fn rejects_invalid_appends_without_changing_anything() {

@@ -250,7 +250,7 @@ impl LogStore for FjallStore {
 
     fn entry(&self, index: u64) -> Result<LogEntry> {
         let view = self.shared.view();
-        view.shape.check_range(index, index + 1)?;
+        view.shape.check_range(index, index.saturating_add(1))?;
         let value = view
             .snapshot
             .get(&self.shared.log, codec::log_key(index))

@@ -154,8 +154,11 @@ impl Writer {
             staged.shape.assert_invariants();
             true
         });
-        let outcome = if staged.shape == self.shape && staged.hard_state == self.hard_state {
-            // Nothing changed (e.g. truncating past the end): the current state is
+        let unchanged = staged.written.is_empty()
+            && staged.shape == self.shape
+            && staged.hard_state == self.hard_state;
+        let outcome = if unchanged {
+            // Nothing to write (e.g. truncating past the end): the current state is
             // already durable.
             Ok(())
         } else {
