@@ -3,8 +3,10 @@
 use crate::error::ConfigError;
 use crate::types::NodeId;
 
-/// Settings of one core. Build with [`Config::new`] and adjust fields.
+/// Settings of one core. Build with [`Config::new`] and adjust fields
+/// (non-exhaustive, so that settings can be added without breaking drivers).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Config {
     /// This node.
     pub id: NodeId,

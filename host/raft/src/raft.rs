@@ -926,8 +926,11 @@ fn send_append(
 ) {
     let mut allow_empty = allow_empty;
     while pr.can_send(cfg.max_inflight_messages) {
-        let entries =
-            log.slice_for_message(pr.next, cfg.max_entries_per_message, cfg.max_bytes_per_message);
+        let entries = log.slice_for_message(
+            pr.next,
+            cfg.max_entries_per_message,
+            cfg.max_bytes_per_message,
+        );
         let probing = matches!(pr.state, ReplicationState::Probe { .. });
         if entries.is_empty() && !allow_empty && !probing {
             return;
@@ -945,7 +948,12 @@ fn send_append(
         out.send(
             term,
             to,
-            MessageBody::Append { prev_index, prev_term, entries, commit: log.committed() },
+            MessageBody::Append {
+                prev_index,
+                prev_term,
+                entries,
+                commit: log.committed(),
+            },
         );
         if empty {
             return;

@@ -25,7 +25,16 @@ fn s5_1_higher_term_makes_any_role_a_follower() {
         assert_eq!(net.get(1).role(), role);
         let r = net.get(1);
         let term = r.term() + 5;
-        r.step(msg(2, 1, term, MessageBody::Heartbeat { commit: 0, read_round: 0 })).unwrap();
+        r.step(msg(
+            2,
+            1,
+            term,
+            MessageBody::Heartbeat {
+                commit: 0,
+                read_round: 0,
+            },
+        ))
+        .unwrap();
         assert_eq!(r.role(), Role::Follower, "from {role:?}");
         assert_eq!(r.term(), term);
         assert_eq!(r.leader(), Some(2));
@@ -37,14 +46,32 @@ fn s5_1_higher_term_makes_any_role_a_follower() {
 fn s5_1_stale_requests_are_rejected() {
     let mut r = node_with(config(1, &[1, 2, 3]), 3, &[1, 2]);
     let before = r.log().last_index();
-    let stale = MessageBody::Append { prev_index: 2, prev_term: 2, entries: vec![entry(3, 2)], commit: 3 };
+    let stale = MessageBody::Append {
+        prev_index: 2,
+        prev_term: 2,
+        entries: vec![entry(3, 2)],
+        commit: 3,
+    };
     r.step(msg(2, 1, 2, stale)).unwrap();
     assert_eq!(r.log().last_index(), before);
     assert_eq!(r.log().committed(), 0);
     let out = drain(&mut r);
     // The stale leader learns the newer term from the answer.
-    assert!(out.all().iter().all(|m| m.to == 2 && m.term == 3), "{:?}", out.all());
-    r.step(msg(2, 1, 2, MessageBody::Vote { last_index: 9, last_term: 2 })).unwrap();
+    assert!(
+        out.all().iter().all(|m| m.to == 2 && m.term == 3),
+        "{:?}",
+        out.all()
+    );
+    r.step(msg(
+        2,
+        1,
+        2,
+        MessageBody::Vote {
+            last_index: 9,
+            last_term: 2,
+        },
+    ))
+    .unwrap();
     assert_eq!(r.vote(), None);
 }
 
@@ -98,7 +125,10 @@ fn s5_2_follower_times_out_and_campaigns() {
         .collect();
     to.sort_unstable();
     assert_eq!(to, [2, 3]);
-    assert!(out.early.is_empty(), "vote requests carry our vote: only after it is durable");
+    assert!(
+        out.early.is_empty(),
+        "vote requests carry our vote: only after it is durable"
+    );
     assert_eq!(out.hard_states.last().unwrap().vote, Some(1));
 }
 
@@ -119,16 +149,27 @@ fn s5_2_election_is_decided_by_a_majority() {
         let mut r = node(1, &voters);
         tick_until_role_changes(&mut r);
         for &v in granting {
-            r.step(msg(v, 1, r.term(), MessageBody::VoteResponse { granted: true })).unwrap();
+            r.step(msg(
+                v,
+                1,
+                r.term(),
+                MessageBody::VoteResponse { granted: true },
+            ))
+            .unwrap();
         }
         assert_eq!(r.role(), want, "n={n} granted by {granting:?}");
     }
     let mut r = node(1, &[1, 2, 3]);
     tick_until_role_changes(&mut r);
     for v in [2, 3] {
-        r.step(msg(v, 1, 1, MessageBody::VoteResponse { granted: false })).unwrap();
+        r.step(msg(v, 1, 1, MessageBody::VoteResponse { granted: false }))
+            .unwrap();
     }
-    assert_eq!(r.role(), Role::Follower, "a majority of rejections ends the campaign");
+    assert_eq!(
+        r.role(),
+        Role::Follower,
+        "a majority of rejections ends the campaign"
+    );
 }
 
 /// "Each server will vote for at most one candidate in a given term, on a
@@ -136,18 +177,53 @@ fn s5_2_election_is_decided_by_a_majority() {
 #[test]
 fn s5_2_one_vote_per_term_first_come_first_served() {
     let mut r = node(1, &[1, 2, 3]);
-    r.step(msg(2, 1, 1, MessageBody::Vote { last_index: 0, last_term: 0 })).unwrap();
-    r.step(msg(3, 1, 1, MessageBody::Vote { last_index: 0, last_term: 0 })).unwrap();
-    r.step(msg(2, 1, 1, MessageBody::Vote { last_index: 0, last_term: 0 })).unwrap();
+    r.step(msg(
+        2,
+        1,
+        1,
+        MessageBody::Vote {
+            last_index: 0,
+            last_term: 0,
+        },
+    ))
+    .unwrap();
+    r.step(msg(
+        3,
+        1,
+        1,
+        MessageBody::Vote {
+            last_index: 0,
+            last_term: 0,
+        },
+    ))
+    .unwrap();
+    r.step(msg(
+        2,
+        1,
+        1,
+        MessageBody::Vote {
+            last_index: 0,
+            last_term: 0,
+        },
+    ))
+    .unwrap();
     let out = drain(&mut r);
     let answers: Vec<_> = out
         .after_persist
         .iter()
-        .map(|m| (m.to, matches!(m.body, MessageBody::VoteResponse { granted: true })))
+        .map(|m| {
+            (
+                m.to,
+                matches!(m.body, MessageBody::VoteResponse { granted: true }),
+            )
+        })
         .collect();
     assert_eq!(answers, [(2, true), (3, false), (2, true)]);
     assert_eq!(r.vote(), Some(2));
-    assert!(out.early.is_empty(), "a vote never goes out before it is durable");
+    assert!(
+        out.early.is_empty(),
+        "a vote never goes out before it is durable"
+    );
 }
 
 /// "If the AppendEntries RPC is from a leader whose term is at least as large
@@ -158,8 +234,18 @@ fn s5_2_candidate_yields_to_a_leader_of_its_term() {
         let mut r = node(1, &[1, 2, 3]);
         tick_until_role_changes(&mut r);
         let term = r.term() + delta;
-        r.step(msg(2, 1, term, MessageBody::Append { prev_index: 0, prev_term: 0, entries: vec![], commit: 0 }))
-            .unwrap();
+        r.step(msg(
+            2,
+            1,
+            term,
+            MessageBody::Append {
+                prev_index: 0,
+                prev_term: 0,
+                entries: vec![],
+                commit: 0,
+            },
+        ))
+        .unwrap();
         assert_eq!(r.role(), Role::Follower);
         assert_eq!(r.leader(), Some(2));
         assert_eq!(r.term(), term);
@@ -183,7 +269,10 @@ fn s5_2_election_timeouts_are_randomized() {
         assert!((ELECTION..2 * ELECTION).contains(&ticks), "timeout {ticks}");
         seen.insert(ticks);
     }
-    assert!(seen.len() > ELECTION as usize / 2, "timeouts spread: {seen:?}");
+    assert!(
+        seen.len() > ELECTION as usize / 2,
+        "timeouts spread: {seen:?}"
+    );
 }
 
 /// Split votes resolve: a cluster always elects exactly one leader.
@@ -191,7 +280,11 @@ fn s5_2_election_timeouts_are_randomized() {
 fn s5_2_cluster_elects_one_leader() {
     let mut net = Network::of_size(5);
     net.tick_all(3 * ELECTION);
-    let leaders: Vec<_> = net.nodes.values().filter(|r| r.role() == Role::Leader).collect();
+    let leaders: Vec<_> = net
+        .nodes
+        .values()
+        .filter(|r| r.role() == Role::Leader)
+        .collect();
     assert_eq!(leaders.len(), 1);
     let term = leaders[0].term();
     assert!(net.nodes.values().all(|r| r.term() == term));
@@ -213,14 +306,25 @@ fn s5_3_leader_replicates_proposals() {
         .early
         .iter()
         .filter_map(|m| match &m.body {
-            MessageBody::Append { prev_index, prev_term, entries, .. } => {
-                Some((m.to, *prev_index, *prev_term, entries.iter().map(|e| e.index).collect::<Vec<_>>()))
-            }
+            MessageBody::Append {
+                prev_index,
+                prev_term,
+                entries,
+                ..
+            } => Some((
+                m.to,
+                *prev_index,
+                *prev_term,
+                entries.iter().map(|e| e.index).collect::<Vec<_>>(),
+            )),
             _ => None,
         })
         .collect();
     assert_eq!(appends, [(2, 1, 1, vec![2]), (3, 1, 1, vec![2])]);
-    assert_eq!(out.persisted.iter().map(|e| e.index).collect::<Vec<_>>(), [2]);
+    assert_eq!(
+        out.persisted.iter().map(|e| e.index).collect::<Vec<_>>(),
+        [2]
+    );
 }
 
 /// "A log entry is committed once the leader that created the entry has
@@ -236,14 +340,23 @@ fn s5_3_entries_commit_on_a_majority_and_apply_everywhere_once() {
         net.get(1).propose(Bytes::from(vec![i])).unwrap();
     }
     net.settle();
-    assert_eq!(net.get(1).log().committed(), 4, "leader + 2 of 5 is a majority");
+    assert_eq!(
+        net.get(1).log().committed(),
+        4,
+        "leader + 2 of 5 is a majority"
+    );
     net.heal();
     net.tick_all(2);
     for id in 1..=5 {
         let applied: Vec<_> = net.applied[&id].iter().map(|e| (e.index, e.kind)).collect();
         assert_eq!(
             applied,
-            [(1, EntryKind::Noop), (2, EntryKind::Normal), (3, EntryKind::Normal), (4, EntryKind::Normal)],
+            [
+                (1, EntryKind::Noop),
+                (2, EntryKind::Normal),
+                (3, EntryKind::Normal),
+                (4, EntryKind::Normal)
+            ],
             "node {id}"
         );
     }
@@ -270,11 +383,33 @@ fn s5_3_no_commit_without_a_majority() {
 fn s5_3_consistency_check() {
     let mut r = node_with(config(1, &[1, 2, 3]), 2, &[1, 2]);
     // (prev_index, prev_term, accepted)
-    for (prev_index, prev_term, accepted) in [(0, 0, true), (1, 1, true), (2, 2, true), (2, 1, false), (3, 2, false)] {
-        r.step(msg(2, 1, 2, MessageBody::Append { prev_index, prev_term, entries: vec![], commit: 0 })).unwrap();
+    for (prev_index, prev_term, accepted) in [
+        (0, 0, true),
+        (1, 1, true),
+        (2, 2, true),
+        (2, 1, false),
+        (3, 2, false),
+    ] {
+        r.step(msg(
+            2,
+            1,
+            2,
+            MessageBody::Append {
+                prev_index,
+                prev_term,
+                entries: vec![],
+                commit: 0,
+            },
+        ))
+        .unwrap();
         let out = drain(&mut r);
-        let [m] = out.after_persist.as_slice() else { panic!("one answer: {out:?}") };
-        let got = matches!(m.body, MessageBody::AppendResponse(AppendOutcome::Accepted { .. }));
+        let [m] = out.after_persist.as_slice() else {
+            panic!("one answer: {out:?}")
+        };
+        let got = matches!(
+            m.body,
+            MessageBody::AppendResponse(AppendOutcome::Accepted { .. })
+        );
         assert_eq!(got, accepted, "prev ({prev_index}, {prev_term})");
     }
 }
@@ -285,7 +420,9 @@ fn s5_3_consistency_check() {
 #[test]
 fn s5_3_follower_replaces_only_the_conflicting_suffix() {
     // (existing terms, prev_index, prev_term, new entries (index, term), result)
-    let cases: &[(&[u64], u64, u64, &[(u64, u64)], &[u64])] = &[
+    /// Existing terms, prev index, prev term, new (index, term) entries, resulting terms.
+    type Case<'a> = (&'a [u64], u64, u64, &'a [(u64, u64)], &'a [u64]);
+    let cases: &[Case] = &[
         (&[1, 2], 2, 2, &[(3, 3)], &[1, 2, 3]),
         (&[1, 2], 1, 1, &[(2, 3), (3, 3)], &[1, 3, 3]),
         (&[1, 2, 2], 0, 0, &[(1, 1)], &[1, 2, 2]),
@@ -294,13 +431,31 @@ fn s5_3_follower_replaces_only_the_conflicting_suffix() {
     for &(existing, prev_index, prev_term, new, want) in cases {
         let mut r = node_with(config(1, &[1, 2, 3]), 3, existing);
         let entries = new.iter().map(|&(i, t)| entry(i, t)).collect();
-        r.step(msg(2, 1, 3, MessageBody::Append { prev_index, prev_term, entries, commit: 0 })).unwrap();
+        r.step(msg(
+            2,
+            1,
+            3,
+            MessageBody::Append {
+                prev_index,
+                prev_term,
+                entries,
+                commit: 0,
+            },
+        ))
+        .unwrap();
         let out = drain(&mut r);
         let log = r.log();
-        let terms: Vec<_> = log.entries(1, log.last_index()).iter().map(|e| e.term).collect();
+        let terms: Vec<_> = log
+            .entries(1, log.last_index())
+            .iter()
+            .map(|e| e.term)
+            .collect();
         assert_eq!(terms, want, "{existing:?} + {new:?}");
         if let Some(first) = out.persisted.first() {
-            assert!(existing.get(first.index as usize - 1) != Some(&first.term), "rewrites start at the conflict");
+            assert!(
+                existing.get(first.index as usize - 1) != Some(&first.term),
+                "rewrites start at the conflict"
+            );
         }
     }
 }
@@ -311,10 +466,24 @@ fn s5_3_follower_replaces_only_the_conflicting_suffix() {
 fn s5_3_follower_commits_what_the_leader_committed() {
     let mut r = node_with(config(1, &[1, 2, 3]), 1, &[1, 1, 1]);
     let append = |prev_index, entries, commit| {
-        msg(2, 1, 1, MessageBody::Append { prev_index, prev_term: 1, entries, commit })
+        msg(
+            2,
+            1,
+            1,
+            MessageBody::Append {
+                prev_index,
+                prev_term: 1,
+                entries,
+                commit,
+            },
+        )
     };
     r.step(append(1, vec![], 5)).unwrap();
-    assert_eq!(r.log().committed(), 1, "only up to the last entry known to match");
+    assert_eq!(
+        r.log().committed(),
+        1,
+        "only up to the last entry known to match"
+    );
     r.step(append(3, vec![entry(4, 1)], 3)).unwrap();
     assert_eq!(r.log().committed(), 3);
     let applied: Vec<_> = drain(&mut r).committed.iter().map(|e| e.index).collect();
@@ -351,7 +520,12 @@ fn s5_3_figure_7_leader_repairs_every_follower_log() {
         net.tick_all(3);
         let mut want = leader_log.to_vec();
         want.push(8);
-        assert_eq!(net.log_terms(2), want, "follower ({})", (b'a' + i as u8) as char);
+        assert_eq!(
+            net.log_terms(2),
+            want,
+            "follower ({})",
+            (b'a' + i as u8) as char
+        );
     }
 }
 
@@ -362,13 +536,30 @@ fn s5_3_figure_7_leader_repairs_every_follower_log() {
 #[test]
 fn s5_4_1_votes_only_for_up_to_date_logs() {
     // voter log [1, 1, 2]; (candidate last_index, last_term, granted)
-    for (last_index, last_term, granted) in
-        [(3, 2, true), (4, 2, true), (2, 2, false), (9, 1, false), (1, 3, true), (0, 0, false)]
-    {
+    for (last_index, last_term, granted) in [
+        (3, 2, true),
+        (4, 2, true),
+        (2, 2, false),
+        (9, 1, false),
+        (1, 3, true),
+        (0, 0, false),
+    ] {
         let mut r = node_with(config(1, &[1, 2, 3]), 2, &[1, 1, 2]);
-        r.step(msg(2, 1, 3, MessageBody::Vote { last_index, last_term })).unwrap();
+        r.step(msg(
+            2,
+            1,
+            3,
+            MessageBody::Vote {
+                last_index,
+                last_term,
+            },
+        ))
+        .unwrap();
         let out = drain(&mut r);
-        let got = out.after_persist.iter().any(|m| matches!(m.body, MessageBody::VoteResponse { granted: true }));
+        let got = out
+            .after_persist
+            .iter()
+            .any(|m| matches!(m.body, MessageBody::VoteResponse { granted: true }));
         assert_eq!(got, granted, "candidate ({last_index}, {last_term})");
     }
 }
@@ -381,16 +572,37 @@ fn s5_4_2_previous_term_entries_commit_only_with_a_current_term_entry() {
     let voters = [1, 2, 3];
     let mut r = node_with(config(1, &voters), 2, &[1, 2]);
     tick_until_role_changes(&mut r);
-    r.step(msg(2, 1, 3, MessageBody::VoteResponse { granted: true })).unwrap();
+    r.step(msg(2, 1, 3, MessageBody::VoteResponse { granted: true }))
+        .unwrap();
     assert_eq!(r.role(), Role::Leader);
     drain(&mut r);
     // Follower 2 stores the term-2 entry but not yet the no-op of term 3.
-    r.step(msg(2, 1, 3, MessageBody::AppendResponse(AppendOutcome::Accepted { last_index: 2 }))).unwrap();
+    r.step(msg(
+        2,
+        1,
+        3,
+        MessageBody::AppendResponse(AppendOutcome::Accepted { last_index: 2 }),
+    ))
+    .unwrap();
     drain(&mut r);
-    assert_eq!(r.log().committed(), 0, "a quorum holds index 2, but it is of term 2");
-    r.step(msg(2, 1, 3, MessageBody::AppendResponse(AppendOutcome::Accepted { last_index: 3 }))).unwrap();
+    assert_eq!(
+        r.log().committed(),
+        0,
+        "a quorum holds index 2, but it is of term 2"
+    );
+    r.step(msg(
+        2,
+        1,
+        3,
+        MessageBody::AppendResponse(AppendOutcome::Accepted { last_index: 3 }),
+    ))
+    .unwrap();
     assert_eq!(r.log().committed(), 3);
-    let applied: Vec<_> = drain(&mut r).committed.iter().map(|e| (e.index, e.term)).collect();
+    let applied: Vec<_> = drain(&mut r)
+        .committed
+        .iter()
+        .map(|e| (e.index, e.term))
+        .collect();
     assert_eq!(applied, [(1, 1), (2, 2), (3, 3)]);
 }
 
@@ -407,7 +619,10 @@ fn s5_4_3_committed_entries_survive_leader_changes() {
     net.elect(2);
     assert_eq!(net.get(2).role(), Role::Leader);
     assert!(net.get(2).log().last_index() > committed);
-    assert_eq!(net.log_terms(2)[..committed as usize], net.log_terms(1)[..committed as usize]);
+    assert_eq!(
+        net.log_terms(2)[..committed as usize],
+        net.log_terms(1)[..committed as usize]
+    );
     net.heal();
     net.tick_all(2);
     assert_eq!(net.get(1).role(), Role::Follower);
@@ -427,7 +642,14 @@ fn read_index_is_confirmed_by_a_quorum_and_batched() {
     let r = net.get(1);
     r.read_index(7).unwrap();
     let first = drain(r);
-    let round_heartbeats = |o: &Output| o.early.iter().filter(|m| matches!(m.body, MessageBody::Heartbeat { read_round, .. } if read_round > 0)).count();
+    let round_heartbeats = |o: &Output| {
+        o.early
+            .iter()
+            .filter(
+                |m| matches!(m.body, MessageBody::Heartbeat { read_round, .. } if read_round > 0),
+            )
+            .count()
+    };
     assert_eq!(round_heartbeats(&first), 2, "one round to both followers");
     // Reads arriving while that round is in flight wait for one shared round.
     for ctx in 8..20 {
@@ -439,9 +661,15 @@ fn read_index_is_confirmed_by_a_quorum_and_batched() {
     }
     net.settle();
     let reads = &net.reads[&1];
-    assert_eq!(reads.iter().map(|r| r.ctx).collect::<Vec<_>>(), (7..20).collect::<Vec<_>>());
+    assert_eq!(
+        reads.iter().map(|r| r.ctx).collect::<Vec<_>>(),
+        (7..20).collect::<Vec<_>>()
+    );
     assert!(reads.iter().all(|r| r.index == 2));
-    assert!(net.get(2).read_index(1).is_err(), "only the leader serves ReadIndex");
+    assert!(
+        net.get(2).read_index(1).is_err(),
+        "only the leader serves ReadIndex"
+    );
 }
 
 /// A leader cut off from the quorum cannot confirm reads, and drops them when
@@ -467,7 +695,11 @@ fn read_index_needs_a_quorum_and_fails_on_step_down() {
         r.tick();
         dropped.extend(drain(r).dropped_reads);
     }
-    assert_eq!(r.role(), Role::Follower, "check-quorum: no quorum heard within an election timeout");
+    assert_eq!(
+        r.role(),
+        Role::Follower,
+        "check-quorum: no quorum heard within an election timeout"
+    );
     assert_eq!(dropped, [5]);
 }
 
@@ -504,8 +736,26 @@ fn vote_requests_are_ignored_during_the_leader_lease() {
     let mut c = config(1, &[1, 2, 3]);
     c.check_quorum = true;
     let mut r = kythira_raft::Raft::new(c, Default::default()).unwrap();
-    r.step(msg(2, 1, 1, MessageBody::Heartbeat { commit: 0, read_round: 0 })).unwrap();
-    r.step(msg(3, 1, 5, MessageBody::Vote { last_index: 9, last_term: 4 })).unwrap();
+    r.step(msg(
+        2,
+        1,
+        1,
+        MessageBody::Heartbeat {
+            commit: 0,
+            read_round: 0,
+        },
+    ))
+    .unwrap();
+    r.step(msg(
+        3,
+        1,
+        5,
+        MessageBody::Vote {
+            last_index: 9,
+            last_term: 4,
+        },
+    ))
+    .unwrap();
     assert_eq!((r.term(), r.vote()), (1, None));
     for _ in 0..ELECTION {
         r.tick();
@@ -518,8 +768,21 @@ fn vote_requests_are_ignored_during_the_leader_lease() {
         c.check_quorum = true;
         kythira_raft::Raft::new(c, Default::default()).unwrap()
     };
-    r2.step(msg(3, 1, 5, MessageBody::Vote { last_index: 9, last_term: 4 })).unwrap();
-    assert_eq!((r2.term(), r2.vote()), (5, Some(3)), "without a known leader the vote is granted");
+    r2.step(msg(
+        3,
+        1,
+        5,
+        MessageBody::Vote {
+            last_index: 9,
+            last_term: 4,
+        },
+    ))
+    .unwrap();
+    assert_eq!(
+        (r2.term(), r2.vote()),
+        (5, Some(3)),
+        "without a known leader the vote is granted"
+    );
 }
 
 /// Replication is batched and pipelined within the configured limits.
@@ -531,9 +794,18 @@ fn appends_respect_batch_and_inflight_limits() {
     c.max_inflight_messages = 2;
     let mut leader = kythira_raft::Raft::new(c, Default::default()).unwrap();
     tick_until_role_changes(&mut leader);
-    leader.step(msg(2, 1, 1, MessageBody::VoteResponse { granted: true })).unwrap();
+    leader
+        .step(msg(2, 1, 1, MessageBody::VoteResponse { granted: true }))
+        .unwrap();
     drain(&mut leader);
-    leader.step(msg(2, 1, 1, MessageBody::AppendResponse(AppendOutcome::Accepted { last_index: 1 }))).unwrap();
+    leader
+        .step(msg(
+            2,
+            1,
+            1,
+            MessageBody::AppendResponse(AppendOutcome::Accepted { last_index: 1 }),
+        ))
+        .unwrap();
     drain(&mut leader);
     for i in 0..20u8 {
         leader.propose(Bytes::from(vec![i])).unwrap();
@@ -548,13 +820,24 @@ fn appends_respect_batch_and_inflight_limits() {
         })
         .collect();
     assert_eq!(sizes, [3, 3], "two messages of three entries in flight");
-    leader.step(msg(2, 1, 1, MessageBody::AppendResponse(AppendOutcome::Accepted { last_index: 4 }))).unwrap();
+    leader
+        .step(msg(
+            2,
+            1,
+            1,
+            MessageBody::AppendResponse(AppendOutcome::Accepted { last_index: 4 }),
+        ))
+        .unwrap();
     let out = drain(&mut leader);
     let next: Vec<_> = out
         .early
         .iter()
         .filter_map(|m| match &m.body {
-            MessageBody::Append { prev_index, entries, .. } => Some((*prev_index, entries.len())),
+            MessageBody::Append {
+                prev_index,
+                entries,
+                ..
+            } => Some((*prev_index, entries.len())),
             _ => None,
         })
         .collect();
@@ -568,11 +851,19 @@ fn rejection_hint_skips_a_conflicting_term() {
     let voters = [1, 2, 3];
     let mut leader = node_with(config(1, &voters), 5, &[1, 1, 4, 4, 4, 4]);
     tick_until_role_changes(&mut leader);
-    leader.step(msg(2, 1, 6, MessageBody::VoteResponse { granted: true })).unwrap();
+    leader
+        .step(msg(2, 1, 6, MessageBody::VoteResponse { granted: true }))
+        .unwrap();
     drain(&mut leader);
     // Follower 2 has [1, 1, 2, 2, 2, 2, 2, 2]: rejects prev (6, 4) with hint (6, 2).
-    let reject = AppendOutcome::Rejected { prev_index: 6, hint_index: 6, hint_term: 2 };
-    leader.step(msg(2, 1, 6, MessageBody::AppendResponse(reject))).unwrap();
+    let reject = AppendOutcome::Rejected {
+        prev_index: 6,
+        hint_index: 6,
+        hint_term: 2,
+    };
+    leader
+        .step(msg(2, 1, 6, MessageBody::AppendResponse(reject)))
+        .unwrap();
     let out = drain(&mut leader);
     let probe = out
         .early
@@ -589,10 +880,37 @@ fn rejection_hint_skips_a_conflicting_term() {
 #[test]
 fn malformed_messages_are_refused() {
     let mut r = node(1, &[1, 2, 3]);
-    let gap = MessageBody::Append { prev_index: 0, prev_term: 0, entries: vec![entry(2, 1)], commit: 0 };
+    let gap = MessageBody::Append {
+        prev_index: 0,
+        prev_term: 0,
+        entries: vec![entry(2, 1)],
+        commit: 0,
+    };
     assert!(r.step(msg(2, 1, 1, gap)).is_err());
-    assert!(r.step(msg(9, 1, 1, MessageBody::Heartbeat { commit: 0, read_round: 0 })).is_err());
-    assert!(r.step(msg(2, 3, 1, MessageBody::Heartbeat { commit: 0, read_round: 0 })).is_err());
+    assert!(
+        r.step(msg(
+            9,
+            1,
+            1,
+            MessageBody::Heartbeat {
+                commit: 0,
+                read_round: 0
+            }
+        ))
+        .is_err()
+    );
+    assert!(
+        r.step(msg(
+            2,
+            3,
+            1,
+            MessageBody::Heartbeat {
+                commit: 0,
+                read_round: 0
+            }
+        ))
+        .is_err()
+    );
     assert_eq!(r.term(), 0);
     assert_eq!(r.log().last_index(), 0);
 }

@@ -9,7 +9,8 @@ use kythira_linearizability::kv::{KvInput, KvOutput};
 #[cfg(feature = "mutants")]
 use kythira_raft::Mutation;
 use kythira_raft::{
-    Config, Entry, EntryKind, HardState, Message, NodeId, Persisted, Proposal, ProposeError, Raft, ReadState, Role,
+    Config, Entry, EntryKind, HardState, Message, NodeId, Persisted, Proposal, ProposeError, Raft,
+    ReadState, Role,
 };
 
 use crate::kv::{KvStore, PutCommand};
@@ -77,7 +78,8 @@ const KEYS: u64 = 3;
 #[derive(Debug)]
 enum Event {
     Tick { node: usize, incarnation: u64 },
-    Deliver(Message),
+    // Boxed: messages are large and the queue moves events around.
+    Deliver(Box<Message>),
     Persisted { node: usize, incarnation: u64 },
     Restart { node: usize, incarnation: u64 },
     ClientAct { client: usize },
@@ -246,10 +248,14 @@ impl Cluster {
             disk,
             fault_gap,
             restart_gap,
-            safety: Safety::default(),
+            safety: Safety::new(n),
             check: checked,
             clients: (0..clients)
-                .map(|c| Client { id: c as u64, pending: None, leader_hint: None })
+                .map(|c| Client {
+                    id: c as u64,
+                    pending: None,
+                    leader_hint: None,
+                })
                 .collect(),
             history: Vec::new(),
             steps: 0,
@@ -300,7 +306,8 @@ impl Cluster {
             entries: n.durable_log.clone(),
             applied: 0,
         };
-        n.raft = Some(Raft::new(cfg, persisted).expect("the simulator's durable state is consistent"));
+        n.raft =
+            Some(Raft::new(cfg, persisted).expect("the simulator's durable state is consistent"));
         n.kv = KvStore::default();
         n.applied = 0;
         n.reads.clear();
@@ -325,14 +332,28 @@ impl Cluster {
 
     fn schedule(&mut self, at: Micros, event: Event) {
         self.seq += 1;
-        self.queue.push(Scheduled { at, seq: self.seq, event });
+        self.queue.push(Scheduled {
+            at,
+            seq: self.seq,
+            event,
+        });
     }
 
     /// Run to the end; stops at the first violation.
     pub fn run(mut self) -> RunResult {
         let violation = self.run_events().err();
-        let history = self.history.drain(..).filter(|r| !r.discard).map(|r| r.op).collect();
-        RunResult { steps: self.steps, violation, history, applied: self.throughput_applied }
+        let history = self
+            .history
+            .drain(..)
+            .filter(|r| !r.discard)
+            .map(|r| r.op)
+            .collect();
+        RunResult {
+            steps: self.steps,
+            violation,
+            history,
+            applied: self.throughput_applied,
+        }
     }
 
     fn run_events(&mut self) -> Result<(), Violation> {
@@ -374,7 +395,10 @@ impl Cluster {
                     return Ok(());
                 }
                 self.with_raft(to, |r| {
-                    r.step(m).map_err(|e| Violation { property: "protocol", detail: e.to_string() })
+                    r.step(*m).map_err(|e| Violation {
+                        property: "protocol",
+                        detail: e.to_string(),
+                    })
                 })?;
                 self.drive(to)
             }
@@ -463,7 +487,11 @@ impl Cluster {
                 continue;
             }
             let n = &mut self.nodes[node];
-            n.writing = Some(Write { hard_state: rd.hard_state, entries: rd.entries, then_send: rd.persisted_messages });
+            n.writing = Some(Write {
+                hard_state: rd.hard_state,
+                entries: rd.entries,
+                then_send: rd.persisted_messages,
+            });
             let incarnation = n.incarnation;
             let at = self.now + self.rng.range(self.disk.0, self.disk.1);
             self.schedule(at, Event::Persisted { node, incarnation });
@@ -503,12 +531,12 @@ impl Cluster {
         let delays: Vec<u64> = self.net.deliveries(from, to, &mut self.rng).collect();
         match delays.as_slice() {
             [] => {}
-            [d] => self.schedule(self.now + d, Event::Deliver(m)),
+            [d] => self.schedule(self.now + d, Event::Deliver(Box::new(m))),
             [d, rest @ ..] => {
                 for e in rest {
-                    self.schedule(self.now + e, Event::Deliver(m.clone()));
+                    self.schedule(self.now + e, Event::Deliver(Box::new(m.clone())));
                 }
-                self.schedule(self.now + d, Event::Deliver(m));
+                self.schedule(self.now + d, Event::Deliver(Box::new(m)));
             }
         }
     }
@@ -523,7 +551,10 @@ impl Cluster {
             EntryKind::Normal => match PutCommand::decode(&e.data) {
                 Some(cmd) => Some(cmd),
                 None => {
-                    return Err(Violation { property: "protocol", detail: format!("undecodable entry {}", e.index) });
+                    return Err(Violation {
+                        property: "protocol",
+                        detail: format!("undecodable entry {}", e.index),
+                    });
                 }
             },
             _ => None,
@@ -557,14 +588,23 @@ impl Cluster {
     fn serve_reads(&mut self, node: usize) {
         let n = &mut self.nodes[node];
         let applied = n.applied;
-        let (ready, waiting): (Vec<_>, Vec<_>) = n.reads.drain(..).partition(|r| r.index <= applied);
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            n.reads.drain(..).partition(|r| r.index <= applied);
         n.reads = waiting;
         for r in ready {
             let op = r.ctx as usize;
-            let waiting = self.clients.iter().enumerate().find_map(|(c, cl)| match cl.pending {
-                Some(Pending::Get { op: o, node: at, key }) if o == op && at == node => Some((c, key)),
-                _ => None,
-            });
+            let waiting = self
+                .clients
+                .iter()
+                .enumerate()
+                .find_map(|(c, cl)| match cl.pending {
+                    Some(Pending::Get {
+                        op: o,
+                        node: at,
+                        key,
+                    }) if o == op && at == node => Some((c, key)),
+                    _ => None,
+                });
             if let Some((c, key)) = waiting {
                 let value = self.nodes[node].kv.get(key);
                 self.complete(c, op, KvOutput::Get(value));
@@ -573,7 +613,11 @@ impl Cluster {
     }
 
     fn fail_read(&mut self, op: usize) {
-        if let Some(c) = self.clients.iter().position(|c| matches!(c.pending, Some(Pending::Get { op: o, .. }) if o == op)) {
+        if let Some(c) = self
+            .clients
+            .iter()
+            .position(|c| matches!(c.pending, Some(Pending::Get { op: o, .. }) if o == op))
+        {
             // A read that returned nothing had no effect: leave it out.
             self.history[op].discard = true;
             self.clients[c].pending = None;
@@ -617,11 +661,20 @@ impl Cluster {
         };
         let (input, result) = if is_put {
             let value = op as u64;
-            let data = PutCommand { op: op as u64, key, value }.encode();
-            let r = raft.propose(data).map(|proposal| Pending::Put { op, proposal });
+            let data = PutCommand {
+                op: op as u64,
+                key,
+                value,
+            }
+            .encode();
+            let r = raft
+                .propose(data)
+                .map(|proposal| Pending::Put { op, proposal });
             (KvInput::Put { key, value }, r)
         } else {
-            let r = raft.read_index(op as u64).map(|()| Pending::Get { op, node, key });
+            let r = raft
+                .read_index(op as u64)
+                .map(|()| Pending::Get { op, node, key });
             (KvInput::Get { key }, r)
         };
         match result {
@@ -632,7 +685,13 @@ impl Cluster {
                     Pending::Get { .. } => None,
                 };
                 self.history.push(Record {
-                    op: Operation { client: id, input, call: self.now, output: None, ret: None },
+                    op: Operation {
+                        client: id,
+                        input,
+                        call: self.now,
+                        output: None,
+                        ret: None,
+                    },
                     discard: false,
                     put_index,
                 });
@@ -671,12 +730,20 @@ impl Cluster {
     }
 
     fn throughput_act(&mut self, client: usize, window: usize) -> Result<(), Violation> {
-        let leader = self.nodes.iter().position(|n| n.raft.as_ref().is_some_and(|r| r.role() == Role::Leader));
+        let leader = self
+            .nodes
+            .iter()
+            .position(|n| n.raft.as_ref().is_some_and(|r| r.role() == Role::Leader));
         if let Some(l) = leader {
             let raft = self.nodes[l].raft.as_mut().expect("leader is up");
             while self.throughput_outstanding < window {
                 let op = self.throughput_applied + self.throughput_outstanding as u64;
-                let data = PutCommand { op, key: op % 1024, value: op }.encode();
+                let data = PutCommand {
+                    op,
+                    key: op % 1024,
+                    value: op,
+                }
+                .encode();
                 if raft.propose(data).is_err() {
                     break;
                 }
@@ -712,7 +779,9 @@ impl Cluster {
             }
             55..75 => {
                 // Prefer a node in the middle of a write: the interesting crash.
-                let writing: Vec<usize> = (0..n).filter(|&i| self.nodes[i].writing.is_some()).collect();
+                let writing: Vec<usize> = (0..n)
+                    .filter(|&i| self.nodes[i].writing.is_some())
+                    .collect();
                 let up: Vec<usize> = (0..n).filter(|&i| self.nodes[i].raft.is_some()).collect();
                 let leader = self.current_leader();
                 let victim = if leader.is_some() && self.rng.chance(0.3) {
@@ -746,10 +815,17 @@ impl Cluster {
     }
 
     fn current_leader(&self) -> Option<usize> {
-        let max_term = self.nodes.iter().filter_map(|n| n.raft.as_ref()).map(Raft::term).max()?;
-        self.nodes
+        let max_term = self
+            .nodes
             .iter()
-            .position(|n| n.raft.as_ref().is_some_and(|r| r.role() == Role::Leader && r.term() == max_term))
+            .filter_map(|n| n.raft.as_ref())
+            .map(Raft::term)
+            .max()?;
+        self.nodes.iter().position(|n| {
+            n.raft
+                .as_ref()
+                .is_some_and(|r| r.role() == Role::Leader && r.term() == max_term)
+        })
     }
 
     fn check_leader(&self) -> Result<(), Violation> {

@@ -28,9 +28,17 @@ impl PutCommand {
 
     /// Decode a payload; `None` if it is not a put.
     pub fn decode(data: &[u8]) -> Option<Self> {
-        let word = |i: usize| Some(u64::from_le_bytes(data.get(i * 8..i * 8 + 8)?.try_into().ok()?));
+        let word = |i: usize| {
+            Some(u64::from_le_bytes(
+                data.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+            ))
+        };
         (data.len() == 24).then_some(())?;
-        Some(Self { op: word(0)?, key: word(1)?, value: word(2)? })
+        Some(Self {
+            op: word(0)?,
+            key: word(1)?,
+            value: word(2)?,
+        })
     }
 }
 

@@ -89,7 +89,13 @@ pub fn run_seed(opts: Options) -> SeedReport {
                 .cloned()
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            return SeedReport { seed, steps: 0, operations: 0, undecided: false, failure: Some(Failure::Panic(msg)) };
+            return SeedReport {
+                seed,
+                steps: 0,
+                operations: 0,
+                undecided: false,
+                failure: Some(Failure::Panic(msg)),
+            };
         }
     };
     let mut report = SeedReport {
@@ -154,14 +160,18 @@ pub fn run_seeds(
             scope.spawn(|| {
                 loop {
                     let seed = next.fetch_add(1, Ordering::Relaxed);
-                    if seed >= end || (stop_at_first_failure && seed > first_failure.load(Ordering::Relaxed)) {
+                    if seed >= end
+                        || (stop_at_first_failure && seed > first_failure.load(Ordering::Relaxed))
+                    {
                         break;
                     }
                     let report = run_seed(make(seed));
                     if report.failure.is_some() {
                         first_failure.fetch_min(seed, Ordering::Relaxed);
                     }
-                    let mut s = summary.lock().expect("no worker panics while holding the lock");
+                    let mut s = summary
+                        .lock()
+                        .expect("no worker panics while holding the lock");
                     s.seeds += 1;
                     s.steps += report.steps;
                     s.undecided += u64::from(report.undecided);

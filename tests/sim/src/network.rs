@@ -16,7 +16,11 @@ pub struct Quality {
 
 impl Quality {
     /// No loss, no duplicates, no detours.
-    pub const PERFECT: Quality = Quality { drop: 0.0, duplicate: 0.0, detour: 0.0 };
+    pub const PERFECT: Quality = Quality {
+        drop: 0.0,
+        duplicate: 0.0,
+        detour: 0.0,
+    };
 }
 
 /// Which links are up, and how good they are.

@@ -7,10 +7,17 @@
 //!   every entry up to it (checked on durable logs with prefix hashes);
 //! * leader completeness: a new leader holds every entry applied anywhere;
 //! * state machine safety: no two nodes apply different entries at an index,
-//!   and each node applies its entries in order, each once.
+//!   and each node applies its entries in order, each once;
+//! * committed entries are protected: after every commit and every durable
+//!   write, no node whose durable log lacks the latest entry applied anywhere
+//!   could collect votes from a majority (judged on durable logs, the state
+//!   that survives any crash). This is the argument behind leader
+//!   completeness (paper §5.4.3), checked before a bad election happens
+//!   rather than after.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use kythira_raft::{Entry, EntryKind, Index, NodeId, Raft, Role, Term};
 
@@ -23,20 +30,51 @@ pub struct Violation {
     pub detail: String,
 }
 
+/// A fast hasher for small integer keys (the Fx mix used by rustc); the
+/// keys are simulator-generated, so there is nothing to defend against.
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+/// Per-node state of the checker. Node ids are `1..=n`.
+#[derive(Debug, Default, Clone)]
+struct NodeView {
+    /// (term, last index, term of last) when last seen as leader.
+    leader_tip: Option<(Term, Index, Term)>,
+    /// Prefix hashes of its durable log, index i at i - 1.
+    durable_prefix: Vec<u64>,
+    /// Terms of its durable log, index i at i - 1.
+    durable_terms: Vec<Term>,
+    /// Last applied index since its last restart.
+    applied: Index,
+}
+
 /// Incremental checker of every node's observable state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Safety {
-    leaders: HashMap<Term, NodeId>,
-    /// Per node: (term, last index, term of last) when last seen as leader.
-    leader_tip: HashMap<NodeId, (Term, Index, Term)>,
-    /// Per node: prefix hashes of its durable log, index i at i - 1.
-    durable_prefix: HashMap<NodeId, Vec<u64>>,
+    leaders: FxMap<Term, NodeId>,
+    nodes: Vec<NodeView>,
     /// Prefix hash of every (index, term) ever made durable anywhere.
-    prefix_by_position: HashMap<(Index, Term), u64>,
+    prefix_by_position: FxMap<(Index, Term), u64>,
     /// Entries applied anywhere, index i at i - 1: (term, content hash).
     applied: Vec<(Term, u64)>,
-    /// Per node: last applied index since its last restart.
-    node_applied: HashMap<NodeId, Index>,
 }
 
 /// Content hash of an entry (FNV-1a over kind and payload).
@@ -65,11 +103,25 @@ fn violation(property: &'static str, detail: String) -> Result<(), Violation> {
 }
 
 impl Safety {
+    /// A checker for nodes `1..=nodes`.
+    pub fn new(nodes: usize) -> Self {
+        Self {
+            leaders: FxMap::default(),
+            nodes: vec![NodeView::default(); nodes],
+            prefix_by_position: FxMap::default(),
+            applied: Vec::new(),
+        }
+    }
+
+    fn node(&mut self, id: NodeId) -> &mut NodeView {
+        &mut self.nodes[id as usize - 1]
+    }
+
     /// Check the observable state of `raft` after it handled an input.
     pub fn observe(&mut self, raft: &Raft) -> Result<(), Violation> {
         let id = raft.id();
         if raft.role() != Role::Leader {
-            self.leader_tip.remove(&id);
+            self.node(id).leader_tip = None;
             return Ok(());
         }
         let term = raft.term();
@@ -86,18 +138,21 @@ impl Safety {
             }
         }
         let log = raft.log();
-        match self.leader_tip.get(&id) {
-            Some(&(t, last, last_term)) if t == term => {
+        match self.node(id).leader_tip {
+            Some((t, last, last_term)) if t == term => {
                 if log.last_index() < last || log.term(last) != Some(last_term) {
                     return violation(
                         "leader append-only",
-                        format!("leader {id} of term {term} had ({last}, {last_term}), now ends at {}", log.last_index()),
+                        format!(
+                            "leader {id} of term {term} had ({last}, {last_term}), now ends at {}",
+                            log.last_index()
+                        ),
                     );
                 }
             }
             _ => self.check_completeness(raft)?,
         }
-        self.leader_tip.insert(id, (term, log.last_index(), log.last_term()));
+        self.node(id).leader_tip = Some((term, log.last_index(), log.last_term()));
         Ok(())
     }
 
@@ -129,11 +184,18 @@ impl Safety {
         let Some(first) = entries.first() else {
             return Ok(());
         };
-        let prefix = self.durable_prefix.entry(node).or_default();
+        let view = &mut self.nodes[node as usize - 1];
+        let prefix = &mut view.durable_prefix;
+        view.durable_terms.truncate(first.index as usize - 1);
+        view.durable_terms.extend(entries.iter().map(|e| e.term));
         if first.index as usize > prefix.len() + 1 {
             return violation(
                 "log matching",
-                format!("node {node} wrote entry {} after a log ending at {}", first.index, prefix.len()),
+                format!(
+                    "node {node} wrote entry {} after a log ending at {}",
+                    first.index,
+                    prefix.len()
+                ),
             );
         }
         prefix.truncate(first.index as usize - 1);
@@ -144,7 +206,10 @@ impl Safety {
                 MapEntry::Occupied(o) if *o.get() != h => {
                     return violation(
                         "log matching",
-                        format!("node {node} holds ({}, {}) with a prefix that differs from another node's", e.index, e.term),
+                        format!(
+                            "node {node} holds ({}, {}) with a prefix that differs from another node's",
+                            e.index, e.term
+                        ),
                     );
                 }
                 MapEntry::Occupied(_) => {}
@@ -154,18 +219,58 @@ impl Safety {
             }
             prefix.push(h);
         }
+        self.check_commit_protected()
+    }
+
+    /// No node lacking the latest committed entry could win an election.
+    fn check_commit_protected(&self) -> Result<(), Violation> {
+        let Some(&(term, _)) = self.applied.last() else {
+            return Ok(());
+        };
+        let index = self.applied.len();
+        let last = |v: &NodeView| {
+            (
+                v.durable_terms.last().copied().unwrap_or(0),
+                v.durable_terms.len(),
+            )
+        };
+        let quorum = self.nodes.len() / 2 + 1;
+        for (i, candidate) in self.nodes.iter().enumerate() {
+            if candidate.durable_terms.get(index - 1) == Some(&term) {
+                continue;
+            }
+            let (c_term, c_index) = last(candidate);
+            let voters = self
+                .nodes
+                .iter()
+                .filter(|v| {
+                    let (v_term, v_index) = last(v);
+                    c_term > v_term || (c_term == v_term && c_index >= v_index)
+                })
+                .count();
+            if voters >= quorum {
+                return violation(
+                    "leader completeness",
+                    format!(
+                        "node {} lacks committed entry ({index}, {term}) yet {voters} nodes would vote for it",
+                        i + 1
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 
     /// `node` lost its volatile state; it will apply from the start again.
     pub fn restarted(&mut self, node: NodeId) {
-        self.node_applied.insert(node, 0);
-        self.leader_tip.remove(&node);
+        let view = self.node(node);
+        view.applied = 0;
+        view.leader_tip = None;
     }
 
     /// `node` applied `e`.
     pub fn applied(&mut self, node: NodeId, e: &Entry) -> Result<(), Violation> {
-        let last = self.node_applied.entry(node).or_insert(0);
+        let last = &mut self.node(node).applied;
         if e.index != *last + 1 {
             return violation(
                 "state machine safety",
@@ -177,13 +282,16 @@ impl Safety {
         match self.applied.get(e.index as usize - 1) {
             Some(&(term, h)) if term != e.term || h != hash => violation(
                 "state machine safety",
-                format!("node {node} applied ({}, {}) where another applied term {term}", e.index, e.term),
+                format!(
+                    "node {node} applied ({}, {}) where another applied term {term}",
+                    e.index, e.term
+                ),
             ),
             Some(_) => Ok(()),
             None => {
                 debug_assert_eq!(self.applied.len() as Index + 1, e.index);
                 self.applied.push((e.term, hash));
-                Ok(())
+                self.check_commit_protected()
             }
         }
     }

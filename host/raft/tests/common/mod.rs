@@ -23,12 +23,21 @@ pub fn config(id: NodeId, voters: &[NodeId]) -> Config {
 }
 
 pub fn entry(index: Index, term: Term) -> Entry {
-    Entry { term, index, kind: EntryKind::Normal, data: Bytes::new() }
+    Entry {
+        term,
+        index,
+        kind: EntryKind::Normal,
+        data: Bytes::new(),
+    }
 }
 
 /// Entries 1.. with the given terms.
 pub fn log_of(terms: &[Term]) -> Vec<Entry> {
-    terms.iter().enumerate().map(|(i, &t)| entry(i as Index + 1, t)).collect()
+    terms
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| entry(i as Index + 1, t))
+        .collect()
 }
 
 pub fn node(id: NodeId, voters: &[NodeId]) -> Raft {
@@ -37,7 +46,11 @@ pub fn node(id: NodeId, voters: &[NodeId]) -> Raft {
 
 pub fn node_with(cfg: Config, term: Term, terms: &[Term]) -> Raft {
     let persisted = Persisted {
-        hard_state: HardState { term, vote: None, commit: 0 },
+        hard_state: HardState {
+            term,
+            vote: None,
+            commit: 0,
+        },
         entries: log_of(terms),
         applied: 0,
     };
@@ -60,7 +73,11 @@ pub struct Output {
 
 impl Output {
     pub fn all(&self) -> Vec<Message> {
-        self.early.iter().chain(&self.after_persist).cloned().collect()
+        self.early
+            .iter()
+            .chain(&self.after_persist)
+            .cloned()
+            .collect()
     }
 }
 
@@ -80,7 +97,12 @@ pub fn drain(r: &mut Raft) -> Output {
 }
 
 pub fn msg(from: NodeId, to: NodeId, term: Term, body: MessageBody) -> Message {
-    Message { from, to, term, body }
+    Message {
+        from,
+        to,
+        term,
+        body,
+    }
 }
 
 /// Tick until the node changes role (bounded).
@@ -181,11 +203,17 @@ impl Network {
     }
 
     pub fn leader(&self) -> Option<NodeId> {
-        self.nodes.values().find(|r| r.role() == Role::Leader).map(Raft::id)
+        self.nodes
+            .values()
+            .find(|r| r.role() == Role::Leader)
+            .map(Raft::id)
     }
 
     pub fn log_terms(&self, id: NodeId) -> Vec<Term> {
         let log = self.nodes[&id].log();
-        log.entries(1, log.last_index()).iter().map(|e| e.term).collect()
+        log.entries(1, log.last_index())
+            .iter()
+            .map(|e| e.term)
+            .collect()
     }
 }

@@ -17,7 +17,10 @@ fn thread_cpu_seconds() -> Option<f64> {
 
 fn one_run(nodes: usize, seed: u64) -> f64 {
     let opts = Options {
-        workload: Workload::Throughput { window: WINDOW, total: TOTAL },
+        workload: Workload::Throughput {
+            window: WINDOW,
+            total: TOTAL,
+        },
         ..Options::checked(nodes, seed)
     };
     let wall = std::time::Instant::now();
@@ -27,8 +30,16 @@ fn one_run(nodes: usize, seed: u64) -> f64 {
         (Some(a), Some(b)) => b - a,
         _ => wall.elapsed().as_secs_f64(),
     };
-    assert!(result.violation.is_none(), "benchmark run failed: {:?}", result.violation);
-    assert!(result.applied >= TOTAL, "only {} of {TOTAL} applied", result.applied);
+    assert!(
+        result.violation.is_none(),
+        "benchmark run failed: {:?}",
+        result.violation
+    );
+    assert!(
+        result.applied >= TOTAL,
+        "only {} of {TOTAL} applied",
+        result.applied
+    );
     result.applied as f64 / secs
 }
 
@@ -38,8 +49,15 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    for (name, nodes) in [("core.commit.1node", 1), ("core.commit.3nodes", 3), ("core.commit.5nodes", 5)] {
+    for (name, nodes) in [
+        ("core.commit.1node", 1),
+        ("core.commit.3nodes", 3),
+        ("core.commit.5nodes", 5),
+    ] {
         let rates: Vec<f64> = (0..RUNS).map(|i| one_run(nodes, i as u64)).collect();
-        println!("BENCH name={name} value={:.0} unit=entries_per_s", median(rates));
+        println!(
+            "BENCH name={name} value={:.0} unit=entries_per_s",
+            median(rates)
+        );
     }
 }

@@ -24,9 +24,13 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         match flag.as_str() {
-            "--max-seeds" => max_seeds = args.next().context("--max-seeds needs a value")?.parse()?,
+            "--max-seeds" => {
+                max_seeds = args.next().context("--max-seeds needs a value")?.parse()?
+            }
             "--only" => only = Some(args.next().context("--only needs a mutant name")?),
-            other => bail!("unknown argument {other}; usage: sim-mutants [--max-seeds N] [--only NAME]"),
+            other => {
+                bail!("unknown argument {other}; usage: sim-mutants [--max-seeds N] [--only NAME]")
+            }
         }
     }
     let mut missed = 0;
@@ -46,7 +50,13 @@ fn main() -> anyhow::Result<()> {
                     m.name(),
                     f.seed,
                     nodes,
-                    f.failure.as_ref().expect("failures only").to_string().lines().next().unwrap_or("")
+                    f.failure
+                        .as_ref()
+                        .expect("failures only")
+                        .to_string()
+                        .lines()
+                        .next()
+                        .unwrap_or("")
                 );
                 println!("MUTANT name={} caught=yes seed={}", m.name(), f.seed);
             }

@@ -14,12 +14,18 @@ struct Args {
 }
 
 fn parse() -> anyhow::Result<Args> {
-    let mut args = Args { first: 0, count: 100, nodes: 3, threads: 2 };
+    let mut args = Args {
+        first: 0,
+        count: 100,
+        nodes: 3,
+        threads: 2,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = |name: &str| -> anyhow::Result<u64> {
             let v = it.next().with_context(|| format!("{name} needs a value"))?;
-            v.parse().with_context(|| format!("{name}: not a number: {v}"))
+            v.parse()
+                .with_context(|| format!("{name}: not a number: {v}"))
         };
         match flag.as_str() {
             "--seeds" => args.count = value("--seeds")?,
@@ -30,7 +36,9 @@ fn parse() -> anyhow::Result<Args> {
             "--first" => args.first = value("--first")?,
             "--nodes" => args.nodes = value("--nodes")? as usize,
             "--threads" => args.threads = value("--threads")? as usize,
-            other => bail!("unknown argument {other}; usage: sim --seeds N [--nodes 3|5] [--first S] [--threads T] | --seed S"),
+            other => bail!(
+                "unknown argument {other}; usage: sim --seeds N [--nodes 3|5] [--first S] [--threads T] | --seed S"
+            ),
         }
     }
     if !(3..=7).contains(&args.nodes) {
@@ -42,7 +50,9 @@ fn parse() -> anyhow::Result<Args> {
 fn main() -> anyhow::Result<()> {
     let args = parse()?;
     let started = Instant::now();
-    let summary = run_seeds(args.first, args.count, args.threads, false, |seed| Options::checked(args.nodes, seed));
+    let summary = run_seeds(args.first, args.count, args.threads, false, |seed| {
+        Options::checked(args.nodes, seed)
+    });
     for f in &summary.failures {
         eprintln!(
             "FAIL seed={} nodes={}: {}\n  replay: {}",

@@ -1,0 +1,25 @@
+//! Each injected bug is caught by the simulator within a known seed range
+//! (found with `just sim-mutants`, which searches further).
+
+use kythira_raft::Mutation;
+use kythira_sim::{Options, run_seeds};
+
+fn caught_within(m: Mutation, nodes: usize, first: u64, seeds: u64) {
+    let summary = run_seeds(first, seeds, 2, true, |seed| Options {
+        mutation: Some(m),
+        ..Options::checked(nodes, seed)
+    });
+    let f = summary.failures.first().unwrap_or_else(|| {
+        panic!(
+            "{} survived seeds {first}..{} on {nodes} nodes",
+            m.name(),
+            first + seeds
+        )
+    });
+    eprintln!(
+        "{} caught on seed {}: {}",
+        m.name(),
+        f.seed,
+        f.failure.as_ref().expect("failures only")
+    );
+}
