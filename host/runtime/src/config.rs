@@ -1,0 +1,84 @@
+//! Configuration of the runtime and the limits plugins run under.
+
+use std::path::PathBuf;
+
+use crate::RuntimeError;
+
+/// Resource limits for every call into a plugin.
+///
+/// Limits are part of the replicated configuration: replicas that run the same
+/// plugin under different limits may disagree about which calls fail, so every
+/// replica must use the same values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Fuel for one `apply` call (about one unit per wasm instruction).
+    pub apply_fuel: u64,
+    /// Fuel for one `query` call.
+    pub query_fuel: u64,
+    /// Fuel for one `get-state` or `restore-from-snapshot` call. These touch the
+    /// whole state, so they get a budget of their own: restoring 100 MB costs
+    /// about 1.1 × 10⁹ units.
+    pub snapshot_fuel: u64,
+    /// Maximum size of a plugin's linear memory, in bytes.
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            apply_fuel: 50_000_000,
+            query_fuel: 50_000_000,
+            snapshot_fuel: 20_000_000_000,
+            memory_bytes: 512 << 20,
+        }
+    }
+}
+
+impl Limits {
+    pub(crate) fn validate(&self) -> Result<(), RuntimeError> {
+        let invalid = |why: &str| Err(RuntimeError::InvalidConfig(why.to_string()));
+        if self.apply_fuel == 0 || self.query_fuel == 0 || self.snapshot_fuel == 0 {
+            return invalid("fuel budgets must be positive");
+        }
+        if self.memory_bytes < WASM_PAGE {
+            return invalid("memory limit must be at least one 64 KiB wasm page");
+        }
+        if u64::try_from(self.memory_bytes).is_err() || self.memory_bytes > MAX_MEMORY {
+            return invalid("memory limit must be at most 4 GiB (32-bit wasm memories)");
+        }
+        Ok(())
+    }
+}
+
+/// Size of a WebAssembly page.
+pub(crate) const WASM_PAGE: usize = 64 << 10;
+/// Largest 32-bit linear memory.
+const MAX_MEMORY: usize = 4 << 30;
+
+/// How to build a [`crate::Runtime`].
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Limits for every call.
+    pub limits: Limits,
+    /// Where compiled artifacts are cached, keyed by the component's sha256 and
+    /// the engine's settings. `None` compiles every load.
+    pub cache_dir: Option<PathBuf>,
+    /// How many machines may be alive at once (the pooling allocator reserves
+    /// address space for this many up front).
+    pub max_machines: u32,
+    /// A checkpoint is taken when the fuel spent in `apply` since the last one
+    /// exceeds this many times what the last checkpoint cost. Higher values make
+    /// checkpoints rarer and rollbacks longer. See [`crate::Machine`].
+    pub checkpoint_ratio: u32,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            cache_dir: None,
+            max_machines: 64,
+            checkpoint_ratio: 4,
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Two runtimes fed the same log end in the same place, and so does the same
+//! logic run natively; large states survive a snapshot round trip.
+
+mod support;
+
+use kythira_guest::Raw;
+use kythira_guest::codec::encode;
+use kythira_plugin_kv::{Command as Kv, KvStore, Scan};
+use kythira_runtime::{ApplyContext, CallError, Limits};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use support::{runtime, runtime_with, start, test_limits};
+
+fn random_command(rng: &mut SmallRng) -> Kv {
+    // A small key space so that gets, deletes and swaps hit existing keys.
+    let mut key = || format!("k{:02}", rng.random_range(0..64)).into_bytes();
+    let key = key();
+    let value = |rng: &mut SmallRng| {
+        let len = rng.random_range(0..24);
+        (0..len).map(|_| rng.random()).collect::<Vec<u8>>()
+    };
+    match rng.random_range(0..10) {
+        0..=3 => Kv::Put {
+            key,
+            value: value(rng),
+        },
+        4 | 5 => Kv::Get { key },
+        6 => Kv::Delete { key },
+        7 | 8 => Kv::CompareAndSwap {
+            key,
+            expected: rng.random_bool(0.5).then(|| value(rng)),
+            new: rng.random_bool(0.8).then(|| value(rng)),
+        },
+        _ => Kv::Scan(Scan {
+            prefix: vec![b'k', b'0' + rng.random_range(0..7)],
+            start_after: None,
+            limit: rng.random_range(0..8),
+        }),
+    }
+}
+
+#[test]
+fn same_log_gives_identical_results_and_state_everywhere() {
+    const COMMANDS: u64 = 10_000;
+    let (first_runtime, second_runtime) = (runtime(), runtime());
+    let mut first = start(&first_runtime, "kv");
+    let mut second = start(&second_runtime, "kv");
+    let mut native = Raw::<KvStore>::new();
+    let mut rng = SmallRng::seed_from_u64(0x006b_7974_6869_7261);
+    for index in 1..=COMMANDS {
+        let command = encode(&random_command(&mut rng)).unwrap();
+        let ctx = ApplyContext {
+            index,
+            term: 1 + index / 1000,
+            timestamp_ms: 1_700_000_000_000 + index * 3,
+        };
+        let a = first.apply(ctx, &command);
+        let b = second.apply(ctx, &command);
+        assert_eq!(a.result, b.result, "index {index}");
+        assert_eq!(a.fuel_used, b.fuel_used, "fuel differs at index {index}");
+        let native_ctx = kythira_guest::ApplyContext {
+            index,
+            term: ctx.term,
+            timestamp_ms: ctx.timestamp_ms,
+        };
+        let expected = native
+            .apply(&native_ctx, &command)
+            .map_err(CallError::Plugin);
+        assert_eq!(
+            a.result, expected,
+            "component and native logic differ at index {index}"
+        );
+    }
+    let state = first.get_state().result.unwrap();
+    assert_eq!(state, second.get_state().result.unwrap());
+    assert_eq!(state, native.get_state().unwrap());
+}
+
+#[test]
+fn a_100_mb_state_restores() {
+    // 100 values of 1 MiB, built natively and encoded the way the plugin does.
+    let mut native = Raw::<KvStore>::new();
+    for i in 0..100u64 {
+        let command = encode(&Kv::Put {
+            key: format!("blob{i:03}").into_bytes(),
+            value: vec![(i % 251) as u8; 1 << 20],
+        })
+        .unwrap();
+        let ctx = kythira_guest::ApplyContext {
+            index: i + 1,
+            term: 1,
+            timestamp_ms: 0,
+        };
+        native.apply(&ctx, &command).unwrap();
+    }
+    let state = native.get_state().unwrap();
+    assert!(state.len() > 100 << 20);
+
+    let runtime = runtime_with(Limits {
+        memory_bytes: 1 << 30,
+        snapshot_fuel: Limits::default().snapshot_fuel,
+        ..test_limits()
+    });
+    let mut m = start(&runtime, "kv");
+    let restored = m.restore(&state);
+    restored.result.unwrap();
+    assert!(restored.fuel_used > 0);
+    assert_eq!(m.get_state().result.unwrap(), state);
+}
+
+#[test]
+fn restoring_more_than_the_memory_limit_fails_cleanly() {
+    let mut native = Raw::<KvStore>::new();
+    let command = encode(&Kv::Put {
+        key: b"big".to_vec(),
+        value: vec![7; 8 << 20],
+    })
+    .unwrap();
+    let ctx = kythira_guest::ApplyContext {
+        index: 1,
+        term: 1,
+        timestamp_ms: 0,
+    };
+    native.apply(&ctx, &command).unwrap();
+    let state = native.get_state().unwrap();
+
+    let runtime = runtime_with(Limits {
+        memory_bytes: 4 << 20,
+        ..test_limits()
+    });
+    let mut m = start(&runtime, "kv");
+    let before = m.get_state().result.unwrap();
+    let err = m.restore(&state).result.unwrap_err();
+    assert_eq!(err, CallError::MemoryLimit { limit: 4 << 20 });
+    assert_eq!(m.get_state().result.unwrap(), before);
+}

@@ -1,0 +1,105 @@
+//! What the runtime refuses at load time, and why.
+
+mod support;
+
+use kythira_runtime::LoadError;
+use support::{component, runtime};
+
+#[test]
+fn wasi_plugin_is_refused_naming_the_import() {
+    let err = runtime().load(&component("wasi")).unwrap_err();
+    match &err {
+        LoadError::ForbiddenImport { name } => assert!(name.starts_with("wasi:"), "{name}"),
+        other => panic!("expected ForbiddenImport, got {other:?}"),
+    }
+    assert!(err.to_string().contains("may import nothing"), "{err}");
+}
+
+#[test]
+fn garbage_is_not_wasm() {
+    assert_eq!(
+        runtime().load(b"definitely not wasm").unwrap_err(),
+        LoadError::NotWasm
+    );
+}
+
+#[test]
+fn core_module_is_refused_with_a_hint() {
+    // The smallest valid core module: magic and version 1.
+    let err = runtime().load(b"\0asm\x01\0\0\0").unwrap_err();
+    assert_eq!(err, LoadError::CoreModule);
+    assert!(err.to_string().contains("componentize"));
+}
+
+#[test]
+fn component_of_another_world_is_refused_naming_the_missing_export() {
+    // The smallest valid component: it exports nothing.
+    let err = runtime().load(b"\0asm\x0d\0\x01\0").unwrap_err();
+    assert_eq!(
+        err,
+        LoadError::MissingExport {
+            name: "apply".into()
+        }
+    );
+}
+
+#[test]
+fn truncated_component_is_invalid() {
+    let bytes = component("kv");
+    let err = runtime().load(&bytes[..bytes.len() / 2]).unwrap_err();
+    assert!(matches!(err, LoadError::Invalid(_)), "{err:?}");
+}
+
+#[test]
+fn runtime_keeps_serving_after_refusals() {
+    let runtime = runtime();
+    assert!(runtime.load(&component("wasi")).is_err());
+    assert!(runtime.load(b"junk").is_err());
+    let plugin = runtime.load(&component("kv")).expect("kv loads");
+    let mut machine = runtime.start(&plugin).expect("start");
+    assert!(machine.get_state().result.is_ok());
+}
+
+#[test]
+fn cached_artifact_loads_and_damaged_one_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || kythira_runtime::RuntimeConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        max_machines: 2,
+        ..Default::default()
+    };
+    let bytes = component("counter");
+    let first = kythira_runtime::Runtime::new(config())
+        .unwrap()
+        .load(&bytes)
+        .unwrap();
+    let artifacts: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    assert!(
+        artifacts[0]
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(&first.hash().to_string())
+    );
+
+    // Flip a byte in the middle of the artifact: the checksum catches it, the
+    // runtime recompiles instead of trusting it.
+    let mut damaged = std::fs::read(&artifacts[0]).unwrap();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0xff;
+    std::fs::write(&artifacts[0], &damaged).unwrap();
+    let runtime = kythira_runtime::Runtime::new(config()).unwrap();
+    let again = runtime.load(&bytes).unwrap();
+    assert_eq!(again.hash(), first.hash());
+    let mut machine = runtime.start(&again).unwrap();
+    assert!(machine.get_state().result.is_ok());
+    assert_ne!(
+        std::fs::read(&artifacts[0]).unwrap(),
+        damaged,
+        "artifact rewritten"
+    );
+}

@@ -1,0 +1,404 @@
+//! Calls through the built components: every kv command, each misbehaving
+//! plugin's specific error with the state unchanged afterwards, rollback across
+//! checkpoints, upgrades.
+
+mod support;
+
+use kythira_guest::codec::{decode, encode};
+use kythira_plugin_kv::{Command as Kv, Query as KvQuery, Response, Scan};
+use kythira_runtime::{ApplyContext, CallError, Limits, Machine};
+use support::{load, runtime, runtime_with, start, test_limits};
+
+/// Applies entries with consecutive indexes, as the log would.
+struct Log {
+    next: u64,
+}
+
+impl Log {
+    fn new() -> Self {
+        Self { next: 1 }
+    }
+
+    fn ctx(&mut self) -> ApplyContext {
+        let index = self.next;
+        self.next += 1;
+        ApplyContext {
+            index,
+            term: 1,
+            timestamp_ms: 1_700_000_000_000 + index,
+        }
+    }
+
+    fn apply<C: serde::Serialize>(
+        &mut self,
+        m: &mut Machine,
+        command: &C,
+    ) -> Result<Vec<u8>, CallError> {
+        let ctx = self.ctx();
+        m.apply(ctx, &encode(command).unwrap()).result
+    }
+}
+
+fn kv(log: &mut Log, m: &mut Machine, command: Kv) -> Response {
+    decode(&log.apply(m, &command).expect("kv apply")).expect("kv response")
+}
+
+fn kv_query(m: &mut Machine, query: KvQuery) -> Response {
+    decode(&m.query(&encode(&query).unwrap()).result.expect("kv query")).unwrap()
+}
+
+fn b(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+#[test]
+fn kv_every_command() {
+    let runtime = runtime();
+    let mut m = start(&runtime, "kv");
+    let mut log = Log::new();
+
+    assert_eq!(
+        kv(
+            &mut log,
+            &mut m,
+            Kv::Put {
+                key: b("a/1"),
+                value: b("x")
+            }
+        ),
+        Response::Value(None)
+    );
+    assert_eq!(
+        kv(
+            &mut log,
+            &mut m,
+            Kv::Put {
+                key: b("a/1"),
+                value: b("y")
+            }
+        ),
+        Response::Value(Some(b("x")))
+    );
+    kv(
+        &mut log,
+        &mut m,
+        Kv::Put {
+            key: b("a/2"),
+            value: b("z"),
+        },
+    );
+    kv(
+        &mut log,
+        &mut m,
+        Kv::Put {
+            key: b("b/1"),
+            value: b("w"),
+        },
+    );
+    assert_eq!(
+        kv(&mut log, &mut m, Kv::Get { key: b("a/1") }),
+        Response::Value(Some(b("y")))
+    );
+    assert_eq!(
+        kv(&mut log, &mut m, Kv::Get { key: b("nope") }),
+        Response::Value(None)
+    );
+
+    // Compare-and-swap: mismatch changes nothing, match applies.
+    assert_eq!(
+        kv(
+            &mut log,
+            &mut m,
+            Kv::CompareAndSwap {
+                key: b("a/1"),
+                expected: Some(b("x")),
+                new: Some(b("q"))
+            }
+        ),
+        Response::Mismatch {
+            current: Some(b("y"))
+        }
+    );
+    assert_eq!(
+        kv(
+            &mut log,
+            &mut m,
+            Kv::CompareAndSwap {
+                key: b("a/1"),
+                expected: Some(b("y")),
+                new: Some(b("q"))
+            }
+        ),
+        Response::Swapped
+    );
+    assert_eq!(
+        kv(
+            &mut log,
+            &mut m,
+            Kv::CompareAndSwap {
+                key: b("c"),
+                expected: None,
+                new: Some(b("new"))
+            }
+        ),
+        Response::Swapped
+    );
+    assert_eq!(
+        kv(
+            &mut log,
+            &mut m,
+            Kv::CompareAndSwap {
+                key: b("c"),
+                expected: Some(b("new")),
+                new: None
+            }
+        ),
+        Response::Swapped
+    );
+    assert_eq!(
+        kv_query(&mut m, KvQuery::Get { key: b("c") }),
+        Response::Value(None)
+    );
+
+    // Scans: prefix, limit, continuation.
+    let scan = |prefix: &str, start_after: Option<&str>, limit| Scan {
+        prefix: b(prefix),
+        start_after: start_after.map(b),
+        limit,
+    };
+    assert_eq!(
+        kv(&mut log, &mut m, Kv::Scan(scan("a/", None, 1))),
+        Response::Entries {
+            entries: vec![(b("a/1"), b("q"))],
+            more: true
+        }
+    );
+    assert_eq!(
+        kv_query(&mut m, KvQuery::Scan(scan("a/", Some("a/1"), 10))),
+        Response::Entries {
+            entries: vec![(b("a/2"), b("z"))],
+            more: false
+        }
+    );
+    assert_eq!(
+        kv_query(&mut m, KvQuery::Scan(scan("", None, 10))),
+        Response::Entries {
+            entries: vec![(b("a/1"), b("q")), (b("a/2"), b("z")), (b("b/1"), b("w"))],
+            more: false
+        }
+    );
+
+    // Delete answers the removed value.
+    assert_eq!(
+        kv(&mut log, &mut m, Kv::Delete { key: b("a/2") }),
+        Response::Value(Some(b("z")))
+    );
+    assert_eq!(
+        kv(&mut log, &mut m, Kv::Delete { key: b("a/2") }),
+        Response::Value(None)
+    );
+    assert_eq!(
+        kv_query(&mut m, KvQuery::Get { key: b("a/2") }),
+        Response::Value(None)
+    );
+
+    // A refused command is a plugin error, and the machine goes on.
+    let too_big = kythira_plugin_kv::MAX_SCAN_LIMIT + 1;
+    match log.apply(&mut m, &Kv::Scan(scan("", None, too_big))) {
+        Err(CallError::Plugin(message)) => assert!(message.contains("limit"), "{message}"),
+        other => panic!("expected a plugin error, got {other:?}"),
+    }
+    // Malformed command bytes are a plugin error too, not a trap.
+    let ctx = log.ctx();
+    assert!(matches!(
+        m.apply(ctx, b"\xff\xff\xff").result,
+        Err(CallError::Plugin(_))
+    ));
+    assert!(matches!(m.query(b"").result, Err(CallError::Plugin(_))));
+    assert_eq!(
+        kv_query(&mut m, KvQuery::Get { key: b("b/1") }),
+        Response::Value(Some(b("w")))
+    );
+
+    // Snapshot and restore into a fresh machine.
+    let state = m.get_state().result.unwrap();
+    let mut copy = start(&runtime, "kv");
+    copy.restore(&state).result.unwrap();
+    assert_eq!(copy.get_state().result.unwrap(), state);
+    assert_eq!(
+        kv_query(&mut copy, KvQuery::Get { key: b("a/1") }),
+        Response::Value(Some(b("q")))
+    );
+}
+
+/// Runs a failing command against a counter plugin and checks the state is
+/// untouched and the machine keeps working.
+fn assert_contained<C: serde::Serialize>(
+    name: &str,
+    limits: Limits,
+    increment: C,
+    failing: C,
+    expect: impl Fn(&CallError) -> bool,
+) {
+    let runtime = runtime_with(limits);
+    let mut m = start(&runtime, name);
+    let mut log = Log::new();
+    for _ in 0..3 {
+        log.apply(&mut m, &increment).unwrap();
+    }
+    let before = m.get_state().result.unwrap();
+    let outcome = m.apply(log.ctx(), &encode(&failing).unwrap());
+    let err = outcome.result.unwrap_err();
+    assert!(expect(&err), "{name}: unexpected error {err:?}");
+    assert!(err.rolled_back());
+    assert!(outcome.fuel_used > 0);
+    assert_eq!(
+        m.get_state().result.unwrap(),
+        before,
+        "{name}: state changed by a failed call"
+    );
+    let count: u64 = decode(&log.apply(&mut m, &increment).unwrap()).unwrap();
+    assert_eq!(count, 4, "{name}: the next call works on the old state");
+}
+
+#[test]
+fn panic_is_a_trap_and_rolls_back() {
+    use kythira_testing_panicker::Command;
+    assert_contained(
+        "panicker",
+        test_limits(),
+        Command::Increment,
+        Command::Panic,
+        |e| matches!(e, CallError::Trap(message) if message.contains("unreachable")),
+    );
+}
+
+#[test]
+fn endless_loop_exhausts_fuel_and_rolls_back() {
+    use kythira_testing_looper::Command;
+    let limits = test_limits();
+    let budget = limits.apply_fuel;
+    assert_contained("looper", limits, Command::Increment, Command::Loop, |e| {
+        *e == CallError::FuelExhausted { budget }
+    });
+}
+
+#[test]
+fn memory_hog_hits_the_limit_and_rolls_back() {
+    use kythira_testing_memhog::Command;
+    let limits = Limits {
+        // Enough fuel to reach the cap: the limit, not fuel, must stop it.
+        apply_fuel: 2_000_000_000,
+        ..test_limits()
+    };
+    let limit = limits.memory_bytes;
+    assert_contained("memhog", limits, Command::Increment, Command::Hog, |e| {
+        *e == CallError::MemoryLimit { limit }
+    });
+}
+
+#[test]
+fn failed_restore_leaves_the_state_unchanged() {
+    use kythira_testing_bad_restore::Command;
+    let runtime = runtime();
+    let mut m = start(&runtime, "bad-restore");
+    let mut log = Log::new();
+    log.apply(&mut m, &Command::Increment).unwrap();
+    let before = m.get_state().result.unwrap();
+    let err = m.restore(&before).result.unwrap_err();
+    assert!(matches!(err, CallError::Plugin(_)), "{err:?}");
+    assert_eq!(m.get_state().result.unwrap(), before);
+    let count: u64 = decode(&log.apply(&mut m, &Command::Increment).unwrap()).unwrap();
+    assert_eq!(count, 2);
+}
+
+#[test]
+fn rollback_replays_everything_since_the_checkpoint() {
+    use kythira_testing_panicker::Command;
+    let runtime = runtime();
+    let mut m = start(&runtime, "panicker");
+    let mut log = Log::new();
+    // Enough increments that several automatic checkpoints are taken, and a
+    // failure between each.
+    let mut expected = 0u64;
+    for round in 0..4 {
+        for _ in 0..1500 {
+            expected += 1;
+            let count: u64 = decode(&log.apply(&mut m, &Command::Increment).unwrap()).unwrap();
+            assert_eq!(count, expected);
+        }
+        assert!(
+            matches!(log.apply(&mut m, &Command::Panic), Err(CallError::Trap(_))),
+            "round {round}"
+        );
+        let count: u64 = decode(
+            &m.query(&encode(&kythira_testing_panicker::Query::Get).unwrap())
+                .result
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(count, expected, "round {round}");
+    }
+}
+
+#[test]
+fn upgrade_carries_state_and_a_failed_upgrade_keeps_the_old_code() {
+    use kythira_testing_panicker::Command;
+    let runtime = runtime();
+    let mut m = start(&runtime, "panicker");
+    let mut log = Log::new();
+    for _ in 0..5 {
+        log.apply(&mut m, &Command::Increment).unwrap();
+    }
+    let panicker = m.plugin_hash();
+
+    // bad-restore refuses every snapshot: the upgrade fails, nothing changes.
+    let bad = load(&runtime, "bad-restore");
+    assert!(matches!(m.upgrade(&bad), Err(CallError::Plugin(_))));
+    assert_eq!(m.plugin_hash(), panicker);
+
+    // looper keeps the same state layout (a counter): the count carries over.
+    let looper = load(&runtime, "looper");
+    m.upgrade(&looper).unwrap();
+    assert_eq!(m.plugin_hash(), looper.hash());
+    let count: u64 = decode(
+        &log.apply(&mut m, &kythira_testing_looper::Command::Increment)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(count, 6);
+}
+
+#[test]
+fn nan_bits_are_identical_across_engines_and_canonical() {
+    use kythira_testing_nan::{Bits, Command};
+    let command = Command::Compute {
+        // A NaN with a payload and the sign bit set, and ordinary numbers.
+        a: 0xfff4_0000_dead_beef,
+        b: 0.0f64.to_bits(),
+        x: 0xffc0_beef,
+        y: (-1.0f32).to_bits(),
+    };
+    let run = || {
+        let runtime = runtime();
+        let mut m = start(&runtime, "nan");
+        let bits: Bits = decode(&Log::new().apply(&mut m, &command).unwrap()).unwrap();
+        (bits, m.get_state().result.unwrap())
+    };
+    let (first, first_state) = run();
+    let (second, second_state) = run();
+    assert_eq!(first, second);
+    assert_eq!(first_state, second_state);
+    // Every NaN the plugin produced is the canonical one.
+    for bits in first.f64_results {
+        if f64::from_bits(bits).is_nan() {
+            assert_eq!(bits, 0x7ff8_0000_0000_0000, "{bits:#x}");
+        }
+    }
+    for bits in first.f32_results {
+        if f32::from_bits(bits).is_nan() {
+            assert_eq!(bits, 0x7fc0_0000, "{bits:#x}");
+        }
+    }
+    assert!(f64::from_bits(first.f64_results[0]).is_nan());
+}
