@@ -23,3 +23,23 @@ fn caught_within(m: Mutation, nodes: usize, first: u64, seeds: u64) {
         f.failure.as_ref().expect("failures only")
     );
 }
+
+#[test]
+fn figure_8_commit_by_counting_replicas_is_caught() {
+    caught_within(Mutation::CommitPreviousTermByCount, 5, 270, 10);
+}
+
+#[test]
+fn vote_without_log_check_is_caught() {
+    caught_within(Mutation::VoteWithoutLogCheck, 3, 0, 10);
+}
+
+#[test]
+fn vote_before_persist_is_caught() {
+    caught_within(Mutation::VoteBeforePersist, 3, 1245, 10);
+}
+
+#[test]
+fn append_without_prev_check_is_caught() {
+    caught_within(Mutation::AppendWithoutPrevCheck, 3, 0, 15);
+}
