@@ -274,6 +274,11 @@ impl Raft {
 
     /// One unit of logical time. Drives elections and heartbeats.
     pub fn tick(&mut self) {
+        self.tick_inner();
+        self.debug_check_invariants();
+    }
+
+    fn tick_inner(&mut self) {
         self.election_elapsed = self.election_elapsed.saturating_add(1);
         if !matches!(self.state, State::Leader(_)) {
             if self.election_elapsed >= self.randomized_timeout {
@@ -295,6 +300,39 @@ impl Raft {
         if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
             self.heartbeat_elapsed = 0;
             self.broadcast_heartbeat();
+        }
+    }
+
+    /// Invariants that every input must preserve; checked in debug builds
+    /// after each `step`, `tick` and `advance`.
+    fn debug_check_invariants(&self) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        let log = &self.log;
+        debug_assert!(log.last_term() <= self.term, "log term above current term");
+        debug_assert!(log.committed() <= log.last_index(), "commit past the log");
+        debug_assert!(
+            log.applied() <= log.committed().min(log.stable()),
+            "applied uncommitted or non-durable entries"
+        );
+        debug_assert!(log.stable() <= log.last_index(), "stable past the log");
+        match &self.state {
+            State::Leader(l) => {
+                debug_assert_eq!(self.leader, Some(self.cfg.id));
+                debug_assert_eq!(self.vote, Some(self.cfg.id), "a leader voted for itself");
+                debug_assert!(
+                    l.progress
+                        .values()
+                        .all(|p| p.matched < p.next && p.matched <= log.last_index())
+                );
+            }
+            State::Candidate(_) => {
+                debug_assert_eq!(self.vote, Some(self.cfg.id), "a candidate voted for itself");
+                debug_assert_eq!(self.leader, None);
+            }
+            State::PreCandidate(_) => debug_assert_eq!(self.leader, None),
+            State::Follower => debug_assert_ne!(self.leader, Some(self.cfg.id)),
         }
     }
 
@@ -334,9 +372,17 @@ impl Raft {
         Ok(())
     }
 
-    /// Feed a message from the network. An `Err` means the message was
-    /// refused and changed nothing.
+    /// Feed a message from the network. An `Err` reports a message that
+    /// breaks the protocol: a malformed one changes nothing; an append that
+    /// would replace committed entries is not applied (the term and leader it
+    /// announces may have been adopted).
     pub fn step(&mut self, m: Message) -> Result<(), StepError> {
+        let result = self.step_inner(m);
+        self.debug_check_invariants();
+        result
+    }
+
+    fn step_inner(&mut self, m: Message) -> Result<(), StepError> {
         self.validate(&m)?;
         if m.term > self.term {
             let is_request = matches!(
@@ -476,6 +522,7 @@ impl Raft {
             // Our own copy now counts towards the quorum.
             self.maybe_commit();
         }
+        self.debug_check_invariants();
     }
 
     // ---- elections ------------------------------------------------------
