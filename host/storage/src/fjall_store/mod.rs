@@ -80,6 +80,9 @@ fn log_options() -> KeyspaceCreateOptions {
         .expect_point_read_hits(true)
 }
 
+/// Cap on the total size of fjall's journals (fjall's minimum).
+const MAX_JOURNALING_BYTES: u64 = 64 << 20;
+
 /// Memtable size of the log keyspace.
 const LOG_MEMTABLE_BYTES: u64 = 16 << 20;
 
@@ -142,6 +145,9 @@ impl FjallStore {
         // Syncs are issued by the writer thread only, once per group.
         let db = Database::builder(&path)
             .manual_journal_persist(true)
+            // Recovery after a crash replays every journal not yet covered by
+            // flushed tables; fjall's smallest cap keeps that replay short.
+            .max_journaling_size(MAX_JOURNALING_BYTES)
             .open()
             .map_err(db_error)?;
         let log = db
