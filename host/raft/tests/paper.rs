@@ -914,3 +914,68 @@ fn malformed_messages_are_refused() {
     assert_eq!(r.term(), 0);
     assert_eq!(r.log().last_index(), 0);
 }
+
+/// The `Ready` contract: a leader's appends may leave before its own write is
+/// durable; a follower's acknowledgement and a vote wait for theirs, and the
+/// leader counts its own copy only after `advance`.
+#[test]
+fn ready_separates_messages_by_durability() {
+    let voters = [1, 2, 3];
+    let mut leader = node(1, &voters);
+    tick_until_role_changes(&mut leader);
+    leader
+        .step(msg(2, 1, 1, MessageBody::VoteResponse { granted: true }))
+        .unwrap();
+    drain(&mut leader);
+    for f in [2, 3] {
+        let ack = AppendOutcome::Accepted { last_index: 1 };
+        leader
+            .step(msg(f, 1, 1, MessageBody::AppendResponse(ack)))
+            .unwrap();
+    }
+    drain(&mut leader);
+    leader.propose(Bytes::from_static(b"x")).unwrap();
+    let rd = leader.ready().unwrap();
+    assert!(
+        rd.messages
+            .iter()
+            .all(|m| matches!(m.body, MessageBody::Append { .. }))
+    );
+    assert_eq!(rd.messages.len(), 2);
+    assert!(rd.persisted_messages.is_empty());
+    // Both followers acknowledge everything before the leader's write is done.
+    for f in [2, 3] {
+        leader
+            .step(msg(
+                f,
+                1,
+                1,
+                MessageBody::AppendResponse(AppendOutcome::Accepted { last_index: 2 }),
+            ))
+            .unwrap();
+    }
+    assert_eq!(
+        leader.log().committed(),
+        2,
+        "two followers are a quorum without the leader"
+    );
+    leader.advance();
+
+    let mut follower = node(2, &voters);
+    let append = MessageBody::Append {
+        prev_index: 0,
+        prev_term: 0,
+        entries: vec![entry(1, 1)],
+        commit: 0,
+    };
+    follower.step(msg(1, 2, 1, append)).unwrap();
+    let rd = follower.ready().unwrap();
+    assert!(rd.messages.is_empty());
+    assert_eq!(rd.entries.len(), 1);
+    assert!(matches!(
+        rd.persisted_messages.as_slice(),
+        [m] if matches!(m.body, MessageBody::AppendResponse(AppendOutcome::Accepted { last_index: 1 }))
+    ));
+    assert!(follower.ready().is_none(), "one Ready at a time");
+    follower.advance();
+}
