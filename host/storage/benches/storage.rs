@@ -4,7 +4,7 @@
 //! runs, with the physical fsync rate of the same disk as the baseline. Works in a
 //! directory under the target directory (same disk as the repository, not tmpfs).
 
-use kythira_storage::{FjallStore, HardState, HardStateStore, LogEntry, LogStore};
+use kythira_storage::{FjallStore, HardState, HardStateStore, LogEntry, LogStore, layout};
 use std::{
     fs::{self, File},
     io::Write,
@@ -101,7 +101,8 @@ fn concurrent_saves(root: &Path, threads: u64, per_thread: u64) -> Result<(f64, 
 }
 
 /// Milliseconds to open (and fully verify) a log of `count` entries.
-fn reopen(root: &Path, count: u64) -> Result<Vec<f64>> {
+/// Also returns the times of fjall alone opening the same database.
+fn reopen(root: &Path, count: u64) -> Result<(Vec<f64>, Vec<f64>)> {
     let dir = fresh_dir(root, "reopen")?;
     {
         let store = FjallStore::open(&dir)?;
@@ -113,14 +114,22 @@ fn reopen(root: &Path, count: u64) -> Result<Vec<f64>> {
             next += n;
         }
     }
-    let mut times = Vec::new();
+    let mut store_times = Vec::new();
+    let mut engine_times = Vec::new();
     for _ in 0..RUNS {
         let start = Instant::now();
         let store = FjallStore::open(&dir)?;
-        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        store_times.push(start.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(store.last_index(), count);
+        drop(store);
+        // Baseline: the engine alone opening the same database, no verification.
+        let start = Instant::now();
+        let db = fjall::Database::builder(&dir).open()?;
+        let _log = db.keyspace(layout::LOG_KEYSPACE, fjall::KeyspaceCreateOptions::default)?;
+        let _meta = db.keyspace(layout::META_KEYSPACE, fjall::KeyspaceCreateOptions::default)?;
+        engine_times.push(start.elapsed().as_secs_f64() * 1000.0);
     }
-    Ok(times)
+    Ok((store_times, engine_times))
 }
 
 fn main() -> Result<()> {
@@ -161,11 +170,12 @@ fn main() -> Result<()> {
         median(per_sync),
         "saves/sync",
     );
-    let reopens = reopen(&root, 1_000_000)?;
+    let (reopens, engine) = reopen(&root, 1_000_000)?;
     // The first open after the bulk load also replays fjall's journal of whatever
     // was not yet flushed, like an open after a crash under write load.
     report("storage.reopen.1m_first", reopens[0], "ms");
     report("storage.reopen.1m", median(reopens), "ms");
+    report("storage.reopen.1m_fjall_alone", median(engine), "ms");
 
     fs::remove_dir_all(&root)?;
     eprintln!("storage bench took {:.1?}", started.elapsed());
