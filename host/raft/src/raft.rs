@@ -765,16 +765,20 @@ impl Raft {
         let State::Leader(l) = &mut self.state else {
             return Ok(());
         };
+        let claimed = match outcome {
+            AppendOutcome::Accepted { last_index } => last_index,
+            AppendOutcome::Rejected { prev_index, .. } => prev_index,
+        };
+        if claimed > self.log.last_index() {
+            return Err(StepError::Malformed {
+                from,
+                reason: "answer about entries the leader never sent",
+            });
+        }
         let pr = l.progress.get_mut(&from).expect("validated sender");
         pr.recent_active = true;
         match outcome {
             AppendOutcome::Accepted { last_index } => {
-                if last_index > self.log.last_index() {
-                    return Err(StepError::Malformed {
-                        from,
-                        reason: "acknowledged entries the leader never had",
-                    });
-                }
                 if pr.accepted(last_index) && self.maybe_commit() {
                     return Ok(());
                 }
@@ -784,10 +788,11 @@ impl Raft {
                 hint_index,
                 hint_term,
             } => {
+                // Both hints are clamped to our log: they come from the network.
                 let hint = if hint_term > 0 {
                     self.log.find_conflict_by_term(hint_index, hint_term).0
                 } else {
-                    hint_index
+                    hint_index.min(self.log.last_index())
                 };
                 if !pr.rejected(prev_index, hint) {
                     return Ok(());
@@ -945,7 +950,10 @@ impl Raft {
             let mut expected = *prev_index;
             let mut term = *prev_term;
             for e in entries {
-                expected += 1;
+                expected = match expected.checked_add(1) {
+                    Some(next) => next,
+                    None => return malformed("append entries past the largest index"),
+                };
                 if e.index != expected {
                     return malformed("append entries are not contiguous");
                 }

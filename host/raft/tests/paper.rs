@@ -979,3 +979,49 @@ fn ready_separates_messages_by_durability() {
     assert!(follower.ready().is_none(), "one Ready at a time");
     follower.advance();
 }
+
+/// Answers about entries a leader never sent are refused, whatever their hints.
+#[test]
+fn leader_refuses_answers_about_unknown_entries() {
+    let voters = [1, 2, 3];
+    let mut leader = node(1, &voters);
+    tick_until_role_changes(&mut leader);
+    leader
+        .step(msg(2, 1, 1, MessageBody::VoteResponse { granted: true }))
+        .unwrap();
+    drain(&mut leader);
+    let bogus = [
+        AppendOutcome::Accepted { last_index: 9 },
+        AppendOutcome::Rejected {
+            prev_index: u64::MAX,
+            hint_index: u64::MAX,
+            hint_term: 0,
+        },
+    ];
+    for outcome in bogus {
+        assert!(
+            leader
+                .step(msg(2, 1, 1, MessageBody::AppendResponse(outcome)))
+                .is_err()
+        );
+    }
+    // A current rejection with an absurd hint is clamped, not trusted.
+    let reject = AppendOutcome::Rejected {
+        prev_index: 0,
+        hint_index: u64::MAX,
+        hint_term: 0,
+    };
+    leader
+        .step(msg(3, 1, 1, MessageBody::AppendResponse(reject)))
+        .unwrap();
+    drain(&mut leader);
+    assert_eq!(leader.log().committed(), 0);
+    assert_eq!(leader.role(), Role::Leader);
+    let overflow = MessageBody::Append {
+        prev_index: u64::MAX,
+        prev_term: 1,
+        entries: vec![entry(0, 1)],
+        commit: 0,
+    };
+    assert!(node(2, &voters).step(msg(1, 2, 1, overflow)).is_err());
+}
