@@ -842,6 +842,16 @@ impl Cluster {
     }
 
     fn check_acknowledged_applied(&self) -> Result<(), Violation> {
+        let progressed = self
+            .history
+            .iter()
+            .any(|r| !r.discard && r.op.call >= FAULTS_END && r.op.ret.is_some());
+        if !progressed {
+            return Err(Violation {
+                property: "liveness",
+                detail: "no operation invoked after the faults stopped completed".into(),
+            });
+        }
         for (op, r) in self.history.iter().enumerate() {
             let (Some(index), Some(_)) = (r.put_index, r.op.ret) else {
                 continue;

@@ -9,7 +9,7 @@ use kythira_sim::{Options, run_seeds};
 const DEFAULT_MAX_SEEDS: u64 = 3_000;
 
 /// Cluster size used to hunt each mutant.
-pub fn nodes_for(m: Mutation) -> usize {
+fn nodes_for(m: Mutation) -> usize {
     match m {
         // Figure 8 of the paper needs a leader change with entries of an
         // older term spread over a bare majority: easiest with five nodes.
