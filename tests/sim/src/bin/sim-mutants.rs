@@ -20,6 +20,7 @@ fn nodes_for(m: Mutation) -> usize {
 
 fn main() -> anyhow::Result<()> {
     let mut max_seeds = DEFAULT_MAX_SEEDS;
+    let mut first = 0;
     let mut only = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -27,9 +28,12 @@ fn main() -> anyhow::Result<()> {
             "--max-seeds" => {
                 max_seeds = args.next().context("--max-seeds needs a value")?.parse()?
             }
+            "--first" => first = args.next().context("--first needs a value")?.parse()?,
             "--only" => only = Some(args.next().context("--only needs a mutant name")?),
             other => {
-                bail!("unknown argument {other}; usage: sim-mutants [--max-seeds N] [--only NAME]")
+                bail!(
+                    "unknown argument {other}; usage: sim-mutants [--max-seeds N] [--first S] [--only NAME]"
+                )
             }
         }
     }
@@ -39,14 +43,15 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         let nodes = nodes_for(m);
-        let summary = run_seeds(0, max_seeds, 2, true, |seed| Options {
+        let summary = run_seeds(first, max_seeds, 2, true, |seed| Options {
             mutation: Some(m),
             ..Options::checked(nodes, seed)
         });
         match summary.failures.first() {
             Some(f) => {
                 eprintln!(
-                    "{} caught on seed {} ({} nodes): {}",
+                    "{} caught on seed {} ({} nodes): {}\n  replay: cargo run --release -p kythira-sim \
+                     --features mutants --bin sim-mutants -- --only {} --first {} --max-seeds 1",
                     m.name(),
                     f.seed,
                     nodes,
@@ -56,7 +61,9 @@ fn main() -> anyhow::Result<()> {
                         .to_string()
                         .lines()
                         .next()
-                        .unwrap_or("")
+                        .unwrap_or(""),
+                    m.name(),
+                    f.seed
                 );
                 println!("MUTANT name={} caught=yes seed={}", m.name(), f.seed);
             }
