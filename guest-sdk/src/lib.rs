@@ -4,7 +4,41 @@
 //! A plugin implements [`StateMachine`] with its own serde `Command`,
 //! `Response`, `Query` and `QueryResponse` types and exports it:
 //!
-//! ```ignore
+//! ```
+//! use kythira_guest::{ApplyContext, StateMachine};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! pub enum Command {
+//!     Add(u64),
+//!     Reset,
+//! }
+//!
+//! #[derive(Default, Serialize, Deserialize)]
+//! pub struct Counter {
+//!     total: u64,
+//! }
+//!
+//! impl StateMachine for Counter {
+//!     type Command = Command;
+//!     type Response = u64;
+//!     type Query = ();
+//!     type QueryResponse = u64;
+//!     type Error = String;
+//!
+//!     fn apply(&mut self, _ctx: &ApplyContext, command: Command) -> Result<u64, String> {
+//!         self.total = match command {
+//!             Command::Add(n) => self.total.checked_add(n).ok_or("overflow")?,
+//!             Command::Reset => 0,
+//!         };
+//!         Ok(self.total)
+//!     }
+//!
+//!     fn query(&self, (): ()) -> Result<u64, String> {
+//!         Ok(self.total)
+//!     }
+//! }
+//!
 //! kythira_guest::export!(Counter);
 //! ```
 //!
