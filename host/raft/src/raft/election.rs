@@ -1,0 +1,180 @@
+//! Elections: timeouts, pre-vote, votes and role changes (Raft §5.2, §5.4.1; thesis §9.6).
+
+use bytes::Bytes;
+
+#[cfg(feature = "mutants")]
+use crate::config::Mutation;
+use crate::message::MessageBody;
+use crate::progress::Progress;
+use crate::read_index::ReadRounds;
+use crate::types::{Entry, EntryKind, Index, NodeId, Term};
+
+use super::{Broadcast, Leadership, Raft, State, Votes};
+
+impl Raft {
+    pub(super) fn in_lease(&self) -> bool {
+        self.cfg.check_quorum
+            && self.leader.is_some()
+            && self.election_elapsed < self.cfg.election_ticks
+    }
+
+    pub(super) fn reset_timers(&mut self) {
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        let min = u64::from(self.cfg.election_ticks);
+        self.randomized_timeout = self.rng.range(min, 2 * min) as u32;
+    }
+
+    pub(super) fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        debug_assert!(term >= self.term, "terms never decrease");
+        if let State::Leader(l) = &mut self.state {
+            self.dropped_reads.extend(l.reads.drain());
+        }
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        self.state = State::Follower;
+        self.leader = leader;
+        self.reset_timers();
+    }
+
+    pub(super) fn campaign(&mut self) {
+        if self.cfg.pre_vote {
+            self.leader = None;
+            self.state = State::PreCandidate(Votes::default());
+            self.reset_timers();
+            self.request_votes(true);
+        } else {
+            self.campaign_for_real();
+        }
+    }
+
+    pub(super) fn campaign_for_real(&mut self) {
+        self.term += 1;
+        self.vote = Some(self.cfg.id);
+        self.leader = None;
+        self.state = State::Candidate(Votes::default());
+        self.reset_timers();
+        self.request_votes(false);
+    }
+
+    pub(super) fn request_votes(&mut self, pre: bool) {
+        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
+        let term = if pre { self.term + 1 } else { self.term };
+        for &to in &self.peers {
+            let body = if pre {
+                MessageBody::PreVote {
+                    last_index,
+                    last_term,
+                }
+            } else {
+                MessageBody::Vote {
+                    last_index,
+                    last_term,
+                }
+            };
+            self.out.send(term, to, body);
+        }
+        // Our own vote; may already decide a single-node election.
+        self.handle_vote_response(self.cfg.id, term, true, pre);
+    }
+
+    pub(super) fn handle_vote_request(
+        &mut self,
+        from: NodeId,
+        term: Term,
+        last_index: Index,
+        last_term: Term,
+        pre: bool,
+    ) {
+        let can_vote = self.vote == Some(from)
+            || (self.vote.is_none() && self.leader.is_none())
+            || (pre && term > self.term);
+        let up_to_date = self.log.is_up_to_date(last_index, last_term);
+        #[cfg(feature = "mutants")]
+        let up_to_date = up_to_date || self.cfg.mutated(Mutation::VoteWithoutLogCheck);
+        let granted = can_vote && up_to_date;
+        if pre {
+            // A granted pre-vote answers in the term asked about, so the
+            // pre-candidate can tell it from a rejection by a newer term.
+            let reply_term = if granted { term } else { self.term };
+            self.out
+                .send(reply_term, from, MessageBody::PreVoteResponse { granted });
+        } else {
+            if granted {
+                debug_assert!(
+                    self.vote.is_none() || self.vote == Some(from),
+                    "one vote per term"
+                );
+                self.vote = Some(from);
+                self.election_elapsed = 0;
+            }
+            self.out
+                .send(self.term, from, MessageBody::VoteResponse { granted });
+        }
+    }
+
+    pub(super) fn handle_vote_response(
+        &mut self,
+        from: NodeId,
+        term: Term,
+        granted: bool,
+        pre: bool,
+    ) {
+        let votes = match &mut self.state {
+            State::PreCandidate(v) if pre && term == self.term + 1 => v,
+            // A rejected pre-vote carries the responder's (not higher) term.
+            State::PreCandidate(v) if pre && !granted && term <= self.term => v,
+            State::Candidate(v) if !pre && term == self.term => v,
+            _ => return,
+        };
+        votes.record(from, granted);
+        let (yes, no) = votes.tally();
+        if yes >= self.quorum {
+            if pre {
+                self.campaign_for_real();
+            } else {
+                self.become_leader();
+            }
+        } else if no >= self.quorum {
+            let term = self.term;
+            self.become_follower(term, None);
+        }
+    }
+
+    pub(super) fn become_leader(&mut self) {
+        debug_assert_eq!(self.vote, Some(self.cfg.id), "a leader voted for itself");
+        let next = self.log.last_index() + 1;
+        self.state = State::Leader(Box::new(Leadership {
+            progress: self
+                .peers
+                .iter()
+                .map(|&p| (p, Progress::new(next)))
+                .collect(),
+            reads: ReadRounds::default(),
+            broadcast: Broadcast::Entries,
+        }));
+        self.leader = Some(self.cfg.id);
+        self.reset_timers();
+        // Committing an entry of our own term commits all earlier ones and
+        // lets reads be served (Raft §5.4.2, §8).
+        self.log.append(Entry {
+            term: self.term,
+            index: next,
+            kind: EntryKind::Noop,
+            data: Bytes::new(),
+        });
+    }
+
+    pub(super) fn quorum_recently_active(&mut self) -> bool {
+        let State::Leader(l) = &mut self.state else {
+            return false;
+        };
+        let active = 1 + l.progress.values().filter(|p| p.recent_active).count();
+        for p in l.progress.values_mut() {
+            p.recent_active = false;
+        }
+        active >= self.quorum
+    }
+}

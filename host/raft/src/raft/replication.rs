@@ -1,0 +1,245 @@
+//! Log replication, commit and ReadIndex rounds (Raft §5.3, §5.4.2; thesis §6.4).
+
+#[cfg(feature = "mutants")]
+use crate::config::Mutation;
+use crate::error::StepError;
+use crate::log::AppendRefusal;
+use crate::message::{AppendOutcome, MessageBody};
+use crate::types::{Entry, Index, NodeId, Term};
+
+use super::{Broadcast, Raft, State, send_append};
+
+impl Raft {
+    pub(super) fn hear_from_leader(&mut self, from: NodeId) {
+        if !matches!(self.state, State::Follower) {
+            // A leader exists in our term: we lost the election.
+            let term = self.term;
+            self.become_follower(term, Some(from));
+        }
+        self.leader = Some(from);
+        self.election_elapsed = 0;
+    }
+
+    pub(super) fn handle_append(
+        &mut self,
+        from: NodeId,
+        prev_index: Index,
+        prev_term: Term,
+        entries: &[Entry],
+        commit: Index,
+    ) -> Result<(), StepError> {
+        if prev_index < self.log.committed() {
+            // The committed prefix matches the leader's; restart from there.
+            let last_index = self.log.committed();
+            self.out.send(
+                self.term,
+                from,
+                MessageBody::AppendResponse(AppendOutcome::Accepted { last_index }),
+            );
+            return Ok(());
+        }
+        let check_prev = true;
+        #[cfg(feature = "mutants")]
+        let check_prev = check_prev && !self.cfg.mutated(Mutation::AppendWithoutPrevCheck);
+        match self
+            .log
+            .try_append(prev_index, prev_term, entries, check_prev)
+        {
+            Ok(last_index) => {
+                self.log.commit_to(commit.min(last_index));
+                self.out.send(
+                    self.term,
+                    from,
+                    MessageBody::AppendResponse(AppendOutcome::Accepted { last_index }),
+                );
+                Ok(())
+            }
+            Err(AppendRefusal::Mismatch) => {
+                let (hint_index, hint_term) = self
+                    .log
+                    .find_conflict_by_term(prev_index.min(self.log.last_index()), prev_term);
+                self.out.send(
+                    self.term,
+                    from,
+                    MessageBody::AppendResponse(AppendOutcome::Rejected {
+                        prev_index,
+                        hint_index,
+                        hint_term,
+                    }),
+                );
+                Ok(())
+            }
+            Err(AppendRefusal::ConflictsWithCommitted) => Err(StepError::Malformed {
+                from,
+                reason: "append would replace committed entries",
+            }),
+        }
+    }
+
+    pub(super) fn handle_append_response(
+        &mut self,
+        from: NodeId,
+        outcome: AppendOutcome,
+    ) -> Result<(), StepError> {
+        let State::Leader(l) = &mut self.state else {
+            return Ok(());
+        };
+        let claimed = match outcome {
+            AppendOutcome::Accepted { last_index } => last_index,
+            AppendOutcome::Rejected { prev_index, .. } => prev_index,
+        };
+        if claimed > self.log.last_index() {
+            return Err(StepError::Malformed {
+                from,
+                reason: "answer about entries the leader never sent",
+            });
+        }
+        let pr = l.progress.get_mut(&from).expect("validated sender");
+        pr.recent_active = true;
+        match outcome {
+            AppendOutcome::Accepted { last_index } => {
+                if pr.accepted(last_index) && self.maybe_commit() {
+                    return Ok(());
+                }
+            }
+            AppendOutcome::Rejected {
+                prev_index,
+                hint_index,
+                hint_term,
+            } => {
+                // Both hints are clamped to our log: they come from the network.
+                let hint = if hint_term > 0 {
+                    self.log.find_conflict_by_term(hint_index, hint_term).0
+                } else {
+                    hint_index.min(self.log.last_index())
+                };
+                if !pr.rejected(prev_index, hint) {
+                    return Ok(());
+                }
+            }
+        }
+        let State::Leader(l) = &mut self.state else {
+            unreachable!("still leader");
+        };
+        let pr = l.progress.get_mut(&from).expect("validated sender");
+        send_append(
+            &mut self.out,
+            &self.log,
+            &self.cfg,
+            self.term,
+            from,
+            pr,
+            false,
+        );
+        Ok(())
+    }
+
+    pub(super) fn handle_heartbeat_response(&mut self, from: NodeId, read_round: u64) {
+        let State::Leader(l) = &mut self.state else {
+            return;
+        };
+        let pr = l.progress.get_mut(&from).expect("validated sender");
+        pr.recent_active = true;
+        pr.read_ack = pr.read_ack.max(read_round);
+        pr.heard_from(self.cfg.max_inflight_messages);
+        if pr.matched < self.log.last_index() {
+            // Even with nothing new to send: an empty append finds out
+            // whether earlier ones were lost.
+            send_append(
+                &mut self.out,
+                &self.log,
+                &self.cfg,
+                self.term,
+                from,
+                pr,
+                true,
+            );
+        }
+        if read_round > 0
+            && l.reads
+                .maybe_confirm(&l.progress, self.quorum, &mut self.read_states)
+        {
+            self.maybe_start_read_round();
+        }
+    }
+
+    /// Advance the commit index to the highest index stored by a quorum,
+    /// if that entry is of the current term (Raft §5.4.2). Returns whether it moved.
+    pub(super) fn maybe_commit(&mut self) -> bool {
+        let State::Leader(l) = &mut self.state else {
+            return false;
+        };
+        let mut matched: Vec<Index> = l.progress.values().map(|p| p.matched).collect();
+        matched.push(self.log.stable());
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let candidate = matched[self.quorum - 1];
+        let current_term = self.log.term(candidate) == Some(self.term);
+        #[cfg(feature = "mutants")]
+        let current_term = current_term || self.cfg.mutated(Mutation::CommitPreviousTermByCount);
+        if !current_term || !self.log.commit_to(candidate) {
+            return false;
+        }
+        l.broadcast = Broadcast::Commit;
+        self.maybe_start_read_round();
+        true
+    }
+
+    pub(super) fn flush_broadcast(&mut self) {
+        let State::Leader(l) = &mut self.state else {
+            return;
+        };
+        let allow_empty = match std::mem::replace(&mut l.broadcast, Broadcast::None) {
+            Broadcast::None => return,
+            Broadcast::Entries => false,
+            Broadcast::Commit => true,
+        };
+        for (&to, pr) in &mut l.progress {
+            send_append(
+                &mut self.out,
+                &self.log,
+                &self.cfg,
+                self.term,
+                to,
+                pr,
+                allow_empty,
+            );
+        }
+    }
+
+    pub(super) fn broadcast_heartbeat(&mut self) {
+        let State::Leader(l) = &mut self.state else {
+            return;
+        };
+        let read_round = l.reads.current();
+        for (&to, pr) in &l.progress {
+            let commit = pr.matched.min(self.log.committed());
+            self.out
+                .send(self.term, to, MessageBody::Heartbeat { commit, read_round });
+        }
+    }
+
+    pub(super) fn maybe_start_read_round(&mut self) {
+        let State::Leader(l) = &mut self.state else {
+            return;
+        };
+        // Until an entry of this term commits, our commit index may lag the
+        // previous leader's (Raft thesis §6.4, step 1).
+        if self.log.term(self.log.committed()) != Some(self.term) {
+            return;
+        }
+        let Some(read_round) = l.reads.maybe_start(self.log.committed()) else {
+            return;
+        };
+        if l.reads
+            .maybe_confirm(&l.progress, self.quorum, &mut self.read_states)
+        {
+            // Single voter: our own acknowledgement is a quorum.
+            return self.maybe_start_read_round();
+        }
+        for (&to, pr) in &l.progress {
+            let commit = pr.matched.min(self.log.committed());
+            self.out
+                .send(self.term, to, MessageBody::Heartbeat { commit, read_round });
+        }
+    }
+}
