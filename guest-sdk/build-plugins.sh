@@ -16,10 +16,12 @@ fi
 mkdir -p "$1"
 out=$(cd "$1" && pwd)
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-target_dir=${CARGO_TARGET_DIR:-target}
+# A relative CARGO_TARGET_DIR means relative to where we were called from.
+target_dir=${CARGO_TARGET_DIR:-$root/target}
 mkdir -p "$target_dir"
 target_dir=$(cd "$target_dir" && pwd)
+export CARGO_TARGET_DIR=$target_dir
+cd "$root"
 
 # Component name, then package name.
 plugins=(

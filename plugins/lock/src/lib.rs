@@ -125,16 +125,20 @@ impl Locks {
         Self { leases, by_expiry }
     }
 
-    /// Drops every lease that has run out by `now_ms`.
+    /// Drops every lease that has run out by `now_ms`: O(log n) plus the
+    /// number dropped.
     fn expire(&mut self, now_ms: u64) {
-        while let Some(first) = self.by_expiry.first() {
-            if first.0 > now_ms {
-                break;
-            }
-            let (_, name) = self.by_expiry.pop_first().expect("checked non-empty");
+        // Entries ordered before (now_ms + 1, "") are those with
+        // expires_at_ms <= now_ms.
+        let still_held = match now_ms.checked_add(1) {
+            Some(bound) => self.by_expiry.split_off(&(bound, Vec::new())),
+            None => BTreeSet::new(),
+        };
+        for (_, name) in std::mem::replace(&mut self.by_expiry, still_held) {
             let removed = self.leases.remove(&name);
             debug_assert!(removed.is_some(), "expiry index out of step with leases");
         }
+        debug_assert_eq!(self.leases.len(), self.by_expiry.len());
     }
 
     fn acquire(
