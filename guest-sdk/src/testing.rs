@@ -1,7 +1,7 @@
 //! A native test harness for plugins.
 //!
 //! [`Harness`] drives a [`StateMachine`] the way the host drives the
-//! component — commands encoded with [`codec`](crate::codec), applied through
+//! component — commands encoded with [`codec`], applied through
 //! [`Raw`] with a log index and a log time — and records what it applied, so a
 //! test can then check the properties every replica relies on:
 //!
