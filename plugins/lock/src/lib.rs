@@ -24,16 +24,18 @@ pub const MAX_LEASE_MS: u64 = 24 * 60 * 60 * 1000;
 /// A command, applied through the replicated log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Takes the lock `name` for `lease_ms` from now if it is free or its
-    /// lease has run out. If `owner` already holds it, extends the lease and
-    /// keeps the token, so a retried acquire is harmless. Answers
+    /// Takes the lock `name` until `lease_ms` after this entry's log time, if
+    /// it is free or its lease has run out. If `owner` already holds it, the
+    /// lease is reset to that expiry and the token kept, so a retried acquire
+    /// is harmless. Answers
     /// [`Response::Granted`] or [`Response::Busy`].
     Acquire {
         name: Vec<u8>,
         owner: Vec<u8>,
         lease_ms: u64,
     },
-    /// Extends `owner`'s lease on `name` to `lease_ms` from now. Answers
+    /// Resets `owner`'s lease on `name` to run out `lease_ms` after this
+    /// entry's log time (which may shorten it). Answers
     /// [`Response::Granted`] or [`Response::NotHolder`].
     Renew {
         name: Vec<u8>,
