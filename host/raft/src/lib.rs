@@ -11,6 +11,27 @@
 //! batched, pipelined replication with probe/replicate flow control and
 //! conflict-term backtracking; commit by quorum with the current-term rule; a
 //! no-op entry per leadership; batched ReadIndex reads.
+//!
+//! A driver loop for a single-node cluster:
+//!
+//! ```
+//! use kythira_raft::{Bytes, Config, EntryKind, Persisted, Raft, Role};
+//!
+//! let mut raft = Raft::new(Config::new(1, [1]), Persisted::default()).unwrap();
+//! while raft.role() != Role::Leader {
+//!     raft.tick();
+//! }
+//! raft.propose(Bytes::from_static(b"hello")).unwrap();
+//! let mut applied = Vec::new();
+//! while let Some(ready) = raft.ready() {
+//!     // 1. send ready.messages; 2. write ready.hard_state and ready.entries
+//!     //    and fsync; 3. send ready.persisted_messages; 4. apply:
+//!     applied.extend(ready.committed_entries);
+//!     raft.advance();
+//! }
+//! let kinds: Vec<_> = applied.iter().map(|e| e.kind).collect();
+//! assert_eq!(kinds, [EntryKind::Noop, EntryKind::Normal]);
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
