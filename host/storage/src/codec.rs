@@ -20,18 +20,20 @@ pub fn decode_log_key(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.try_into().ok()?))
 }
 
-fn entry_crc(index: u64, term: u64, payload: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(&index.to_be_bytes());
-    let crc = crc32c::crc32c_append(crc, &term.to_be_bytes());
-    crc32c::crc32c_append(crc, payload)
+/// Checksum of an entry: over its index, then the stored bytes after the checksum
+/// (term and payload).
+fn entry_crc(index: u64, term_and_payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&index.to_be_bytes()), term_and_payload)
 }
 
 /// Stored value of `entry`.
 pub fn encode_entry(entry: &LogEntry) -> Vec<u8> {
-    let mut value = Vec::with_capacity(ENTRY_HEADER_LEN + entry.payload.len());
-    value.extend_from_slice(&entry_crc(entry.index, entry.term, &entry.payload).to_be_bytes());
+    let mut value = vec![0; CRC_LEN];
+    value.reserve(8 + entry.payload.len());
     value.extend_from_slice(&entry.term.to_be_bytes());
     value.extend_from_slice(&entry.payload);
+    let crc = entry_crc(entry.index, &value[CRC_LEN..]);
+    value[..CRC_LEN].copy_from_slice(&crc.to_be_bytes());
     value
 }
 
@@ -52,7 +54,7 @@ pub fn verify_entry(index: u64, value: &[u8]) -> Result<(u64, &[u8]), EntryDefec
     };
     let stored = u32::from_be_bytes(crc.try_into().expect("slice of CRC_LEN bytes"));
     let term = u64::from_be_bytes(term.try_into().expect("slice of 8 bytes"));
-    let computed = entry_crc(index, term, payload);
+    let computed = entry_crc(index, &value[CRC_LEN..]);
     if stored != computed {
         return Err(EntryDefect::ChecksumMismatch { stored, computed });
     }

@@ -7,13 +7,19 @@
 //! than this crate. One test flips a byte in fjall's journal to show that such
 //! damage is loud too. Snapshot damage is injected into the files directly.
 
+#[path = "../src/bin/storage-crash-child/model.rs"]
+#[allow(dead_code, reason = "shared with the crash test; only entries are used here")]
+mod model;
+
 use kythira_storage::{
     EntryDefect, FjallStore, HardState, HardStateStore, LogEntry, LogStore, SnapshotMeta,
     SnapshotStore, StorageError, layout,
 };
 use std::{
     fs,
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
+    process::{Command, Stdio},
 };
 
 fn temp_dir() -> tempfile::TempDir {
@@ -218,20 +224,36 @@ fn journal(dir: &Path) -> PathBuf {
 #[test]
 fn a_torn_unsynced_tail_is_dropped_and_the_rest_opens() {
     let dir = temp_dir();
-    store_with_entries(dir.path(), 50);
+    {
+        let store = FjallStore::open(dir.path()).unwrap();
+        store
+            .append(&(1..=50).map(model::entry).collect::<Vec<_>>())
+            .unwrap();
+    }
     // fjall preallocates its journal and trims it to the last valid record when it
     // recovers; one open and close leaves it at exactly the synced data.
     drop(FjallStore::open(dir.path()).unwrap());
     let journal = journal(dir.path());
     let synced_len = fs::metadata(&journal).unwrap().len();
-    {
-        let store = FjallStore::open(dir.path()).unwrap();
-        let tail: Vec<LogEntry> = (51..=60).map(|i| LogEntry::new(i, 2, payload(i))).collect();
-        store.append(&tail).unwrap();
-    }
+
+    // A process appends 51..=60 in one batch and dies without closing the store.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_storage-crash-child"))
+        .args(["append", dir.path().to_str().unwrap(), "60"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "A 60");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
     let full_len = fs::metadata(&journal).unwrap().len();
-    assert!(full_len > synced_len);
-    // As if the machine died while the last batch was being written.
+    assert!(full_len > synced_len, "{full_len} > {synced_len}");
+    // As if the machine died while that batch was being written.
     let file = fs::OpenOptions::new().write(true).open(&journal).unwrap();
     file.set_len(synced_len + (full_len - synced_len) / 2)
         .unwrap();
@@ -239,10 +261,9 @@ fn a_torn_unsynced_tail_is_dropped_and_the_rest_opens() {
 
     let store = FjallStore::open(dir.path()).unwrap();
     assert_eq!((store.first_index(), store.last_index()), (1, 50));
-    assert_eq!(store.entry(50).unwrap().payload, payload(50));
-    assert_eq!(store.hard_state().commit, 50);
+    assert_eq!(store.entry(50).unwrap(), model::entry(50));
     // And the store keeps working from there.
-    store.append(&[LogEntry::new(51, 2, payload(51))]).unwrap();
+    store.append(&[model::entry(51)]).unwrap();
     drop(store);
     assert_eq!(FjallStore::open(dir.path()).unwrap().last_index(), 51);
 }

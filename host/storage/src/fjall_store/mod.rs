@@ -238,6 +238,12 @@ impl Drop for FjallStore {
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
+        // A clean close flushes the memtables, so the next open need not replay
+        // their journal. Everything is durable already; a failure here only costs
+        // that replay.
+        for keyspace in [&self.shared.log, &self.shared.meta] {
+            let _ = keyspace.rotate_memtable_and_wait();
+        }
     }
 }
 

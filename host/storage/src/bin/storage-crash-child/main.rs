@@ -1,9 +1,11 @@
 //! Crash-test child: writes to a store in a loop and prints every write that was
 //! acknowledged (and so must be durable), until the parent kills it.
 //!
-//! Usage: `storage-crash-child log|snapshot <dir> <seed>`. Output lines:
-//! `A <last index>` after an append, `H <n>` after saving hard state `n`,
-//! `S <n>` after finishing snapshot `n`. Payloads follow `model.rs`.
+//! Usage: `storage-crash-child log|snapshot <dir> <seed>`, or
+//! `storage-crash-child append <dir> <last>` to append up to `<last>` once and then
+//! wait to be killed. Output lines: `A <last index>` after an append, `H <n>` after
+//! saving hard state `n`, `S <n>` after finishing snapshot `n`. Payloads follow
+//! `model.rs`.
 
 mod model;
 
@@ -83,15 +85,27 @@ fn run_snapshot(dir: &str, seed: u64) -> Result {
     Ok(())
 }
 
+/// Appends the model's entries up to `last` in one batch, reports, and then holds
+/// the store open until killed, so that the parent sees a crash, not a clean close.
+fn run_append(dir: &str, last: u64) -> Result {
+    let store = FjallStore::open(dir)?;
+    let entries: Vec<LogEntry> = (store.last_index() + 1..=last).map(model::entry).collect();
+    store.append(&entries)?;
+    report(format_args!("A {last}"))?;
+    std::io::stdin().read_line(&mut String::new())?;
+    Err("stdin closed before the parent killed the child".into())
+}
+
 fn main() -> Result {
     let args: Vec<String> = std::env::args().collect();
-    let [_, mode, dir, seed] = args.as_slice() else {
-        return Err("usage: storage-crash-child log|snapshot <dir> <seed>".into());
+    let [_, mode, dir, number] = args.as_slice() else {
+        return Err("usage: storage-crash-child log|snapshot|append <dir> <number>".into());
     };
-    let seed: u64 = seed.parse()?;
+    let number: u64 = number.parse()?;
     match mode.as_str() {
-        "log" => run_log(dir, seed),
-        "snapshot" => run_snapshot(dir, seed),
+        "log" => run_log(dir, number),
+        "snapshot" => run_snapshot(dir, number),
+        "append" => run_append(dir, number),
         other => Err(format!("unknown mode {other}").into()),
     }
 }
