@@ -2,8 +2,18 @@
 //!
 //! Keys are independent, so [`KvModel`] partitions a history by key (in
 //! ascending key order) and a partition's state is the value of its key.
+//!
+//! Pending operations that cannot affect the verdict are left out of the
+//! partitions, because each pending write that changes the state doubles the
+//! search space of a failing history:
+//!
+//! * a pending read has no effect;
+//! * a pending write of a value no completed read of its key returned is
+//!   unobserved. In a legal order, the operation after it on its key is a
+//!   write or nothing (a read would return its value), so dropping it leaves
+//!   a legal order. It may have taken effect; it just makes no difference.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::{Model, Operation};
 
@@ -90,6 +100,26 @@ impl Model for KvModel {
     }
 
     fn partition(&self, history: &[Operation<KvInput, KvOutput>]) -> Vec<Vec<usize>> {
-        by_key(history).into_values().collect()
+        let observed: HashSet<(u64, u64)> = history
+            .iter()
+            .filter_map(|op| match (&op.input, &op.output) {
+                (KvInput::Get { key }, Some(KvOutput::Get(Some(value)))) => Some((*key, *value)),
+                _ => None,
+            })
+            .collect();
+        let matters = |op: &Operation<KvInput, KvOutput>| match op.input {
+            _ if op.ret.is_some() => true,
+            KvInput::Get { .. } => false,
+            KvInput::Put { key, value } => observed.contains(&(key, value)),
+        };
+        // Every key keeps its partition, even an empty one, so partition
+        // numbers match `KvModel::keys`.
+        by_key(history)
+            .into_values()
+            .map(|mut ops| {
+                ops.retain(|&i| matters(&history[i]));
+                ops
+            })
+            .collect()
     }
 }

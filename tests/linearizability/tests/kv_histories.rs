@@ -337,3 +337,35 @@ fn broken_partitioning_is_reported() {
         Err(HistoryError::DuplicateInPartitions { index: 0 })
     );
 }
+
+#[test]
+fn unobserved_pending_operations_are_left_out_of_the_partitions() {
+    let history = [
+        pending_put(0, 1, 10, 0),
+        pending_put(1, 1, 11, 0),
+        pending_get(2, 1, 0),
+        get(3, 1, Some(11), 1, 2),
+        pending_put(4, 2, 20, 0),
+    ];
+    // The write of 10 and the read could not matter; the write of 11 was
+    // observed. Key 2 keeps its (empty) partition.
+    assert_eq!(KvModel.partition(&history), vec![vec![1, 3], vec![]]);
+}
+
+#[test]
+fn many_unobserved_pending_writes_do_not_blow_up_the_search() {
+    // Each of 40 timed-out writes may or may not have happened: 2^40
+    // combinations for a plain search of a failing history.
+    let mut history: Vec<KvOp> = (0..40).map(|c| pending_put(c, 1, c, 0)).collect();
+    history.push(put(100, 1, 500, 10, 11));
+    history.push(get(100, 1, Some(999), 12, 13));
+    assert_eq!(check(&KvModel, &history, Some(1_000)), NOT_LINEARIZABLE);
+
+    // One observed pending write is still considered.
+    let last = history.len() - 1;
+    history[last] = get(100, 1, Some(7), 12, 13);
+    assert_eq!(
+        check(&KvModel, &history, Some(1_000)),
+        Outcome::Linearizable
+    );
+}

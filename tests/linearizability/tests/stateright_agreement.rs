@@ -75,7 +75,7 @@ const SMALL: Shape = Shape {
     sequential: false,
     // stateright allows one operation in flight per client.
     resume_after_pending: false,
-    pending: 0.1,
+    pending: 0.2,
 };
 
 /// Small histories, about half of them made wrong by changing what one read
