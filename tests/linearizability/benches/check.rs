@@ -48,7 +48,7 @@ fn report(name: &str, history: &[KvOp], expected: Outcome) {
     let pending = history.iter().filter(|op| op.ret.is_none()).count();
     println!("BENCH name={name} value={us:.1} unit=us");
     eprintln!(
-        "  {name}: {} operations ({pending} pending), up to {concurrency} completed ones concurrent, {expected:?}",
+        "  {name}: {} operations ({pending} pending), at most {concurrency} completed at once, {expected:?}",
         history.len()
     );
 }

@@ -39,17 +39,22 @@
 //!   event, so the search may linearize them anywhere after their call and
 //!   succeeds as soon as every *completed* operation is linearized; a pending
 //!   operation that is never chosen is one that did not take effect. The model
-//!   sees such an operation with `output: None`. Many pending operations that
-//!   change the state make the search exponential in their number per
-//!   partition (each may or may not have happened); `max_steps` bounds it.
+//!   sees such an operation with `output: None`. Pending operations that
+//!   change the state can make a failing search exponential in their number
+//!   per partition (each may or may not have happened), so a model's
+//!   [`Model::partition`] should leave out those that cannot matter (the kv
+//!   model drops pending reads and pending writes nobody read), and
+//!   `max_steps` bounds the rest.
 //! * **Equal times overlap.** A call at time `t` and a return at time `t` are
 //!   treated as concurrent: at equal times, calls are ordered before returns
 //!   (Porcupine's rule). This never reports a violation that a finer clock
 //!   could explain away, and it allows instantaneous operations
 //!   (`call == ret`). Give real-time order with strictly increasing times.
-//! * **Budget.** `max_steps` bounds the total number of search steps (one step
-//!   is one attempt to linearize a call or one backtrack) over all partitions;
-//!   when it runs out the result is [`Outcome::Undecided`].
+//! * **Budget.** `max_steps` bounds the total number of search steps over all
+//!   partitions (one step is one visit of an event: an attempt to linearize a
+//!   call, or a backtrack at a return); when it runs out the result is
+//!   [`Outcome::Undecided`]. A history that never backtracks takes about one
+//!   step per operation.
 //!
 //! # Example
 //!
