@@ -32,8 +32,13 @@ pub trait LogStore: Send + Sync {
     fn entries(&self, range: Range<u64>, max_bytes: u64) -> Result<Vec<LogEntry>>;
 
     /// Appends contiguous `entries`. The first may start anywhere from
-    /// `first_index()` to `last_index() + 1`; entries from there on are replaced, so a
-    /// follower resolves a conflict in one atomic step. Terms must not decrease.
+    /// `first_index()` to `last_index() + 1`; every stored entry from there on is
+    /// replaced, so a follower resolves a conflict in one atomic step. Terms must
+    /// not decrease.
+    ///
+    /// Replacement is unconditional: the caller applies Raft's rule first and passes
+    /// only the entries from the first conflicting (or new) index. Passing a stale,
+    /// shorter batch that merely matches the log would truncate it.
     fn append(&self, entries: &[LogEntry]) -> Result<()>;
 
     /// Removes every entry from `from` on (a no-op past the end). The compacted

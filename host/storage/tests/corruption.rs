@@ -8,7 +8,10 @@
 //! damage is loud too. Snapshot damage is injected into the files directly.
 
 #[path = "../src/bin/storage-crash-child/model.rs"]
-#[allow(dead_code, reason = "shared with the crash test; only entries are used here")]
+#[allow(
+    dead_code,
+    reason = "shared with the crash test; only entries are used here"
+)]
 mod model;
 
 use kythira_storage::{

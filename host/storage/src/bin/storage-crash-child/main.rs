@@ -45,8 +45,9 @@ fn run_log(dir: &str, seed: u64) -> Result {
         loop {
             let last = store.last_index();
             // Mostly plain appends; sometimes rewrite the last few entries with the
-            // same content (an overwrite that must never lose them), sometimes
-            // compact an old prefix.
+            // same content and extend past them (an append replaces the whole
+            // suffix from its first index, so it must reach the end to lose
+            // nothing), sometimes compact an old prefix.
             let start = match rng.u8(0..10) {
                 0 => last.saturating_sub(rng.u64(0..4)).max(store.first_index()),
                 1 if last > 600 => {
@@ -55,10 +56,10 @@ fn run_log(dir: &str, seed: u64) -> Result {
                 }
                 _ => last + 1,
             };
-            let count = rng.u64(1..=16);
-            let entries: Vec<LogEntry> = (start..start + count).map(model::entry).collect();
+            let end = last + rng.u64(1..=16);
+            let entries: Vec<LogEntry> = (start..=end).map(model::entry).collect();
             store.append(&entries).unwrap_or_else(|e| fail(e));
-            report(format_args!("A {}", start + count - 1)).unwrap_or_else(|e| fail(e));
+            report(format_args!("A {end}")).unwrap_or_else(|e| fail(e));
         }
     })
 }
