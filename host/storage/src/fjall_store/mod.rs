@@ -110,6 +110,44 @@ struct Shared {
 }
 
 impl Shared {
+    /// Opens the database and verifies it; returns it with the recovered state.
+    fn open(path: &Path) -> Result<(Self, LogShape, HardState)> {
+        let path = path.to_path_buf();
+        let db_error = |source| StorageError::Database {
+            path: path.clone(),
+            source: Arc::new(source),
+        };
+        // Syncs are issued by the writer only, once per group.
+        let db = Database::builder(&path)
+            .manual_journal_persist(true)
+            // Recovery after a crash replays every journal not yet covered by
+            // flushed tables; fjall's smallest cap keeps that replay short.
+            .max_journaling_size(MAX_JOURNALING_BYTES)
+            .open()
+            .map_err(db_error)?;
+        let log = db
+            .keyspace(layout::LOG_KEYSPACE, log_options)
+            .map_err(db_error)?;
+        let meta = db
+            .keyspace(layout::META_KEYSPACE, KeyspaceCreateOptions::default)
+            .map_err(db_error)?;
+        let recovered = recovery::recover(&path, &db, &log, &meta)?;
+        let view = View {
+            shape: recovered.shape.clone(),
+            hard_state: recovered.hard_state,
+            snapshot: db.snapshot(),
+        };
+        let shared = Self {
+            path,
+            db,
+            log,
+            meta,
+            view: RwLock::new(Arc::new(view)),
+            syncs: AtomicU64::new(0),
+        };
+        Ok((shared, recovered.shape, recovered.hard_state))
+    }
+
     fn db_error(&self, source: fjall::Error) -> StorageError {
         StorageError::Database {
             path: self.path.clone(),
@@ -141,41 +179,9 @@ impl FjallStore {
     /// Opens (or creates) the store in directory `path`, verifying every retained
     /// entry. Fails with a corruption error if acknowledged data is damaged.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
-        let db_error = |source| StorageError::Database {
-            path: path.clone(),
-            source: Arc::new(source),
-        };
-        // Syncs are issued by the writer thread only, once per group.
-        let db = Database::builder(&path)
-            .manual_journal_persist(true)
-            // Recovery after a crash replays every journal not yet covered by
-            // flushed tables; fjall's smallest cap keeps that replay short.
-            .max_journaling_size(MAX_JOURNALING_BYTES)
-            .open()
-            .map_err(db_error)?;
-        let log = db
-            .keyspace(layout::LOG_KEYSPACE, log_options)
-            .map_err(db_error)?;
-        let meta = db
-            .keyspace(layout::META_KEYSPACE, KeyspaceCreateOptions::default)
-            .map_err(db_error)?;
-        let recovered = recovery::recover(&path, &db, &log, &meta)?;
-        let view = View {
-            shape: recovered.shape.clone(),
-            hard_state: recovered.hard_state,
-            snapshot: db.snapshot(),
-        };
-        let shared = Arc::new(Shared {
-            path,
-            db,
-            log,
-            meta,
-            view: RwLock::new(Arc::new(view)),
-            syncs: AtomicU64::new(0),
-        });
+        let writer = Writer::open(path.as_ref())?;
+        let shared = Arc::clone(writer.shared());
         let (requests, queue) = mpsc::channel();
-        let writer = Writer::new(Arc::clone(&shared), recovered.shape, recovered.hard_state);
         let writer = std::thread::Builder::new()
             .name("kythira-storage-writer".into())
             .spawn(move || writer.run(queue))

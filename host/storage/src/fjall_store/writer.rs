@@ -7,6 +7,7 @@ use crate::{
 use fjall::PersistMode;
 use std::{
     collections::BTreeMap,
+    path::Path,
     sync::{Arc, atomic::Ordering, mpsc},
 };
 
@@ -99,13 +100,19 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub fn new(shared: Arc<Shared>, shape: LogShape, hard_state: HardState) -> Self {
-        Self {
-            shared,
+    /// Opens and verifies the database at `path`; the writer owns it from then on.
+    pub fn open(path: &Path) -> Result<Self> {
+        let (shared, shape, hard_state) = Shared::open(path)?;
+        Ok(Self {
+            shared: Arc::new(shared),
             shape,
             hard_state,
             poisoned: None,
-        }
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     pub fn run(mut self, queue: mpsc::Receiver<Request>) {
@@ -227,5 +234,129 @@ impl Writer {
         db.persist(PersistMode::SyncData).map_err(Arc::new)?;
         self.shared.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Groups are built by hand here, so what shares one batch is deterministic.
+
+    use super::*;
+    use crate::{FjallStore, HardStateStore, LogStore, StorageError};
+    use std::ops::RangeInclusive;
+
+    fn entries(range: RangeInclusive<u64>, term: u64) -> Vec<LogEntry> {
+        range
+            .map(|index| LogEntry::new(index, term, index.to_be_bytes().to_vec()))
+            .collect()
+    }
+
+    /// Commits `ops` as one group and returns each caller's outcome.
+    fn commit(writer: &mut Writer, ops: Vec<Op>) -> Vec<Result<()>> {
+        let (group, outcomes): (Vec<_>, Vec<_>) = ops
+            .into_iter()
+            .map(|op| {
+                let (done, outcome) = mpsc::sync_channel(1);
+                (Request { op, done }, outcome)
+            })
+            .unzip();
+        writer.commit_group(group);
+        outcomes.into_iter().map(|o| o.recv().unwrap()).collect()
+    }
+
+    fn temp_dir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    #[test]
+    fn a_group_writes_its_net_effect_with_one_sync() {
+        let dir = temp_dir();
+        let mut writer = Writer::open(dir.path()).unwrap();
+        let state = HardState {
+            term: 2,
+            vote: Some(1),
+            commit: 6,
+        };
+        let outcomes = commit(
+            &mut writer,
+            vec![
+                Op::Append(entries(1..=10, 1)),
+                Op::Truncate(5),
+                Op::Append(entries(5..=7, 2)),
+                Op::Compact(3),
+                Op::Save {
+                    hard_state: Some(state),
+                    entries: entries(8..=8, 2),
+                },
+            ],
+        );
+        assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+        assert_eq!(writer.shared().syncs.load(Ordering::Relaxed), 1);
+        // Keys that only ever existed inside the group were never written.
+        for index in [1, 3, 9, 10] {
+            let key = codec::log_key(index);
+            assert_eq!(writer.shared().log.get(key).unwrap(), None, "{index}");
+        }
+        drop(writer);
+
+        let store = FjallStore::open(dir.path()).unwrap();
+        assert_eq!((store.first_index(), store.last_index()), (4, 8));
+        assert_eq!(store.term(3).unwrap(), 1);
+        let expected = [entries(4..=4, 1), entries(5..=8, 2)].concat();
+        assert_eq!(store.entries(4..9, u64::MAX).unwrap(), expected);
+        assert_eq!(store.hard_state(), state);
+    }
+
+    #[test]
+    fn a_rejected_request_leaves_the_rest_of_its_group_alone() {
+        let dir = temp_dir();
+        let mut writer = Writer::open(dir.path()).unwrap();
+        let outcomes = commit(
+            &mut writer,
+            vec![
+                Op::Append(entries(1..=3, 1)),
+                Op::Append(entries(5..=6, 1)),
+                Op::Append(entries(4..=4, 1)),
+            ],
+        );
+        assert!(outcomes[0].is_ok() && outcomes[2].is_ok());
+        assert!(matches!(outcomes[1], Err(StorageError::InvalidAppend(_))));
+        drop(writer);
+        assert_eq!(FjallStore::open(dir.path()).unwrap().last_index(), 4);
+    }
+
+    #[test]
+    fn a_reset_in_a_group_discards_what_came_before_it() {
+        let dir = temp_dir();
+        let mut writer = Writer::open(dir.path()).unwrap();
+        commit(&mut writer, vec![Op::Append(entries(1..=2, 1))])
+            .into_iter()
+            .for_each(|outcome| outcome.unwrap());
+        let outcomes = commit(
+            &mut writer,
+            vec![
+                Op::Append(entries(3..=5, 1)),
+                Op::Reset { index: 10, term: 3 },
+                Op::Append(entries(11..=12, 3)),
+            ],
+        );
+        assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+        for index in 1..=5 {
+            let key = codec::log_key(index);
+            assert_eq!(writer.shared().log.get(key).unwrap(), None, "{index}");
+        }
+        drop(writer);
+        let store = FjallStore::open(dir.path()).unwrap();
+        assert_eq!((store.first_index(), store.last_index()), (11, 12));
+        assert_eq!(store.term(10).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_group_that_changes_nothing_does_not_sync() {
+        let dir = temp_dir();
+        let mut writer = Writer::open(dir.path()).unwrap();
+        let outcomes = commit(&mut writer, vec![Op::Truncate(100), Op::Compact(0)]);
+        assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+        assert_eq!(writer.shared().syncs.load(Ordering::Relaxed), 0);
     }
 }
