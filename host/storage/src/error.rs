@@ -163,6 +163,13 @@ impl StorageError {
         }
     }
 
+    pub(crate) fn database(path: &std::path::Path, source: fjall::Error) -> Self {
+        Self::Database {
+            path: path.to_path_buf(),
+            source: Arc::new(source),
+        }
+    }
+
     /// Whether the error reports damaged durable data rather than a failed operation.
     pub fn is_corruption(&self) -> bool {
         matches!(

@@ -113,10 +113,7 @@ impl Shared {
     /// Opens the database and verifies it; returns it with the recovered state.
     fn open(path: &Path) -> Result<(Self, LogShape, HardState)> {
         let path = path.to_path_buf();
-        let db_error = |source| StorageError::Database {
-            path: path.clone(),
-            source: Arc::new(source),
-        };
+        let db_error = |source| StorageError::database(&path, source);
         // Syncs are issued by the writer only, once per group.
         let db = Database::builder(&path)
             .manual_journal_persist(true)
@@ -149,10 +146,7 @@ impl Shared {
     }
 
     fn db_error(&self, source: fjall::Error) -> StorageError {
-        StorageError::Database {
-            path: self.path.clone(),
-            source: Arc::new(source),
-        }
+        StorageError::database(&self.path, source)
     }
 
     fn view(&self) -> Arc<View> {

@@ -7,7 +7,7 @@ use crate::{
     shape::LogShape,
 };
 use fjall::{Database, Keyspace, PersistMode};
-use std::{path::Path, sync::Arc};
+use std::path::Path;
 
 pub(super) struct Recovered {
     pub shape: LogShape,
@@ -20,10 +20,7 @@ pub(super) fn recover(
     log: &Keyspace,
     meta: &Keyspace,
 ) -> Result<Recovered> {
-    let db_error = |source| StorageError::Database {
-        path: path.to_path_buf(),
-        source: Arc::new(source),
-    };
+    let db_error = |source| StorageError::database(path, source);
     let corrupt = |record, detail: String| StorageError::CorruptRecord {
         path: path.to_path_buf(),
         record,
@@ -56,10 +53,7 @@ pub(super) fn recover(
 
 /// A directory without the format marker must be a brand-new database.
 fn initialize(path: &Path, db: &Database, log: &Keyspace, meta: &Keyspace) -> Result<Recovered> {
-    let db_error = |source| StorageError::Database {
-        path: path.to_path_buf(),
-        source: Arc::new(source),
-    };
+    let db_error = |source| StorageError::database(path, source);
     if !meta.is_empty().map_err(db_error)? || !log.is_empty().map_err(db_error)? {
         return Err(StorageError::CorruptRecord {
             path: path.to_path_buf(),
@@ -159,10 +153,9 @@ fn scan_slice(
     let mut changes: Vec<(u64, u64)> = Vec::new();
     let mut expected = lo;
     for item in log.range(codec::log_key(lo)..=codec::log_key(hi)) {
-        let (key, value) = item.into_inner().map_err(|source| StorageError::Database {
-            path: path.to_path_buf(),
-            source: Arc::new(source),
-        })?;
+        let (key, value) = item
+            .into_inner()
+            .map_err(|source| StorageError::database(path, source))?;
         if codec::decode_log_key(&key) != Some(expected) {
             return Err(missing(path, bounds, expected));
         }
@@ -206,10 +199,9 @@ fn check_nothing_beyond(path: &Path, log: &Keyspace, bounds: &LogBounds) -> Resu
     if let Some(beyond) = bounds.last_index.checked_add(1)
         && let Some(item) = log.range(codec::log_key(beyond)..).next()
     {
-        let key = item.key().map_err(|source| StorageError::Database {
-            path: path.to_path_buf(),
-            source: Arc::new(source),
-        })?;
+        let key = item
+            .key()
+            .map_err(|source| StorageError::database(path, source))?;
         return Err(StorageError::StrayEntry {
             path: path.to_path_buf(),
             index: codec::decode_log_key(&key).unwrap_or(beyond),
