@@ -34,6 +34,13 @@ use std::sync::Arc;
 
 use cache::ArtifactCache;
 
+// Machines move between threads (the node applies on a worker thread).
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<Machine>();
+    assert_send::<Runtime>();
+};
+
 /// Compiles, validates and instantiates plugins.
 ///
 /// Cheap to clone: clones share the engine and the cache.

@@ -1,0 +1,149 @@
+//! `cargo bench -p kythira-runtime --bench plugin` (or `just bench-plugin`):
+//! costs of running plugins, as `BENCH name=… value=… unit=…` lines.
+//!
+//! Every figure is the median of several timed rounds; the native figures are
+//! the same kv logic called directly, measured in the same run as a baseline.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kythira_guest::Raw;
+use kythira_guest::codec::encode;
+use kythira_plugin_kv::{Command, KvStore};
+use kythira_runtime::{ApplyContext, Limits, Runtime, RuntimeConfig};
+
+const ROUNDS: usize = 15;
+
+fn main() -> anyhow::Result<()> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/plugins");
+    let kv = std::fs::read(dir.join("kv.wasm"))
+        .map_err(|e| anyhow::anyhow!("{e}: build the plugins first with `just plugins`"))?;
+    let cache = tempfile::tempdir()?;
+    let runtime = Runtime::new(RuntimeConfig {
+        limits: Limits::default(),
+        cache_dir: Some(cache.path().to_path_buf()),
+        ..RuntimeConfig::default()
+    })?;
+    let plugin = runtime.load(&kv)?;
+
+    // 16-byte puts (8-byte key, 8-byte value) over 1,024 keys.
+    let commands: Vec<Vec<u8>> = (0..1024u64)
+        .map(|i| {
+            encode(&Command::Put {
+                key: format!("key{i:05}").into_bytes(),
+                value: i.to_le_bytes().to_vec(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    const PER_ROUND: u64 = 20_000;
+
+    let mut machine = runtime.start(&plugin)?;
+    let mut index = 0u64;
+    let mut fuel = Vec::new();
+    let wasm = median_per_op(PER_ROUND, || {
+        for _ in 0..PER_ROUND {
+            index += 1;
+            let ctx = ApplyContext {
+                index,
+                term: 1,
+                timestamp_ms: index,
+            };
+            let command = &commands[(index % 1024) as usize];
+            let outcome = machine.apply(ctx, command);
+            assert!(outcome.result.is_ok());
+            fuel.push(outcome.fuel_used);
+        }
+    });
+    let mut native = Raw::<KvStore>::new();
+    let mut index = 0u64;
+    let native_ns = median_per_op(PER_ROUND, || {
+        for _ in 0..PER_ROUND {
+            index += 1;
+            let ctx = kythira_guest::ApplyContext {
+                index,
+                term: 1,
+                timestamp_ms: index,
+            };
+            let command = &commands[(index % 1024) as usize];
+            black_box(native.apply(&ctx, black_box(command)).is_ok());
+        }
+    });
+    fuel.sort_unstable();
+    bench("plugin.apply.kv_put16", ns(wasm), "ns");
+    bench("plugin.apply.native_kv_put16", ns(native_ns), "ns");
+    bench(
+        "plugin.apply.kv_put16_vs_native",
+        ns(wasm) / ns(native_ns),
+        "ratio",
+    );
+    bench(
+        "plugin.apply.kv_put16_fuel",
+        fuel[fuel.len() / 2] as f64,
+        "fuel",
+    );
+
+    // Instantiation from a loaded plugin (pooling allocator, pre-instantiated).
+    let start = median_per_op(200, || {
+        for _ in 0..200 {
+            black_box(runtime.start(&plugin).expect("start"));
+        }
+    });
+    bench("plugin.instantiate.cached", ns(start) / 1e3, "us");
+
+    // Loading from the artifact cache (deserialize + validate).
+    let load = median_per_op(20, || {
+        for _ in 0..20 {
+            black_box(runtime.load(&kv).expect("load"));
+        }
+    });
+    bench("plugin.load.cached", ns(load) / 1e3, "us");
+
+    // get-state + restore of a 10 MB state (160 values of 64 KiB).
+    let mut big = runtime.start(&plugin)?;
+    for i in 0..160u64 {
+        let put = encode(&Command::Put {
+            key: format!("blob{i:04}").into_bytes(),
+            value: vec![i as u8; 64 << 10],
+        })?;
+        big.apply(
+            ApplyContext {
+                index: i + 1,
+                term: 1,
+                timestamp_ms: 0,
+            },
+            &put,
+        )
+        .result?;
+    }
+    let mut fresh = runtime.start(&plugin)?;
+    let snapshot = median_per_op(1, || {
+        let state = big.get_state().result.expect("get-state");
+        assert!(state.len() >= 10 << 20);
+        fresh.restore(&state).result.expect("restore");
+    });
+    bench("plugin.snapshot.10mb", ns(snapshot) / 1e6, "ms");
+    Ok(())
+}
+
+/// Median over [`ROUNDS`] runs of `round`, per operation (`ops` per round).
+fn median_per_op(ops: u64, mut round: impl FnMut()) -> Duration {
+    round(); // warm-up
+    let mut times: Vec<Duration> = (0..ROUNDS)
+        .map(|_| {
+            let started = Instant::now();
+            round();
+            started.elapsed() / u32::try_from(ops).expect("ops fit u32")
+        })
+        .collect();
+    times.sort_unstable();
+    times[ROUNDS / 2]
+}
+
+fn ns(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e9
+}
+
+fn bench(name: &str, value: f64, unit: &str) {
+    println!("BENCH name={name} value={value:.3} unit={unit}");
+}
