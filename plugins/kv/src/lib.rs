@@ -19,17 +19,31 @@ pub const MAX_SCAN_LIMIT: u32 = 10_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Sets `key` to `value`. Answers [`Response::Value`] with the previous value.
-    Put { key: Vec<u8>, value: Vec<u8> },
+    Put {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
     /// Reads `key`, ordered with the writes around it. Answers [`Response::Value`].
-    Get { key: Vec<u8> },
+    Get {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// Removes `key`. Answers [`Response::Value`] with the removed value.
-    Delete { key: Vec<u8> },
+    Delete {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// Sets `key` to `new` (removes it if `None`) only if its current value is
     /// `expected` (`None`: the key is absent). Answers [`Response::Swapped`] or
     /// [`Response::Mismatch`].
     CompareAndSwap {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         expected: Option<Vec<u8>>,
+        #[serde(with = "serde_bytes")]
         new: Option<Vec<u8>>,
     },
     /// Lists entries in key order. Answers [`Response::Entries`].
@@ -40,7 +54,10 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Query {
     /// Reads `key`. Answers [`Response::Value`].
-    Get { key: Vec<u8> },
+    Get {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// Lists entries in key order. Answers [`Response::Entries`].
     Scan(Scan),
 }
@@ -49,7 +66,9 @@ pub enum Query {
 /// given, in ascending order, at most `limit` of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Scan {
+    #[serde(with = "serde_bytes")]
     pub prefix: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub start_after: Option<Vec<u8>>,
     pub limit: u32,
 }
@@ -59,11 +78,14 @@ pub struct Scan {
 pub enum Response {
     /// A key's value: the current one for `Get`, the one before the command
     /// for `Put` and `Delete`. `None` if the key was absent.
-    Value(Option<Vec<u8>>),
+    Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
     /// The compare-and-swap matched and was applied.
     Swapped,
     /// The compare-and-swap did not match; nothing changed.
-    Mismatch { current: Option<Vec<u8>> },
+    Mismatch {
+        #[serde(with = "serde_bytes")]
+        current: Option<Vec<u8>>,
+    },
     /// The scanned entries; `more` tells whether further keys match (continue
     /// with `start_after` set to the last key returned).
     Entries {
@@ -82,7 +104,35 @@ pub enum KvError {
 /// The store: an ordered map, so its snapshot is canonical.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvStore {
+    #[serde(with = "byte_map")]
     entries: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// Serializes the map with keys and values as byte strings: the same postcard
+/// bytes as a map of `Vec<u8>`, but copied in bulk instead of byte by byte,
+/// which is what makes large snapshots cheap in fuel.
+mod byte_map {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<Vec<u8>, Vec<u8>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(map.iter().map(|(k, v)| (Bytes::new(k), Bytes::new(v))))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, D::Error> {
+        let map = BTreeMap::<ByteBuf, ByteBuf>::deserialize(deserializer)?;
+        Ok(map
+            .into_iter()
+            .map(|(k, v)| (k.into_vec(), v.into_vec()))
+            .collect())
+    }
 }
 
 impl KvStore {
