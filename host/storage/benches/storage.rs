@@ -41,18 +41,37 @@ fn entries(first: u64, count: u64) -> Vec<LogEntry> {
         .collect()
 }
 
+const FLOOR_SYNCS: u32 = 500;
+const BLOCK: [u8; 4096] = [0xa5; 4096];
+
 /// Syncs per second of a plain file: append 4 KiB, fdatasync.
 fn fsync_floor(root: &Path) -> Result<f64> {
     let dir = fresh_dir(root, "fsync")?;
     let mut file = File::create(dir.join("floor"))?;
-    let block = [0xa5u8; 4096];
-    let syncs = 1000;
     let start = Instant::now();
-    for _ in 0..syncs {
-        file.write_all(&block)?;
+    for _ in 0..FLOOR_SYNCS {
+        file.write_all(&BLOCK)?;
         file.sync_data()?;
     }
-    Ok(f64::from(syncs) / start.elapsed().as_secs_f64())
+    Ok(f64::from(FLOOR_SYNCS) / start.elapsed().as_secs_f64())
+}
+
+/// Syncs per second rewriting 4 KiB blocks of a file already written and synced,
+/// as fjall does in its preallocated journal: no block allocation per sync.
+fn fsync_floor_overwrite(root: &Path) -> Result<f64> {
+    use std::os::unix::fs::FileExt;
+    let dir = fresh_dir(root, "fsync-overwrite")?;
+    let file = File::create(dir.join("floor"))?;
+    for block in 0..u64::from(FLOOR_SYNCS) {
+        file.write_all_at(&BLOCK, block * 4096)?;
+    }
+    file.sync_all()?;
+    let start = Instant::now();
+    for block in 0..u64::from(FLOOR_SYNCS) {
+        file.write_all_at(&BLOCK, block * 4096)?;
+        file.sync_data()?;
+    }
+    Ok(f64::from(FLOOR_SYNCS) / start.elapsed().as_secs_f64())
 }
 
 /// Entries per second appending `batch` 100-byte entries per call (one sync each).
@@ -138,6 +157,7 @@ fn main() -> Result<()> {
     let started = Instant::now();
 
     let mut floor = Vec::new();
+    let mut floor_overwrite = Vec::new();
     let mut each = Vec::new();
     let mut group64 = Vec::new();
     let mut group512 = Vec::new();
@@ -146,7 +166,8 @@ fn main() -> Result<()> {
     // Interleaved so that a noisy neighbour affects every measurement alike.
     for _ in 0..RUNS {
         floor.push(fsync_floor(&root)?);
-        each.push(append(&root, 1, 1000)?);
+        floor_overwrite.push(fsync_floor_overwrite(&root)?);
+        each.push(append(&root, 1, 500)?);
         group64.push(append(&root, 64, 64 * 200)?);
         group512.push(append(&root, 512, 512 * 60)?);
         let (rate, ratio) = concurrent_saves(&root, 8, 250)?;
@@ -158,6 +179,13 @@ fn main() -> Result<()> {
     report("storage.fsync_floor", floor, "syncs/s");
     report("storage.append.sync_each", each, "entries/s");
     report("storage.append.sync_each_vs_floor", each / floor, "ratio");
+    let floor_overwrite = median(floor_overwrite);
+    report("storage.fsync_floor_overwrite", floor_overwrite, "syncs/s");
+    report(
+        "storage.append.sync_each_vs_floor_overwrite",
+        each / floor_overwrite,
+        "ratio",
+    );
     report("storage.append.group64", median(group64), "entries/s");
     report("storage.append.group512", median(group512), "entries/s");
     report(
