@@ -24,12 +24,12 @@ fn run(nodes: usize, seeds: u64) {
 
 #[test]
 fn three_node_clusters_stay_safe_and_linearizable() {
-    run(3, 50);
+    run(3, 150);
 }
 
 #[test]
 fn five_node_clusters_stay_safe_and_linearizable() {
-    run(5, 50);
+    run(5, 150);
 }
 
 #[test]
