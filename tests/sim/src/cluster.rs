@@ -134,6 +134,9 @@ struct Node {
     applied: u64,
     /// Confirmed reads waiting for the state machine to catch up.
     reads: Vec<ReadState>,
+    /// A stop-the-world pause (GC, VM migration): until then the node
+    /// handles nothing; its messages, ticks and disk completions wait.
+    paused_until: Micros,
 }
 
 #[derive(Debug)]
@@ -242,6 +245,7 @@ impl Cluster {
                     kv: KvStore::default(),
                     applied: 0,
                     reads: Vec::new(),
+                    paused_until: 0,
                 })
                 .collect(),
             net,
@@ -312,6 +316,7 @@ impl Cluster {
         n.applied = 0;
         n.reads.clear();
         n.writing = None;
+        n.paused_until = 0;
         self.safety.restarted(n.id);
         let incarnation = n.incarnation;
         let at = self.now + self.rng.range(1, TICK);
@@ -376,6 +381,19 @@ impl Cluster {
     }
 
     fn handle(&mut self, event: Event) -> Result<(), Violation> {
+        let target = match &event {
+            Event::Tick { node, .. } | Event::Persisted { node, .. } => Some(*node),
+            Event::Deliver(m) => Some(m.to as usize - 1),
+            _ => None,
+        };
+        if let Some(node) = target {
+            let until = self.nodes[node].paused_until;
+            if until > self.now {
+                // Re-queued in pop order, so the node sees them in order.
+                self.schedule(until, event);
+                return Ok(());
+            }
+        }
         match event {
             Event::Tick { node, incarnation } => {
                 if self.nodes[node].incarnation != incarnation {
@@ -425,6 +443,9 @@ impl Cluster {
             Event::Heal => {
                 self.faults_over = true;
                 self.net.heal();
+                for n in &mut self.nodes {
+                    n.paused_until = n.paused_until.min(self.now);
+                }
                 self.net.quality = Quality::PERFECT;
                 for node in 0..self.nodes.len() {
                     if self.nodes[node].raft.is_none() {
@@ -543,7 +564,9 @@ impl Cluster {
 
     fn apply(&mut self, node: usize, e: &Entry) -> Result<(), Violation> {
         if self.check {
-            self.safety.applied(self.nodes[node].id, e)?;
+            let n = &self.nodes[node];
+            let term = n.raft.as_ref().map_or(0, Raft::term);
+            self.safety.applied(n.id, term, e)?;
         }
         let n = &mut self.nodes[node];
         n.applied = e.index;
@@ -650,6 +673,12 @@ impl Cluster {
             Some(h) => h,
             None => self.rng.range(0, n as u64) as usize,
         };
+        let until = self.nodes[node].paused_until;
+        if until > self.now {
+            // The request sits in the paused node's socket buffer.
+            self.schedule(until, Event::ClientAct { client });
+            return Ok(());
+        }
         let key = self.rng.range(0, KEYS);
         let op = self.history.len();
         let is_put = self.rng.chance(0.5);
@@ -803,6 +832,16 @@ impl Cluster {
                         self.start(node);
                     }
                 }
+            }
+            85..92 => {
+                let leader = self.current_leader();
+                let node = match leader {
+                    Some(l) if self.rng.chance(0.5) => l,
+                    _ => self.rng.range(0, n as u64) as usize,
+                };
+                let pause = self.rng.range(50_000, 800_000);
+                let until = (self.now + pause).min(FAULTS_END);
+                self.nodes[node].paused_until = self.nodes[node].paused_until.max(until);
             }
             _ => {
                 self.net.quality = Quality {

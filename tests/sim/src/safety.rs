@@ -5,7 +5,13 @@
 //! * leader append-only: a leader never overwrites or deletes its entries;
 //! * log matching: two logs with an entry of the same index and term agree on
 //!   every entry up to it (checked on durable logs with prefix hashes);
-//! * leader completeness: a new leader holds every entry applied anywhere;
+//! * leader completeness: a new leader of term T holds every entry committed
+//!   in a term below T. The simulator sees commits as applications; the term
+//!   of the node applying an entry bounds the term it was committed in from
+//!   above (the node learned the commit from a leader of that term or later),
+//!   so entries whose smallest such bound is below T are required. Leaders of
+//!   older terms can appear late in real time (a paused node collecting votes
+//!   granted long ago) and need not hold newer commits;
 //! * state machine safety: no two nodes apply different entries at an index,
 //!   and each node applies its entries in order, each once;
 //! * committed entries are protected: after every commit and every durable
@@ -53,6 +59,16 @@ impl Hasher for FxHasher {
 
 type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
+/// An entry applied somewhere.
+#[derive(Debug, Clone, Copy)]
+struct Applied {
+    term: Term,
+    hash: u64,
+    /// Upper bound on the term in which the entry was committed: the
+    /// smallest term of a node when it applied the entry.
+    committed_by: Term,
+}
+
 /// Per-node state of the checker. Node ids are `1..=n`.
 #[derive(Debug, Default, Clone)]
 struct NodeView {
@@ -73,8 +89,8 @@ pub struct Safety {
     nodes: Vec<NodeView>,
     /// Prefix hash of every (index, term) ever made durable anywhere.
     prefix_by_position: FxMap<(Index, Term), u64>,
-    /// Entries applied anywhere, index i at i - 1: (term, content hash).
-    applied: Vec<(Term, u64)>,
+    /// Entries applied anywhere, index i at i - 1.
+    applied: Vec<Applied>,
 }
 
 /// Content hash of an entry (FNV-1a over kind and payload).
@@ -156,10 +172,14 @@ impl Safety {
         Ok(())
     }
 
-    /// A new leader must hold every entry applied anywhere.
+    /// A new leader must hold every entry committed in an earlier term.
     fn check_completeness(&self, raft: &Raft) -> Result<(), Violation> {
         let log = raft.log();
-        for (i, &(term, hash)) in self.applied.iter().enumerate() {
+        for (i, a) in self.applied.iter().enumerate() {
+            if a.committed_by >= raft.term() {
+                continue;
+            }
+            let (term, hash) = (a.term, a.hash);
             let index = i as Index + 1;
             match log.get(index) {
                 Some(e) if e.term == term && entry_hash(e) == hash => {}
@@ -224,7 +244,7 @@ impl Safety {
 
     /// No node lacking the latest committed entry could win an election.
     fn check_commit_protected(&self) -> Result<(), Violation> {
-        let Some(&(term, _)) = self.applied.last() else {
+        let Some(&Applied { term, .. }) = self.applied.last() else {
             return Ok(());
         };
         let index = self.applied.len();
@@ -268,8 +288,8 @@ impl Safety {
         view.leader_tip = None;
     }
 
-    /// `node` applied `e`.
-    pub fn applied(&mut self, node: NodeId, e: &Entry) -> Result<(), Violation> {
+    /// `node`, in term `node_term`, applied `e`.
+    pub fn applied(&mut self, node: NodeId, node_term: Term, e: &Entry) -> Result<(), Violation> {
         let last = &mut self.node(node).applied;
         if e.index != *last + 1 {
             return violation(
@@ -279,18 +299,25 @@ impl Safety {
         }
         *last = e.index;
         let hash = entry_hash(e);
-        match self.applied.get(e.index as usize - 1) {
-            Some(&(term, h)) if term != e.term || h != hash => violation(
+        match self.applied.get_mut(e.index as usize - 1) {
+            Some(a) if a.term != e.term || a.hash != hash => violation(
                 "state machine safety",
                 format!(
-                    "node {node} applied ({}, {}) where another applied term {term}",
-                    e.index, e.term
+                    "node {node} applied ({}, {}) where another applied term {}",
+                    e.index, e.term, a.term
                 ),
             ),
-            Some(_) => Ok(()),
+            Some(a) => {
+                a.committed_by = a.committed_by.min(node_term);
+                Ok(())
+            }
             None => {
                 debug_assert_eq!(self.applied.len() as Index + 1, e.index);
-                self.applied.push((e.term, hash));
+                self.applied.push(Applied {
+                    term: e.term,
+                    hash,
+                    committed_by: node_term,
+                });
                 self.check_commit_protected()
             }
         }
