@@ -54,10 +54,12 @@ extern crate self as kythira_guest;
 
 pub mod codec;
 mod export;
+mod key;
 mod raw;
 mod state_machine;
 pub mod testing;
 
+pub use key::{Key, compare as compare_bytes};
 pub use raw::Raw;
 pub use state_machine::{ApplyContext, RestoreError, StateMachine};
 

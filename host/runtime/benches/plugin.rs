@@ -16,7 +16,10 @@ use kythira_runtime::{ApplyContext, Limits, Runtime, RuntimeConfig};
 const ROUNDS: usize = 15;
 
 fn main() -> anyhow::Result<()> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/plugins");
+    let dir = std::env::var_os("KYTHIRA_PLUGIN_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/plugins"),
+        PathBuf::from,
+    );
     let kv = std::fs::read(dir.join("kv.wasm"))
         .map_err(|e| anyhow::anyhow!("{e}: build the plugins first with `just plugins`"))?;
     let cache = tempfile::tempdir()?;

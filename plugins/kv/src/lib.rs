@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use kythira_guest::{ApplyContext, StateMachine};
+use kythira_guest::{ApplyContext, Key, StateMachine};
 use serde::{Deserialize, Serialize};
 
 /// The most entries one scan returns; page through larger ranges with
@@ -105,7 +105,7 @@ pub enum KvError {
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvStore {
     #[serde(with = "byte_map")]
-    entries: BTreeMap<Vec<u8>, Vec<u8>>,
+    entries: BTreeMap<Key, Vec<u8>>,
 }
 
 /// Serializes the map with keys and values as byte strings: the same postcard
@@ -114,24 +114,22 @@ pub struct KvStore {
 mod byte_map {
     use std::collections::BTreeMap;
 
+    use kythira_guest::Key;
     use serde::{Deserialize, Deserializer, Serializer};
     use serde_bytes::{ByteBuf, Bytes};
 
     pub fn serialize<S: Serializer>(
-        map: &BTreeMap<Vec<u8>, Vec<u8>>,
+        map: &BTreeMap<Key, Vec<u8>>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(map.iter().map(|(k, v)| (Bytes::new(k), Bytes::new(v))))
+        serializer.collect_map(map.iter().map(|(k, v)| (k, Bytes::new(v))))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
-    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, D::Error> {
-        let map = BTreeMap::<ByteBuf, ByteBuf>::deserialize(deserializer)?;
-        Ok(map
-            .into_iter()
-            .map(|(k, v)| (k.into_vec(), v.into_vec()))
-            .collect())
+    ) -> Result<BTreeMap<Key, Vec<u8>>, D::Error> {
+        let map = BTreeMap::<Key, ByteBuf>::deserialize(deserializer)?;
+        Ok(map.into_iter().map(|(k, v)| (k, v.into_vec())).collect())
     }
 }
 
@@ -148,8 +146,8 @@ impl KvStore {
         self.entries.is_empty()
     }
 
-    fn get(&self, key: &[u8]) -> Response {
-        Response::Value(self.entries.get(key).cloned())
+    fn get(&self, key: Vec<u8>) -> Response {
+        Response::Value(self.entries.get(&Key::from(key)).cloned())
     }
 
     fn scan(&self, scan: &Scan) -> Result<Response, KvError> {
@@ -158,18 +156,18 @@ impl KvStore {
         }
         let lower = match &scan.start_after {
             Some(after) if after.as_slice() >= scan.prefix.as_slice() => {
-                Bound::Excluded(after.as_slice())
+                Bound::Excluded(Key::from(after.as_slice()))
             }
-            _ => Bound::Included(scan.prefix.as_slice()),
+            _ => Bound::Included(Key::from(scan.prefix.as_slice())),
         };
         let mut matching = self
             .entries
-            .range::<[u8], _>((lower, Bound::Unbounded))
+            .range((lower, Bound::Unbounded))
             .take_while(|(key, _)| key.starts_with(&scan.prefix));
         let entries: Vec<_> = matching
             .by_ref()
             .take(scan.limit as usize)
-            .map(|(key, value)| (key.clone(), value.clone()))
+            .map(|(key, value)| (key.to_vec(), value.clone()))
             .collect();
         let more = matching.next().is_some();
         Ok(Response::Entries { entries, more })
@@ -185,10 +183,11 @@ impl StateMachine for KvStore {
 
     fn apply(&mut self, _ctx: &ApplyContext, command: Command) -> Result<Response, KvError> {
         Ok(match command {
-            Command::Put { key, value } => Response::Value(self.entries.insert(key, value)),
-            Command::Get { key } => self.get(&key),
-            Command::Delete { key } => Response::Value(self.entries.remove(&key)),
+            Command::Put { key, value } => Response::Value(self.entries.insert(key.into(), value)),
+            Command::Get { key } => self.get(key),
+            Command::Delete { key } => Response::Value(self.entries.remove(&Key::from(key))),
             Command::CompareAndSwap { key, expected, new } => {
+                let key = Key::from(key);
                 let current = self.entries.get(&key);
                 if current != expected.as_ref() {
                     return Ok(Response::Mismatch {
@@ -207,7 +206,7 @@ impl StateMachine for KvStore {
 
     fn query(&self, query: Query) -> Result<Response, KvError> {
         match query {
-            Query::Get { key } => Ok(self.get(&key)),
+            Query::Get { key } => Ok(self.get(key)),
             Query::Scan(scan) => self.scan(&scan),
         }
     }
