@@ -1,5 +1,6 @@
 //! The safety properties of Raft (paper, figure 3), checked incrementally so
-//! that checking after every step costs O(1) amortised per event:
+//! that they can run after every event (constant work per event, plus a scan
+//! of the log per election and a nodes² comparison per commit or write):
 //!
 //! * election safety: at most one leader per term;
 //! * leader append-only: a leader never overwrites or deletes its entries;
