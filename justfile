@@ -21,8 +21,8 @@ demo: plugins
 
 # The whole test suite: simulator seeds, mutation check, then every unit and integration test.
 test: plugins
-    cargo run --release -p kythira-sim --bin sim -- --seeds 1000 --nodes 3
-    cargo run --release -p kythira-sim --bin sim -- --seeds 1000 --nodes 5
+    cargo run --release -p kythira-sim --bin sim -- --seeds 2000 --nodes 3
+    cargo run --release -p kythira-sim --bin sim -- --seeds 2000 --nodes 5
     just sim-mutants
     cargo nextest run --workspace --no-fail-fast
 
@@ -30,12 +30,13 @@ test: plugins
 sim *ARGS:
     cargo run --release -p kythira-sim --bin sim -- {{ARGS}}
 
-# Inject classic Raft bugs one at a time and check that the simulator catches each.
-sim-mutants:
-    cargo run --release -p kythira-sim --features mutants --bin sim-mutants
+# Inject classic Raft bugs one at a time and check that the simulator catches each
+# (a caught mutant prints the arguments that replay it, e.g. `--only NAME --first S --max-seeds 1`).
+sim-mutants *ARGS:
+    cargo run --release -p kythira-sim --features mutants --bin sim-mutants -- {{ARGS}}
 
 # Every benchmark.
-bench: bench-core bench-storage bench-plugin
+bench: bench-core bench-storage bench-plugin bench-lin
 
 bench-core:
     cargo run --release -p kythira-sim --bin bench-core
@@ -45,6 +46,9 @@ bench-storage:
 
 bench-plugin: plugins
     cargo bench -p kythira-runtime --bench plugin
+
+bench-lin:
+    cargo bench -p kythira-linearizability --bench check
 
 # Create plugins/NAME from the template; it builds and passes its tests as created.
 new-plugin NAME:
