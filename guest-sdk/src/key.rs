@@ -142,8 +142,8 @@ mod tests {
     use super::*;
     use crate::codec::{decode, encode};
 
-    /// Every pair of strings over a small alphabet, lengths 0 to 10, crossing
-    /// the eight-byte word boundary: `compare` agrees with `[u8]::cmp`.
+    /// Every pair of strings over a small alphabet, lengths 0 to 26, with and
+    /// without shared whole words: `compare` agrees with `[u8]::cmp`.
     #[test]
     fn orders_like_slices() {
         let mut strings = vec![Vec::new()];
@@ -159,6 +159,13 @@ mod tests {
                     })
                     .collect();
                 strings.push(s);
+            }
+        }
+        // Long strings sharing one or two whole words, differing after them.
+        let base = strings.clone();
+        for prefix in [&b"01234567"[..], b"0123456789abcdef"] {
+            for tail in &base {
+                strings.push([prefix, tail.as_slice()].concat());
             }
         }
         for a in &strings {

@@ -102,7 +102,7 @@ pub fn run(plugins: &Path) -> anyhow::Result<()> {
     let state = machine.get_state().result?;
     println!("get-state: {} bytes", state.len());
     let mut replica = runtime.start(&kv)?;
-    replica.restore(&state).result?;
+    replica.restore(&state, log.index).result?;
     let same = replica.get_state().result? == state;
     println!("restored into a fresh instance; state identical: {same}");
     if !same {

@@ -123,7 +123,7 @@ fn main() -> anyhow::Result<()> {
     let snapshot = median_per_op(1, || {
         let state = big.get_state().result.expect("get-state");
         assert!(state.len() >= 10 << 20);
-        fresh.restore(&state).result.expect("restore");
+        fresh.restore(&state, 160).result.expect("restore");
     });
     bench("plugin.snapshot.10mb", ns(snapshot) / 1e6, "ms");
     Ok(())

@@ -19,8 +19,17 @@ pub struct Limits {
     /// whole state, so they get a budget of their own: restoring 100 MB costs
     /// about 1.1 × 10⁹ units.
     pub snapshot_fuel: u64,
-    /// Maximum size of a plugin's linear memory, in bytes.
+    /// Maximum size of a plugin's linear memory, in bytes. Snapshots and
+    /// rollbacks restore the state into a fresh instance, which holds the
+    /// serialized and the decoded state at once: keep states under about half
+    /// of this.
     pub memory_bytes: usize,
+    /// A machine checkpoints after applying every entry whose index is a
+    /// multiple of this: it serializes its state and continues on a fresh
+    /// instance restored from it. Larger values make checkpoints rarer and
+    /// rollbacks (which replay every command since the last checkpoint)
+    /// longer. See [`crate::Machine`].
+    pub checkpoint_interval: u64,
 }
 
 impl Default for Limits {
@@ -30,6 +39,7 @@ impl Default for Limits {
             query_fuel: 50_000_000,
             snapshot_fuel: 20_000_000_000,
             memory_bytes: 512 << 20,
+            checkpoint_interval: 1024,
         }
     }
 }
@@ -39,6 +49,9 @@ impl Limits {
         let invalid = |why: &str| Err(RuntimeError::InvalidConfig(why.to_string()));
         if self.apply_fuel == 0 || self.query_fuel == 0 || self.snapshot_fuel == 0 {
             return invalid("fuel budgets must be positive");
+        }
+        if self.checkpoint_interval == 0 {
+            return invalid("checkpoint interval must be positive");
         }
         if self.memory_bytes < WASM_PAGE {
             return invalid("memory limit must be at least one 64 KiB wasm page");
@@ -66,10 +79,6 @@ pub struct RuntimeConfig {
     /// How many machines may be alive at once (the pooling allocator reserves
     /// address space for this many up front).
     pub max_machines: u32,
-    /// A checkpoint is taken when the fuel spent in `apply` since the last one
-    /// exceeds this many times what the last checkpoint cost. Higher values make
-    /// checkpoints rarer and rollbacks longer. See [`crate::Machine`].
-    pub checkpoint_ratio: u32,
 }
 
 impl Default for RuntimeConfig {
@@ -78,7 +87,6 @@ impl Default for RuntimeConfig {
             limits: Limits::default(),
             cache_dir: None,
             max_machines: 64,
-            checkpoint_ratio: 4,
         }
     }
 }

@@ -36,15 +36,23 @@ pub(crate) fn deterministic_engine(config: &RuntimeConfig) -> Result<Engine, Run
 /// rollback (a fresh instance after a trap) cheap.
 fn pooling(config: &RuntimeConfig) -> PoolingAllocationConfig {
     let memory = config.limits.memory_bytes.div_ceil(WASM_PAGE) * WASM_PAGE;
-    // A machine is rebuilt after a trap while its old store is still being
-    // dropped, and a plugin upgrade runs the old and new instance side by side,
-    // so leave room for two instances per machine.
+    // Checkpoints, restores and upgrades build a fresh instance while the old
+    // one is still alive, so leave room for two instances per machine.
     let slots = config.max_machines.saturating_mul(2).max(2);
     let mut pool = PoolingAllocationConfig::new();
-    pool.total_component_instances(slots)
-        .total_core_instances(slots.saturating_mul(4))
+    // Per-component caps make the totals below meaningful: a component that
+    // needs more is refused at load instead of starving other machines.
+    pool.max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .max_memories_per_component(1)
+        .max_tables_per_component(TABLES_PER_COMPONENT)
+        .total_component_instances(slots)
+        .total_core_instances(slots.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
         .total_memories(slots)
-        .total_tables(slots.saturating_mul(4))
+        .total_tables(slots.saturating_mul(TABLES_PER_COMPONENT))
         .max_memory_size(memory);
     pool
 }
+
+/// A plugin built with the SDK has one core module plus a few adapter shims.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
+const TABLES_PER_COMPONENT: u32 = 4;

@@ -68,8 +68,8 @@ pub enum LoadError {
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CallError {
     /// The plugin returned an error. For `apply` this is an ordinary replicated
-    /// result and the plugin's state is as the plugin left it; for
-    /// `restore-from-snapshot` the state is rolled back.
+    /// result and the plugin's state is as the plugin left it; a refused
+    /// restore leaves the machine as it was.
     #[error("plugin error: {0}")]
     Plugin(String),
     /// The call used its whole fuel budget; its effects were rolled back.
@@ -84,8 +84,9 @@ pub enum CallError {
         /// The limit in bytes.
         limit: usize,
     },
-    /// The plugin trapped (a panic, an `unreachable`, a stack overflow...);
-    /// its effects were rolled back.
+    /// The plugin trapped (a panic, an `unreachable`, a stack overflow...) or
+    /// handed back a value the canonical ABI rejects; its effects were rolled
+    /// back.
     #[error("plugin trapped: {0}")]
     Trap(String),
     /// The machine could not be brought back to its last good state (its
@@ -93,7 +94,8 @@ pub enum CallError {
     #[error("state machine unavailable: {0}")]
     Unavailable(String),
     /// The host itself failed (for example it could not allocate an instance).
-    /// Not deterministic; the caller should treat it as a local fault.
+    /// Not deterministic; the caller should treat it as a local fault and
+    /// retry: the machine rebuilds its instance on the next call.
     #[error("runtime failure: {0}")]
     Internal(String),
 }

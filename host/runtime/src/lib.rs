@@ -53,7 +53,6 @@ struct RuntimeInner {
     engine: wasmtime::Engine,
     linker: wasmtime::component::Linker<machine::StoreData>,
     limits: Limits,
-    checkpoint_ratio: u32,
     cache: Option<ArtifactCache>,
 }
 
@@ -61,7 +60,6 @@ impl std::fmt::Debug for RuntimeInner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RuntimeInner")
             .field("limits", &self.limits)
-            .field("checkpoint_ratio", &self.checkpoint_ratio)
             .field("cache", &self.cache)
             .finish_non_exhaustive()
     }
@@ -84,7 +82,6 @@ impl Runtime {
                 engine,
                 linker,
                 limits: config.limits,
-                checkpoint_ratio: config.checkpoint_ratio.max(1),
                 cache,
             }),
         })

@@ -1,26 +1,29 @@
-//! A running state machine, and how a failed call is rolled back.
+//! A running state machine: atomic apply, and outcomes that are the same on
+//! every replica.
 //!
-//! After a trap wasmtime poisons the whole `Store`, and a trap can strike in the
-//! middle of a mutation, so a failed call cannot be undone in place. Instead a
-//! machine keeps a *checkpoint*: the bytes of a `get-state` taken at some point,
-//! plus every `apply` since then. A failed call is rolled back by building a
-//! fresh instance, restoring the checkpoint and re-applying those commands.
-//! Apply is deterministic, so the rebuilt state is exactly the state before the
-//! failed call.
+//! **Rollback.** After a trap wasmtime poisons the whole `Store`, and a trap can
+//! strike in the middle of a mutation, so a failed call cannot be undone in
+//! place. A machine keeps a *checkpoint* (state bytes at a log index) and the
+//! commands applied since; a failed apply is rolled back by restoring the
+//! checkpoint into a fresh instance and re-applying those commands. Apply is
+//! deterministic, so that is exactly the state before the failed call.
 //!
-//! A checkpoint is taken when the fuel spent in `apply` since the last one
-//! exceeds `checkpoint_ratio` times the fuel the last one cost. So checkpointing
-//! adds at most `1 / checkpoint_ratio` to the cost of applying, and a rollback
-//! costs at most one restore plus `checkpoint_ratio` checkpoints' worth of
-//! re-applying. A successful `restore-from-snapshot` is a checkpoint for free:
-//! its bytes are at hand and proven restorable. The bytes of an arbitrary
-//! `get-state` are not adopted, because nothing proves yet that the plugin can
-//! restore them; until the first periodic checkpoint, rollback replays from
-//! the initial state and needs no restore at all.
-//!
-//! A plugin whose `restore-from-snapshot` fails on its own checkpoint cannot be
-//! rolled back; the machine then becomes unavailable, at the same call on every
-//! replica that followed the same history.
+//! **Canonical instances.** Whether an apply runs out of fuel or memory
+//! depends not only on the replicated state but on the guest's heap (its
+//! allocator's free lists, its memory size), and local calls that are not
+//! replicated (`query`, `get-state`) change the heap. So the instance an apply
+//! runs on must be the same on every replica. An instance is *canonical* when
+//! it was built as "fresh instance, restore the checkpoint, re-apply the
+//! commands since"; checkpoints are taken at log indexes that are multiples of
+//! [`crate::Limits::checkpoint_interval`], and after each one the machine
+//! continues on a fresh instance restored from it. Every replica therefore
+//! holds the same heap after every apply, as long as it made no local call.
+//! After a local call the instance is marked *perturbed*; an apply on a
+//! perturbed instance whose outcome is near a limit (a failure, or more than
+//! three quarters of the fuel budget or memory limit used) is decided again on
+//! a rebuilt canonical instance. The assumption this rests on, stated: a local
+//! call changes the fuel or memory an apply needs by less than a quarter of the
+//! limits (it changes allocator bookkeeping, not the plugin's work).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +71,8 @@ pub struct Outcome<T> {
 pub(crate) struct StoreData {
     memory_limit: usize,
     memory_limit_hit: bool,
+    /// Largest linear memory size granted so far.
+    memory_size: usize,
 }
 
 /// Marks a trap raised because the memory limit was reached.
@@ -92,6 +97,7 @@ impl ResourceLimiter for StoreData {
             self.memory_limit_hit = true;
             return Err(MemoryLimitReached.into());
         }
+        self.memory_size = self.memory_size.max(desired);
         Ok(true)
     }
 
@@ -119,13 +125,14 @@ impl Live {
             StoreData {
                 memory_limit: limits.memory_bytes,
                 memory_limit_hit: false,
+                memory_size: 0,
             },
         );
         store.limiter(|data| data);
         set_fuel(&mut store, limits.snapshot_fuel)?;
         match plugin.pre().instantiate(&mut store) {
             Ok(bindings) => Ok(Self { store, bindings }),
-            Err(e) => Err(classify(&store, e, limits.snapshot_fuel)),
+            Err(e) => Err(CallError::Internal(format!("cannot instantiate: {e:#}"))),
         }
     }
 
@@ -176,8 +183,8 @@ fn set_fuel(store: &mut Store<StoreData>, fuel: u64) -> Result<(), CallError> {
         .map_err(|e| CallError::Internal(format!("cannot set fuel: {e}")))
 }
 
-/// Names a failed call. Only the trap code is kept, never a backtrace or an
-/// address, so the error is the same on every replica.
+/// Names a failed call. Only the trap code or the top-level message is kept,
+/// never a backtrace or an address, so the error is the same on every replica.
 fn classify(store: &Store<StoreData>, error: wasmtime::Error, budget: u64) -> CallError {
     if store.data().memory_limit_hit || error.is::<MemoryLimitReached>() {
         return CallError::MemoryLimit {
@@ -187,43 +194,41 @@ fn classify(store: &Store<StoreData>, error: wasmtime::Error, budget: u64) -> Ca
     match error.downcast_ref::<Trap>() {
         Some(Trap::OutOfFuel) => CallError::FuelExhausted { budget },
         Some(trap) => CallError::Trap(trap.to_string()),
-        None => CallError::Internal(format!("{error:#}")),
+        // The guest was entered and handed back something the canonical ABI
+        // rejects (a list out of bounds, invalid UTF-8, a bad discriminant):
+        // as deterministic as a trap.
+        None => CallError::Trap(format!("invalid value from plugin: {error}")),
     }
 }
 
 /// What a rollback rebuilds from.
 #[derive(Default)]
 struct Checkpoint {
-    /// State from `get-state`, or `None` for the plugin's initial state.
+    /// Log index the state belongs to (0: the initial state).
+    index: u64,
+    /// State bytes, or `None` for the plugin's initial state.
     state: Option<Arc<[u8]>>,
     /// Every apply since `state`, in order.
     replay: Vec<(ApplyContext, Box<[u8]>)>,
-    /// Fuel spent by the applies in `replay`.
-    replay_fuel: u64,
-    /// Bytes of commands in `replay`.
-    replay_bytes: usize,
-    /// Fuel the `get-state` that produced `state` cost.
-    cost: u64,
 }
-
-/// Checkpoints cost at least this much fuel when deciding when to take the next
-/// one, so that tiny states are not checkpointed after every command.
-const MIN_CHECKPOINT_COST: u64 = 250_000;
-/// Commands kept for replay before a checkpoint is forced, whatever the fuel.
-const MAX_REPLAY_BYTES: usize = 64 << 20;
 
 /// One state machine: a plugin instance and its state.
 ///
 /// Every call returns an [`Outcome`]. A call that fails with a trap, fuel
 /// exhaustion or the memory limit ([`CallError::rolled_back`]) leaves the state
-/// exactly as it was before the call; so does a failed restore.
+/// exactly as it was before the call; so does a failed restore. See the module
+/// documentation for why outcomes agree across replicas.
 pub struct Machine {
     runtime: Runtime,
     plugin: Plugin,
-    /// `None` once the machine is unavailable.
+    /// The instance. `None` after a host failure (not a plugin failure) left
+    /// no instance; the next call rebuilds it.
     live: Option<Live>,
+    /// Set when a deterministic failure makes rollback impossible; final.
     unavailable: Option<String>,
     checkpoint: Checkpoint,
+    /// A local call ran on `live` since it was built canonically.
+    perturbed: bool,
     /// The last applied context, to assert that the log is applied in order.
     last_applied: Option<ApplyContext>,
 }
@@ -233,7 +238,9 @@ impl std::fmt::Debug for Machine {
         f.debug_struct("Machine")
             .field("plugin", &self.plugin.hash())
             .field("unavailable", &self.unavailable)
+            .field("checkpoint_index", &self.checkpoint.index)
             .field("replay_len", &self.checkpoint.replay.len())
+            .field("perturbed", &self.perturbed)
             .finish()
     }
 }
@@ -247,6 +254,7 @@ impl Machine {
             live: Some(live),
             unavailable: None,
             checkpoint: Checkpoint::default(),
+            perturbed: false,
             last_applied: None,
         })
     }
@@ -261,6 +269,14 @@ impl Machine {
         self.unavailable.as_deref()
     }
 
+    /// The latest checkpoint: its log index and state bytes (`None` while the
+    /// machine has not checkpointed since it started from the initial state).
+    /// These are the bytes a Raft snapshot at that index should carry: a
+    /// replica restoring them gets the same canonical instance as the others.
+    pub fn checkpoint(&self) -> (u64, Option<Arc<[u8]>>) {
+        (self.checkpoint.index, self.checkpoint.state.clone())
+    }
+
     /// Applies a committed command. Plugin errors are results like any other;
     /// traps, fuel exhaustion and the memory limit roll the state back.
     pub fn apply(&mut self, ctx: ApplyContext, command: &[u8]) -> Outcome<Vec<u8>> {
@@ -271,85 +287,143 @@ impl Machine {
             ctx,
             self.last_applied
         );
-        let budget = self.runtime.limits().apply_fuel;
-        let outcome = self.run(budget, |live| live.apply(budget, ctx, command));
-        if outcome.result.is_ok() || matches!(outcome.result, Err(CallError::Plugin(_))) {
-            self.last_applied = Some(ctx);
-            let checkpoint = &mut self.checkpoint;
-            checkpoint.replay.push((ctx, command.into()));
-            checkpoint.replay_fuel += outcome.fuel_used;
-            checkpoint.replay_bytes += command.len();
-            self.maybe_checkpoint();
+        let started = Instant::now();
+        let limits = self.runtime.limits().clone();
+        let budget = limits.apply_fuel;
+        let mut attempt = self.call_live(|live| live.apply(budget, ctx, command));
+        let near_limit = |(result, fuel): &(Result<Vec<u8>, CallError>, u64),
+                          live: Option<&Live>| {
+            result.as_ref().is_err_and(CallError::rolled_back)
+                || *fuel > budget / 4 * 3
+                || live.is_some_and(|l| l.store.data().memory_size > limits.memory_bytes / 4 * 3)
+        };
+        if self.perturbed && near_limit(&attempt, self.live.as_ref()) {
+            // Decide on the instance every replica has.
+            self.rollback();
+            attempt = self.call_live(|live| live.apply(budget, ctx, command));
         }
-        outcome
-    }
-
-    /// Answers a read-only query.
-    pub fn query(&mut self, request: &[u8]) -> Outcome<Vec<u8>> {
-        let budget = self.runtime.limits().query_fuel;
-        self.run(budget, |live| {
-            live.call(budget, |store, sm| sm.call_query(store, request))
-        })
-    }
-
-    /// Serializes the whole state.
-    pub fn get_state(&mut self) -> Outcome<Vec<u8>> {
-        let budget = self.runtime.limits().snapshot_fuel;
-        self.run(budget, |live| {
-            live.call(budget, |store, sm| sm.call_get_state(store).map(Ok))
-        })
-    }
-
-    /// Replaces the whole state. On any failure the state is what it was.
-    pub fn restore(&mut self, state: &[u8]) -> Outcome<()> {
-        let budget = self.runtime.limits().snapshot_fuel;
-        let mut outcome = self.run(budget, |live| live.restore(budget, state));
-        match &outcome.result {
-            Ok(()) => {
-                self.set_checkpoint(state.into(), outcome.fuel_used);
-                self.last_applied = None;
+        let (result, fuel_used) = attempt;
+        match &result {
+            Ok(_) | Err(CallError::Plugin(_)) => {
+                self.last_applied = Some(ctx);
+                self.checkpoint.replay.push((ctx, command.into()));
+                if ctx.index % limits.checkpoint_interval == 0 {
+                    self.take_checkpoint(ctx.index);
+                }
             }
-            // The plugin may have changed its state before refusing.
-            Err(CallError::Plugin(_)) => {
-                let started = Instant::now();
-                self.rollback();
-                outcome.duration += started.elapsed();
-            }
+            Err(e) if e.rolled_back() => self.rollback(),
             Err(_) => {}
         }
-        outcome
+        Outcome {
+            result,
+            fuel_used,
+            duration: started.elapsed(),
+        }
     }
 
-    /// Switches to `plugin`, carrying the state over through the old plugin's
-    /// `get-state` and the new one's `restore-from-snapshot`. On failure this
-    /// machine keeps running the old plugin with its state untouched.
-    pub fn upgrade(&mut self, plugin: &Plugin) -> Result<(), CallError> {
-        let state = self.get_state().result?;
+    /// Answers a read-only query. Not replicated, so it perturbs the instance.
+    pub fn query(&mut self, request: &[u8]) -> Outcome<Vec<u8>> {
+        let budget = self.runtime.limits().query_fuel;
+        self.local_call(|live| live.call(budget, |store, sm| sm.call_query(store, request)))
+    }
+
+    /// Serializes the whole state, from the current instance. Not replicated,
+    /// so it perturbs the instance; for Raft snapshots use [`Machine::checkpoint`].
+    pub fn get_state(&mut self) -> Outcome<Vec<u8>> {
+        let budget = self.runtime.limits().snapshot_fuel;
+        self.local_call(|live| live.call(budget, |store, sm| sm.call_get_state(store).map(Ok)))
+    }
+
+    /// Replaces the whole state with `state`, which belongs at log `index` (a
+    /// Raft snapshot's index). The state is restored into a fresh instance, so
+    /// on any failure the machine is exactly as it was.
+    pub fn restore(&mut self, state: &[u8], index: u64) -> Outcome<()> {
+        let started = Instant::now();
+        let budget = self.runtime.limits().snapshot_fuel;
+        let (result, fuel_used) = match Live::new(&self.runtime, &self.plugin) {
+            Ok(mut fresh) => {
+                let (result, fuel) = fresh.restore(budget, state);
+                if result.is_ok() {
+                    self.live = Some(fresh);
+                    self.unavailable = None;
+                    self.perturbed = false;
+                    self.checkpoint = Checkpoint {
+                        index,
+                        state: Some(state.into()),
+                        replay: Vec::new(),
+                    };
+                    self.last_applied = None;
+                }
+                (result, fuel)
+            }
+            Err(e) => (Err(e), 0),
+        };
+        Outcome {
+            result,
+            fuel_used,
+            duration: started.elapsed(),
+        }
+    }
+
+    /// Switches to `plugin` at log `index`, carrying the state over through the
+    /// old plugin's `get-state` and the new one's `restore-from-snapshot`. On
+    /// failure this machine keeps running the old plugin, its state untouched.
+    pub fn upgrade(&mut self, plugin: &Plugin, index: u64) -> Result<(), CallError> {
+        if self.perturbed {
+            // The serialization must succeed or fail alike on every replica.
+            self.rollback();
+        }
+        let budget = self.runtime.limits().snapshot_fuel;
+        let (state, _) =
+            self.call_live(|live| live.call(budget, |store, sm| sm.call_get_state(store).map(Ok)));
+        let state = match state {
+            Ok(state) => state,
+            Err(e) => {
+                if e.rolled_back() {
+                    self.rollback();
+                }
+                return Err(e);
+            }
+        };
         let mut next = Machine::start(self.runtime.clone(), plugin.clone())?;
-        next.restore(&state).result?;
+        next.restore(&state, index).result?;
         next.last_applied = self.last_applied;
         *self = next;
         Ok(())
     }
 
-    /// Runs a call; when it faults, rolls the state back before returning.
-    fn run<T>(
+    /// Runs a call on the live instance, rebuilding it first if a host failure
+    /// left none.
+    fn call_live<T>(
         &mut self,
-        budget: u64,
+        f: impl FnOnce(&mut Live) -> (Result<T, CallError>, u64),
+    ) -> (Result<T, CallError>, u64) {
+        if let Some(reason) = &self.unavailable {
+            return (Err(CallError::Unavailable(reason.clone())), 0);
+        }
+        if self.live.is_none() {
+            self.rollback();
+        }
+        match (self.live.as_mut(), &self.unavailable) {
+            (Some(live), _) => f(live),
+            (None, Some(reason)) => (Err(CallError::Unavailable(reason.clone())), 0),
+            (None, None) => (
+                Err(CallError::Internal("no instance could be built".into())),
+                0,
+            ),
+        }
+    }
+
+    /// A call that is not replicated: it leaves the instance perturbed, and a
+    /// failure rolls back as for apply.
+    fn local_call<T>(
+        &mut self,
         f: impl FnOnce(&mut Live) -> (Result<T, CallError>, u64),
     ) -> Outcome<T> {
         let started = Instant::now();
-        let Some(live) = self.live.as_mut() else {
-            let reason = self.unavailable.clone().unwrap_or_default();
-            return Outcome {
-                result: Err(CallError::Unavailable(reason)),
-                fuel_used: 0,
-                duration: started.elapsed(),
-            };
-        };
-        let (result, fuel_used) = f(live);
-        debug_assert!(fuel_used <= budget);
-        if matches!(&result, Err(e) if e.rolled_back() || matches!(e, CallError::Internal(_))) {
+        let (result, fuel_used) = self.call_live(f);
+        self.perturbed = true;
+        if result.as_ref().is_err_and(CallError::rolled_back) {
             self.rollback();
         }
         Outcome {
@@ -359,40 +433,62 @@ impl Machine {
         }
     }
 
-    fn set_checkpoint(&mut self, state: Arc<[u8]>, cost: u64) {
-        self.checkpoint = Checkpoint {
-            state: Some(state),
-            cost,
-            ..Checkpoint::default()
+    /// Serializes the state at `index` and continues on a fresh instance
+    /// restored from it, so that every replica's instance is the same.
+    fn take_checkpoint(&mut self, index: u64) {
+        if self.perturbed {
+            self.rollback();
+        }
+        let budget = self.runtime.limits().snapshot_fuel;
+        let (state, _) =
+            self.call_live(|live| live.call(budget, |store, sm| sm.call_get_state(store).map(Ok)));
+        let state: Arc<[u8]> = match state {
+            Ok(state) => state.into(),
+            // Without checkpoints the replay log grows without bound, and a
+            // plugin that cannot serialize its state cannot be snapshotted.
+            // The instance is canonical, so every replica stops here.
+            Err(e) if e.rolled_back() || matches!(e, CallError::Plugin(_)) => {
+                return self.make_unavailable(format!("checkpoint at index {index}: {e}"));
+            }
+            // A host failure: keep the old checkpoint and try at the next one.
+            Err(_) => return,
         };
+        match Live::new(&self.runtime, &self.plugin) {
+            Ok(mut fresh) => match fresh.restore(budget, &state).0 {
+                Ok(()) => {
+                    self.live = Some(fresh);
+                    self.perturbed = false;
+                    self.checkpoint = Checkpoint {
+                        index,
+                        state: Some(state),
+                        replay: Vec::new(),
+                    };
+                }
+                Err(CallError::Internal(_)) => {}
+                Err(e) => self.make_unavailable(format!(
+                    "checkpoint at index {index}: the plugin cannot restore its own state: {e}"
+                )),
+            },
+            Err(e) => {
+                tracing::warn!(plugin = %self.plugin.hash(), error = %e, "checkpoint postponed");
+            }
+        }
     }
 
-    fn maybe_checkpoint(&mut self) {
-        let ratio = u64::from(self.runtime.inner.checkpoint_ratio);
-        let checkpoint = &self.checkpoint;
-        let due = checkpoint.replay_fuel
-            >= ratio.saturating_mul(checkpoint.cost.max(MIN_CHECKPOINT_COST))
-            || checkpoint.replay_bytes >= MAX_REPLAY_BYTES;
-        if !due {
-            return;
-        }
-        let outcome = self.get_state();
-        match outcome.result {
-            Ok(state) => self.set_checkpoint(state.into(), outcome.fuel_used),
-            // Without a checkpoint the replay log would grow without bound; a
-            // plugin that cannot serialize its state cannot be snapshotted
-            // either. Stop it where every replica stops it.
-            Err(e) => self.make_unavailable(format!("checkpoint failed: {e}")),
-        }
-    }
-
-    /// Rebuilds the instance from the checkpoint. The state afterwards is the
-    /// state after the last successful apply.
+    /// Rebuilds a canonical instance from the checkpoint: the state after the
+    /// last successful apply. A host failure leaves no instance (the next call
+    /// tries again); a plugin failure makes the machine unavailable.
     fn rollback(&mut self) {
-        // Free the poisoned instance's slot before taking a new one.
+        // Free the old instance's slot before taking a new one.
         self.live = None;
         match self.rebuild() {
-            Ok(live) => self.live = Some(live),
+            Ok(live) => {
+                self.live = Some(live);
+                self.perturbed = false;
+            }
+            Err(CallError::Internal(e)) => {
+                tracing::warn!(plugin = %self.plugin.hash(), error = %e, "rebuild failed; will retry");
+            }
             Err(e) => self.make_unavailable(format!("rollback failed: {e}")),
         }
     }
@@ -406,8 +502,10 @@ impl Machine {
         for (ctx, command) in &self.checkpoint.replay {
             match live.apply(limits.apply_fuel, *ctx, command).0 {
                 Ok(_) | Err(CallError::Plugin(_)) => {}
-                // It succeeded before; failing now means the plugin is not
-                // deterministic.
+                Err(CallError::Internal(e)) => return Err(CallError::Internal(e)),
+                // It succeeded before on a canonical instance (or within a
+                // quarter of the limits on a perturbed one); failing now means
+                // the plugin is not deterministic.
                 Err(e) => {
                     return Err(CallError::Unavailable(format!(
                         "re-applying index {} failed ({e}) although it succeeded before",

@@ -77,6 +77,45 @@ fn same_log_gives_identical_results_and_state_everywhere() {
 }
 
 #[test]
+fn local_calls_do_not_change_replicated_outcomes() {
+    // Replica `a` only applies; replica `b` also serves queries and snapshots
+    // in between, which changes its guest heap. Results, states and
+    // checkpoints must still agree.
+    let runtime = runtime();
+    let mut a = start(&runtime, "kv");
+    let mut b = start(&runtime, "kv");
+    let mut rng = SmallRng::seed_from_u64(7);
+    let query = encode(&kythira_plugin_kv::Query::Scan(Scan {
+        prefix: b"k".to_vec(),
+        start_after: None,
+        limit: 100,
+    }))
+    .unwrap();
+    for index in 1..=3_000 {
+        let command = encode(&random_command(&mut rng)).unwrap();
+        let ctx = ApplyContext {
+            index,
+            term: 1,
+            timestamp_ms: index,
+        };
+        if index % 7 == 3 {
+            b.query(&query).result.unwrap();
+        }
+        if index % 251 == 0 {
+            b.get_state().result.unwrap();
+        }
+        assert_eq!(
+            a.apply(ctx, &command).result,
+            b.apply(ctx, &command).result,
+            "index {index}"
+        );
+    }
+    assert_eq!(a.get_state().result.unwrap(), b.get_state().result.unwrap());
+    assert_eq!(a.checkpoint(), b.checkpoint());
+    assert_eq!(a.checkpoint().0, 3_000);
+}
+
+#[test]
 fn a_100_mb_state_restores() {
     // 100 values of 1 MiB, built natively and encoded the way the plugin does.
     let mut native = Raw::<KvStore>::new();
@@ -102,7 +141,7 @@ fn a_100_mb_state_restores() {
         ..test_limits()
     });
     let mut m = start(&runtime, "kv");
-    let restored = m.restore(&state);
+    let restored = m.restore(&state, 100);
     restored.result.unwrap();
     assert!(restored.fuel_used > 0);
     assert_eq!(m.get_state().result.unwrap(), state);
@@ -130,7 +169,7 @@ fn restoring_more_than_the_memory_limit_fails_cleanly() {
     });
     let mut m = start(&runtime, "kv");
     let before = m.get_state().result.unwrap();
-    let err = m.restore(&state).result.unwrap_err();
+    let err = m.restore(&state, 1).result.unwrap_err();
     assert_eq!(err, CallError::MemoryLimit { limit: 4 << 20 });
     assert_eq!(m.get_state().result.unwrap(), before);
 }

@@ -223,7 +223,7 @@ fn kv_every_command() {
     // Snapshot and restore into a fresh machine.
     let state = m.get_state().result.unwrap();
     let mut copy = start(&runtime, "kv");
-    copy.restore(&state).result.unwrap();
+    copy.restore(&state, 20).result.unwrap();
     assert_eq!(copy.get_state().result.unwrap(), state);
     assert_eq!(
         kv_query(&mut copy, KvQuery::Get { key: b("a/1") }),
@@ -305,7 +305,7 @@ fn failed_restore_leaves_the_state_unchanged() {
     let mut log = Log::new();
     log.apply(&mut m, &Command::Increment).unwrap();
     let before = m.get_state().result.unwrap();
-    let err = m.restore(&before).result.unwrap_err();
+    let err = m.restore(&before, 1).result.unwrap_err();
     assert!(matches!(err, CallError::Plugin(_)), "{err:?}");
     assert_eq!(m.get_state().result.unwrap(), before);
     let count: u64 = decode(&log.apply(&mut m, &Command::Increment).unwrap()).unwrap();
@@ -339,6 +339,11 @@ fn rollback_replays_everything_since_the_checkpoint() {
         .unwrap();
         assert_eq!(count, expected, "round {round}");
     }
+    // Checkpoints were taken on the way (every 1,000 indexes), so the
+    // rollbacks above restored one and replayed only what followed it.
+    let (index, state) = m.checkpoint();
+    assert_eq!(index, 6000);
+    assert!(state.is_some());
 }
 
 #[test]
@@ -354,12 +359,12 @@ fn upgrade_carries_state_and_a_failed_upgrade_keeps_the_old_code() {
 
     // bad-restore refuses every snapshot: the upgrade fails, nothing changes.
     let bad = load(&runtime, "bad-restore");
-    assert!(matches!(m.upgrade(&bad), Err(CallError::Plugin(_))));
+    assert!(matches!(m.upgrade(&bad, 6), Err(CallError::Plugin(_))));
     assert_eq!(m.plugin_hash(), panicker);
 
     // looper keeps the same state layout (a counter): the count carries over.
     let looper = load(&runtime, "looper");
-    m.upgrade(&looper).unwrap();
+    m.upgrade(&looper, 6).unwrap();
     assert_eq!(m.plugin_hash(), looper.hash());
     let count: u64 = decode(
         &log.apply(&mut m, &kythira_testing_looper::Command::Increment)

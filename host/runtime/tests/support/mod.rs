@@ -42,6 +42,7 @@ pub fn test_limits() -> Limits {
         query_fuel: 5_000_000,
         snapshot_fuel: 2_000_000_000,
         memory_bytes: 64 << 20,
+        checkpoint_interval: 1000,
     }
 }
 
