@@ -307,7 +307,7 @@ impl Machine {
             Ok(_) | Err(CallError::Plugin(_)) => {
                 self.last_applied = Some(ctx);
                 self.checkpoint.replay.push((ctx, command.into()));
-                if ctx.index % limits.checkpoint_interval == 0 {
+                if ctx.index.is_multiple_of(limits.checkpoint_interval) {
                     self.take_checkpoint(ctx.index);
                 }
             }
