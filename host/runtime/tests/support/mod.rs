@@ -51,7 +51,6 @@ pub fn runtime_with(limits: Limits) -> Runtime {
         limits,
         cache_dir: Some(cache_dir()),
         max_machines: 8,
-        ..RuntimeConfig::default()
     })
     .expect("runtime")
 }
