@@ -86,6 +86,29 @@ fn main() -> anyhow::Result<()> {
         "fuel",
     );
 
+    // The floor: the smallest apply there is (decode a one-byte command, bump
+    // a counter, encode a varint), through the same runtime and SDK path.
+    let panicker = runtime.load(&std::fs::read(dir.join("panicker.wasm"))?)?;
+    let mut floor = runtime.start(&panicker)?;
+    let increment = encode(&kythira_testing_panicker::Command::Increment)?;
+    let mut index = 0u64;
+    let mut floor_fuel = 0;
+    let minimal = median_per_op(PER_ROUND, || {
+        for _ in 0..PER_ROUND {
+            index += 1;
+            let ctx = ApplyContext {
+                index,
+                term: 1,
+                timestamp_ms: index,
+            };
+            let outcome = floor.apply(ctx, &increment);
+            assert!(outcome.result.is_ok());
+            floor_fuel = outcome.fuel_used;
+        }
+    });
+    bench("plugin.apply.minimal", ns(minimal), "ns");
+    bench("plugin.apply.minimal_fuel", floor_fuel as f64, "fuel");
+
     // Instantiation from a loaded plugin (pooling allocator, pre-instantiated).
     let start = median_per_op(200, || {
         for _ in 0..200 {
