@@ -39,7 +39,7 @@ impl Default for Limits {
             query_fuel: 50_000_000,
             snapshot_fuel: 20_000_000_000,
             memory_bytes: 512 << 20,
-            checkpoint_interval: 1024,
+            checkpoint_interval: 4096,
         }
     }
 }
