@@ -39,6 +39,26 @@ macro_rules! export {
                     MACHINE.with_borrow_mut(|machine| machine.apply(&ctx, &command))
                 }
 
+                fn apply_batch(
+                    entries: ::std::vec::Vec<$crate::bindings::Entry>,
+                ) -> ::std::vec::Vec<
+                    ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String>,
+                > {
+                    MACHINE.with_borrow_mut(|machine| {
+                        entries
+                            .iter()
+                            .map(|entry| {
+                                let ctx = $crate::ApplyContext {
+                                    index: entry.ctx.index,
+                                    term: entry.ctx.term,
+                                    timestamp_ms: entry.ctx.timestamp_ms,
+                                };
+                                machine.apply(&ctx, &entry.command)
+                            })
+                            .collect()
+                    })
+                }
+
                 fn query(
                     request: ::std::vec::Vec<u8>,
                 ) -> ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String> {

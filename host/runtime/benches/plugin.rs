@@ -86,6 +86,35 @@ fn main() -> anyhow::Result<()> {
         "fuel",
     );
 
+    // The same puts handed over 64 at a time, as a node applies the entries
+    // committed together (same outcomes as one by one, fewer guest calls).
+    const BATCH: u64 = 64;
+    let mut batched = runtime.start(&plugin)?;
+    let mut index = 0u64;
+    let batch_ns = median_per_op(PER_ROUND, || {
+        for _ in 0..PER_ROUND / BATCH {
+            let entries: Vec<(ApplyContext, &[u8])> = (0..BATCH)
+                .map(|_| {
+                    index += 1;
+                    let ctx = ApplyContext {
+                        index,
+                        term: 1,
+                        timestamp_ms: index,
+                    };
+                    (ctx, commands[(index % 1024) as usize].as_slice())
+                })
+                .collect();
+            let outcomes = batched.apply_batch(&entries);
+            assert!(outcomes.iter().all(|o| o.result.is_ok()));
+        }
+    });
+    bench("plugin.apply.kv_put16_batch64", ns(batch_ns), "ns");
+    bench(
+        "plugin.apply.kv_put16_batch64_vs_native",
+        ns(batch_ns) / ns(native_ns),
+        "ratio",
+    );
+
     // The floor: the smallest apply there is (decode a one-byte command, bump
     // a counter, encode a varint), through the same runtime and SDK path.
     let panicker = runtime.load(&std::fs::read(dir.join("panicker.wasm"))?)?;

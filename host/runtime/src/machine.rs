@@ -24,6 +24,16 @@
 //! a rebuilt canonical instance. The assumption this rests on, stated: a local
 //! call changes the fuel or memory an apply needs by less than a quarter of the
 //! limits (it changes allocator bookkeeping, not the plugin's work).
+//!
+//! **Batches.** [`Machine::apply_batch`] hands many entries to the guest in one
+//! call, because the call itself costs more than a small command. Replicas
+//! batch differently, so a batch must give exactly the outcomes of applying
+//! its entries one by one. It runs with the fuel budget of a single entry: if
+//! the whole batch fits in three quarters of that, and memory stays below three
+//! quarters of the cap, no entry alone could have come near a limit, and the
+//! batch is kept. Otherwise it is rolled back and its entries are applied one
+//! by one. A batch perturbs the heap like a local call (one-by-one application
+//! from the checkpoint is the canonical history).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -170,6 +180,29 @@ impl Live {
         })
     }
 
+    fn apply_batch(
+        &mut self,
+        budget: u64,
+        entries: &[(ApplyContext, &[u8])],
+    ) -> (Result<Vec<PluginResult>, CallError>, u64) {
+        let entries: Vec<bindings::Entry> = entries
+            .iter()
+            .map(|(ctx, command)| bindings::Entry {
+                ctx: (*ctx).into(),
+                command: command.to_vec(),
+            })
+            .collect();
+        self.call(budget, |store, sm| {
+            sm.call_apply_batch(store, &entries).map(Ok)
+        })
+    }
+
+    /// Whether linear memory is within a quarter of the limit.
+    fn memory_near_limit(&self) -> bool {
+        let data = self.store.data();
+        data.memory_size > data.memory_limit / 4 * 3
+    }
+
     fn restore(&mut self, budget: u64, state: &[u8]) -> (Result<(), CallError>, u64) {
         self.call(budget, |store, sm| {
             sm.call_restore_from_snapshot(store, state)
@@ -200,6 +233,12 @@ fn classify(store: &Store<StoreData>, error: wasmtime::Error, budget: u64) -> Ca
         None => CallError::Trap(format!("invalid value from plugin: {error}")),
     }
 }
+
+/// What the guest answers for one entry.
+type PluginResult = Result<Vec<u8>, String>;
+
+/// Most entries handed to the guest in one call.
+const MAX_BATCH: usize = 1024;
 
 /// What a rollback rebuilds from.
 #[derive(Default)]
@@ -321,6 +360,77 @@ impl Machine {
         }
     }
 
+    /// Applies consecutive committed entries with exactly the outcomes
+    /// [`Machine::apply`] would give one by one, in fewer calls into the guest
+    /// (see the module documentation). Fuel and duration of entries applied
+    /// within a batch are the batch's, shared evenly.
+    pub fn apply_batch(&mut self, entries: &[(ApplyContext, &[u8])]) -> Vec<Outcome<Vec<u8>>> {
+        let interval = self.runtime.limits().checkpoint_interval;
+        let mut outcomes = Vec::with_capacity(entries.len());
+        let mut rest = entries;
+        while !rest.is_empty() {
+            // A chunk ends at a checkpoint index or at the size cap.
+            let end = rest
+                .iter()
+                .position(|(ctx, _)| ctx.index.is_multiple_of(interval))
+                .map_or(rest.len(), |i| i + 1)
+                .min(MAX_BATCH);
+            let (chunk, tail) = rest.split_at(end);
+            self.apply_chunk(chunk, &mut outcomes);
+            rest = tail;
+        }
+        outcomes
+    }
+
+    fn apply_chunk(
+        &mut self,
+        chunk: &[(ApplyContext, &[u8])],
+        outcomes: &mut Vec<Outcome<Vec<u8>>>,
+    ) {
+        debug_assert!(chunk.windows(2).all(|w| w[0].0.index < w[1].0.index));
+        let started = Instant::now();
+        let budget = self.runtime.limits().apply_fuel;
+        let (result, fuel) = self.call_live(|live| {
+            let (result, fuel) = live.apply_batch(budget, chunk);
+            let near_memory = live.memory_near_limit();
+            (result.map(|r| (r, near_memory)), fuel)
+        });
+        let results = match result {
+            Ok((results, near_memory))
+                if fuel <= budget / 4 * 3 && !near_memory && results.len() == chunk.len() =>
+            {
+                results
+            }
+            // Near a limit, failed, or a plugin that answered with the wrong
+            // number of results: decide entry by entry.
+            _ => {
+                self.rollback();
+                for (ctx, command) in chunk {
+                    outcomes.push(self.apply(*ctx, command));
+                }
+                return;
+            }
+        };
+        self.perturbed = true;
+        let n = chunk.len() as u64;
+        let duration = started.elapsed() / u32::try_from(n).unwrap_or(u32::MAX);
+        for ((ctx, command), result) in chunk.iter().zip(results) {
+            self.last_applied = Some(*ctx);
+            self.checkpoint.replay.push((*ctx, (*command).into()));
+            outcomes.push(Outcome {
+                result: result.map_err(CallError::Plugin),
+                fuel_used: fuel / n,
+                duration,
+            });
+        }
+        let interval = self.runtime.limits().checkpoint_interval;
+        if let Some((last, _)) = chunk.last()
+            && last.index.is_multiple_of(interval)
+        {
+            self.take_checkpoint(last.index);
+        }
+    }
+
     /// Answers a read-only query. Not replicated, so it perturbs the instance.
     pub fn query(&mut self, request: &[u8]) -> Outcome<Vec<u8>> {
         let budget = self.runtime.limits().query_fuel;
@@ -436,12 +546,19 @@ impl Machine {
     /// Serializes the state at `index` and continues on a fresh instance
     /// restored from it, so that every replica's instance is the same.
     fn take_checkpoint(&mut self, index: u64) {
-        if self.perturbed {
-            self.rollback();
-        }
         let budget = self.runtime.limits().snapshot_fuel;
-        let (state, _) =
-            self.call_live(|live| live.call(budget, |store, sm| sm.call_get_state(store).map(Ok)));
+        let get_state = |live: &mut Live| {
+            let (state, fuel) = live.call(budget, |store, sm| sm.call_get_state(store).map(Ok));
+            let near = fuel > budget / 4 * 3 || live.memory_near_limit();
+            (state.map(|s| (s, near)), fuel)
+        };
+        let (mut state, _) = self.call_live(get_state);
+        if self.perturbed && state.as_ref().ok().is_none_or(|(_, near)| *near) {
+            // Whether serializing succeeds must not depend on local calls.
+            self.rollback();
+            state = self.call_live(get_state).0;
+        }
+        let state = state.map(|(state, _)| state);
         let state: Arc<[u8]> = match state {
             Ok(state) => state.into(),
             // Without checkpoints the replay log grows without bound, and a

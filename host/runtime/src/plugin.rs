@@ -59,7 +59,13 @@ impl Plugin {
 }
 
 /// The functions of the world, in the order their absence is reported.
-const WORLD_EXPORTS: [&str; 4] = ["apply", "query", "get-state", "restore-from-snapshot"];
+const WORLD_EXPORTS: [&str; 5] = [
+    "apply",
+    "apply-batch",
+    "query",
+    "get-state",
+    "restore-from-snapshot",
+];
 
 pub(crate) fn load(runtime: &Runtime, bytes: &[u8]) -> Result<Plugin, LoadError> {
     check_header(bytes)?;

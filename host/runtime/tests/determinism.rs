@@ -77,6 +77,95 @@ fn same_log_gives_identical_results_and_state_everywhere() {
 }
 
 #[test]
+fn batches_give_the_outcomes_of_one_by_one() {
+    // Replicas batch differently (whatever committed together); outcomes,
+    // states and checkpoints must not depend on it.
+    let runtime = runtime();
+    let mut single = start(&runtime, "kv");
+    let mut batched = start(&runtime, "kv");
+    let mut rng = SmallRng::seed_from_u64(11);
+    let log: Vec<(ApplyContext, Vec<u8>)> = (1..=5_000)
+        .map(|index| {
+            let ctx = ApplyContext {
+                index,
+                term: 1,
+                timestamp_ms: index,
+            };
+            (ctx, encode(&random_command(&mut rng)).unwrap())
+        })
+        .collect();
+    let expected: Vec<_> = log
+        .iter()
+        .map(|(ctx, command)| single.apply(*ctx, command).result)
+        .collect();
+    let mut got = Vec::new();
+    let mut rest = log.as_slice();
+    while !rest.is_empty() {
+        let (chunk, tail) = rest.split_at(rng.random_range(1..=300).min(rest.len()));
+        let entries: Vec<(ApplyContext, &[u8])> =
+            chunk.iter().map(|(ctx, c)| (*ctx, c.as_slice())).collect();
+        got.extend(batched.apply_batch(&entries).into_iter().map(|o| o.result));
+        rest = tail;
+    }
+    assert_eq!(got, expected);
+    assert_eq!(single.checkpoint(), batched.checkpoint());
+    assert_eq!(
+        single.get_state().result.unwrap(),
+        batched.get_state().result.unwrap()
+    );
+}
+
+#[test]
+fn a_failing_entry_in_a_batch_fails_alone() {
+    use kythira_testing_looper::Command;
+    let runtime = runtime();
+    let mut m = start(&runtime, "looper");
+    let increment = encode(&Command::Increment).unwrap();
+    let looping = encode(&Command::Loop).unwrap();
+    let entries: Vec<(ApplyContext, &[u8])> = (1..=9)
+        .map(|index| {
+            let ctx = ApplyContext {
+                index,
+                term: 1,
+                timestamp_ms: index,
+            };
+            (
+                ctx,
+                if index == 5 {
+                    &looping[..]
+                } else {
+                    &increment[..]
+                },
+            )
+        })
+        .collect();
+    let outcomes = m.apply_batch(&entries);
+    let counts: Vec<_> = outcomes
+        .iter()
+        .map(|o| {
+            o.result
+                .clone()
+                .map(|r| kythira_guest::codec::decode::<u64>(&r).unwrap())
+        })
+        .collect();
+    let budget = support::test_limits().apply_fuel;
+    assert_eq!(
+        counts,
+        vec![
+            Ok(1),
+            Ok(2),
+            Ok(3),
+            Ok(4),
+            Err(CallError::FuelExhausted { budget }),
+            Ok(5),
+            Ok(6),
+            Ok(7),
+            Ok(8)
+        ]
+    );
+}
+
+#[test]
 fn local_calls_do_not_change_replicated_outcomes() {
     // Replica `a` only applies; replica `b` also serves queries and snapshots
     // in between, which changes its guest heap. Results, states and
