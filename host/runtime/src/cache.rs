@@ -51,7 +51,7 @@ impl ArtifactCache {
         let path = self.path(hash);
         let file = fs::read(&path).ok()?;
         let valid = file.len() > CHECKSUM_LEN
-            && Sha256::digest(&file[CHECKSUM_LEN..]).as_slice() == &file[..CHECKSUM_LEN];
+            && self.checksum(hash, &file[CHECKSUM_LEN..]).as_slice() == &file[..CHECKSUM_LEN];
         if !valid {
             tracing::warn!(path = %path.display(), "damaged compiled artifact; recompiling");
             let _ = fs::remove_file(&path);
@@ -59,9 +59,10 @@ impl ArtifactCache {
         }
         // SAFETY: `Component::deserialize` requires bytes produced by
         // `Engine::precompile_component` for a compatible engine. The file name
-        // carries the engine's compatibility hash, the checksum proves the bytes
-        // are exactly what `put` wrote, and only `put` writes into this directory
-        // (the daemon owns it).
+        // carries the engine's compatibility hash, the checksum (over plugin
+        // hash, engine key and bytes) proves the bytes are exactly what `put`
+        // wrote for this plugin and engine, and only `put` writes into this
+        // directory (the daemon owns it).
         #[allow(unsafe_code)]
         let component = unsafe { Component::deserialize(engine, &file[CHECKSUM_LEN..]) };
         match component {
@@ -72,6 +73,16 @@ impl ArtifactCache {
                 None
             }
         }
+    }
+
+    /// Binds the artifact to the plugin and engine it was compiled for, so a
+    /// file copied under another plugin's name is rejected too.
+    fn checksum(&self, hash: &PluginHash, artifact: &[u8]) -> [u8; 32] {
+        let mut digest = Sha256::new();
+        digest.update(hash.0);
+        digest.update(self.engine_key.to_le_bytes());
+        digest.update(artifact);
+        digest.finalize().into()
     }
 
     /// Stores an artifact. Failures are logged and ignored: the cache only saves
@@ -85,7 +96,7 @@ impl ArtifactCache {
             .join(format!(".{hash}.{}.{unique}.tmp", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut file = fs::File::create(&tmp)?;
-            file.write_all(&Sha256::digest(artifact))?;
+            file.write_all(&self.checksum(hash, artifact))?;
             file.write_all(artifact)?;
             drop(file);
             // Rename is atomic: concurrent loaders see no file or a whole one.

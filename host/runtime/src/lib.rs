@@ -99,6 +99,11 @@ impl Runtime {
 
     /// Starts a new machine running `plugin` from its initial (empty) state.
     pub fn start(&self, plugin: &Plugin) -> Result<Machine, CallError> {
+        if !wasmtime::Engine::same(plugin.pre().engine(), &self.inner.engine) {
+            return Err(CallError::Internal(
+                "the plugin was loaded by another runtime".into(),
+            ));
+        }
         Machine::start(self.clone(), plugin.clone())
     }
 }

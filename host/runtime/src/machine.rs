@@ -495,7 +495,7 @@ impl Machine {
                 return Err(e);
             }
         };
-        let mut next = Machine::start(self.runtime.clone(), plugin.clone())?;
+        let mut next = self.runtime.start(plugin)?;
         next.restore(&state, index).result?;
         next.last_applied = self.last_applied;
         *self = next;

@@ -86,6 +86,24 @@ fn cached_artifact_loads_and_damaged_one_is_rebuilt() {
             .starts_with(&first.hash().to_string())
     );
 
+    // An intact artifact is loaded as it is, not rewritten.
+    let modified = std::fs::metadata(&artifacts[0])
+        .unwrap()
+        .modified()
+        .unwrap();
+    let cached = kythira_runtime::Runtime::new(config())
+        .unwrap()
+        .load(&bytes)
+        .unwrap();
+    assert_eq!(cached.hash(), first.hash());
+    assert_eq!(
+        std::fs::metadata(&artifacts[0])
+            .unwrap()
+            .modified()
+            .unwrap(),
+        modified
+    );
+
     // Flip a byte in the middle of the artifact: the checksum catches it, the
     // runtime recompiles instead of trusting it.
     let mut damaged = std::fs::read(&artifacts[0]).unwrap();
@@ -101,5 +119,52 @@ fn cached_artifact_loads_and_damaged_one_is_rebuilt() {
         std::fs::read(&artifacts[0]).unwrap(),
         damaged,
         "artifact rewritten"
+    );
+}
+
+#[test]
+fn artifact_under_another_plugins_name_is_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = || {
+        kythira_runtime::Runtime::new(kythira_runtime::RuntimeConfig {
+            cache_dir: Some(dir.path().to_path_buf()),
+            max_machines: 2,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let counter = runtime().load(&component("counter")).unwrap();
+    let artifact = std::fs::read_dir(dir.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let name = artifact.file_name().unwrap().to_string_lossy().into_owned();
+    // Plant the counter's compiled code where kv's would be.
+    let kv_bytes = component("kv");
+    let kv_hash = kythira_runtime::PluginHash::of(&kv_bytes).to_string();
+    let planted = dir
+        .path()
+        .join(name.replacen(&counter.hash().to_string(), &kv_hash, 1));
+    std::fs::copy(&artifact, &planted).unwrap();
+
+    let other = runtime();
+    let runtime = runtime();
+    let kv = runtime.load(&kv_bytes).unwrap();
+    assert!(matches!(
+        other.start(&kv),
+        Err(kythira_runtime::CallError::Internal(message)) if message.contains("another runtime")
+    ));
+    let mut machine = runtime.start(&kv).unwrap();
+    let get = kythira_guest::codec::encode(&kythira_plugin_kv::Query::Get { key: b"k".to_vec() })
+        .unwrap();
+    let answer = machine
+        .query(&get)
+        .result
+        .expect("kv's own code answers a kv query");
+    assert_eq!(
+        kythira_guest::codec::decode::<kythira_plugin_kv::Response>(&answer).unwrap(),
+        kythira_plugin_kv::Response::Value(None)
     );
 }
