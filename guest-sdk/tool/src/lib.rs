@@ -94,11 +94,18 @@ mod tests {
         exports.sort();
         assert_eq!(
             exports,
-            ["apply", "get-state", "query", "restore-from-snapshot"]
+            [
+                "apply",
+                "apply-batch",
+                "get-state",
+                "query",
+                "restore-from-snapshot"
+            ]
         );
-        // A type defined at world level is imported by the component; it
-        // grants nothing. No function or interface is imported.
-        assert_eq!(imports, ["apply-context"]);
+        // Types defined at world level are imported by the component; they
+        // grant nothing. No function or interface is imported.
+        imports.sort();
+        assert_eq!(imports, ["apply-context", "entry"]);
     }
 
     #[test]
