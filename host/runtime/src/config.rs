@@ -9,7 +9,7 @@ use crate::RuntimeError;
 /// Limits are part of the replicated configuration: replicas that run the same
 /// plugin under different limits may disagree about which calls fail, so every
 /// replica must use the same values.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Fuel for one `apply` call (about one unit per wasm instruction).
     pub apply_fuel: u64,

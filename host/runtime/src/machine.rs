@@ -183,24 +183,20 @@ impl Live {
     fn apply_batch(
         &mut self,
         budget: u64,
-        entries: &[(ApplyContext, &[u8])],
+        entries: &[bindings::Entry],
     ) -> (Result<Vec<PluginResult>, CallError>, u64) {
-        let entries: Vec<bindings::Entry> = entries
-            .iter()
-            .map(|(ctx, command)| bindings::Entry {
-                ctx: (*ctx).into(),
-                command: command.to_vec(),
-            })
-            .collect();
         self.call(budget, |store, sm| {
-            sm.call_apply_batch(store, &entries).map(Ok)
+            sm.call_apply_batch(store, entries).map(Ok)
         })
     }
 
-    /// Whether linear memory is within a quarter of the limit.
+    fn get_state(&mut self, budget: u64) -> (Result<Vec<u8>, CallError>, u64) {
+        self.call(budget, |store, sm| sm.call_get_state(store).map(Ok))
+    }
+
     fn memory_near_limit(&self) -> bool {
         let data = self.store.data();
-        data.memory_size > data.memory_limit / 4 * 3
+        near_limit(data.memory_size as u64, data.memory_limit as u64)
     }
 
     fn restore(&mut self, budget: u64, state: &[u8]) -> (Result<(), CallError>, u64) {
@@ -208,6 +204,13 @@ impl Live {
             sm.call_restore_from_snapshot(store, state)
         })
     }
+}
+
+/// Whether `used` is within a quarter of `limit`: close enough that a local
+/// call's effect on the guest heap might decide the outcome (see the module
+/// documentation).
+fn near_limit(used: u64, limit: u64) -> bool {
+    used > limit / 4 * 3
 }
 
 fn set_fuel(store: &mut Store<StoreData>, fuel: u64) -> Result<(), CallError> {
@@ -327,16 +330,16 @@ impl Machine {
             self.last_applied
         );
         let started = Instant::now();
-        let limits = self.runtime.limits().clone();
+        let limits = *self.runtime.limits();
         let budget = limits.apply_fuel;
         let mut attempt = self.call_live(|live| live.apply(budget, ctx, command));
-        let near_limit = |(result, fuel): &(Result<Vec<u8>, CallError>, u64),
-                          live: Option<&Live>| {
+        let undecided = |(result, fuel): &(Result<Vec<u8>, CallError>, u64),
+                         live: Option<&Live>| {
             result.as_ref().is_err_and(CallError::rolled_back)
-                || *fuel > budget / 4 * 3
-                || live.is_some_and(|l| l.store.data().memory_size > limits.memory_bytes / 4 * 3)
+                || near_limit(*fuel, budget)
+                || live.is_some_and(Live::memory_near_limit)
         };
-        if self.perturbed && near_limit(&attempt, self.live.as_ref()) {
+        if self.perturbed && undecided(&attempt, self.live.as_ref()) {
             // Decide on the instance every replica has.
             self.rollback();
             attempt = self.call_live(|live| live.apply(budget, ctx, command));
@@ -390,14 +393,21 @@ impl Machine {
         debug_assert!(chunk.windows(2).all(|w| w[0].0.index < w[1].0.index));
         let started = Instant::now();
         let budget = self.runtime.limits().apply_fuel;
+        let entries: Vec<bindings::Entry> = chunk
+            .iter()
+            .map(|(ctx, command)| bindings::Entry {
+                ctx: (*ctx).into(),
+                command: command.to_vec(),
+            })
+            .collect();
         let (result, fuel) = self.call_live(|live| {
-            let (result, fuel) = live.apply_batch(budget, chunk);
+            let (result, fuel) = live.apply_batch(budget, &entries);
             let near_memory = live.memory_near_limit();
             (result.map(|r| (r, near_memory)), fuel)
         });
         let results = match result {
             Ok((results, near_memory))
-                if fuel <= budget / 4 * 3 && !near_memory && results.len() == chunk.len() =>
+                if !near_limit(fuel, budget) && !near_memory && results.len() == chunk.len() =>
             {
                 results
             }
@@ -414,9 +424,13 @@ impl Machine {
         self.perturbed = true;
         let n = chunk.len() as u64;
         let duration = started.elapsed() / u32::try_from(n).unwrap_or(u32::MAX);
-        for ((ctx, command), result) in chunk.iter().zip(results) {
+        // The commands were copied once for the guest; the replay log keeps
+        // those copies.
+        for ((ctx, _), (entry, result)) in chunk.iter().zip(entries.into_iter().zip(results)) {
             self.last_applied = Some(*ctx);
-            self.checkpoint.replay.push((*ctx, (*command).into()));
+            self.checkpoint
+                .replay
+                .push((*ctx, entry.command.into_boxed_slice()));
             outcomes.push(Outcome {
                 result: result.map_err(CallError::Plugin),
                 fuel_used: fuel / n,
@@ -441,7 +455,7 @@ impl Machine {
     /// so it perturbs the instance; for Raft snapshots use [`Machine::checkpoint`].
     pub fn get_state(&mut self) -> Outcome<Vec<u8>> {
         let budget = self.runtime.limits().snapshot_fuel;
-        self.local_call(|live| live.call(budget, |store, sm| sm.call_get_state(store).map(Ok)))
+        self.local_call(|live| live.get_state(budget))
     }
 
     /// Replaces the whole state with `state`, which belongs at log `index` (a
@@ -484,8 +498,7 @@ impl Machine {
             self.rollback();
         }
         let budget = self.runtime.limits().snapshot_fuel;
-        let (state, _) =
-            self.call_live(|live| live.call(budget, |store, sm| sm.call_get_state(store).map(Ok)));
+        let (state, _) = self.call_live(|live| live.get_state(budget));
         let state = match state {
             Ok(state) => state,
             Err(e) => {
@@ -548,8 +561,8 @@ impl Machine {
     fn take_checkpoint(&mut self, index: u64) {
         let budget = self.runtime.limits().snapshot_fuel;
         let get_state = |live: &mut Live| {
-            let (state, fuel) = live.call(budget, |store, sm| sm.call_get_state(store).map(Ok));
-            let near = fuel > budget / 4 * 3 || live.memory_near_limit();
+            let (state, fuel) = live.get_state(budget);
+            let near = near_limit(fuel, budget) || live.memory_near_limit();
             (state.map(|s| (s, near)), fuel)
         };
         let (mut state, _) = self.call_live(get_state);
