@@ -254,6 +254,26 @@ struct Checkpoint {
     replay: Vec<(ApplyContext, Box<[u8]>)>,
 }
 
+/// What a machine runs its calls on.
+enum Instance {
+    Live(Live),
+    /// A host failure (not a plugin failure) left no instance; the next call
+    /// rebuilds it from the checkpoint.
+    Lost,
+    /// A deterministic failure made rollback impossible. Final, until a
+    /// restore replaces the state.
+    Unavailable(String),
+}
+
+impl Instance {
+    fn live(&self) -> Option<&Live> {
+        match self {
+            Instance::Live(live) => Some(live),
+            _ => None,
+        }
+    }
+}
+
 /// One state machine: a plugin instance and its state.
 ///
 /// Every call returns an [`Outcome`]. A call that fails with a trap, fuel
@@ -263,11 +283,7 @@ struct Checkpoint {
 pub struct Machine {
     runtime: Runtime,
     plugin: Plugin,
-    /// The instance. `None` after a host failure (not a plugin failure) left
-    /// no instance; the next call rebuilds it.
-    live: Option<Live>,
-    /// Set when a deterministic failure makes rollback impossible; final.
-    unavailable: Option<String>,
+    instance: Instance,
     checkpoint: Checkpoint,
     /// A local call ran on `live` since it was built canonically.
     perturbed: bool,
@@ -279,7 +295,7 @@ impl std::fmt::Debug for Machine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Machine")
             .field("plugin", &self.plugin.hash())
-            .field("unavailable", &self.unavailable)
+            .field("unavailable", &self.unavailable())
             .field("checkpoint_index", &self.checkpoint.index)
             .field("replay_len", &self.checkpoint.replay.len())
             .field("perturbed", &self.perturbed)
@@ -293,8 +309,7 @@ impl Machine {
         Ok(Self {
             runtime,
             plugin,
-            live: Some(live),
-            unavailable: None,
+            instance: Instance::Live(live),
             checkpoint: Checkpoint::default(),
             perturbed: false,
             last_applied: None,
@@ -308,7 +323,10 @@ impl Machine {
 
     /// Why the machine refuses calls, if it does.
     pub fn unavailable(&self) -> Option<&str> {
-        self.unavailable.as_deref()
+        match &self.instance {
+            Instance::Unavailable(reason) => Some(reason),
+            _ => None,
+        }
     }
 
     /// The latest checkpoint: its log index and state bytes (`None` while the
@@ -339,7 +357,7 @@ impl Machine {
                 || near_limit(*fuel, budget)
                 || live.is_some_and(Live::memory_near_limit)
         };
-        if self.perturbed && undecided(&attempt, self.live.as_ref()) {
+        if self.perturbed && undecided(&attempt, self.instance.live()) {
             // Decide on the instance every replica has.
             self.rollback();
             attempt = self.call_live(|live| live.apply(budget, ctx, command));
@@ -468,8 +486,7 @@ impl Machine {
             Ok(mut fresh) => {
                 let (result, fuel) = fresh.restore(budget, state);
                 if result.is_ok() {
-                    self.live = Some(fresh);
-                    self.unavailable = None;
+                    self.instance = Instance::Live(fresh);
                     self.perturbed = false;
                     self.checkpoint = Checkpoint {
                         index,
@@ -521,16 +538,13 @@ impl Machine {
         &mut self,
         f: impl FnOnce(&mut Live) -> (Result<T, CallError>, u64),
     ) -> (Result<T, CallError>, u64) {
-        if let Some(reason) = &self.unavailable {
-            return (Err(CallError::Unavailable(reason.clone())), 0);
-        }
-        if self.live.is_none() {
+        if matches!(self.instance, Instance::Lost) {
             self.rollback();
         }
-        match (self.live.as_mut(), &self.unavailable) {
-            (Some(live), _) => f(live),
-            (None, Some(reason)) => (Err(CallError::Unavailable(reason.clone())), 0),
-            (None, None) => (
+        match &mut self.instance {
+            Instance::Live(live) => f(live),
+            Instance::Unavailable(reason) => (Err(CallError::Unavailable(reason.clone())), 0),
+            Instance::Lost => (
                 Err(CallError::Internal("no instance could be built".into())),
                 0,
             ),
@@ -586,7 +600,7 @@ impl Machine {
         match Live::new(&self.runtime, &self.plugin) {
             Ok(mut fresh) => match fresh.restore(budget, &state).0 {
                 Ok(()) => {
-                    self.live = Some(fresh);
+                    self.instance = Instance::Live(fresh);
                     self.perturbed = false;
                     self.checkpoint = Checkpoint {
                         index,
@@ -609,11 +623,14 @@ impl Machine {
     /// last successful apply. A host failure leaves no instance (the next call
     /// tries again); a plugin failure makes the machine unavailable.
     fn rollback(&mut self) {
+        if let Instance::Unavailable(_) = self.instance {
+            return;
+        }
         // Free the old instance's slot before taking a new one.
-        self.live = None;
+        self.instance = Instance::Lost;
         match self.rebuild() {
             Ok(live) => {
-                self.live = Some(live);
+                self.instance = Instance::Live(live);
                 self.perturbed = false;
             }
             Err(CallError::Internal(e)) => {
@@ -649,7 +666,6 @@ impl Machine {
 
     fn make_unavailable(&mut self, reason: String) {
         tracing::error!(plugin = %self.plugin.hash(), %reason, "state machine unavailable");
-        self.live = None;
-        self.unavailable = Some(reason);
+        self.instance = Instance::Unavailable(reason);
     }
 }
