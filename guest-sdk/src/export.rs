@@ -31,11 +31,7 @@ macro_rules! export {
                     ctx: $crate::bindings::ApplyContext,
                     command: ::std::vec::Vec<u8>,
                 ) -> ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
-                    let ctx = $crate::ApplyContext {
-                        index: ctx.index,
-                        term: ctx.term,
-                        timestamp_ms: ctx.timestamp_ms,
-                    };
+                    let ctx = $crate::ApplyContext::from(ctx);
                     MACHINE.with_borrow_mut(|machine| machine.apply(&ctx, &command))
                 }
 
@@ -48,12 +44,8 @@ macro_rules! export {
                         entries
                             .iter()
                             .map(|entry| {
-                                let ctx = $crate::ApplyContext {
-                                    index: entry.ctx.index,
-                                    term: entry.ctx.term,
-                                    timestamp_ms: entry.ctx.timestamp_ms,
-                                };
-                                machine.apply(&ctx, &entry.command)
+                                machine
+                                    .apply(&$crate::ApplyContext::from(entry.ctx), &entry.command)
                             })
                             .collect()
                     })
@@ -84,7 +76,7 @@ macro_rules! export {
                 }
             }
 
-    $crate::bindings::export_state_machine!(KythiraExport with_types_in $crate::bindings);
+            $crate::bindings::export_state_machine!(KythiraExport with_types_in $crate::bindings);
         };
     };
 }

@@ -78,4 +78,14 @@ pub mod bindings {
 
     #[doc(hidden)]
     pub use wit_bindgen::rt as __rt;
+
+    impl From<ApplyContext> for crate::ApplyContext {
+        fn from(ctx: ApplyContext) -> Self {
+            Self {
+                index: ctx.index,
+                term: ctx.term,
+                timestamp_ms: ctx.timestamp_ms,
+            }
+        }
+    }
 }
