@@ -76,7 +76,7 @@ macro_rules! export {
                 }
             }
 
-            $crate::bindings::export_state_machine!(KythiraExport with_types_in $crate::bindings);
+    $crate::bindings::export_state_machine!(KythiraExport with_types_in $crate::bindings);
         };
     };
 }
