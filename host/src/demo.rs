@@ -95,7 +95,7 @@ pub fn run(plugins: &Path) -> anyhow::Result<()> {
         }),
     ] {
         let outcome = machine.query(&encode(&query)?);
-        println!("{:<65} -> {}", format!("{query:?}"), show(&outcome));
+        println!("{:<65} -> {}", show_query(&query), show(&outcome));
     }
 
     println!("\n-- snapshot and restore --");
@@ -186,6 +186,13 @@ fn show_command(command: &Command) -> String {
             new.as_deref().map(text)
         ),
         Command::Scan(scan) => format!("scan prefix {} limit {}", text(&scan.prefix), scan.limit),
+    }
+}
+
+fn show_query(query: &Query) -> String {
+    match query {
+        Query::Get { key } => show_command(&Command::Get { key: key.clone() }),
+        Query::Scan(scan) => show_command(&Command::Scan(scan.clone())),
     }
 }
 
