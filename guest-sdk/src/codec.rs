@@ -44,6 +44,41 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     postcard::to_allocvec(value).map_err(CodecError::Unencodable)
 }
 
+/// Appends the postcard encoding of `value` to `out`, so many values can
+/// share one buffer. On error `out` is as it was.
+///
+/// # Errors
+///
+/// As for [`encode`].
+pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let len = out.len();
+    postcard::serialize_with_flavor(value, Append(out)).map_err(|e| {
+        out.truncate(len);
+        CodecError::Unencodable(e)
+    })
+}
+
+/// A postcard output that appends to a borrowed `Vec`.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
 /// Decodes exactly one `T` from `bytes`.
 ///
 /// # Errors
@@ -88,6 +123,43 @@ mod tests {
         let forward: BTreeMap<u32, u32> = (0..100).map(|i| (i, i * 2)).collect();
         let backward: BTreeMap<u32, u32> = (0..100).rev().map(|i| (i, i * 2)).collect();
         assert_eq!(encode(&forward).unwrap(), encode(&backward).unwrap());
+    }
+
+    #[test]
+    fn encode_into_appends_the_same_bytes_as_encode() {
+        let first = Command::Delete { key: vec![1, 2] };
+        let second = Command::Put {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+        };
+        let mut out = Vec::new();
+        encode_into(&first, &mut out).unwrap();
+        encode_into(&second, &mut out).unwrap();
+        let mut expected = encode(&first).unwrap();
+        expected.extend(encode(&second).unwrap());
+        assert_eq!(out, expected);
+    }
+
+    /// A sequence of unknown length, which postcard cannot encode.
+    struct Unsized;
+
+    impl Serialize for Unsized {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeSeq;
+            let mut seq = serializer.serialize_seq(None)?;
+            seq.serialize_element(&1u8)?;
+            seq.end()
+        }
+    }
+
+    #[test]
+    fn encode_into_leaves_the_buffer_as_it_was_on_error() {
+        let mut out = vec![7, 7];
+        assert!(matches!(
+            encode_into(&(5u8, Unsized), &mut out),
+            Err(CodecError::Unencodable(_))
+        ));
+        assert_eq!(out, [7, 7]);
     }
 
     #[test]

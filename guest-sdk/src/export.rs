@@ -36,19 +36,26 @@ macro_rules! export {
                 }
 
                 fn apply_batch(
-                    entries: ::std::vec::Vec<$crate::bindings::Entry>,
-                ) -> ::std::vec::Vec<
-                    ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String>,
-                > {
-                    MACHINE.with_borrow_mut(|machine| {
-                        entries
-                            .iter()
-                            .map(|entry| {
-                                machine
-                                    .apply(&$crate::ApplyContext::from(entry.ctx), &entry.command)
-                            })
-                            .collect()
-                    })
+                    entries: ::std::vec::Vec<$crate::bindings::BatchEntry>,
+                    commands: ::std::vec::Vec<u8>,
+                ) -> $crate::bindings::BatchResult {
+                    let entries = entries
+                        .iter()
+                        .map(|entry| ($crate::ApplyContext::from(entry.ctx), entry.command_len));
+                    let mut output = ::std::vec::Vec::new();
+                    let outcomes = MACHINE
+                        .with_borrow_mut(|machine| {
+                            machine.apply_batch(entries, &commands, &mut output)
+                        })
+                        // A host that lays out a batch wrongly is broken; trap.
+                        .unwrap_or_else(|error| ::core::panic!("{error}"));
+                    $crate::bindings::BatchResult {
+                        outcomes: outcomes
+                            .into_iter()
+                            .map(::core::convert::Into::into)
+                            .collect(),
+                        output,
+                    }
                 }
 
                 fn query(
@@ -71,12 +78,12 @@ macro_rules! export {
 
                 fn restore_from_snapshot(
                     state: ::std::vec::Vec<u8>,
-                ) -> ::core::result::Result<(), ::std::string::String> {
+        ) -> ::core::result::Result<(), ::std::string::String> {
                     MACHINE.with_borrow_mut(|machine| machine.restore_from_snapshot(&state))
                 }
             }
 
-    $crate::bindings::export_state_machine!(KythiraExport with_types_in $crate::bindings);
+            $crate::bindings::export_state_machine!(KythiraExport with_types_in $crate::bindings);
         };
     };
 }

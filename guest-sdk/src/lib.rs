@@ -60,7 +60,7 @@ mod state_machine;
 pub mod testing;
 
 pub use key::{Key, compare as compare_bytes};
-pub use raw::Raw;
+pub use raw::{BatchLayoutError, BatchOutcome, Raw};
 pub use state_machine::{ApplyContext, RestoreError, StateMachine};
 
 /// Bindings of the `kythira:state-machine` world; used by [`export!`] only.
@@ -78,6 +78,15 @@ pub mod bindings {
 
     #[doc(hidden)]
     pub use wit_bindgen::rt as __rt;
+
+    impl From<crate::BatchOutcome> for BatchOutcome {
+        fn from(outcome: crate::BatchOutcome) -> Self {
+            Self {
+                is_error: outcome.is_error,
+                len: outcome.len,
+            }
+        }
+    }
 
     impl From<ApplyContext> for crate::ApplyContext {
         fn from(ctx: ApplyContext) -> Self {

@@ -183,10 +183,11 @@ impl Live {
     fn apply_batch(
         &mut self,
         budget: u64,
-        entries: &[bindings::Entry],
-    ) -> (Result<Vec<PluginResult>, CallError>, u64) {
+        entries: &[bindings::BatchEntry],
+        commands: &[u8],
+    ) -> (Result<bindings::BatchResult, CallError>, u64) {
         self.call(budget, |store, sm| {
-            sm.call_apply_batch(store, entries).map(Ok)
+            sm.call_apply_batch(store, entries, commands).map(Ok)
         })
     }
 
@@ -251,7 +252,52 @@ struct Checkpoint {
     /// State bytes, or `None` for the plugin's initial state.
     state: Option<Arc<[u8]>>,
     /// Every apply since `state`, in order.
-    replay: Vec<(ApplyContext, Box<[u8]>)>,
+    replay: Replay,
+}
+
+/// The commands applied since a checkpoint, kept back to back in one buffer:
+/// one copy per command and no allocation per command, and a batch's
+/// commands are already laid out as the guest's `apply-batch` takes them.
+#[derive(Default)]
+struct Replay {
+    /// Each command's context and where its bytes end in `bytes`.
+    entries: Vec<(ApplyContext, usize)>,
+    bytes: Vec<u8>,
+}
+
+impl Replay {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn push(&mut self, ctx: ApplyContext, command: &[u8]) {
+        self.bytes.extend_from_slice(command);
+        self.entries.push((ctx, self.bytes.len()));
+    }
+
+    /// Forgets every command from the `len`-th on.
+    fn truncate(&mut self, len: usize) {
+        self.entries.truncate(len);
+        let end = self.entries.last().map_or(0, |&(_, end)| end);
+        self.bytes.truncate(end);
+    }
+
+    /// The commands from the `from`-th on, back to back.
+    fn bytes_from(&self, from: usize) -> &[u8] {
+        let start = from
+            .checked_sub(1)
+            .map_or(0, |previous| self.entries[previous].1);
+        &self.bytes[start..]
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (ApplyContext, &[u8])> {
+        let mut start = 0;
+        self.entries.iter().map(move |&(ctx, end)| {
+            let command = &self.bytes[start..end];
+            start = end;
+            (ctx, command)
+        })
+    }
 }
 
 /// What a machine runs its calls on.
@@ -272,6 +318,45 @@ impl Instance {
             _ => None,
         }
     }
+}
+
+/// Runs a call on `instance` if it is live.
+fn on_live<T>(
+    instance: &mut Instance,
+    f: impl FnOnce(&mut Live) -> (Result<T, CallError>, u64),
+) -> (Result<T, CallError>, u64) {
+    match instance {
+        Instance::Live(live) => f(live),
+        Instance::Unavailable(reason) => (Err(CallError::Unavailable(reason.clone())), 0),
+        Instance::Lost => (
+            Err(CallError::Internal("no instance could be built".into())),
+            0,
+        ),
+    }
+}
+
+/// The per-entry results of a batch, or `None` if the guest's answer does
+/// not have the layout the WIT describes: one outcome per entry, lengths that
+/// add up to the output, error texts in UTF-8.
+fn split_batch(batch: bindings::BatchResult, entries: usize) -> Option<Vec<PluginResult>> {
+    if batch.outcomes.len() != entries {
+        return None;
+    }
+    let mut rest = batch.output.as_slice();
+    let results = batch
+        .outcomes
+        .iter()
+        .map(|outcome| {
+            let (bytes, tail) = rest.split_at_checked(usize::try_from(outcome.len).ok()?)?;
+            rest = tail;
+            Some(if outcome.is_error {
+                Err(String::from_utf8(bytes.to_vec()).ok()?)
+            } else {
+                Ok(bytes.to_vec())
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    rest.is_empty().then_some(results)
 }
 
 /// One state machine: a plugin instance and its state.
@@ -366,7 +451,7 @@ impl Machine {
         match &result {
             Ok(_) | Err(CallError::Plugin(_)) => {
                 self.last_applied = Some(ctx);
-                self.checkpoint.replay.push((ctx, command.into()));
+                self.checkpoint.replay.push(ctx, command);
                 if ctx.index.is_multiple_of(limits.checkpoint_interval) {
                     self.take_checkpoint(ctx.index);
                 }
@@ -411,50 +496,60 @@ impl Machine {
         debug_assert!(chunk.windows(2).all(|w| w[0].0.index < w[1].0.index));
         let started = Instant::now();
         let budget = self.runtime.limits().apply_fuel;
-        let entries: Vec<bindings::Entry> = chunk
+        let entries: Option<Vec<bindings::BatchEntry>> = chunk
             .iter()
-            .map(|(ctx, command)| bindings::Entry {
-                ctx: (*ctx).into(),
-                command: command.to_vec(),
+            .map(|(ctx, command)| {
+                Some(bindings::BatchEntry {
+                    ctx: (*ctx).into(),
+                    command_len: u32::try_from(command.len()).ok()?,
+                })
             })
             .collect();
-        let (result, fuel) = self.call_live(|live| {
-            let (result, fuel) = live.apply_batch(budget, &entries);
-            let near_memory = live.memory_near_limit();
-            (result.map(|r| (r, near_memory)), fuel)
-        });
-        let results = match result {
-            Ok((results, near_memory))
-                if !near_limit(fuel, budget) && !near_memory && results.len() == chunk.len() =>
-            {
-                results
+        let results = entries.and_then(|entries| {
+            // Rebuilding replays the log, so it must happen before the chunk
+            // joins it.
+            self.rebuild_if_lost();
+            // The chunk's commands go into the replay log first, and the
+            // guest reads them from there: one copy on the host side.
+            let first = self.checkpoint.replay.len();
+            for (ctx, command) in chunk {
+                self.checkpoint.replay.push(*ctx, command);
             }
-            // Near a limit, failed, or a plugin that answered with the wrong
-            // number of results: decide entry by entry.
-            _ => {
-                self.rollback();
-                for (ctx, command) in chunk {
-                    outcomes.push(self.apply(*ctx, command));
+            let commands = self.checkpoint.replay.bytes_from(first);
+            let (result, fuel) = on_live(&mut self.instance, |live| {
+                let (result, fuel) = live.apply_batch(budget, &entries, commands);
+                let near_memory = live.memory_near_limit();
+                (result.map(|r| (r, near_memory)), fuel)
+            });
+            let results = match result {
+                Ok((batch, near_memory)) if !near_limit(fuel, budget) && !near_memory => {
+                    split_batch(batch, chunk.len())
                 }
-                return;
+                _ => None,
+            };
+            if results.is_none() {
+                self.checkpoint.replay.truncate(first);
             }
+            results.map(|results| (results, fuel))
+        });
+        let Some((results, fuel)) = results else {
+            // Near a limit, failed, a command too long to describe, or a
+            // plugin that answered out of layout: decide entry by entry.
+            self.rollback();
+            for (ctx, command) in chunk {
+                outcomes.push(self.apply(*ctx, command));
+            }
+            return;
         };
         self.perturbed = true;
+        self.last_applied = chunk.last().map(|(ctx, _)| *ctx);
         let n = chunk.len() as u64;
         let duration = started.elapsed() / u32::try_from(n).unwrap_or(u32::MAX);
-        // The commands were copied once for the guest; the replay log keeps
-        // those copies.
-        for ((ctx, _), (entry, result)) in chunk.iter().zip(entries.into_iter().zip(results)) {
-            self.last_applied = Some(*ctx);
-            self.checkpoint
-                .replay
-                .push((*ctx, entry.command.into_boxed_slice()));
-            outcomes.push(Outcome {
-                result: result.map_err(CallError::Plugin),
-                fuel_used: fuel / n,
-                duration,
-            });
-        }
+        outcomes.extend(results.into_iter().map(|result| Outcome {
+            result: result.map_err(CallError::Plugin),
+            fuel_used: fuel / n,
+            duration,
+        }));
         let interval = self.runtime.limits().checkpoint_interval;
         if let Some((last, _)) = chunk.last()
             && last.index.is_multiple_of(interval)
@@ -491,7 +586,7 @@ impl Machine {
                     self.checkpoint = Checkpoint {
                         index,
                         state: Some(state.into()),
-                        replay: Vec::new(),
+                        replay: Replay::default(),
                     };
                     self.last_applied = None;
                 }
@@ -538,16 +633,13 @@ impl Machine {
         &mut self,
         f: impl FnOnce(&mut Live) -> (Result<T, CallError>, u64),
     ) -> (Result<T, CallError>, u64) {
+        self.rebuild_if_lost();
+        on_live(&mut self.instance, f)
+    }
+
+    fn rebuild_if_lost(&mut self) {
         if matches!(self.instance, Instance::Lost) {
             self.rollback();
-        }
-        match &mut self.instance {
-            Instance::Live(live) => f(live),
-            Instance::Unavailable(reason) => (Err(CallError::Unavailable(reason.clone())), 0),
-            Instance::Lost => (
-                Err(CallError::Internal("no instance could be built".into())),
-                0,
-            ),
         }
     }
 
@@ -605,7 +697,7 @@ impl Machine {
                     self.checkpoint = Checkpoint {
                         index,
                         state: Some(state),
-                        replay: Vec::new(),
+                        replay: Replay::default(),
                     };
                 }
                 Err(CallError::Internal(_)) => {}
@@ -646,8 +738,8 @@ impl Machine {
         if let Some(state) = &self.checkpoint.state {
             live.restore(limits.snapshot_fuel, state).0?;
         }
-        for (ctx, command) in &self.checkpoint.replay {
-            match live.apply(limits.apply_fuel, *ctx, command).0 {
+        for (ctx, command) in self.checkpoint.replay.iter() {
+            match live.apply(limits.apply_fuel, ctx, command).0 {
                 Ok(_) | Err(CallError::Plugin(_)) => {}
                 Err(CallError::Internal(e)) => return Err(CallError::Internal(e)),
                 // It succeeded before on a canonical instance (or within a
@@ -667,5 +759,72 @@ impl Machine {
     fn make_unavailable(&mut self, reason: String) {
         tracing::error!(plugin = %self.plugin.hash(), %reason, "state machine unavailable");
         self.instance = Instance::Unavailable(reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(index: u64) -> ApplyContext {
+        ApplyContext {
+            index,
+            term: 1,
+            timestamp_ms: 0,
+        }
+    }
+
+    #[test]
+    fn replay_keeps_commands_back_to_back_and_truncates_whole_entries() {
+        let mut replay = Replay::default();
+        replay.push(ctx(1), b"ab");
+        replay.push(ctx(2), b"");
+        replay.push(ctx(3), b"cde");
+        let all: Vec<(u64, &[u8])> = replay.iter().map(|(c, b)| (c.index, b)).collect();
+        assert_eq!(all, [(1, &b"ab"[..]), (2, b""), (3, b"cde")]);
+        assert_eq!(replay.bytes_from(0), b"abcde");
+        assert_eq!(replay.bytes_from(2), b"cde");
+        assert_eq!(replay.bytes_from(3), b"");
+        replay.truncate(1);
+        assert_eq!(replay.len(), 1);
+        assert_eq!(replay.bytes_from(0), b"ab");
+        replay.truncate(0);
+        assert_eq!(replay.len(), 0);
+        assert!(replay.bytes_from(0).is_empty());
+    }
+
+    fn outcome(is_error: bool, len: u32) -> bindings::BatchOutcome {
+        bindings::BatchOutcome { is_error, len }
+    }
+
+    #[test]
+    fn a_batch_answer_splits_into_per_entry_results() {
+        let batch = bindings::BatchResult {
+            outcomes: vec![outcome(false, 2), outcome(true, 3), outcome(false, 0)],
+            output: b"okbad".to_vec(),
+        };
+        assert_eq!(
+            split_batch(batch, 3),
+            Some(vec![
+                Ok(b"ok".to_vec()),
+                Err("bad".to_owned()),
+                Ok(Vec::new())
+            ])
+        );
+    }
+
+    #[test]
+    fn a_batch_answer_out_of_layout_is_refused() {
+        let batch = |outcomes, output: &[u8]| bindings::BatchResult {
+            outcomes,
+            output: output.to_vec(),
+        };
+        // Wrong number of outcomes.
+        assert_eq!(split_batch(batch(vec![outcome(false, 1)], b"x"), 2), None);
+        // Lengths past the output, or short of it.
+        assert_eq!(split_batch(batch(vec![outcome(false, 2)], b"x"), 1), None);
+        assert_eq!(split_batch(batch(vec![outcome(false, 1)], b"xy"), 1), None);
+        // An error text that is not UTF-8.
+        assert_eq!(split_batch(batch(vec![outcome(true, 1)], &[0xFF]), 1), None);
     }
 }
