@@ -78,12 +78,12 @@ macro_rules! export {
 
                 fn restore_from_snapshot(
                     state: ::std::vec::Vec<u8>,
-        ) -> ::core::result::Result<(), ::std::string::String> {
+                ) -> ::core::result::Result<(), ::std::string::String> {
                     MACHINE.with_borrow_mut(|machine| machine.restore_from_snapshot(&state))
                 }
             }
 
-            $crate::bindings::export_state_machine!(KythiraExport with_types_in $crate::bindings);
+    $crate::bindings::export_state_machine!(KythiraExport with_types_in $crate::bindings);
         };
     };
 }

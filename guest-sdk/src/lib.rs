@@ -57,6 +57,8 @@ mod export;
 mod key;
 mod raw;
 mod state_machine;
+#[cfg(test)]
+mod test_machines;
 pub mod testing;
 
 pub use key::{Key, compare as compare_bytes};

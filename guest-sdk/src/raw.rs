@@ -171,31 +171,7 @@ impl<T: StateMachine> Raw<T> {
 mod tests {
     use super::*;
     use crate::codec::encode;
-    use serde::{Deserialize, Serialize};
-
-    /// Appends to a list; answers the list's length; refuses zero.
-    #[derive(Default, Serialize, Deserialize)]
-    struct Journal(Vec<u32>);
-
-    impl StateMachine for Journal {
-        type Command = u32;
-        type Response = usize;
-        type Query = ();
-        type QueryResponse = Vec<u32>;
-        type Error = String;
-
-        fn apply(&mut self, ctx: &ApplyContext, value: u32) -> Result<usize, String> {
-            if value == 0 {
-                return Err(format!("zero refused at index {}", ctx.index));
-            }
-            self.0.push(value);
-            Ok(self.0.len())
-        }
-
-        fn query(&self, (): ()) -> Result<Vec<u32>, String> {
-            Ok(self.0.clone())
-        }
-    }
+    use crate::test_machines::Journal;
 
     fn ctx(index: u64) -> ApplyContext {
         ApplyContext {

@@ -281,33 +281,10 @@ fn replay<T: StateMachine>(raw: &mut Raw<T>, entries: &[Applied], what: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_machines::Journal;
     use serde::{Deserialize, Serialize};
     use std::cell::Cell;
     use std::collections::HashMap;
-
-    /// Appends to a list; answers the list's length.
-    #[derive(Default, Serialize, Deserialize)]
-    struct Journal(Vec<u32>);
-
-    impl StateMachine for Journal {
-        type Command = u32;
-        type Response = usize;
-        type Query = ();
-        type QueryResponse = Vec<u32>;
-        type Error = String;
-
-        fn apply(&mut self, ctx: &ApplyContext, value: u32) -> Result<usize, String> {
-            if value == 0 {
-                return Err(format!("zero refused at {}", ctx.timestamp_ms));
-            }
-            self.0.push(value);
-            Ok(self.0.len())
-        }
-
-        fn query(&self, (): ()) -> Result<Vec<u32>, String> {
-            Ok(self.0.clone())
-        }
-    }
 
     #[test]
     fn applies_through_the_byte_path_and_records_the_log() {
