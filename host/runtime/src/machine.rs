@@ -689,26 +689,42 @@ impl Machine {
             // A host failure: keep the old checkpoint and try at the next one.
             Err(_) => return,
         };
+        let checkpoint = Checkpoint {
+            index,
+            state: Some(Arc::clone(&state)),
+            replay: Replay::default(),
+        };
         match Live::new(&self.runtime, &self.plugin) {
             Ok(mut fresh) => match fresh.restore(budget, &state).0 {
                 Ok(()) => {
                     self.instance = Instance::Live(fresh);
                     self.perturbed = false;
-                    self.checkpoint = Checkpoint {
-                        index,
-                        state: Some(state),
-                        replay: Replay::default(),
-                    };
+                    self.checkpoint = checkpoint;
                 }
-                Err(CallError::Internal(_)) => {}
+                Err(CallError::Internal(e)) => self.adopt_without_fresh_instance(checkpoint, &e),
                 Err(e) => self.make_unavailable(format!(
                     "checkpoint at index {index}: the plugin cannot restore its own state: {e}"
                 )),
             },
-            Err(e) => {
-                tracing::warn!(plugin = %self.plugin.hash(), error = %e, "checkpoint postponed");
-            }
+            Err(e) => self.adopt_without_fresh_instance(checkpoint, &e.to_string()),
         }
+    }
+
+    /// The state at a checkpoint index is known but a host failure left no
+    /// fresh instance to restore it into. The checkpoint is kept anyway, so
+    /// rollbacks and Raft snapshots use the same indexes as on every other
+    /// replica; the current instance holds the same state, but not the
+    /// canonical heap, so it counts as perturbed: an apply near a limit is
+    /// decided again on an instance rebuilt from this checkpoint.
+    fn adopt_without_fresh_instance(&mut self, checkpoint: Checkpoint, error: &str) {
+        tracing::warn!(
+            plugin = %self.plugin.hash(),
+            index = checkpoint.index,
+            %error,
+            "checkpoint kept without a fresh instance"
+        );
+        self.checkpoint = checkpoint;
+        self.perturbed = true;
     }
 
     /// Rebuilds a canonical instance from the checkpoint: the state after the

@@ -346,6 +346,44 @@ fn rollback_replays_everything_since_the_checkpoint() {
     assert!(state.is_some());
 }
 
+/// A checkpoint whose fresh instance cannot be built (every instance slot is
+/// taken: a host failure) is still kept at its index, as on every other
+/// replica, and a later rollback rebuilds from it.
+#[test]
+fn a_checkpoint_is_kept_when_no_fresh_instance_can_be_built() {
+    use kythira_testing_panicker::{Command, Query};
+    let runtime = kythira_runtime::Runtime::new(kythira_runtime::RuntimeConfig {
+        limits: Limits {
+            checkpoint_interval: 10,
+            ..test_limits()
+        },
+        cache_dir: Some(support::cache_dir()),
+        // Two instance slots: the machine's and the one other below.
+        max_machines: 1,
+    })
+    .unwrap();
+    let mut m = start(&runtime, "panicker");
+    let other = start(&runtime, "panicker");
+    let mut log = Log::new();
+    for _ in 0..10 {
+        log.apply(&mut m, &Command::Increment).unwrap();
+    }
+    let (index, state) = m.checkpoint();
+    assert_eq!(index, 10, "kept although no instance could be built");
+    assert!(state.is_some());
+    for _ in 0..3 {
+        log.apply(&mut m, &Command::Increment).unwrap();
+    }
+    // Free a slot; the trap rolls back to index 10 and replays three entries.
+    drop(other);
+    assert!(matches!(
+        log.apply(&mut m, &Command::Panic),
+        Err(CallError::Trap(_))
+    ));
+    let count: u64 = decode(&m.query(&encode(&Query::Get).unwrap()).result.unwrap()).unwrap();
+    assert_eq!(count, 13);
+}
+
 #[test]
 fn upgrade_carries_state_and_a_failed_upgrade_keeps_the_old_code() {
     use kythira_testing_panicker::Command;
