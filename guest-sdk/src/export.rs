@@ -36,26 +36,17 @@ macro_rules! export {
                 }
 
                 fn apply_batch(
-                    entries: ::std::vec::Vec<$crate::bindings::BatchEntry>,
+                    contexts: ::std::vec::Vec<u64>,
+                    command_lens: ::std::vec::Vec<u32>,
                     commands: ::std::vec::Vec<u8>,
                 ) -> $crate::bindings::BatchResult {
-                    let entries = entries
-                        .iter()
-                        .map(|entry| ($crate::ApplyContext::from(entry.ctx), entry.command_len));
-                    let mut output = ::std::vec::Vec::new();
-                    let outcomes = MACHINE
+                    MACHINE
                         .with_borrow_mut(|machine| {
-                            machine.apply_batch(entries, &commands, &mut output)
+                            machine.apply_batch(&contexts, &command_lens, &commands)
                         })
+                        .map(::core::convert::Into::into)
                         // A host that lays out a batch wrongly is broken; trap.
-                        .unwrap_or_else(|error| ::core::panic!("{error}"));
-                    $crate::bindings::BatchResult {
-                        outcomes: outcomes
-                            .into_iter()
-                            .map(::core::convert::Into::into)
-                            .collect(),
-                        output,
-                    }
+                        .unwrap_or_else(|error| ::core::panic!("{error}"))
                 }
 
                 fn query(

@@ -62,7 +62,7 @@ mod test_machines;
 pub mod testing;
 
 pub use key::{Key, compare as compare_bytes};
-pub use raw::{BatchLayoutError, BatchOutcome, Raw};
+pub use raw::{BatchLayoutError, BatchOutput, Raw};
 pub use state_machine::{ApplyContext, RestoreError, StateMachine};
 
 /// Bindings of the `kythira:state-machine` world; used by [`export!`] only.
@@ -81,11 +81,12 @@ pub mod bindings {
     #[doc(hidden)]
     pub use wit_bindgen::rt as __rt;
 
-    impl From<crate::BatchOutcome> for BatchOutcome {
-        fn from(outcome: crate::BatchOutcome) -> Self {
+    impl From<crate::BatchOutput> for BatchResult {
+        fn from(batch: crate::BatchOutput) -> Self {
             Self {
-                is_error: outcome.is_error,
-                len: outcome.len,
+                output_lens: batch.output_lens,
+                errors: batch.errors,
+                output: batch.output,
             }
         }
     }

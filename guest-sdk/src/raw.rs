@@ -3,20 +3,26 @@
 use crate::codec::{self, CodecError};
 use crate::state_machine::{ApplyContext, StateMachine};
 
-/// How one entry of a batch ended: its response, or if `is_error` its error
-/// text, is the next `len` bytes of the batch's output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchOutcome {
-    /// The bytes are an error text, not a response.
-    pub is_error: bool,
-    /// Length of the response or error text.
-    pub len: u32,
+/// The outcomes of a batch, in the layout of the WIT `batch-result`: entry
+/// `i`'s response, or for the entries listed in `errors` its error text, is
+/// the next `output_lens[i]` bytes of `output`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutput {
+    /// Length of each entry's response or error text.
+    pub output_lens: Vec<u32>,
+    /// Positions in the batch of the entries that returned an error, ascending.
+    pub errors: Vec<u32>,
+    /// The responses and error texts, back to back.
+    pub output: Vec<u8>,
 }
 
-/// The command lengths of a batch do not add up to its command bytes, or an
-/// output does not fit a `u32` length.
+/// A batch whose parts do not fit together: three context numbers per
+/// command length, command lengths that add up to the command bytes, and no
+/// more entries or output than a `u32` counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("batch layout: command lengths must add up to the command bytes, outputs must fit a u32")]
+#[error(
+    "malformed batch: it needs three context numbers per command length, and command lengths that add up to the command bytes"
+)]
 pub struct BatchLayoutError;
 
 /// Adapts a typed [`StateMachine`] to the byte-level contract of the WIT world:
@@ -90,47 +96,60 @@ impl<T: StateMachine> Raw<T> {
     }
 
     /// Applies consecutive entries in the layout of the WIT `apply-batch`:
-    /// `entries` gives each entry's context and command length, `commands`
-    /// holds the commands back to back. Each response or error text is
-    /// appended to `output`; the outcomes say which it is and how long.
-    /// Exactly as [`apply`](Self::apply) on each entry in turn.
+    /// entry `i` has the context `contexts[3i..3i + 3]` (index, term,
+    /// timestamp) and the next `command_lens[i]` bytes of `commands` as its
+    /// command. Exactly as [`apply`](Self::apply) on each entry in turn.
     ///
     /// # Errors
     ///
-    /// [`BatchLayoutError`] if the lengths do not add up to `commands` (a host
-    /// bug). Entries before the first one that does not fit have been
-    /// applied.
+    /// [`BatchLayoutError`] if the parts do not fit together (a host bug);
+    /// nothing is applied then.
+    ///
+    /// # Panics
+    ///
+    /// If one entry's response is 4 GiB or more, which a wasm32 guest's
+    /// memory cannot hold.
     pub fn apply_batch(
         &mut self,
-        entries: impl IntoIterator<Item = (ApplyContext, u32)>,
+        contexts: &[u64],
+        command_lens: &[u32],
         commands: &[u8],
-        output: &mut Vec<u8>,
-    ) -> Result<Vec<BatchOutcome>, BatchLayoutError> {
-        let entries = entries.into_iter();
-        let mut outcomes = Vec::with_capacity(entries.size_hint().0);
+    ) -> Result<BatchOutput, BatchLayoutError> {
+        let total = command_lens.iter().try_fold(0usize, |sum, &len| {
+            sum.checked_add(usize::try_from(len).ok()?)
+        });
+        if contexts.len() != command_lens.len().saturating_mul(3)
+            || total != Some(commands.len())
+            || u32::try_from(command_lens.len()).is_err()
+        {
+            return Err(BatchLayoutError);
+        }
+        let mut batch = BatchOutput {
+            output_lens: Vec::with_capacity(command_lens.len()),
+            errors: Vec::new(),
+            output: Vec::new(),
+        };
         let mut rest = commands;
-        for (ctx, len) in entries {
-            let (command, tail) = usize::try_from(len)
-                .ok()
-                .and_then(|len| rest.split_at_checked(len))
-                .ok_or(BatchLayoutError)?;
+        for (position, (context, &len)) in (0u32..).zip(contexts.chunks_exact(3).zip(command_lens))
+        {
+            let (command, tail) = rest.split_at(len as usize);
             rest = tail;
-            let start = output.len();
-            let is_error = match self.apply_into(&ctx, command, output) {
-                Ok(()) => false,
-                Err(message) => {
-                    output.extend_from_slice(message.as_bytes());
-                    true
-                }
+            let ctx = ApplyContext {
+                index: context[0],
+                term: context[1],
+                timestamp_ms: context[2],
             };
-            let len = u32::try_from(output.len() - start).map_err(|_| BatchLayoutError)?;
-            outcomes.push(BatchOutcome { is_error, len });
+            let start = batch.output.len();
+            if let Err(message) = self.apply_into(&ctx, command, &mut batch.output) {
+                batch.output.extend_from_slice(message.as_bytes());
+                batch.errors.push(position);
+            }
+            // A wasm32 guest's memory cannot hold 4 GiB of output; natively
+            // a response that large is a bug worth stopping at.
+            let len = u32::try_from(batch.output.len() - start).expect("output under 4 GiB");
+            batch.output_lens.push(len);
         }
-        if rest.is_empty() {
-            Ok(outcomes)
-        } else {
-            Err(BatchLayoutError)
-        }
+        Ok(batch)
     }
 
     /// Decodes `request`, answers it and encodes the answer.
@@ -197,22 +216,25 @@ mod tests {
             .collect();
 
         let mut batched = Raw::<Journal>::new();
-        let layout = commands
-            .iter()
-            .zip(1..)
-            .map(|(c, i)| (ctx(i), c.len() as u32));
-        let mut output = Vec::new();
-        let outcomes = batched
-            .apply_batch(layout, &commands.concat(), &mut output)
+        let contexts: Vec<u64> = (1..=4)
+            .flat_map(|i| {
+                let ctx = ctx(i);
+                [ctx.index, ctx.term, ctx.timestamp_ms]
+            })
+            .collect();
+        let lens: Vec<u32> = commands.iter().map(|c| c.len() as u32).collect();
+        let batch = batched
+            .apply_batch(&contexts, &lens, &commands.concat())
             .unwrap();
 
-        let mut rest = output.as_slice();
-        let got: Vec<Result<Vec<u8>, String>> = outcomes
-            .iter()
-            .map(|outcome| {
-                let (bytes, tail) = rest.split_at(outcome.len as usize);
+        assert_eq!(batch.errors, [1, 2]);
+        let mut rest = batch.output.as_slice();
+        let got: Vec<Result<Vec<u8>, String>> = (0u32..)
+            .zip(&batch.output_lens)
+            .map(|(position, &len)| {
+                let (bytes, tail) = rest.split_at(len as usize);
                 rest = tail;
-                if outcome.is_error {
+                if batch.errors.contains(&position) {
                     Err(String::from_utf8(bytes.to_vec()).unwrap())
                 } else {
                     Ok(bytes.to_vec())
@@ -226,21 +248,29 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_whose_lengths_do_not_add_up_is_refused() {
+    fn a_batch_whose_parts_do_not_fit_together_applies_nothing() {
         let command = encode(&7u32).unwrap();
+        let contexts = [1, 1, 0];
         let mut raw = Raw::<Journal>::new();
-        let mut output = Vec::new();
-        // One length too long for the bytes.
+        // A length past the bytes, bytes left over, a context too few.
         assert_eq!(
-            raw.apply_batch([(ctx(1), 5)], &command, &mut output),
+            raw.apply_batch(&contexts, &[5], &command),
             Err(BatchLayoutError)
         );
-        // Bytes left over after the last entry.
-        let mut two = command.clone();
-        two.extend(&command);
         assert_eq!(
-            raw.apply_batch([(ctx(1), 1)], &two, &mut output),
+            raw.apply_batch(
+                &contexts,
+                &[1],
+                &[command.clone(), command.clone()].concat()
+            ),
             Err(BatchLayoutError)
         );
+        assert_eq!(
+            raw.apply_batch(&contexts[..2], &[1], &command),
+            Err(BatchLayoutError)
+        );
+        assert!(raw.machine().0.is_empty());
+        assert!(raw.apply_batch(&contexts, &[1], &command).is_ok());
+        assert_eq!(raw.machine().0, [7]);
     }
 }

@@ -105,15 +105,7 @@ mod tests {
         // Types defined at world level are imported by the component; they
         // grant nothing. No function or interface is imported.
         imports.sort();
-        assert_eq!(
-            imports,
-            [
-                "apply-context",
-                "batch-entry",
-                "batch-outcome",
-                "batch-result"
-            ]
-        );
+        assert_eq!(imports, ["apply-context", "batch-result"]);
     }
 
     #[test]

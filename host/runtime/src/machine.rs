@@ -183,11 +183,13 @@ impl Live {
     fn apply_batch(
         &mut self,
         budget: u64,
-        entries: &[bindings::BatchEntry],
+        contexts: &[u64],
+        command_lens: &[u32],
         commands: &[u8],
     ) -> (Result<bindings::BatchResult, CallError>, u64) {
         self.call(budget, |store, sm| {
-            sm.call_apply_batch(store, entries, commands).map(Ok)
+            sm.call_apply_batch(store, contexts, command_lens, commands)
+                .map(Ok)
         })
     }
 
@@ -336,26 +338,30 @@ fn on_live<T>(
 }
 
 /// The per-entry results of a batch, or `None` if the guest's answer does
-/// not have the layout the WIT describes: one outcome per entry, lengths that
-/// add up to the output, error texts in UTF-8.
+/// not have the layout the WIT describes: one output length per entry,
+/// lengths that add up to the output, error positions ascending and within
+/// the batch, error texts in UTF-8.
 fn split_batch(batch: bindings::BatchResult, entries: usize) -> Option<Vec<PluginResult>> {
-    if batch.outcomes.len() != entries {
+    let ascending = batch.errors.windows(2).all(|w| w[0] < w[1]);
+    let in_batch = batch
+        .errors
+        .last()
+        .is_none_or(|&last| usize::try_from(last).is_ok_and(|last| last < entries));
+    if batch.output_lens.len() != entries || !ascending || !in_batch {
         return None;
     }
+    let mut errors = batch.errors.iter().peekable();
     let mut rest = batch.output.as_slice();
-    let results = batch
-        .outcomes
-        .iter()
-        .map(|outcome| {
-            let (bytes, tail) = rest.split_at_checked(usize::try_from(outcome.len).ok()?)?;
-            rest = tail;
-            Some(if outcome.is_error {
-                Err(String::from_utf8(bytes.to_vec()).ok()?)
-            } else {
-                Ok(bytes.to_vec())
-            })
-        })
-        .collect::<Option<Vec<_>>>()?;
+    let mut results = Vec::with_capacity(entries);
+    for (position, &len) in (0u32..).zip(&batch.output_lens) {
+        let (bytes, tail) = rest.split_at_checked(usize::try_from(len).ok()?)?;
+        rest = tail;
+        results.push(if errors.next_if_eq(&&position).is_some() {
+            Err(String::from_utf8(bytes.to_vec()).ok()?)
+        } else {
+            Ok(bytes.to_vec())
+        });
+    }
     rest.is_empty().then_some(results)
 }
 
@@ -496,16 +502,15 @@ impl Machine {
         debug_assert!(chunk.windows(2).all(|w| w[0].0.index < w[1].0.index));
         let started = Instant::now();
         let budget = self.runtime.limits().apply_fuel;
-        let entries: Option<Vec<bindings::BatchEntry>> = chunk
+        let contexts: Vec<u64> = chunk
             .iter()
-            .map(|(ctx, command)| {
-                Some(bindings::BatchEntry {
-                    ctx: (*ctx).into(),
-                    command_len: u32::try_from(command.len()).ok()?,
-                })
-            })
+            .flat_map(|(ctx, _)| [ctx.index, ctx.term, ctx.timestamp_ms])
             .collect();
-        let results = entries.and_then(|entries| {
+        let command_lens: Option<Vec<u32>> = chunk
+            .iter()
+            .map(|(_, command)| u32::try_from(command.len()).ok())
+            .collect();
+        let results = command_lens.and_then(|command_lens| {
             // Rebuilding replays the log, so it must happen before the chunk
             // joins it.
             self.rebuild_if_lost();
@@ -517,7 +522,7 @@ impl Machine {
             }
             let commands = self.checkpoint.replay.bytes_from(first);
             let (result, fuel) = on_live(&mut self.instance, |live| {
-                let (result, fuel) = live.apply_batch(budget, &entries, commands);
+                let (result, fuel) = live.apply_batch(budget, &contexts, &command_lens, commands);
                 let near_memory = live.memory_near_limit();
                 (result.map(|r| (r, near_memory)), fuel)
             });
@@ -809,18 +814,18 @@ mod tests {
         assert!(replay.bytes_from(0).is_empty());
     }
 
-    fn outcome(is_error: bool, len: u32) -> bindings::BatchOutcome {
-        bindings::BatchOutcome { is_error, len }
+    fn batch(output_lens: &[u32], errors: &[u32], output: &[u8]) -> bindings::BatchResult {
+        bindings::BatchResult {
+            output_lens: output_lens.to_vec(),
+            errors: errors.to_vec(),
+            output: output.to_vec(),
+        }
     }
 
     #[test]
     fn a_batch_answer_splits_into_per_entry_results() {
-        let batch = bindings::BatchResult {
-            outcomes: vec![outcome(false, 2), outcome(true, 3), outcome(false, 0)],
-            output: b"okbad".to_vec(),
-        };
         assert_eq!(
-            split_batch(batch, 3),
+            split_batch(batch(&[2, 3, 0], &[1], b"okbad"), 3),
             Some(vec![
                 Ok(b"ok".to_vec()),
                 Err("bad".to_owned()),
@@ -831,16 +836,16 @@ mod tests {
 
     #[test]
     fn a_batch_answer_out_of_layout_is_refused() {
-        let batch = |outcomes, output: &[u8]| bindings::BatchResult {
-            outcomes,
-            output: output.to_vec(),
-        };
-        // Wrong number of outcomes.
-        assert_eq!(split_batch(batch(vec![outcome(false, 1)], b"x"), 2), None);
+        // Wrong number of lengths.
+        assert_eq!(split_batch(batch(&[1], &[], b"x"), 2), None);
         // Lengths past the output, or short of it.
-        assert_eq!(split_batch(batch(vec![outcome(false, 2)], b"x"), 1), None);
-        assert_eq!(split_batch(batch(vec![outcome(false, 1)], b"xy"), 1), None);
+        assert_eq!(split_batch(batch(&[2], &[], b"x"), 1), None);
+        assert_eq!(split_batch(batch(&[1], &[], b"xy"), 1), None);
+        // Error positions out of the batch, repeated or out of order.
+        assert_eq!(split_batch(batch(&[1], &[1], b"x"), 1), None);
+        assert_eq!(split_batch(batch(&[1, 1], &[0, 0], b"xy"), 2), None);
+        assert_eq!(split_batch(batch(&[1, 1], &[1, 0], b"xy"), 2), None);
         // An error text that is not UTF-8.
-        assert_eq!(split_batch(batch(vec![outcome(true, 1)], &[0xFF]), 1), None);
+        assert_eq!(split_batch(batch(&[1], &[0], &[0xFF]), 1), None);
     }
 }
