@@ -196,11 +196,11 @@ fn show_query(query: &Query) -> String {
     }
 }
 
-fn show(outcome: &Outcome<Vec<u8>>) -> String {
+fn show(outcome: &Outcome<impl AsRef<[u8]>>) -> String {
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
     let body = match &outcome.result {
         Err(e) => format!("error: {e}"),
-        Ok(bytes) => match decode::<Response>(bytes) {
+        Ok(bytes) => match decode::<Response>(bytes.as_ref()) {
             Ok(Response::Value(v)) => format!("value {:?}", v.as_deref().map(text)),
             Ok(Response::Swapped) => "swapped".into(),
             Ok(Response::Mismatch { current }) => {

@@ -38,6 +38,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use wasmtime::{ResourceLimiter, Store, Trap};
 
 use crate::bindings::{self, StateMachine};
@@ -174,10 +175,11 @@ impl Live {
         budget: u64,
         ctx: ApplyContext,
         command: &[u8],
-    ) -> (Result<Vec<u8>, CallError>, u64) {
-        self.call(budget, |store, sm| {
+    ) -> (Result<Bytes, CallError>, u64) {
+        let (result, fuel) = self.call(budget, |store, sm| {
             sm.call_apply(store, ctx.into(), command)
-        })
+        });
+        (result.map(Bytes::from), fuel)
     }
 
     fn apply_batch(
@@ -241,7 +243,7 @@ fn classify(store: &Store<StoreData>, error: wasmtime::Error, budget: u64) -> Ca
 }
 
 /// What the guest answers for one entry.
-type PluginResult = Result<Vec<u8>, String>;
+type PluginResult = Result<Bytes, String>;
 
 /// Most entries handed to the guest in one call.
 const MAX_BATCH: usize = 1024;
@@ -351,18 +353,21 @@ fn split_batch(batch: bindings::BatchResult, entries: usize) -> Option<Vec<Plugi
         return None;
     }
     let mut errors = batch.errors.iter().peekable();
-    let mut rest = batch.output.as_slice();
+    // Responses are slices of the one output buffer: no copy per entry.
+    let output = Bytes::from(batch.output);
+    let mut start = 0usize;
     let mut results = Vec::with_capacity(entries);
     for (position, &len) in (0u32..).zip(&batch.output_lens) {
-        let (bytes, tail) = rest.split_at_checked(usize::try_from(len).ok()?)?;
-        rest = tail;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        let bytes = output.get(start..end)?;
         results.push(if errors.next_if_eq(&&position).is_some() {
             Err(String::from_utf8(bytes.to_vec()).ok()?)
         } else {
-            Ok(bytes.to_vec())
+            Ok(output.slice(start..end))
         });
+        start = end;
     }
-    rest.is_empty().then_some(results)
+    (start == output.len()).then_some(results)
 }
 
 /// One state machine: a plugin instance and its state.
@@ -430,7 +435,7 @@ impl Machine {
 
     /// Applies a committed command. Plugin errors are results like any other;
     /// traps, fuel exhaustion and the memory limit roll the state back.
-    pub fn apply(&mut self, ctx: ApplyContext, command: &[u8]) -> Outcome<Vec<u8>> {
+    pub fn apply(&mut self, ctx: ApplyContext, command: &[u8]) -> Outcome<Bytes> {
         debug_assert!(
             self.last_applied
                 .is_none_or(|last| ctx.index > last.index && ctx.timestamp_ms >= last.timestamp_ms),
@@ -442,8 +447,7 @@ impl Machine {
         let limits = *self.runtime.limits();
         let budget = limits.apply_fuel;
         let mut attempt = self.call_live(|live| live.apply(budget, ctx, command));
-        let undecided = |(result, fuel): &(Result<Vec<u8>, CallError>, u64),
-                         live: Option<&Live>| {
+        let undecided = |(result, fuel): &(Result<Bytes, CallError>, u64), live: Option<&Live>| {
             result.as_ref().is_err_and(CallError::rolled_back)
                 || near_limit(*fuel, budget)
                 || live.is_some_and(Live::memory_near_limit)
@@ -476,7 +480,7 @@ impl Machine {
     /// [`Machine::apply`] would give one by one, in fewer calls into the guest
     /// (see the module documentation). Fuel and duration of entries applied
     /// within a batch are the batch's, shared evenly.
-    pub fn apply_batch(&mut self, entries: &[(ApplyContext, &[u8])]) -> Vec<Outcome<Vec<u8>>> {
+    pub fn apply_batch(&mut self, entries: &[(ApplyContext, &[u8])]) -> Vec<Outcome<Bytes>> {
         let interval = self.runtime.limits().checkpoint_interval;
         let mut outcomes = Vec::with_capacity(entries.len());
         let mut rest = entries;
@@ -494,11 +498,7 @@ impl Machine {
         outcomes
     }
 
-    fn apply_chunk(
-        &mut self,
-        chunk: &[(ApplyContext, &[u8])],
-        outcomes: &mut Vec<Outcome<Vec<u8>>>,
-    ) {
+    fn apply_chunk(&mut self, chunk: &[(ApplyContext, &[u8])], outcomes: &mut Vec<Outcome<Bytes>>) {
         debug_assert!(chunk.windows(2).all(|w| w[0].0.index < w[1].0.index));
         let started = Instant::now();
         let budget = self.runtime.limits().apply_fuel;
@@ -564,9 +564,12 @@ impl Machine {
     }
 
     /// Answers a read-only query. Not replicated, so it perturbs the instance.
-    pub fn query(&mut self, request: &[u8]) -> Outcome<Vec<u8>> {
+    pub fn query(&mut self, request: &[u8]) -> Outcome<Bytes> {
         let budget = self.runtime.limits().query_fuel;
-        self.local_call(|live| live.call(budget, |store, sm| sm.call_query(store, request)))
+        self.local_call(|live| {
+            let (result, fuel) = live.call(budget, |store, sm| sm.call_query(store, request));
+            (result.map(Bytes::from), fuel)
+        })
     }
 
     /// Serializes the whole state, from the current instance. Not replicated,
@@ -827,9 +830,9 @@ mod tests {
         assert_eq!(
             split_batch(batch(&[2, 3, 0], &[1], b"okbad"), 3),
             Some(vec![
-                Ok(b"ok".to_vec()),
+                Ok(Bytes::from_static(b"ok")),
                 Err("bad".to_owned()),
-                Ok(Vec::new())
+                Ok(Bytes::new())
             ])
         );
     }

@@ -65,6 +65,7 @@ fn same_log_gives_identical_results_and_state_everywhere() {
         };
         let expected = native
             .apply(&native_ctx, &command)
+            .map(bytes::Bytes::from)
             .map_err(CallError::Plugin);
         assert_eq!(
             a.result, expected,

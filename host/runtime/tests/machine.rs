@@ -33,7 +33,7 @@ impl Log {
         &mut self,
         m: &mut Machine,
         command: &C,
-    ) -> Result<Vec<u8>, CallError> {
+    ) -> Result<bytes::Bytes, CallError> {
         let ctx = self.ctx();
         m.apply(ctx, &encode(command).unwrap()).result
     }
