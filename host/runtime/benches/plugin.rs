@@ -138,6 +138,15 @@ fn main() -> anyhow::Result<()> {
     bench("plugin.apply.minimal", ns(minimal), "ns");
     bench("plugin.apply.minimal_fuel", floor_fuel as f64, "fuel");
 
+    // The boundary alone: `get-state` of an eight-byte state, one call into
+    // the guest that does next to nothing.
+    let tiny = median_per_op(PER_ROUND, || {
+        for _ in 0..PER_ROUND {
+            assert!(floor.get_state().result.is_ok());
+        }
+    });
+    bench("plugin.call.get_state_tiny", ns(tiny), "ns");
+
     // Instantiation from a loaded plugin (pooling allocator, pre-instantiated).
     let start = median_per_op(200, || {
         for _ in 0..200 {
