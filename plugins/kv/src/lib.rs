@@ -113,9 +113,11 @@ pub struct KvStore {
 /// which is what makes large snapshots cheap in fuel.
 mod byte_map {
     use std::collections::BTreeMap;
+    use std::fmt;
 
     use kythira_guest::Key;
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::de::{MapAccess, Visitor};
+    use serde::{Deserializer, Serializer};
     use serde_bytes::{ByteBuf, Bytes};
 
     pub fn serialize<S: Serializer>(
@@ -128,8 +130,42 @@ mod byte_map {
     pub fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<BTreeMap<Key, Vec<u8>>, D::Error> {
-        let map = BTreeMap::<Key, ByteBuf>::deserialize(deserializer)?;
-        Ok(map.into_iter().map(|(k, v)| (k, v.into_vec())).collect())
+        deserializer.deserialize_map(Entries)
+    }
+
+    struct Entries;
+
+    impl<'de> Visitor<'de> for Entries {
+        type Value = BTreeMap<Key, Vec<u8>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map of byte strings to byte strings")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+            // The length comes from the input: trust it only so far.
+            let mut entries: Vec<(Key, Vec<u8>)> =
+                Vec::with_capacity(access.size_hint().unwrap_or(0).min(4096));
+            let mut ascending = true;
+            while let Some((key, value)) = access.next_entry::<Key, ByteBuf>()? {
+                if let Some((last, _)) = entries.last() {
+                    ascending &= *last < key;
+                }
+                entries.push((key, value.into_vec()));
+            }
+            if ascending {
+                // What a snapshot holds: keys strictly ascending, so the
+                // map is built in one pass instead of a search per key.
+                return Ok(entries.into_iter().collect());
+            }
+            // Any other order means what inserting one by one means: for a
+            // repeated key, the last value.
+            let mut map = BTreeMap::new();
+            for (key, value) in entries {
+                map.insert(key, value);
+            }
+            Ok(map)
+        }
     }
 }
 
@@ -400,6 +436,23 @@ mod tests {
         let error = kv.apply_bytes(&[42]).unwrap_err();
         assert!(error.starts_with("invalid command"), "{error}");
         assert_eq!(kv.state(), before);
+    }
+
+    #[test]
+    fn restores_maps_in_any_order_with_the_last_of_repeated_keys() {
+        use kythira_guest::codec::{decode, encode};
+        let pairs = |list: &[(&[u8], &[u8])]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            list.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
+        };
+        // A map encodes as a list of pairs; build non-canonical ones by hand.
+        let shuffled = pairs(&[(b"b", b"2"), (b"a", b"1"), (b"b", b"3"), (b"c", b"4")]);
+        let store: KvStore = decode(&encode(&shuffled).unwrap()).unwrap();
+        let expected = pairs(&[(b"a", b"1"), (b"b", b"3"), (b"c", b"4")]);
+        assert_eq!(encode(&store).unwrap(), encode(&expected).unwrap());
+        // Canonical input round-trips unchanged.
+        let store: KvStore = decode(&encode(&expected).unwrap()).unwrap();
+        assert_eq!(encode(&store).unwrap(), encode(&expected).unwrap());
+        assert_eq!(store.len(), 3);
     }
 
     #[test]
