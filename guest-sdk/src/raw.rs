@@ -128,7 +128,8 @@ mod tests {
     use super::*;
     use serde::Deserialize;
 
-    /// Answers `Put(n)` with the `n` values put so far; refuses `Put(0)`.
+    /// Records each command's number and answers all of them so far, so
+    /// responses grow; refuses 0.
     #[derive(Default, Serialize, Deserialize)]
     struct History(Vec<u32>);
 
