@@ -52,6 +52,8 @@
 
 extern crate self as kythira_guest;
 
+#[cfg(any(test, all(target_arch = "wasm32", feature = "allocator")))]
+mod allocator;
 pub mod codec;
 mod export;
 mod key;

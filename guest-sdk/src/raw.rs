@@ -1,5 +1,7 @@
 //! The byte-level face of a [`StateMachine`]: exactly what the host calls.
 
+use serde::Serialize;
+
 use crate::codec::{self, CodecError};
 use crate::state_machine::{ApplyContext, StateMachine};
 
@@ -68,31 +70,31 @@ impl<T: StateMachine> Raw<T> {
     /// The plugin's refusal as text, or a description of why `command` is not
     /// an encoded `T::Command` (the state is then untouched).
     pub fn apply(&mut self, ctx: &ApplyContext, command: &[u8]) -> Result<Vec<u8>, String> {
-        let mut response = Vec::new();
-        self.apply_into(ctx, command, &mut response)?;
-        Ok(response)
+        let response = self.apply_decoded(ctx, command)?;
+        encode_exact(&response).map_err(|e| format!("response: {e}"))
     }
 
-    /// Like [`apply`](Self::apply), but appends the encoded response to `out`,
-    /// so a batch of entries shares one output buffer. On `Err`, `out` is as
-    /// it was.
+    /// Decodes `command`, applies it and appends the encoded response to
+    /// `out`, so that the responses of many commands can share one buffer.
     ///
     /// # Errors
     ///
-    /// As for [`apply`](Self::apply).
+    /// As [`apply`](Self::apply); `out` then holds exactly the bytes it held
+    /// before.
     pub fn apply_into(
         &mut self,
         ctx: &ApplyContext,
         command: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), String> {
+        let response = self.apply_decoded(ctx, command)?;
+        codec::encode_into(&response, out).map_err(|e| format!("response: {e}"))
+    }
+
+    fn apply_decoded(&mut self, ctx: &ApplyContext, command: &[u8]) -> Result<T::Response, String> {
         let command: T::Command =
             codec::decode(command).map_err(|e| format!("invalid command: {e}"))?;
-        let response = self
-            .machine
-            .apply(ctx, command)
-            .map_err(|e| e.to_string())?;
-        codec::encode_into(&response, out).map_err(|e| format!("response: {e}"))
+        self.machine.apply(ctx, command).map_err(|e| e.to_string())
     }
 
     /// Applies consecutive entries in the layout of the WIT `apply-batch`:
@@ -161,7 +163,7 @@ impl<T: StateMachine> Raw<T> {
     pub fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
         let query: T::Query = codec::decode(request).map_err(|e| format!("invalid query: {e}"))?;
         let answer = self.machine.query(query).map_err(|e| e.to_string())?;
-        codec::encode(&answer).map_err(|e| format!("query response: {e}"))
+        encode_exact(&answer).map_err(|e| format!("query response: {e}"))
     }
 
     /// The state's snapshot bytes.
@@ -186,11 +188,51 @@ impl<T: StateMachine> Raw<T> {
     }
 }
 
+/// Encodes `value` into a vector of exactly its length.
+///
+/// A response leaves the component as a boxed slice: a vector grown from
+/// empty would be reallocated while growing and once more when shrunk to
+/// its length, and for the small responses most commands have, those
+/// allocator calls cost more than measuring the encoding first.
+fn encode_exact<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let size = codec::encoded_size(value)?;
+    let mut bytes = Vec::with_capacity(size);
+    codec::encode_into(value, &mut bytes)?;
+    debug_assert_eq!(bytes.len(), size, "encoded_size disagrees with encode_into");
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::codec::encode;
     use crate::test_machines::Journal;
+    use serde::Deserialize;
+
+    /// Records each command's number and answers all of them so far, so
+    /// responses grow; refuses 0.
+    #[derive(Default, Serialize, Deserialize)]
+    struct History(Vec<u32>);
+
+    impl StateMachine for History {
+        type Command = u32;
+        type Response = Vec<u32>;
+        type Query = usize;
+        type QueryResponse = Option<u32>;
+        type Error = &'static str;
+
+        fn apply(&mut self, _ctx: &ApplyContext, n: u32) -> Result<Vec<u32>, &'static str> {
+            if n == 0 {
+                return Err("zero");
+            }
+            self.0.push(n);
+            Ok(self.0.clone())
+        }
+
+        fn query(&self, at: usize) -> Result<Option<u32>, &'static str> {
+            Ok(self.0.get(at).copied())
+        }
+    }
 
     fn ctx(index: u64) -> ApplyContext {
         ApplyContext {
@@ -272,5 +314,36 @@ mod tests {
         assert!(raw.machine().0.is_empty());
         assert!(raw.apply_batch(&contexts, &[1], &command).is_ok());
         assert_eq!(raw.machine().0, [7]);
+    }
+
+    #[test]
+    fn apply_into_appends_what_apply_returns() {
+        let mut one = Raw::<History>::new();
+        let mut shared = Raw::<History>::new();
+        let mut out = vec![0xEE];
+        let mut expected = out.clone();
+        for (index, n) in [1u32, 300, 70_000].into_iter().enumerate() {
+            let command = codec::encode(&n).unwrap();
+            let ctx = ctx(index as u64 + 1);
+            expected.extend(one.apply(&ctx, &command).unwrap());
+            shared.apply_into(&ctx, &command, &mut out).unwrap();
+        }
+        assert_eq!(out, expected);
+        assert_eq!(
+            codec::decode::<Vec<u32>>(&one.apply(&ctx(4), &[5]).unwrap()).unwrap(),
+            [1, 300, 70_000, 5]
+        );
+    }
+
+    #[test]
+    fn failed_apply_into_leaves_the_output_as_it_was() {
+        let mut raw = Raw::<History>::new();
+        let mut out = vec![1, 2, 3];
+        let refused = raw.apply_into(&ctx(1), &codec::encode(&0u32).unwrap(), &mut out);
+        assert_eq!(refused, Err("zero".to_owned()));
+        let malformed = raw.apply_into(&ctx(1), &[0xFF], &mut out);
+        assert!(malformed.unwrap_err().starts_with("invalid command"));
+        assert_eq!(out, [1, 2, 3]);
+        assert!(raw.machine().0.is_empty());
     }
 }
