@@ -30,6 +30,10 @@ pub struct Limits {
     /// rollbacks (which replay every command since the last checkpoint)
     /// longer. See [`crate::Machine`].
     pub checkpoint_interval: u64,
+    /// A machine also checkpoints after an entry that brings the commands
+    /// applied since its last checkpoint to this many bytes, so the commands
+    /// it keeps for rollback stay bounded in memory whatever their size.
+    pub checkpoint_bytes: u64,
 }
 
 impl Default for Limits {
@@ -40,6 +44,7 @@ impl Default for Limits {
             snapshot_fuel: 20_000_000_000,
             memory_bytes: 512 << 20,
             checkpoint_interval: 4096,
+            checkpoint_bytes: 64 << 20,
         }
     }
 }
@@ -50,8 +55,8 @@ impl Limits {
         if self.apply_fuel == 0 || self.query_fuel == 0 || self.snapshot_fuel == 0 {
             return invalid("fuel budgets must be positive");
         }
-        if self.checkpoint_interval == 0 {
-            return invalid("checkpoint interval must be positive");
+        if self.checkpoint_interval == 0 || self.checkpoint_bytes == 0 {
+            return invalid("checkpoint interval and checkpoint bytes must be positive");
         }
         if self.memory_bytes < WASM_PAGE {
             return invalid("memory limit must be at least one 64 KiB wasm page");

@@ -15,8 +15,13 @@
 //! runs on must be the same on every replica. An instance is *canonical* when
 //! it was built as "fresh instance, restore the checkpoint, re-apply the
 //! commands since"; checkpoints are taken at log indexes that are multiples of
-//! [`crate::Limits::checkpoint_interval`], and after each one the machine
-//! continues on a fresh instance restored from it. Every replica therefore
+//! [`crate::Limits::checkpoint_interval`], and after any entry that brings the
+//! commands kept since the last checkpoint to
+//! [`crate::Limits::checkpoint_bytes`], and after each one the machine
+//! continues on a fresh instance restored from it. Both rules depend only on
+//! the log, so every replica that starts from the same checkpoint (the initial
+//! state, or a Raft snapshot, which is a checkpoint) checkpoints at the same
+//! indexes. Every replica therefore
 //! holds the same heap after every apply, as long as it made no local call.
 //! After a local call the instance is marked *perturbed*; an apply on a
 //! perturbed instance whose outcome is near a limit (a failure, or more than
@@ -462,7 +467,7 @@ impl Machine {
             Ok(_) | Err(CallError::Plugin(_)) => {
                 self.last_applied = Some(ctx);
                 self.checkpoint.replay.push(ctx, command);
-                if ctx.index.is_multiple_of(limits.checkpoint_interval) {
+                if self.checkpoint_due(ctx.index) {
                     self.take_checkpoint(ctx.index);
                 }
             }
@@ -481,14 +486,21 @@ impl Machine {
     /// (see the module documentation). Fuel and duration of entries applied
     /// within a batch are the batch's, shared evenly.
     pub fn apply_batch(&mut self, entries: &[(ApplyContext, &[u8])]) -> Vec<Outcome<Bytes>> {
-        let interval = self.runtime.limits().checkpoint_interval;
+        let limits = *self.runtime.limits();
         let mut outcomes = Vec::with_capacity(entries.len());
         let mut rest = entries;
         while !rest.is_empty() {
-            // A chunk ends at a checkpoint index or at the size cap.
+            // A chunk ends where a checkpoint is due if all of it applies, or
+            // at the size cap. (If an entry fails, entries are applied one by
+            // one, and each decides on the replay log as it really is.)
+            let mut kept = self.checkpoint.replay.bytes.len() as u64;
             let end = rest
                 .iter()
-                .position(|(ctx, _)| ctx.index.is_multiple_of(interval))
+                .position(|(ctx, command)| {
+                    kept += command.len() as u64;
+                    ctx.index.is_multiple_of(limits.checkpoint_interval)
+                        || kept >= limits.checkpoint_bytes
+                })
                 .map_or(rest.len(), |i| i + 1)
                 .min(MAX_BATCH);
             let (chunk, tail) = rest.split_at(end);
@@ -555,9 +567,8 @@ impl Machine {
             fuel_used: fuel / n,
             duration,
         }));
-        let interval = self.runtime.limits().checkpoint_interval;
         if let Some((last, _)) = chunk.last()
-            && last.index.is_multiple_of(interval)
+            && self.checkpoint_due(last.index)
         {
             self.take_checkpoint(last.index);
         }
@@ -668,6 +679,15 @@ impl Machine {
             fuel_used,
             duration: started.elapsed(),
         }
+    }
+
+    /// Whether the entry at `index`, just applied, ends with a checkpoint:
+    /// its index is a multiple of the interval, or the commands kept since
+    /// the last checkpoint reached the byte bound.
+    fn checkpoint_due(&self, index: u64) -> bool {
+        let limits = self.runtime.limits();
+        index.is_multiple_of(limits.checkpoint_interval)
+            || self.checkpoint.replay.bytes.len() as u64 >= limits.checkpoint_bytes
     }
 
     /// Serializes the state at `index` and continues on a fresh instance

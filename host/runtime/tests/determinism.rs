@@ -79,13 +79,32 @@ fn same_log_gives_identical_results_and_state_everywhere() {
 
 #[test]
 fn batches_give_the_outcomes_of_one_by_one() {
-    // Replicas batch differently (whatever committed together); outcomes,
-    // states and checkpoints must not depend on it.
-    let runtime = runtime();
+    let (index, _) = batches_match_one_by_one(test_limits(), 5_000);
+    assert_eq!(index, 5_000, "checkpoints every 1,000 indexes");
+}
+
+#[test]
+fn batches_give_the_outcomes_of_one_by_one_with_checkpoints_by_size() {
+    // About every 80 entries, wherever the commands' sizes put it.
+    let limits = Limits {
+        checkpoint_bytes: 1_500,
+        ..test_limits()
+    };
+    let (index, state) = batches_match_one_by_one(limits, 4_990);
+    assert!(index > 4_800 && index < 4_990, "{index}");
+    assert!(state.is_some());
+}
+
+/// Applies the same random log one by one and in random batches; outcomes,
+/// states and checkpoints must not depend on how it was batched, as replicas
+/// batch differently (whatever committed together). Returns the last
+/// checkpoint.
+fn batches_match_one_by_one(limits: Limits, entries: u64) -> (u64, Option<std::sync::Arc<[u8]>>) {
+    let runtime = runtime_with(limits);
     let mut single = start(&runtime, "kv");
     let mut batched = start(&runtime, "kv");
     let mut rng = SmallRng::seed_from_u64(11);
-    let log: Vec<(ApplyContext, Vec<u8>)> = (1..=5_000)
+    let log: Vec<(ApplyContext, Vec<u8>)> = (1..=entries)
         .map(|index| {
             let ctx = ApplyContext {
                 index,
@@ -114,6 +133,7 @@ fn batches_give_the_outcomes_of_one_by_one() {
         single.get_state().result.unwrap(),
         batched.get_state().result.unwrap()
     );
+    single.checkpoint()
 }
 
 #[test]

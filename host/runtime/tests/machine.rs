@@ -346,6 +346,39 @@ fn rollback_replays_everything_since_the_checkpoint() {
     assert!(state.is_some());
 }
 
+/// Large commands bring a checkpoint before the interval does, so the
+/// commands kept for rollback stay bounded in bytes.
+#[test]
+fn checkpoints_also_come_after_a_byte_bound() {
+    let runtime = runtime_with(Limits {
+        checkpoint_bytes: 200,
+        ..test_limits()
+    });
+    let mut m = start(&runtime, "kv");
+    let mut log = Log::new();
+    // Each put encodes to 57 bytes: the fourth one since a checkpoint
+    // brings the kept commands to 228.
+    let put = |i: u8| Kv::Put {
+        key: vec![b'k', b'e', b'y', i],
+        value: vec![i; 50],
+    };
+    assert_eq!(encode(&put(0)).unwrap().len(), 57);
+    for i in 1..=10 {
+        log.apply(&mut m, &put(i)).unwrap();
+        let expected = u64::from(i) / 4 * 4;
+        assert_eq!(m.checkpoint().0, expected, "after entry {i}");
+    }
+    assert_eq!(
+        kv_query(
+            &mut m,
+            KvQuery::Get {
+                key: vec![b'k', b'e', b'y', 10]
+            }
+        ),
+        Response::Value(Some(vec![10; 50]))
+    );
+}
+
 /// A checkpoint whose fresh instance cannot be built (every instance slot is
 /// taken: a host failure) is still kept at its index, as on every other
 /// replica, and a later rollback rebuilds from it.

@@ -43,6 +43,7 @@ pub fn test_limits() -> Limits {
         snapshot_fuel: 2_000_000_000,
         memory_bytes: 64 << 20,
         checkpoint_interval: 1000,
+        checkpoint_bytes: 1 << 20,
     }
 }
 
