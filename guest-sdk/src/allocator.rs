@@ -27,10 +27,16 @@ const GRANULE: usize = 8;
 const MAX_CACHED_SIZE: usize = 256;
 const CLASSES: usize = MAX_CACHED_SIZE / GRANULE;
 /// The most bytes the free lists hold together; blocks freed beyond it go back
-/// to the system allocator, which can then reuse them for any size. Without a
-/// bound, memory once used for many small blocks of one size could never hold
-/// anything else.
-const MAX_CACHED_BYTES: usize = 1 << 20;
+/// to the system allocator.
+///
+/// The bound is small on purpose. What the lists hold between calls is heap
+/// state that the host's calls which are not replicated (queries, batches)
+/// can change, and an apply's fuel depends on it: a cached block saves a few
+/// hundred instructions. The host assumes such heap differences change an
+/// apply's fuel by much less than a quarter of its budget; 512 blocks at most
+/// keep the difference near 10⁵ units, while a command stream needs only a
+/// handful of blocks per size class.
+const MAX_CACHED_BYTES: usize = 4 << 10;
 
 /// Wraps an allocator with one free list per small block size.
 ///

@@ -70,8 +70,13 @@ impl<T: StateMachine> Raw<T> {
     /// The plugin's refusal as text, or a description of why `command` is not
     /// an encoded `T::Command` (the state is then untouched).
     pub fn apply(&mut self, ctx: &ApplyContext, command: &[u8]) -> Result<Vec<u8>, String> {
-        let response = self.apply_decoded(ctx, command)?;
-        encode_exact(&response).map_err(|e| format!("response: {e}"))
+        // The same code as each entry of a batch runs, on purpose: the host
+        // keeps a batch only if it cost well under one entry's budget, which
+        // is sound only if an entry alone costs no more than its share of
+        // the batch, plus the call's own constant.
+        let mut response = Vec::new();
+        self.apply_into(ctx, command, &mut response)?;
+        Ok(response)
     }
 
     /// Decodes `command`, applies it and appends the encoded response to
@@ -87,14 +92,13 @@ impl<T: StateMachine> Raw<T> {
         command: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), String> {
-        let response = self.apply_decoded(ctx, command)?;
-        codec::encode_into(&response, out).map_err(|e| format!("response: {e}"))
-    }
-
-    fn apply_decoded(&mut self, ctx: &ApplyContext, command: &[u8]) -> Result<T::Response, String> {
         let command: T::Command =
             codec::decode(command).map_err(|e| format!("invalid command: {e}"))?;
-        self.machine.apply(ctx, command).map_err(|e| e.to_string())
+        let response = self
+            .machine
+            .apply(ctx, command)
+            .map_err(|e| e.to_string())?;
+        codec::encode_into(&response, out).map_err(|e| format!("response: {e}"))
     }
 
     /// Applies consecutive entries in the layout of the WIT `apply-batch`:

@@ -52,8 +52,11 @@ impl Default for Limits {
 impl Limits {
     pub(crate) fn validate(&self) -> Result<(), RuntimeError> {
         let invalid = |why: &str| Err(RuntimeError::InvalidConfig(why.to_string()));
-        if self.apply_fuel == 0 || self.query_fuel == 0 || self.snapshot_fuel == 0 {
+        if self.query_fuel == 0 || self.snapshot_fuel == 0 {
             return invalid("fuel budgets must be positive");
+        }
+        if self.apply_fuel < MIN_APPLY_FUEL {
+            return invalid("the apply fuel budget must be at least 1,000,000");
         }
         if self.checkpoint_interval == 0 || self.checkpoint_bytes == 0 {
             return invalid("checkpoint interval and checkpoint bytes must be positive");
@@ -67,6 +70,13 @@ impl Limits {
         Ok(())
     }
 }
+
+/// The smallest apply budget. A machine decides an apply again on a canonical
+/// instance when it used more than three quarters of the budget on an instance
+/// changed by calls that are not replicated (see [`crate::Machine`]); that
+/// quarter must stay well above what such heap differences can change, about
+/// 10⁵ units with the SDK's allocator.
+const MIN_APPLY_FUEL: u64 = 1_000_000;
 
 /// Size of a WebAssembly page.
 pub(crate) const WASM_PAGE: usize = 64 << 10;
@@ -93,5 +103,69 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             max_machines: 64,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(limits: Limits) -> String {
+        match limits.validate() {
+            Err(RuntimeError::InvalidConfig(why)) => why,
+            other => panic!("{limits:?} accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Limits::default().validate().unwrap();
+    }
+
+    #[test]
+    fn wrong_limits_are_refused_with_the_reason() {
+        let base = Limits::default();
+        assert!(
+            refused(Limits {
+                apply_fuel: MIN_APPLY_FUEL - 1,
+                ..base
+            })
+            .contains("apply fuel")
+        );
+        assert!(
+            refused(Limits {
+                query_fuel: 0,
+                ..base
+            })
+            .contains("positive")
+        );
+        assert!(
+            refused(Limits {
+                checkpoint_bytes: 0,
+                ..base
+            })
+            .contains("checkpoint")
+        );
+        assert!(
+            refused(Limits {
+                checkpoint_interval: 0,
+                ..base
+            })
+            .contains("checkpoint")
+        );
+        assert!(
+            refused(Limits {
+                memory_bytes: 1024,
+                ..base
+            })
+            .contains("page")
+        );
+        assert!(
+            refused(Limits {
+                memory_bytes: MAX_MEMORY + 1,
+                ..base
+            })
+            .contains("4 GiB")
+        );
     }
 }

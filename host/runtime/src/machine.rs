@@ -75,7 +75,10 @@ impl From<ApplyContext> for bindings::ApplyContext {
 pub struct Outcome<T> {
     /// What the call returned.
     pub result: Result<T, CallError>,
-    /// Fuel the call consumed (deterministic; rollback work not included).
+    /// Fuel the call consumed, rollback work not included. The same on every
+    /// replica for a call made alone; for an entry applied within a batch it
+    /// is the batch's fuel shared evenly, which depends on the batching: a
+    /// metric, never part of a replicated result.
     pub fuel_used: u64,
     /// Wall-clock time of the call, rollback included. For metrics only: it is
     /// never part of a replicated result.
@@ -272,11 +275,21 @@ struct Replay {
     /// Each command's context and where its bytes end in `bytes`.
     entries: Vec<(ApplyContext, usize)>,
     bytes: Vec<u8>,
+    /// Where in `bytes` the byte rule for checkpoints counts from: 0, or the
+    /// end of the last entry at which a checkpoint fell due but could not be
+    /// taken (a host failure), so the rule keeps the indexes every other
+    /// replica uses.
+    counted_from: usize,
 }
 
 impl Replay {
     fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Bytes of the commands the checkpoint byte rule counts.
+    fn counted_bytes(&self) -> u64 {
+        (self.bytes.len() - self.counted_from) as u64
     }
 
     fn push(&mut self, ctx: ApplyContext, command: &[u8]) {
@@ -289,6 +302,7 @@ impl Replay {
         self.entries.truncate(len);
         let end = self.entries.last().map_or(0, |&(_, end)| end);
         self.bytes.truncate(end);
+        self.counted_from = self.counted_from.min(end);
     }
 
     /// The commands from the `from`-th on, back to back.
@@ -484,8 +498,23 @@ impl Machine {
     /// Applies consecutive committed entries with exactly the outcomes
     /// [`Machine::apply`] would give one by one, in fewer calls into the guest
     /// (see the module documentation). Fuel and duration of entries applied
-    /// within a batch are the batch's, shared evenly.
+    /// within a batch are the batch's, shared evenly. The responses of a batch
+    /// are slices of one buffer, which lives as long as any of them: copy a
+    /// response that is kept for long.
     pub fn apply_batch(&mut self, entries: &[(ApplyContext, &[u8])]) -> Vec<Outcome<Bytes>> {
+        debug_assert!(
+            entries
+                .iter()
+                .map(|(ctx, _)| ctx)
+                .try_fold(self.last_applied, |last, ctx| {
+                    last.is_none_or(|last| {
+                        ctx.index > last.index && ctx.timestamp_ms >= last.timestamp_ms
+                    })
+                    .then_some(Some(*ctx))
+                })
+                .is_some(),
+            "entries must be applied in log order with non-decreasing timestamps"
+        );
         let limits = *self.runtime.limits();
         let mut outcomes = Vec::with_capacity(entries.len());
         let mut rest = entries;
@@ -493,7 +522,7 @@ impl Machine {
             // A chunk ends where a checkpoint is due if all of it applies, or
             // at the size cap. (If an entry fails, entries are applied one by
             // one, and each decides on the replay log as it really is.)
-            let mut kept = self.checkpoint.replay.bytes.len() as u64;
+            let mut kept = self.checkpoint.replay.counted_bytes();
             let end = rest
                 .iter()
                 .position(|(ctx, command)| {
@@ -687,7 +716,7 @@ impl Machine {
     fn checkpoint_due(&self, index: u64) -> bool {
         let limits = self.runtime.limits();
         index.is_multiple_of(limits.checkpoint_interval)
-            || self.checkpoint.replay.bytes.len() as u64 >= limits.checkpoint_bytes
+            || self.checkpoint.replay.counted_bytes() >= limits.checkpoint_bytes
     }
 
     /// Serializes the state at `index` and continues on a fresh instance
@@ -714,8 +743,15 @@ impl Machine {
             Err(e) if e.rolled_back() || matches!(e, CallError::Plugin(_)) => {
                 return self.make_unavailable(format!("checkpoint at index {index}: {e}"));
             }
-            // A host failure: keep the old checkpoint and try at the next one.
-            Err(_) => return,
+            // A host failure: keep the old checkpoint and try at the next
+            // index where one falls due, counting bytes from here as the
+            // replicas that took this one do. Until then this instance is
+            // not the canonical one.
+            Err(_) => {
+                self.checkpoint.replay.counted_from = self.checkpoint.replay.bytes.len();
+                self.perturbed = true;
+                return;
+            }
         };
         let checkpoint = Checkpoint {
             index,

@@ -225,6 +225,89 @@ fn local_calls_do_not_change_replicated_outcomes() {
     assert_eq!(a.checkpoint().0, 3_000);
 }
 
+/// Puts 1,000 keys into two fresh kv machines, identically.
+fn two_kv_replicas_with_1000_keys(
+    runtime: &kythira_runtime::Runtime,
+) -> [kythira_runtime::Machine; 2] {
+    [start(runtime, "kv"), start(runtime, "kv")].map(|mut m| {
+        for i in 1..=1_000u64 {
+            let put = Kv::Put {
+                key: format!("k{i:04}").into_bytes(),
+                value: i.to_le_bytes().to_vec(),
+            };
+            let ctx = ApplyContext {
+                index: i,
+                term: 1,
+                timestamp_ms: i,
+            };
+            m.apply(ctx, &encode(&put).unwrap()).result.unwrap();
+        }
+        m
+    })
+}
+
+fn scan_all() -> Scan {
+    Scan {
+        prefix: b"k".to_vec(),
+        start_after: None,
+        limit: 1_000,
+    }
+}
+
+/// The near-limit rule assumes that calls which are not replicated change
+/// what an apply costs by far less than a quarter of the budget. A query that
+/// allocates and frees 2,000 small blocks leaves the guest allocator's
+/// caches warm; an apply that allocates as many must then cost nearly the
+/// same as on a replica that made no query (about 60,000 units apart, where
+/// a cache bounded at 1 MiB instead of 4 KiB let them drift 157,000 apart).
+#[test]
+fn a_query_barely_changes_what_the_next_apply_costs() {
+    let runtime = runtime();
+    let [mut quiet, mut queried] = two_kv_replicas_with_1000_keys(&runtime);
+    let query = encode(&kythira_plugin_kv::Query::Scan(scan_all())).unwrap();
+    queried.query(&query).result.unwrap();
+    let scan = encode(&Kv::Scan(scan_all())).unwrap();
+    let ctx = ApplyContext {
+        index: 1_001,
+        term: 1,
+        timestamp_ms: 1_001,
+    };
+    let a = quiet.apply(ctx, &scan);
+    let b = queried.apply(ctx, &scan);
+    assert_eq!(a.result, b.result);
+    let difference = a.fuel_used.abs_diff(b.fuel_used);
+    assert!(
+        difference < 100_000,
+        "a query changed the next apply's fuel by {difference} ({} against {})",
+        a.fuel_used,
+        b.fuel_used
+    );
+}
+
+/// A batch is kept when it used under three quarters of one entry's budget,
+/// which is sound only if an entry alone costs no more than inside a batch,
+/// plus the cost of a call itself; here with a large response to encode.
+#[test]
+fn an_entry_alone_costs_no_more_than_in_a_batch() {
+    let runtime = runtime();
+    let [mut alone, mut batched] = two_kv_replicas_with_1000_keys(&runtime);
+    let scan = encode(&Kv::Scan(scan_all())).unwrap();
+    let ctx = ApplyContext {
+        index: 1_001,
+        term: 1,
+        timestamp_ms: 1_001,
+    };
+    let single = alone.apply(ctx, &scan);
+    let batch = batched.apply_batch(&[(ctx, &scan)]).remove(0);
+    assert_eq!(single.result, batch.result);
+    assert!(
+        single.fuel_used <= batch.fuel_used + 5_000,
+        "alone {} against {} in a batch",
+        single.fuel_used,
+        batch.fuel_used
+    );
+}
+
 #[test]
 fn a_100_mb_state_restores() {
     // 100 values of 1 MiB, built natively and encoded the way the plugin does.
