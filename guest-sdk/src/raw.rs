@@ -98,7 +98,7 @@ impl<T: StateMachine> Raw<T> {
             .machine
             .apply(ctx, command)
             .map_err(|e| e.to_string())?;
-        codec::encode_into(&response, out).map_err(|e| format!("response: {e}"))
+        encode_response(&response, out).map_err(|e| format!("response: {e}"))
     }
 
     /// Applies consecutive entries in the layout of the WIT `apply-batch`:
@@ -167,7 +167,9 @@ impl<T: StateMachine> Raw<T> {
     pub fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
         let query: T::Query = codec::decode(request).map_err(|e| format!("invalid query: {e}"))?;
         let answer = self.machine.query(query).map_err(|e| e.to_string())?;
-        encode_exact(&answer).map_err(|e| format!("query response: {e}"))
+        let mut out = Vec::new();
+        encode_response(&answer, &mut out).map_err(|e| format!("query response: {e}"))?;
+        Ok(out)
     }
 
     /// The state's snapshot bytes.
@@ -192,18 +194,25 @@ impl<T: StateMachine> Raw<T> {
     }
 }
 
-/// Encodes `value` into a vector of exactly its length.
+/// Appends `value`'s encoding to `out`, reserving room for it first.
 ///
-/// A response leaves the component as a boxed slice: a vector grown from
-/// empty would be reallocated while growing and once more when shrunk to
-/// its length, and for the small responses most commands have, those
-/// allocator calls cost more than measuring the encoding first.
-fn encode_exact<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+/// Responses leave the component as boxed slices: a vector grown from empty
+/// would be reallocated while growing and once more when shrunk to its
+/// length, and for the small responses most commands have, those allocator
+/// calls cost more than measuring the encoding first. Into an empty vector,
+/// this allocates exactly once; into a batch's shared buffer, it grows it as
+/// pushing would.
+fn encode_response<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
     let size = codec::encoded_size(value)?;
-    let mut bytes = Vec::with_capacity(size);
-    codec::encode_into(value, &mut bytes)?;
-    debug_assert_eq!(bytes.len(), size, "encoded_size disagrees with encode_into");
-    Ok(bytes)
+    out.reserve(size);
+    let start = out.len();
+    codec::encode_into(value, out)?;
+    debug_assert_eq!(
+        out.len() - start,
+        size,
+        "encoded_size disagrees with encode_into"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
