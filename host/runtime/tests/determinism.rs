@@ -246,6 +246,16 @@ fn two_kv_replicas_with_1000_keys(
     })
 }
 
+/// The entry after [`two_kv_replicas_with_1000_keys`]: a scan of all keys.
+fn scan_after_1000_keys() -> (ApplyContext, Vec<u8>) {
+    let ctx = ApplyContext {
+        index: 1_001,
+        term: 1,
+        timestamp_ms: 1_001,
+    };
+    (ctx, encode(&Kv::Scan(scan_all())).unwrap())
+}
+
 fn scan_all() -> Scan {
     Scan {
         prefix: b"k".to_vec(),
@@ -266,12 +276,7 @@ fn a_query_barely_changes_what_the_next_apply_costs() {
     let [mut quiet, mut queried] = two_kv_replicas_with_1000_keys(&runtime);
     let query = encode(&kythira_plugin_kv::Query::Scan(scan_all())).unwrap();
     queried.query(&query).result.unwrap();
-    let scan = encode(&Kv::Scan(scan_all())).unwrap();
-    let ctx = ApplyContext {
-        index: 1_001,
-        term: 1,
-        timestamp_ms: 1_001,
-    };
+    let (ctx, scan) = scan_after_1000_keys();
     let a = quiet.apply(ctx, &scan);
     let b = queried.apply(ctx, &scan);
     assert_eq!(a.result, b.result);
@@ -291,12 +296,7 @@ fn a_query_barely_changes_what_the_next_apply_costs() {
 fn an_entry_alone_costs_no_more_than_in_a_batch() {
     let runtime = runtime();
     let [mut alone, mut batched] = two_kv_replicas_with_1000_keys(&runtime);
-    let scan = encode(&Kv::Scan(scan_all())).unwrap();
-    let ctx = ApplyContext {
-        index: 1_001,
-        term: 1,
-        timestamp_ms: 1_001,
-    };
+    let (ctx, scan) = scan_after_1000_keys();
     let single = alone.apply(ctx, &scan);
     let batch = batched.apply_batch(&[(ctx, &scan)]).remove(0);
     assert_eq!(single.result, batch.result);
