@@ -47,11 +47,7 @@ fn main() -> anyhow::Result<()> {
     let wasm = median_per_op(PER_ROUND, || {
         for _ in 0..PER_ROUND {
             index += 1;
-            let ctx = ApplyContext {
-                index,
-                term: 1,
-                timestamp_ms: index,
-            };
+            let ctx = at(index);
             let command = &commands[(index % 1024) as usize];
             let outcome = machine.apply(ctx, command);
             assert!(outcome.result.is_ok());
@@ -96,11 +92,7 @@ fn main() -> anyhow::Result<()> {
             let entries: Vec<(ApplyContext, &[u8])> = (0..BATCH)
                 .map(|_| {
                     index += 1;
-                    let ctx = ApplyContext {
-                        index,
-                        term: 1,
-                        timestamp_ms: index,
-                    };
+                    let ctx = at(index);
                     (ctx, commands[(index % 1024) as usize].as_slice())
                 })
                 .collect();
@@ -125,11 +117,7 @@ fn main() -> anyhow::Result<()> {
     let minimal = median_per_op(PER_ROUND, || {
         for _ in 0..PER_ROUND {
             index += 1;
-            let ctx = ApplyContext {
-                index,
-                term: 1,
-                timestamp_ms: index,
-            };
+            let ctx = at(index);
             let outcome = floor.apply(ctx, &increment);
             assert!(outcome.result.is_ok());
             floor_fuel = outcome.fuel_used;
@@ -170,15 +158,7 @@ fn main() -> anyhow::Result<()> {
             key: format!("blob{i:04}").into_bytes(),
             value: vec![i as u8; 64 << 10],
         })?;
-        big.apply(
-            ApplyContext {
-                index: i + 1,
-                term: 1,
-                timestamp_ms: 0,
-            },
-            &put,
-        )
-        .result?;
+        big.apply(at(i + 1), &put).result?;
     }
     let mut fresh = runtime.start(&plugin)?;
     let snapshot = median_per_op(1, || {
@@ -188,6 +168,15 @@ fn main() -> anyhow::Result<()> {
     });
     bench("plugin.snapshot.10mb", ns(snapshot) / 1e6, "ms");
     Ok(())
+}
+
+/// The context of the entry at `index`, stamped with its index as time.
+fn at(index: u64) -> ApplyContext {
+    ApplyContext {
+        index,
+        term: 1,
+        timestamp_ms: index,
+    }
 }
 
 /// Median over [`ROUNDS`] runs of `round`, per operation (`ops` per round).

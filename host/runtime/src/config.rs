@@ -52,6 +52,15 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// Whether a checkpoint falls due after applying the entry at `index`,
+    /// with `kept_bytes` of commands kept since the last one: its index is a
+    /// multiple of the interval, or the commands reached the byte bound. The
+    /// one rule, so that batches end their chunks exactly where one-by-one
+    /// application checkpoints.
+    pub(crate) fn checkpoint_due(&self, index: u64, kept_bytes: u64) -> bool {
+        index.is_multiple_of(self.checkpoint_interval) || kept_bytes >= self.checkpoint_bytes
+    }
+
     pub(crate) fn validate(&self) -> Result<(), RuntimeError> {
         let invalid = |why: &str| Err(RuntimeError::InvalidConfig(why.to_string()));
         if self.query_fuel == 0 || self.snapshot_fuel == 0 {

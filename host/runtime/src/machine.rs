@@ -527,8 +527,7 @@ impl Machine {
                 .iter()
                 .position(|(ctx, command)| {
                     kept += command.len() as u64;
-                    ctx.index.is_multiple_of(limits.checkpoint_interval)
-                        || kept >= limits.checkpoint_bytes
+                    limits.checkpoint_due(ctx.index, kept)
                 })
                 .map_or(rest.len(), |i| i + 1)
                 .min(MAX_BATCH);
@@ -710,13 +709,11 @@ impl Machine {
         }
     }
 
-    /// Whether the entry at `index`, just applied, ends with a checkpoint:
-    /// its index is a multiple of the interval, or the commands kept since
-    /// the last checkpoint reached the byte bound.
+    /// Whether the entry at `index`, just applied, ends with a checkpoint.
     fn checkpoint_due(&self, index: u64) -> bool {
-        let limits = self.runtime.limits();
-        index.is_multiple_of(limits.checkpoint_interval)
-            || self.checkpoint.replay.counted_bytes() >= limits.checkpoint_bytes
+        self.runtime
+            .limits()
+            .checkpoint_due(index, self.checkpoint.replay.counted_bytes())
     }
 
     /// Serializes the state at `index` and continues on a fresh instance
