@@ -36,6 +36,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod driver;
 mod error;
 mod log;
 mod message;
@@ -48,6 +49,7 @@ mod types;
 
 pub use bytes::Bytes;
 pub use config::Config;
+pub use driver::{Batch, Driver, Write, may_precede_persist};
 #[cfg(feature = "mutants")]
 pub use config::Mutation;
 pub use error::{ConfigError, ProposeError, RestoreError, StepError};

@@ -1,0 +1,276 @@
+//! The client protocol of Kythira: what an application may ask a node, and
+//! what it answers.
+//!
+//! The same types travel over QUIC (postcard-encoded, multiplexed by request
+//! id) and back the HTTP API and the CLI. Every request is answered with a
+//! [`Reply`]: a [`Response`] or a typed [`ApiError`] that tells the caller
+//! what to do next (follow the leader, retry, or give up).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol, carried by [`Request::Status`] answers so that
+/// clients can tell which node speaks what.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A command, query or answer, either in the plugin's own binary encoding or
+/// as JSON that the plugin translates at the edge (the log always holds the
+/// binary form).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// The plugin's binary encoding, passed through untouched.
+    Bytes(Bytes),
+    /// JSON text: the node translates it with the plugin, and answers in JSON too.
+    Json(String),
+}
+
+impl Payload {
+    /// Whether this payload is JSON (and so wants a JSON answer).
+    pub fn is_json(&self) -> bool {
+        matches!(self, Payload::Json(_))
+    }
+}
+
+/// Where a command sits in a client session, for exactly-once application.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSeq {
+    /// The session id returned by [`Request::RegisterSession`].
+    pub id: u64,
+    /// The command's serial number in the session, starting at 1. A retry of
+    /// a command reuses its serial and gets the first answer back.
+    pub serial: u64,
+    /// Every serial below this one has been answered to the client, so the
+    /// cluster may forget those answers.
+    pub acked: u64,
+}
+
+/// How fresh a query must be.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Consistency {
+    /// Linearizable: the leader confirms it still leads with a quorum
+    /// (ReadIndex) and serves the query once it applied up to that point.
+    #[default]
+    Linearizable,
+    /// Whatever the node that receives the query has applied; may be stale.
+    Stale,
+}
+
+/// Resource limits for a deployed plugin; `None` takes the cluster's default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployLimits {
+    /// Fuel for one `apply` call.
+    pub apply_fuel: Option<u64>,
+    /// Fuel for one `query` call.
+    pub query_fuel: Option<u64>,
+    /// Maximum linear memory, in bytes.
+    pub memory_bytes: Option<u64>,
+}
+
+/// What a client asks a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Replicate a command for a state machine and return its response.
+    Apply {
+        /// Name of the state machine.
+        machine: String,
+        /// The command.
+        command: Payload,
+        /// Session position for exactly-once application, if any.
+        session: Option<SessionSeq>,
+    },
+    /// Run a read-only query against a state machine.
+    Query {
+        /// Name of the state machine.
+        machine: String,
+        /// The query.
+        query: Payload,
+        /// How fresh the answer must be.
+        consistency: Consistency,
+    },
+    /// Deploy (or upgrade, if the name exists) a state machine's code.
+    Deploy {
+        /// Name of the state machine.
+        machine: String,
+        /// The WebAssembly component.
+        component: Bytes,
+        /// Resource limits for its calls.
+        limits: DeployLimits,
+    },
+    /// Open a client session; its id numbers the commands that follow.
+    RegisterSession,
+    /// Describe the node and what it knows of the cluster.
+    Status,
+}
+
+impl Request {
+    /// Whether only an administrator may send this request.
+    pub fn needs_admin(&self) -> bool {
+        matches!(self, Request::Deploy { .. })
+    }
+
+    /// Whether the request changes replicated state (and so must reach the leader).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Request::Apply { .. } | Request::Deploy { .. } | Request::RegisterSession
+        )
+    }
+}
+
+/// A successful answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The command was committed and applied at `index`.
+    Applied {
+        /// Log index of the command.
+        index: u64,
+        /// The state machine's response, in the encoding of the command.
+        output: Payload,
+    },
+    /// The query's answer.
+    Queried {
+        /// The state machine's answer, in the encoding of the query.
+        output: Payload,
+    },
+    /// The code was deployed at `index`.
+    Deployed {
+        /// Log index of the deploy entry.
+        index: u64,
+        /// sha256 of the component, hex.
+        sha256: String,
+    },
+    /// A new session.
+    Session {
+        /// Its id (the log index that registered it).
+        id: u64,
+    },
+    /// The node's status.
+    Status(NodeStatus),
+}
+
+/// What a node reports of itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// This node's id.
+    pub id: u64,
+    /// `leader`, `follower`, `candidate` or `pre-candidate`.
+    pub role: String,
+    /// Current term.
+    pub term: u64,
+    /// The leader this node knows of.
+    pub leader: Option<u64>,
+    /// Client address of that leader.
+    pub leader_addr: Option<String>,
+    /// Last index in the log.
+    pub last_index: u64,
+    /// Highest committed index known.
+    pub commit: u64,
+    /// Highest index applied to the state machines.
+    pub applied: u64,
+    /// The deployed state machines.
+    pub machines: Vec<MachineStatus>,
+    /// Open client sessions.
+    pub sessions: u64,
+    /// Protocol version the node speaks.
+    pub protocol: u32,
+}
+
+/// One deployed state machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineStatus {
+    /// Its name.
+    pub name: String,
+    /// sha256 of its code, hex.
+    pub sha256: String,
+    /// Log index of the deploy that installed that code.
+    pub deployed_at: u64,
+}
+
+/// Why a request failed, and so what the caller can do about it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApiError {
+    /// This node does not lead; ask `leader` (at `addr`, if known).
+    #[error("not the leader{}", leader_hint(*.leader, .addr.as_deref()))]
+    NotLeader {
+        /// The leader this node knows of.
+        leader: Option<u64>,
+        /// Its client address.
+        addr: Option<String>,
+    },
+    /// The command was proposed, but leadership changed before it committed;
+    /// it may or may not take effect. Retry within a session to be sure.
+    #[error("leadership changed before the command committed; it may or may not have been applied")]
+    Outcome,
+    /// No state machine of that name is deployed.
+    #[error("no state machine named {0:?} is deployed")]
+    UnknownMachine(String),
+    /// The request could not be understood (for example, JSON the plugin refused).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The state machine answered with an error (replicated like any answer).
+    #[error("state machine error: {0}")]
+    Rejected(String),
+    /// The plugin failed: trapped, ran out of fuel or memory.
+    #[error("plugin failed: {0}")]
+    Plugin(String),
+    /// The deploy was refused (not a valid component, wrong imports, bad limits).
+    #[error("deploy refused: {0}")]
+    Deploy(String),
+    /// The session is unknown or expired; register a new one.
+    #[error("session {0} is unknown or expired")]
+    SessionExpired(u64),
+    /// The caller's certificate does not allow this request.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// The node is overloaded or shutting down; retry later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The node gave up waiting (for a commit or a read).
+    #[error("timed out")]
+    Timeout,
+    /// A fault in the node; the message says which.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn leader_hint(leader: Option<u64>, addr: Option<&str>) -> String {
+    match (leader, addr) {
+        (Some(id), Some(addr)) => format!("; the leader is node {id} at {addr}"),
+        (Some(id), None) => format!("; the leader is node {id}"),
+        _ => "; no leader is known".to_string(),
+    }
+}
+
+impl ApiError {
+    /// Whether the same request may succeed if sent again (possibly elsewhere).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ApiError::NotLeader { .. }
+                | ApiError::Outcome
+                | ApiError::Unavailable(_)
+                | ApiError::Timeout
+        )
+    }
+}
+
+/// The answer to every request.
+pub type Reply = Result<Response, ApiError>;
+
+impl fmt::Display for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Payload::Json(s) => f.write_str(s),
+            Payload::Bytes(b) => {
+                for byte in b.iter() {
+                    write!(f, "{byte:02x}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}

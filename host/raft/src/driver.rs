@@ -1,0 +1,228 @@
+//! The one way to carry out [`Ready`] batches, shared by the daemon and the
+//! simulator so that both keep the same ordering rules.
+//!
+//! [`Driver`] wraps a [`Raft`] and turns each `Ready` into a [`Batch`] of
+//! actions. It performs no I/O either: the caller sends, writes and applies,
+//! and reports a finished write with [`Driver::persisted`], which releases the
+//! messages that had to wait for it. Because the driver hides
+//! [`Raft::ready`] and [`Raft::advance`], a caller cannot advance before the
+//! write is durable or send an acknowledgement too early.
+
+use bytes::Bytes;
+
+use crate::error::{ProposeError, StepError};
+use crate::message::{Message, MessageBody};
+use crate::raft::{Proposal, Raft};
+use crate::ready::ReadState;
+use crate::types::{Entry, HardState};
+
+/// What the caller must do for one `Ready`.
+#[derive(Debug, Default)]
+#[must_use = "a batch's messages must be sent, its write made durable and its entries applied"]
+pub struct Batch {
+    /// Messages that may leave now, before `write` is durable.
+    pub send: Vec<Message>,
+    /// State to make durable (fsync), then report with [`Driver::persisted`].
+    /// While it is outstanding the driver hands out no further batch.
+    pub write: Option<Write>,
+    /// Committed entries to apply, in log order. They are durable already,
+    /// so applying may overlap with `write`.
+    pub apply: Vec<Entry>,
+    /// Reads that may be served once the state machine applied their index.
+    pub read_states: Vec<ReadState>,
+    /// Reads abandoned because this node stopped leading.
+    pub dropped_reads: Vec<u64>,
+}
+
+/// A durable write: the hard state (if it changed) and entries replacing
+/// every stored entry from `entries[0].index` on, written atomically.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Write {
+    /// New hard state, if it changed.
+    pub hard_state: Option<HardState>,
+    /// Contiguous entries.
+    pub entries: Vec<Entry>,
+}
+
+/// A [`Raft`] together with the bookkeeping of its outstanding write.
+#[derive(Debug)]
+pub struct Driver {
+    raft: Raft,
+    /// Messages held back until the outstanding write is durable; `Some`
+    /// exactly while a write is outstanding.
+    held: Option<Vec<Message>>,
+}
+
+impl Driver {
+    /// Drives `raft`.
+    pub fn new(raft: Raft) -> Self {
+        Self { raft, held: None }
+    }
+
+    /// The core, for inspection.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Advances logical time by one tick.
+    pub fn tick(&mut self) {
+        self.raft.tick();
+    }
+
+    /// Hands the core a message from a peer.
+    pub fn step(&mut self, m: Message) -> Result<(), StepError> {
+        self.raft.step(m)
+    }
+
+    /// Proposes a command (leader only).
+    pub fn propose(&mut self, data: Bytes) -> Result<Proposal, ProposeError> {
+        self.raft.propose(data)
+    }
+
+    /// Starts a linearizable read identified by `ctx`.
+    pub fn read_index(&mut self, ctx: u64) {
+        self.raft.read_index(ctx);
+    }
+
+    /// Whether a write is outstanding.
+    pub fn is_writing(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// The next batch of actions, or `None` if there is nothing to do or a
+    /// write is still outstanding. A batch without a write is complete as
+    /// soon as it is returned: call `poll` again until it returns `None` or a
+    /// batch with a write.
+    pub fn poll(&mut self) -> Option<Batch> {
+        if self.held.is_some() {
+            return None;
+        }
+        let rd = self.raft.ready()?;
+        #[cfg(not(feature = "mutants"))]
+        for m in &rd.messages {
+            assert!(
+                may_precede_persist(m),
+                "the core put a message that promises durable state before the write: {m:?}"
+            );
+        }
+        let mut send = rd.messages;
+        let write = if rd.hard_state.is_none() && rd.entries.is_empty() {
+            // Nothing to make durable: what was held back may leave now.
+            send.extend(rd.persisted_messages);
+            self.raft.advance();
+            None
+        } else {
+            self.held = Some(rd.persisted_messages);
+            Some(Write {
+                hard_state: rd.hard_state,
+                entries: rd.entries,
+            })
+        };
+        Some(Batch {
+            send,
+            write,
+            apply: rd.committed_entries,
+            read_states: rd.read_states,
+            dropped_reads: rd.dropped_reads,
+        })
+    }
+
+    /// The outstanding write is durable. Returns the messages that waited
+    /// for it (votes and acknowledgements), to be sent now.
+    ///
+    /// # Panics
+    /// If no write is outstanding: a driver bug.
+    pub fn persisted(&mut self) -> Vec<Message> {
+        let held = self
+            .held
+            .take()
+            .expect("persisted() without an outstanding write");
+        self.raft.advance();
+        held
+    }
+}
+
+/// Whether `m` may leave before the batch it came with is durable: a
+/// leader's appends and heartbeats (the leader counts its own entries only
+/// after the write, Raft thesis §10.2.1) and pre-vote traffic, which changes
+/// no state.
+pub fn may_precede_persist(m: &Message) -> bool {
+    matches!(
+        m.body,
+        MessageBody::Append { .. }
+            | MessageBody::Heartbeat { .. }
+            | MessageBody::PreVote { .. }
+            | MessageBody::PreVoteResponse { .. }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Persisted, Role};
+
+    fn leader_of_one() -> Driver {
+        let mut d = Driver::new(Raft::new(Config::new(1, [1]), Persisted::default()).unwrap());
+        while d.raft().role() != Role::Leader {
+            d.tick();
+            while let Some(b) = d.poll() {
+                if b.write.is_some() {
+                    assert!(d.persisted().is_empty());
+                }
+            }
+        }
+        d
+    }
+
+    #[test]
+    fn no_batch_while_a_write_is_outstanding() {
+        let mut d = leader_of_one();
+        d.propose(Bytes::from_static(b"x")).unwrap();
+        let b = d.poll().expect("the proposal needs a write");
+        let w = b.write.expect("entries to persist");
+        assert_eq!(w.entries.last().unwrap().data, Bytes::from_static(b"x"));
+        assert!(d.is_writing());
+        d.propose(Bytes::from_static(b"y")).unwrap();
+        assert!(d.poll().is_none(), "the next batch waits for the write");
+        d.persisted();
+        // The write made `x` durable on the only voter: it commits, and `y`
+        // (proposed meanwhile) is written in the next batch: group commit.
+        let b = d.poll().unwrap();
+        assert_eq!(b.apply.last().unwrap().data, Bytes::from_static(b"x"));
+        assert_eq!(b.write.unwrap().entries[0].data, Bytes::from_static(b"y"));
+    }
+
+    #[test]
+    #[should_panic(expected = "without an outstanding write")]
+    fn persisted_without_a_write_is_a_bug() {
+        let mut d = leader_of_one();
+        let _ = d.persisted();
+    }
+
+    #[test]
+    fn votes_wait_for_the_write() {
+        // Node 2 of {1, 2} grants node 1's vote only after persisting it.
+        let mut d = Driver::new(Raft::new(Config::new(2, [1, 2]), Persisted::default()).unwrap());
+        d.step(Message {
+            from: 1,
+            to: 2,
+            term: 1,
+            body: MessageBody::Vote {
+                last_index: 0,
+                last_term: 0,
+            },
+        })
+        .unwrap();
+        let b = d.poll().unwrap();
+        assert!(b.send.iter().all(may_precede_persist));
+        assert_eq!(b.write.unwrap().hard_state.unwrap().vote, Some(1));
+        let held = d.persisted();
+        assert!(matches!(
+            held.as_slice(),
+            [Message {
+                body: MessageBody::VoteResponse { granted: true },
+                ..
+            }]
+        ));
+    }
+}
