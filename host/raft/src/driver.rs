@@ -79,9 +79,9 @@ impl Driver {
         self.raft.propose(data)
     }
 
-    /// Starts a linearizable read identified by `ctx`.
-    pub fn read_index(&mut self, ctx: u64) {
-        self.raft.read_index(ctx);
+    /// Starts a linearizable read identified by `ctx` (leader only).
+    pub fn read_index(&mut self, ctx: u64) -> Result<(), ProposeError> {
+        self.raft.read_index(ctx)
     }
 
     /// Whether a write is outstanding.

@@ -1,0 +1,114 @@
+//! The node's log on disk: recovery at start, and a thread that makes each
+//! [`Write`] durable while the event loop goes on.
+//!
+//! The core hands out one write at a time and keeps accepting proposals
+//! while it is on disk, so the next write carries everything proposed
+//! meanwhile: group commit falls out of the `Ready`/`advance` protocol, one
+//! fsync per batch however many clients wrote.
+
+use std::sync::Arc;
+use std::thread;
+
+use kythira_raft::{Entry, EntryKind, HardState, Persisted, Write};
+use kythira_storage::{FjallStore, HardStateStore, LogStore, RaftStorage, StorageError};
+use tokio::sync::mpsc;
+
+use crate::NodeError;
+use crate::entry::{self, from_storage, to_storage};
+
+/// What the node recovered from disk.
+pub struct Recovered {
+    /// State for the core.
+    pub persisted: Persisted,
+    /// Largest leader timestamp in the log, so that new entries never go back in time.
+    pub last_timestamp_ms: u64,
+}
+
+/// Reads the whole durable log and hard state.
+pub fn recover(store: &FjallStore) -> Result<Recovered, NodeError> {
+    let hs = store.hard_state();
+    let (first, last) = (store.first_index(), store.last_index());
+    if first > 1 && last >= first {
+        return Err(NodeError::Corrupt(format!(
+            "the log starts at index {first}, but this node has no snapshot to start from"
+        )));
+    }
+    let mut entries: Vec<Entry> = Vec::with_capacity(last as usize);
+    let mut next = 1;
+    while next <= last {
+        let chunk = store.entries(next..last + 1, 64 << 20)?;
+        if chunk.is_empty() {
+            return Err(NodeError::Corrupt(format!("entry {next} is missing")));
+        }
+        for e in chunk {
+            next = e.index + 1;
+            entries.push(from_storage(e).map_err(|e| NodeError::Corrupt(e.to_string()))?);
+        }
+    }
+    let mut last_timestamp_ms = 0;
+    for e in entries.iter().filter(|e| e.kind == EntryKind::Normal) {
+        // An unreadable envelope is answered with an error at apply; it
+        // carries no time to respect.
+        if let Ok(ts) = entry::timestamp(e.index, &e.data) {
+            last_timestamp_ms = last_timestamp_ms.max(ts);
+        }
+    }
+    Ok(Recovered {
+        persisted: Persisted {
+            hard_state: HardState {
+                term: hs.term,
+                vote: hs.vote,
+                commit: hs.commit.min(last),
+            },
+            entries,
+            // The state machines live in memory: replay everything.
+            applied: 0,
+        },
+        last_timestamp_ms,
+    })
+}
+
+/// Sends writes to the disk thread; their completions arrive on the
+/// receiver given to [`Disk::start`].
+pub struct Disk {
+    writes: std::sync::mpsc::Sender<Write>,
+}
+
+impl Disk {
+    /// Starts the disk thread. Each finished write sends one `Ok(())` (or the
+    /// error that stops the node) on `done`, in order.
+    pub fn start(
+        store: Arc<FjallStore>,
+        done: mpsc::UnboundedSender<Result<(), StorageError>>,
+    ) -> std::io::Result<Self> {
+        let (writes, queue) = std::sync::mpsc::channel::<Write>();
+        thread::Builder::new()
+            .name("kythira-disk".into())
+            .spawn(move || {
+                for w in queue {
+                    let hs = w.hard_state.map(|hs| kythira_storage::HardState {
+                        term: hs.term,
+                        vote: hs.vote,
+                        commit: hs.commit,
+                    });
+                    let entries: Vec<_> = w.entries.iter().map(to_storage).collect();
+                    // Durability: `save` writes the hard state and entries
+                    // atomically and fsyncs before it returns; only then may
+                    // the node acknowledge or vote.
+                    let result = store.save(hs.as_ref(), &entries);
+                    let failed = result.is_err();
+                    if done.send(result).is_err() || failed {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self { writes })
+    }
+
+    /// Queues a write.
+    pub fn write(&self, w: Write) -> Result<(), NodeError> {
+        self.writes
+            .send(w)
+            .map_err(|_| NodeError::Stopped("the disk thread stopped"))
+    }
+}

@@ -1,0 +1,231 @@
+//! What the node writes into the log: the storage encoding of a core
+//! [`Entry`], and the versioned envelope inside each `Normal` entry.
+//!
+//! Storage payload: one byte of entry kind, then the entry's data. The data of
+//! a `Normal` entry is `[version][leader timestamp, u64 LE][postcard Op]`: the
+//! timestamp sits at a fixed place so the node can track log time without
+//! decoding commands.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kythira_api::{DeployLimits, SessionSeq};
+use kythira_raft::{Entry, EntryKind};
+use kythira_storage::LogEntry;
+use serde::{Deserialize, Serialize};
+
+/// Version of the envelope this node writes. A node refuses to apply an
+/// entry of a version it does not know rather than guess.
+pub const ENVELOPE_VERSION: u8 = 1;
+
+const KIND_NORMAL: u8 = 0;
+const KIND_NOOP: u8 = 1;
+const HEADER: usize = 1 + 8;
+
+/// A log entry the node cannot read back.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    /// The storage payload is empty or names an unknown kind.
+    #[error("entry {index}: unknown entry kind {kind:?}")]
+    UnknownKind {
+        /// The entry's index.
+        index: u64,
+        /// The kind byte, if any.
+        kind: Option<u8>,
+    },
+    /// The envelope's version is not one this node understands.
+    #[error(
+        "entry {index}: envelope version {version} is not supported (this node writes {ENVELOPE_VERSION})"
+    )]
+    UnsupportedVersion {
+        /// The entry's index.
+        index: u64,
+        /// Its version byte.
+        version: u8,
+    },
+    /// The envelope does not decode.
+    #[error("entry {index}: malformed envelope: {reason}")]
+    Malformed {
+        /// The entry's index.
+        index: u64,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// An operation carried by a `Normal` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// A command for a named state machine.
+    Apply {
+        /// Name of the machine.
+        machine: String,
+        /// Session position, for exactly-once application.
+        session: Option<SessionSeq>,
+        /// The command, in the plugin's encoding.
+        command: Bytes,
+    },
+    /// Install or upgrade a machine's code.
+    Deploy {
+        /// Name of the machine.
+        machine: String,
+        /// The component's bytes.
+        component: Bytes,
+        /// Its sha256, checked at apply so a corrupted entry cannot install
+        /// other code than the one the operator deployed.
+        sha256: [u8; 32],
+        /// Resource limits of its calls.
+        limits: DeployLimits,
+    },
+    /// Open a client session whose id is this entry's index.
+    RegisterSession {
+        /// Log time after which an idle session expires, in milliseconds.
+        ttl_ms: u64,
+    },
+}
+
+/// A decoded `Normal` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// Leader-assigned time, ms since the Unix epoch; never decreases along the log.
+    pub timestamp_ms: u64,
+    /// What to do.
+    pub op: Op,
+}
+
+impl Envelope {
+    /// The data of a `Normal` entry carrying `op` at `timestamp_ms`.
+    pub fn encode(timestamp_ms: u64, op: &Op) -> Bytes {
+        let body = postcard::to_allocvec(op).expect("ops always serialize");
+        let mut buf = BytesMut::with_capacity(HEADER + body.len());
+        buf.put_u8(ENVELOPE_VERSION);
+        buf.put_u64_le(timestamp_ms);
+        buf.put_slice(&body);
+        buf.freeze()
+    }
+
+    /// Decodes the data of the `Normal` entry at `index`.
+    pub fn decode(index: u64, data: &[u8]) -> Result<Self, EntryError> {
+        let timestamp_ms = timestamp(index, data)?;
+        let op = postcard::from_bytes(&data[HEADER..]).map_err(|e| EntryError::Malformed {
+            index,
+            reason: e.to_string(),
+        })?;
+        Ok(Self { timestamp_ms, op })
+    }
+}
+
+/// The leader timestamp of a `Normal` entry's data, without decoding the rest.
+pub fn timestamp(index: u64, data: &[u8]) -> Result<u64, EntryError> {
+    match data.first() {
+        None => Err(EntryError::Malformed {
+            index,
+            reason: "empty".into(),
+        }),
+        Some(&ENVELOPE_VERSION) if data.len() >= HEADER => Ok(u64::from_le_bytes(
+            data[1..HEADER].try_into().expect("eight bytes"),
+        )),
+        Some(&ENVELOPE_VERSION) => Err(EntryError::Malformed {
+            index,
+            reason: format!("{} bytes is shorter than the header", data.len()),
+        }),
+        Some(&version) => Err(EntryError::UnsupportedVersion { index, version }),
+    }
+}
+
+/// The storage form of a core entry.
+pub fn to_storage(e: &Entry) -> LogEntry {
+    let kind = match e.kind {
+        EntryKind::Normal => KIND_NORMAL,
+        EntryKind::Noop => KIND_NOOP,
+        other => unreachable!("the node writes no {other:?} entries"),
+    };
+    let mut buf = BytesMut::with_capacity(1 + e.data.len());
+    buf.put_u8(kind);
+    buf.put_slice(&e.data);
+    LogEntry::new(e.index, e.term, buf.freeze())
+}
+
+/// A stored entry back as a core entry.
+pub fn from_storage(e: LogEntry) -> Result<Entry, EntryError> {
+    let kind = match e.payload.first() {
+        Some(&KIND_NORMAL) => EntryKind::Normal,
+        Some(&KIND_NOOP) => EntryKind::Noop,
+        other => {
+            return Err(EntryError::UnknownKind {
+                index: e.index,
+                kind: other.copied(),
+            });
+        }
+    };
+    Ok(Entry {
+        term: e.term,
+        index: e.index,
+        kind,
+        data: e.payload.slice(1..),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_round_trip() {
+        let op = Op::Apply {
+            machine: "kv".into(),
+            session: Some(SessionSeq {
+                id: 3,
+                serial: 9,
+                acked: 8,
+            }),
+            command: Bytes::from_static(b"cmd"),
+        };
+        let data = Envelope::encode(1234, &op);
+        assert_eq!(timestamp(7, &data).unwrap(), 1234);
+        let env = Envelope::decode(7, &data).unwrap();
+        assert_eq!(
+            env,
+            Envelope {
+                timestamp_ms: 1234,
+                op
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_envelopes_are_errors() {
+        assert!(matches!(
+            Envelope::decode(1, b""),
+            Err(EntryError::Malformed { .. })
+        ));
+        assert!(matches!(
+            Envelope::decode(1, &[9, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(EntryError::UnsupportedVersion { version: 9, .. })
+        ));
+        assert!(matches!(
+            Envelope::decode(1, &[ENVELOPE_VERSION, 1, 2]),
+            Err(EntryError::Malformed { .. })
+        ));
+        let mut data = Envelope::encode(5, &Op::RegisterSession { ttl_ms: 10 }).to_vec();
+        data.push(0xff);
+        data[HEADER] = 0x7f; // no such op
+        assert!(Envelope::decode(1, &data).is_err());
+    }
+
+    #[test]
+    fn storage_form_round_trips_and_refuses_unknown_kinds() {
+        for kind in [EntryKind::Normal, EntryKind::Noop] {
+            let e = Entry {
+                term: 2,
+                index: 5,
+                kind,
+                data: Bytes::from_static(b"abc"),
+            };
+            assert_eq!(from_storage(to_storage(&e)).unwrap(), e);
+        }
+        let bad = LogEntry::new(1, 1, Bytes::from_static(&[42, 1]));
+        assert!(matches!(
+            from_storage(bad),
+            Err(EntryError::UnknownKind { kind: Some(42), .. })
+        ));
+    }
+}

@@ -1,0 +1,50 @@
+//! The Kythira node: the consensus core driven by real storage, a network and
+//! the plugin runtime.
+//!
+//! Three threads of control, each owning what it touches:
+//!
+//! - the event loop ([`node`]) owns the core through its [`kythira_raft::Driver`]:
+//!   it ticks, steps peer messages, proposes, and carries out each batch —
+//!   messages to the network, the write to the disk thread, committed entries
+//!   to the applier;
+//! - the disk thread ([`disk`]) makes each write durable (fsync) before the
+//!   loop may send what depends on it;
+//! - the applier thread ([`applier`]) applies committed entries through the
+//!   runtime, in batches, and answers waiting clients and reads.
+//!
+//! The log holds versioned envelopes ([`entry`]): commands for named
+//! machines, deploys of their code, and session registrations, each with the
+//! leader's timestamp. [`machines`] turns them into replicated state, and
+//! [`sessions`] makes commands exactly-once.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod applier;
+pub mod disk;
+mod edge;
+pub mod entry;
+pub mod machines;
+pub mod node;
+pub mod sessions;
+
+pub use node::{Caller, Leadership, Network, Node, NodeConfig, NodeHandle};
+
+/// Why a node cannot start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The storage failed; a node that cannot persist must not go on.
+    #[error("storage: {0}")]
+    Storage(#[from] kythira_storage::StorageError),
+    /// The stored log cannot be read back.
+    #[error("corrupt log: {0}")]
+    Corrupt(String),
+    /// The configuration is not valid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A thread could not be started.
+    #[error("could not start a thread: {0}")]
+    Thread(#[from] std::io::Error),
+    /// A part of the node stopped, so the node stops.
+    #[error("{0}")]
+    Stopped(&'static str),
+}

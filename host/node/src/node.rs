@@ -1,0 +1,626 @@
+//! The event loop that owns the core, and the handle clients talk to.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use kythira_api::{
+    ApiError, Consistency, NodeStatus, PROTOCOL_VERSION, Payload, Reply, Request, Response,
+};
+use kythira_raft::{Config, Driver, EntryKind, Message, NodeId, ProposeError, Raft, Role};
+use kythira_storage::FjallStore;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::NodeError;
+use crate::applier::{Applier, Shared, Work};
+use crate::disk::{self, Disk};
+use crate::edge::Translate;
+use crate::entry::{self, Envelope, Op};
+use crate::machines::{self, Machines};
+
+/// Where a node's messages to its peers go. Sending never blocks: a full or
+/// broken link drops the message, which Raft tolerates.
+pub trait Network: Send + Sync + 'static {
+    /// Sends `m` to `m.to`.
+    fn send(&self, m: Message);
+}
+
+/// How a node runs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's id.
+    pub id: NodeId,
+    /// Every voter's id, this node's included.
+    pub voters: Vec<NodeId>,
+    /// Client addresses of the voters, named in `NotLeader` answers.
+    pub client_addrs: BTreeMap<NodeId, String>,
+    /// Where the log lives.
+    pub data_dir: PathBuf,
+    /// One tick of the core's logical clock.
+    pub tick: Duration,
+    /// Election timeout, in ticks (randomized up to twice this).
+    pub election_ticks: u32,
+    /// Heartbeat interval, in ticks.
+    pub heartbeat_ticks: u32,
+    /// How long a client request may wait for its commit or read.
+    pub request_timeout: Duration,
+    /// Log time after which an idle client session expires.
+    pub session_ttl: Duration,
+    /// Largest component a deploy may carry.
+    pub max_component_bytes: usize,
+    /// Seed of the core's randomness (election timeouts).
+    pub seed: u64,
+}
+
+/// Who is calling, from the certificate of its connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// May deploy code as well as read and write.
+    Admin,
+    /// May read and write.
+    Client,
+}
+
+/// Requests from the handle to the event loop.
+enum Command {
+    Propose {
+        op: Op,
+        reply: oneshot::Sender<Reply>,
+    },
+    Read {
+        machine: String,
+        query: Bytes,
+        reply: oneshot::Sender<Result<Bytes, ApiError>>,
+    },
+    Status {
+        reply: oneshot::Sender<RaftStatus>,
+    },
+}
+
+/// What the event loop last saw of the core's leadership, published so that
+/// callers can wait for a change instead of polling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leadership {
+    /// This node's role.
+    pub role: Role,
+    /// Its term.
+    pub term: u64,
+    /// The leader it knows of.
+    pub leader: Option<NodeId>,
+}
+
+struct RaftStatus {
+    role: Role,
+    term: u64,
+    leader: Option<NodeId>,
+    last_index: u64,
+    commit: u64,
+}
+
+/// A running node: its handle, and the task of its event loop.
+pub struct Node {
+    /// Where requests go.
+    pub handle: NodeHandle,
+    /// Ends with the reason the node stopped.
+    pub task: JoinHandle<Result<(), NodeError>>,
+}
+
+/// Cheap to clone; every client connection holds one.
+#[derive(Clone)]
+pub struct NodeHandle {
+    commands: mpsc::Sender<Command>,
+    leadership: watch::Receiver<Leadership>,
+    applier: Applier,
+    shared: Arc<Shared>,
+    cfg: Arc<NodeConfig>,
+}
+
+/// Most client requests queued for the event loop before new ones are refused.
+const COMMAND_QUEUE: usize = 4096;
+
+impl Node {
+    /// Recovers the log under `cfg.data_dir` and starts the node: messages
+    /// from peers arrive on `inbound`, messages to them leave through `net`.
+    pub fn start(
+        cfg: NodeConfig,
+        net: impl Network,
+        inbound: mpsc::Receiver<Message>,
+    ) -> Result<Node, NodeError> {
+        validate(&cfg)?;
+        let store = Arc::new(FjallStore::open(cfg.data_dir.join("log"))?);
+        let recovered = disk::recover(&store)?;
+        let mut core = Config::new(cfg.id, cfg.voters.iter().copied());
+        core.election_ticks = cfg.election_ticks;
+        core.heartbeat_ticks = cfg.heartbeat_ticks;
+        core.seed = cfg.seed;
+        let raft = Raft::new(core, recovered.persisted)
+            .map_err(|e| NodeError::Corrupt(format!("the stored state does not restore: {e}")))?;
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let disk = Disk::start(store, done_tx)?;
+        let shared = Arc::new(Shared::default());
+        let cache = Some(cfg.data_dir.join("compiled"));
+        let applier = Applier::start(Machines::new(cache), shared.clone())?;
+        let applier_handle = applier.clone();
+        let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
+        let cfg = Arc::new(cfg);
+        let (leadership_tx, leadership) = watch::channel(Leadership {
+            role: raft.role(),
+            term: raft.term(),
+            leader: raft.leader(),
+        });
+        let event_loop = EventLoop {
+            leadership: leadership_tx,
+            driver: Driver::new(raft),
+            net,
+            disk,
+            applier,
+            last_timestamp_ms: recovered.last_timestamp_ms,
+            reads: HashMap::new(),
+            next_read: 0,
+            was_leader: false,
+            session_ttl_ms: cfg.session_ttl.as_millis() as u64,
+        };
+        let task = tokio::spawn(event_loop.run(cfg.tick, inbound, command_rx, done_rx));
+        Ok(Node {
+            handle: NodeHandle {
+                commands,
+                leadership,
+                applier: applier_handle,
+                shared,
+                cfg,
+            },
+            task,
+        })
+    }
+}
+
+fn validate(cfg: &NodeConfig) -> Result<(), NodeError> {
+    let bad = |why: String| Err(NodeError::Config(why));
+    if cfg.id == 0 {
+        return bad("node id 0 is reserved".into());
+    }
+    if !cfg.voters.contains(&cfg.id) {
+        return bad(format!(
+            "node {} is not among the voters {:?}",
+            cfg.id, cfg.voters
+        ));
+    }
+    if cfg.tick.is_zero() || cfg.heartbeat_ticks == 0 {
+        return bad("tick and heartbeat must be positive".into());
+    }
+    if cfg.election_ticks <= cfg.heartbeat_ticks {
+        return bad(format!(
+            "the election timeout ({} ticks) must exceed the heartbeat interval ({} ticks)",
+            cfg.election_ticks, cfg.heartbeat_ticks
+        ));
+    }
+    Ok(())
+}
+
+struct EventLoop<N> {
+    driver: Driver,
+    leadership: watch::Sender<Leadership>,
+    net: N,
+    disk: Disk,
+    applier: Applier,
+    /// Largest leader timestamp in this node's log: new entries get at least it.
+    last_timestamp_ms: u64,
+    /// ReadIndex requests in flight, by context.
+    reads: HashMap<u64, (String, Bytes, oneshot::Sender<Result<Bytes, ApiError>>)>,
+    next_read: u64,
+    was_leader: bool,
+    session_ttl_ms: u64,
+}
+
+/// Most inputs handled between two looks at the core's output, so that a
+/// burst of messages or requests turns into one batch.
+const BURST: usize = 256;
+
+impl<N: Network> EventLoop<N> {
+    async fn run(
+        mut self,
+        tick: Duration,
+        mut inbound: mpsc::Receiver<Message>,
+        mut commands: mpsc::Receiver<Command>,
+        mut done: mpsc::UnboundedReceiver<Result<(), kythira_storage::StorageError>>,
+    ) -> Result<(), NodeError> {
+        let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        self.drain()?;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.driver.tick(),
+                m = inbound.recv() => {
+                    let Some(m) = m else { return Err(NodeError::Stopped("the network stopped")) };
+                    self.step(m);
+                    for _ in 0..BURST {
+                        match inbound.try_recv() {
+                            Ok(m) => self.step(m),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                c = commands.recv() => {
+                    // Every handle dropped: the node is shutting down.
+                    let Some(c) = c else { return Ok(()) };
+                    self.command(c)?;
+                    for _ in 0..BURST {
+                        match commands.try_recv() {
+                            Ok(c) => self.command(c)?,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                d = done.recv() => {
+                    match d {
+                        Some(Ok(())) => {
+                            for m in self.driver.persisted() {
+                                self.net.send(m);
+                            }
+                        }
+                        Some(Err(e)) => return Err(e.into()),
+                        None => return Err(NodeError::Stopped("the disk thread stopped")),
+                    }
+                }
+            }
+            self.drain()?;
+        }
+    }
+
+    fn step(&mut self, m: Message) {
+        let from = m.from;
+        if let Err(e) = self.driver.step(m) {
+            tracing::debug!(from, "dropped a message: {e}");
+        }
+    }
+
+    fn command(&mut self, c: Command) -> Result<(), NodeError> {
+        match c {
+            Command::Propose { op, reply } => {
+                // Leader time never goes back along the log, even if this
+                // node's clock is behind the previous leader's.
+                let ts = now_ms().max(self.last_timestamp_ms);
+                let op = match op {
+                    Op::RegisterSession { .. } => Op::RegisterSession {
+                        ttl_ms: self.session_ttl_ms,
+                    },
+                    op => op,
+                };
+                match self.driver.propose(Envelope::encode(ts, &op)) {
+                    Ok(p) => {
+                        self.last_timestamp_ms = ts;
+                        self.applier.send(Work::Wait {
+                            index: p.index,
+                            term: p.term,
+                            reply,
+                        })?;
+                    }
+                    Err(ProposeError::NotLeader { leader }) => {
+                        let _ = reply.send(Err(not_leader(leader)));
+                    }
+                }
+            }
+            Command::Read {
+                machine,
+                query,
+                reply,
+            } => {
+                let ctx = self.next_read;
+                self.next_read += 1;
+                match self.driver.read_index(ctx) {
+                    Ok(()) => {
+                        self.reads.insert(ctx, (machine, query, reply));
+                    }
+                    Err(ProposeError::NotLeader { leader }) => {
+                        let _ = reply.send(Err(not_leader(leader)));
+                    }
+                }
+            }
+            Command::Status { reply } => {
+                let raft = self.driver.raft();
+                let _ = reply.send(RaftStatus {
+                    role: raft.role(),
+                    term: raft.term(),
+                    leader: raft.leader(),
+                    last_index: raft.log().last_index(),
+                    commit: raft.log().committed(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out every batch the core has, up to the next write.
+    fn drain(&mut self) -> Result<(), NodeError> {
+        while let Some(b) = self.driver.poll() {
+            for m in b.send {
+                self.net.send(m);
+            }
+            if !b.apply.is_empty() {
+                self.applier.send(Work::Apply(b.apply))?;
+            }
+            for rs in b.read_states {
+                if let Some((machine, query, reply)) = self.reads.remove(&rs.ctx) {
+                    self.applier.send(Work::Read {
+                        index: rs.index,
+                        machine,
+                        query,
+                        reply,
+                    })?;
+                }
+            }
+            for ctx in b.dropped_reads {
+                if let Some((_, _, reply)) = self.reads.remove(&ctx) {
+                    let _ = reply.send(Err(not_leader(self.driver.raft().leader())));
+                }
+            }
+            if let Some(w) = b.write {
+                for e in w.entries.iter().filter(|e| e.kind == EntryKind::Normal) {
+                    if let Ok(ts) = entry::timestamp(e.index, &e.data) {
+                        self.last_timestamp_ms = self.last_timestamp_ms.max(ts);
+                    }
+                }
+                self.disk.write(w)?;
+                break;
+            }
+        }
+        let leader = self.driver.raft().role() == Role::Leader;
+        if self.was_leader && !leader {
+            // Whatever was proposed may still commit under the next leader,
+            // or be overwritten: the callers cannot be told which.
+            self.applier.send(Work::Abandon)?;
+            let hint = self.driver.raft().leader();
+            for (_, (_, _, reply)) in self.reads.drain() {
+                let _ = reply.send(Err(not_leader(hint)));
+            }
+        }
+        self.was_leader = leader;
+        let raft = self.driver.raft();
+        let now = Leadership {
+            role: raft.role(),
+            term: raft.term(),
+            leader: raft.leader(),
+        };
+        self.leadership.send_if_modified(|seen| {
+            let changed = *seen != now;
+            *seen = now;
+            changed
+        });
+        Ok(())
+    }
+}
+
+fn not_leader(leader: Option<NodeId>) -> ApiError {
+    ApiError::NotLeader { leader, addr: None }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl NodeHandle {
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Leadership as this node sees it; `changed()` wakes on every change.
+    pub fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.clone()
+    }
+
+    /// This node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// Answers one client request.
+    pub async fn call(&self, caller: Caller, request: Request) -> Reply {
+        if request.needs_admin() && caller != Caller::Admin {
+            return Err(ApiError::Unauthorized(
+                "deploying code needs an admin certificate".into(),
+            ));
+        }
+        let reply = match request {
+            Request::Apply {
+                machine,
+                command,
+                session,
+            } => {
+                let json = command.is_json();
+                let command = self.to_bytes(&machine, command, Translate::Command).await?;
+                let reply = self
+                    .propose(Op::Apply {
+                        machine: machine.clone(),
+                        session,
+                        command,
+                    })
+                    .await;
+                match reply {
+                    Ok(Response::Applied { index, output }) if json => Ok(Response::Applied {
+                        index,
+                        output: self.to_json(&machine, output, Translate::Response).await?,
+                    }),
+                    other => other,
+                }
+            }
+            Request::Query {
+                machine,
+                query,
+                consistency,
+            } => {
+                let json = query.is_json();
+                let query = self.to_bytes(&machine, query, Translate::Query).await?;
+                let output = self.query(&machine, query, consistency).await?;
+                let output = if json {
+                    self.to_json(&machine, Payload::Bytes(output), Translate::QueryResponse)
+                        .await?
+                } else {
+                    Payload::Bytes(output)
+                };
+                Ok(Response::Queried { output })
+            }
+            Request::Deploy {
+                machine,
+                component,
+                limits,
+            } => {
+                if component.len() > self.cfg.max_component_bytes {
+                    return Err(ApiError::Deploy(format!(
+                        "the component is {} bytes, more than the {} this node accepts",
+                        component.len(),
+                        self.cfg.max_component_bytes
+                    )));
+                }
+                validate_name(&machine)?;
+                let resolved = machines::resolve(limits);
+                let limits = kythira_api::DeployLimits {
+                    apply_fuel: Some(resolved.apply_fuel),
+                    query_fuel: Some(resolved.query_fuel),
+                    memory_bytes: Some(resolved.memory_bytes as u64),
+                };
+                let sha256: [u8; 32] = Sha256::digest(&component).into();
+                self.propose(Op::Deploy {
+                    machine,
+                    component,
+                    sha256,
+                    limits,
+                })
+                .await
+            }
+            Request::RegisterSession => self.propose(Op::RegisterSession { ttl_ms: 0 }).await,
+            Request::Status => self.status().await.map(Response::Status),
+        };
+        reply.map_err(|e| self.with_leader_addr(e))
+    }
+
+    /// The node's status.
+    pub async fn status(&self) -> Result<NodeStatus, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Status { reply })?;
+        let raft = rx.await.map_err(|_| stopped())?;
+        let leader_addr = raft
+            .leader
+            .and_then(|id| self.cfg.client_addrs.get(&id).cloned());
+        Ok(NodeStatus {
+            id: self.cfg.id,
+            role: role_name(raft.role).to_string(),
+            term: raft.term,
+            leader: raft.leader,
+            leader_addr,
+            last_index: raft.last_index,
+            commit: raft.commit,
+            applied: self.shared.applied.load(Ordering::Acquire),
+            machines: self.shared.machines.lock().expect("lock").clone(),
+            sessions: self.shared.sessions.load(Ordering::Relaxed),
+            protocol: PROTOCOL_VERSION,
+        })
+    }
+
+    async fn propose(&self, op: Op) -> Reply {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Propose { op, reply })?;
+        match tokio::time::timeout(self.cfg.request_timeout, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(ApiError::Timeout),
+        }
+    }
+
+    async fn query(
+        &self,
+        machine: &str,
+        query: Bytes,
+        consistency: Consistency,
+    ) -> Result<Bytes, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        match consistency {
+            Consistency::Linearizable => self.send(Command::Read {
+                machine: machine.to_string(),
+                query,
+                reply,
+            })?,
+            Consistency::Stale => self.shared_read(machine, query, reply)?,
+        }
+        match tokio::time::timeout(self.cfg.request_timeout, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(ApiError::Timeout),
+        }
+    }
+
+    /// Hands a stale read straight to the applier: what it applied is the answer.
+    fn shared_read(
+        &self,
+        machine: &str,
+        query: Bytes,
+        reply: oneshot::Sender<Result<Bytes, ApiError>>,
+    ) -> Result<(), ApiError> {
+        self.applier
+            .send(Work::Read {
+                index: 0,
+                machine: machine.to_string(),
+                query,
+                reply,
+            })
+            .map_err(|_| stopped())
+    }
+
+    fn send(&self, c: Command) -> Result<(), ApiError> {
+        self.commands.try_send(c).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                ApiError::Unavailable("the node has too many requests in flight".into())
+            }
+            mpsc::error::TrySendError::Closed(_) => stopped(),
+        })
+    }
+
+    fn with_leader_addr(&self, e: ApiError) -> ApiError {
+        match e {
+            ApiError::NotLeader {
+                leader: Some(id),
+                addr: None,
+            } => ApiError::NotLeader {
+                leader: Some(id),
+                addr: self.cfg.client_addrs.get(&id).cloned(),
+            },
+            e => e,
+        }
+    }
+}
+
+fn stopped() -> ApiError {
+    ApiError::Unavailable("the node is shutting down".into())
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Leader => "leader",
+        Role::Follower => "follower",
+        Role::Candidate => "candidate",
+        Role::PreCandidate => "pre-candidate",
+    }
+}
+
+/// Machine names appear in URLs and on the command line.
+fn validate_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "machine name {name:?} must be 1 to 64 characters of a-z, A-Z, 0-9, '-' and '_'"
+        )))
+    }
+}

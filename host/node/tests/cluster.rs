@@ -1,0 +1,284 @@
+//! Three nodes in one process, joined by channels instead of QUIC: the
+//! node's own logic end to end (election, deploy, replicated applies,
+//! linearizable reads, sessions, restart from disk).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kythira_api::{ApiError, Consistency, DeployLimits, Payload, Request, Response, SessionSeq};
+use kythira_guest::codec;
+use kythira_node::{Caller, Network, Node, NodeConfig, NodeHandle};
+use kythira_plugin_kv::{Command, Query, Response as KvResponse};
+use kythira_raft::{Message, Role};
+use tokio::sync::mpsc;
+
+fn kv_component() -> Bytes {
+    let dir = std::env::var_os("KYTHIRA_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/plugins"));
+    let path = dir.join("kv.wasm");
+    Bytes::from(std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {} ({e}); build the plugins with `just plugins`",
+            path.display()
+        )
+    }))
+}
+
+/// Routes messages between in-process nodes; a node that is down drops them.
+#[derive(Clone, Default)]
+struct LocalNet {
+    links: Arc<Mutex<BTreeMap<u64, mpsc::Sender<Message>>>>,
+}
+
+impl Network for LocalNet {
+    fn send(&self, m: Message) {
+        if let Some(tx) = self.links.lock().unwrap().get(&m.to) {
+            let _ = tx.try_send(m);
+        }
+    }
+}
+
+struct Cluster {
+    net: LocalNet,
+    dirs: Vec<tempfile::TempDir>,
+    nodes: BTreeMap<u64, Node>,
+}
+
+fn config(id: u64, dir: &std::path::Path) -> NodeConfig {
+    NodeConfig {
+        id,
+        voters: vec![1, 2, 3],
+        client_addrs: BTreeMap::new(),
+        data_dir: dir.to_path_buf(),
+        tick: Duration::from_millis(20),
+        election_ticks: 10,
+        heartbeat_ticks: 2,
+        request_timeout: Duration::from_secs(30),
+        session_ttl: Duration::from_secs(600),
+        max_component_bytes: 64 << 20,
+        seed: id,
+    }
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let mut c = Cluster {
+            net: LocalNet::default(),
+            dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
+            nodes: BTreeMap::new(),
+        };
+        for id in 1..=3 {
+            c.start(id);
+        }
+        c
+    }
+
+    fn start(&mut self, id: u64) {
+        let (tx, rx) = mpsc::channel(1024);
+        self.net.links.lock().unwrap().insert(id, tx);
+        let cfg = config(id, self.dirs[id as usize - 1].path());
+        let node = Node::start(cfg, self.net.clone(), rx).expect("node starts");
+        self.nodes.insert(id, node);
+    }
+
+    fn stop(&mut self, id: u64) {
+        self.net.links.lock().unwrap().remove(&id);
+        let node = self.nodes.remove(&id).unwrap();
+        node.task.abort();
+    }
+
+    fn handle(&self, id: u64) -> &NodeHandle {
+        &self.nodes[&id].handle
+    }
+
+    /// Waits until some node leads (30 s as a safety net).
+    async fn leader(&self) -> u64 {
+        let (tx, mut rx) = mpsc::channel(3);
+        for (id, n) in &self.nodes {
+            let (id, tx, mut seen) = (*id, tx.clone(), n.handle.leadership());
+            tokio::spawn(async move {
+                if seen.wait_for(|l| l.role == Role::Leader).await.is_ok() {
+                    let _ = tx.send(id).await;
+                }
+            });
+        }
+        tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("a leader within 30 s")
+            .expect("a leader")
+    }
+}
+
+fn put(key: &str, value: &str) -> Request {
+    Request::Apply {
+        machine: "kv".into(),
+        command: Payload::Bytes(
+            codec::encode(&Command::Put {
+                key: key.into(),
+                value: value.into(),
+            })
+            .unwrap()
+            .into(),
+        ),
+        session: None,
+    }
+}
+
+fn get(key: &str, consistency: Consistency) -> Request {
+    Request::Query {
+        machine: "kv".into(),
+        query: Payload::Bytes(
+            codec::encode(&Query::Get { key: key.into() })
+                .unwrap()
+                .into(),
+        ),
+        consistency,
+    }
+}
+
+fn value(reply: Response) -> Option<Vec<u8>> {
+    let bytes = match reply {
+        Response::Queried {
+            output: Payload::Bytes(b),
+        }
+        | Response::Applied {
+            output: Payload::Bytes(b),
+            ..
+        } => b,
+        other => panic!("unexpected {other:?}"),
+    };
+    match codec::decode::<KvResponse>(&bytes).unwrap() {
+        KvResponse::Value(v) => v,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn deploy(h: &NodeHandle) {
+    let reply = h
+        .call(
+            Caller::Admin,
+            Request::Deploy {
+                machine: "kv".into(),
+                component: kv_component(),
+                limits: DeployLimits::default(),
+            },
+        )
+        .await
+        .expect("deploy");
+    assert!(matches!(reply, Response::Deployed { .. }), "{reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicates_reads_and_survives_a_restart() {
+    let mut c = Cluster::new();
+    let leader = c.leader().await;
+    let h = c.handle(leader).clone();
+    deploy(&h).await;
+    for i in 0..20 {
+        h.call(Caller::Client, put(&format!("k{i}"), &format!("v{i}")))
+            .await
+            .expect("put");
+    }
+    let got = h
+        .call(Caller::Client, get("k7", Consistency::Linearizable))
+        .await
+        .unwrap();
+    assert_eq!(value(got), Some(b"v7".to_vec()));
+
+    // A follower refuses writes and names the leader.
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let err = c
+        .handle(follower)
+        .call(Caller::Client, put("x", "y"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::NotLeader { .. }), "{err:?}");
+    // Clients may not deploy.
+    let err = h
+        .call(
+            Caller::Client,
+            Request::Deploy {
+                machine: "kv2".into(),
+                component: kv_component(),
+                limits: DeployLimits::default(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::Unauthorized(_)), "{err:?}");
+
+    // Restart every node: the log on disk brings the state back.
+    for id in 1..=3 {
+        c.stop(id);
+    }
+    for id in 1..=3 {
+        c.start(id);
+    }
+    let leader = c.leader().await;
+    let got = c
+        .handle(leader)
+        .call(Caller::Client, get("k19", Consistency::Linearizable))
+        .await
+        .unwrap();
+    assert_eq!(value(got), Some(b"v19".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_serial_is_applied_once() {
+    let c = Cluster::new();
+    let h = c.handle(c.leader().await).clone();
+    deploy(&h).await;
+    let Response::Session { id } = h
+        .call(Caller::Client, Request::RegisterSession)
+        .await
+        .unwrap()
+    else {
+        panic!("no session")
+    };
+    let seq = |serial| SessionSeq {
+        id,
+        serial,
+        acked: serial,
+    };
+    let with = |serial, key: &str, value: &str| match put(key, value) {
+        Request::Apply {
+            machine, command, ..
+        } => Request::Apply {
+            machine,
+            command,
+            session: Some(seq(serial)),
+        },
+        _ => unreachable!(),
+    };
+    let first = h.call(Caller::Client, with(1, "a", "1")).await.unwrap();
+    assert_eq!(value(first.clone()), None);
+    h.call(Caller::Client, put("a", "2")).await.unwrap();
+    // The retry of serial 1 returns the first answer and changes nothing.
+    let again = h.call(Caller::Client, with(1, "a", "1")).await.unwrap();
+    assert_eq!(value(again), None);
+    let now = h
+        .call(Caller::Client, get("a", Consistency::Linearizable))
+        .await
+        .unwrap();
+    assert_eq!(value(now), Some(b"2".to_vec()));
+    let err = h
+        .call(
+            Caller::Client,
+            Request::Apply {
+                machine: "kv".into(),
+                command: Payload::Bytes(Bytes::from_static(b"\xff\xff")),
+                session: Some(SessionSeq {
+                    id: 999_999,
+                    serial: 1,
+                    acked: 0,
+                }),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err, ApiError::SessionExpired(999_999));
+}
