@@ -49,9 +49,9 @@ mod types;
 
 pub use bytes::Bytes;
 pub use config::Config;
-pub use driver::{Batch, Driver, Write, may_precede_persist};
 #[cfg(feature = "mutants")]
 pub use config::Mutation;
+pub use driver::{Batch, Driver, Write, may_precede_persist};
 pub use error::{ConfigError, ProposeError, RestoreError, StepError};
 pub use log::RaftLog;
 pub use message::{AppendOutcome, Message, MessageBody};
