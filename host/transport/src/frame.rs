@@ -109,6 +109,31 @@ pub fn encode_frame(payload: &[u8], max: usize, out: &mut BytesMut) -> Result<()
     Ok(())
 }
 
+/// Starts a frame in place at the end of `out`: reserves the header and
+/// returns where it starts. Encode the payload straight after it, then call
+/// [`end_frame`]; this saves copying each payload into a frame.
+pub fn begin_frame(out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    start
+}
+
+/// Completes the frame [`begin_frame`] started at `start`. A payload over
+/// `max` is removed again, leaving `out` as it was before `begin_frame`.
+pub fn end_frame(out: &mut Vec<u8>, start: usize, max: usize) -> Result<(), FrameError> {
+    let len = out.len() - start - HEADER_LEN;
+    match encode_header(len, max) {
+        Ok(header) => {
+            out[start..start + HEADER_LEN].copy_from_slice(&header);
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(e)
+        }
+    }
+}
+
 /// Writes one frame. Refuses a payload over `max`, so that the sender fails
 /// instead of the receiver closing the connection.
 pub async fn write_frame<W>(writer: &mut W, payload: &[u8], max: usize) -> Result<(), FrameError>
@@ -205,7 +230,10 @@ mod tests {
         let whole = frame(b"hello");
         for cut in 1..whole.len() {
             let err = read_all(&whole[..cut], 10).await.unwrap_err();
-            assert!(matches!(err, FrameError::Truncated { .. }), "cut {cut}: {err}");
+            assert!(
+                matches!(err, FrameError::Truncated { .. }),
+                "cut {cut}: {err}"
+            );
         }
     }
 
@@ -217,7 +245,9 @@ mod tests {
         assert!(matches!(err, FrameError::UnsupportedVersion { version: 2 }));
         // The version is checked before the length, so a future version's
         // large header is reported as a version problem.
-        let err = read_all(&[0xff, 0xff, 0xff, 0xff, 0], 10).await.unwrap_err();
+        let err = read_all(&[0xff, 0xff, 0xff, 0xff, 0], 10)
+            .await
+            .unwrap_err();
         assert!(matches!(err, FrameError::UnsupportedVersion { version: 0 }));
     }
 
@@ -237,9 +267,29 @@ mod tests {
         assert!(sink.is_empty(), "nothing is written for a refused frame");
     }
 
+    #[tokio::test]
+    async fn frames_built_in_place_read_back() {
+        let mut out = b"x".to_vec();
+        let start = begin_frame(&mut out);
+        out.extend_from_slice(b"abc");
+        end_frame(&mut out, start, 3).unwrap();
+        let start = begin_frame(&mut out);
+        out.extend_from_slice(b"toolong");
+        assert!(matches!(
+            end_frame(&mut out, start, 3),
+            Err(FrameError::TooLarge { len: 7, max: 3 })
+        ));
+        assert_eq!(out.len(), 1 + HEADER_LEN + 3, "a refused frame is removed");
+        let frames = read_all(&out[1..], 3).await.unwrap();
+        assert_eq!(frames, vec![Bytes::from_static(b"abc")]);
+    }
+
     #[test]
     fn header_is_big_endian_length_then_version() {
-        assert_eq!(encode_header(0x0102_0304, usize::MAX).unwrap(), [1, 2, 3, 4, VERSION]);
+        assert_eq!(
+            encode_header(0x0102_0304, usize::MAX).unwrap(),
+            [1, 2, 3, 4, VERSION]
+        );
         assert_eq!(parse_header([0, 0, 1, 0, VERSION], 256).unwrap(), 256);
         assert!(parse_header([0, 0, 1, 1, VERSION], 256).is_err());
     }

@@ -24,11 +24,11 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use rustls::pki_types::pem::PemObject;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls::pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use time::{Duration as TimeDuration, OffsetDateTime};
 use x509_parser::extensions::GeneralName;
@@ -228,20 +228,23 @@ impl Identity {
                 role,
             });
         }
-        Err(bad("expected kythira://node/<id> or kythira://client/<name>?role=<role>"))
+        Err(bad(
+            "expected kythira://node/<id> or kythira://client/<name>?role=<role>",
+        ))
     }
 
     /// Reads the identity out of a DER certificate: exactly one `kythira://`
     /// URI SAN, canonical. Does not check the signature; TLS has done that
     /// before anyone calls this on a peer's certificate.
     pub fn from_cert_der(der: &[u8]) -> Result<Self, PkiError> {
-        let (_, cert) =
-            x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse {
-                reason: e.to_string(),
-            })?;
-        let san = cert.subject_alternative_name().map_err(|e| PkiError::Parse {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse {
             reason: e.to_string(),
         })?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| PkiError::Parse {
+                reason: e.to_string(),
+            })?;
         let uris: Vec<&str> = san
             .iter()
             .flat_map(|ext| ext.value.general_names.iter())
@@ -353,10 +356,9 @@ impl Ca {
                 reason: format!("CA certificate PEM: {e}"),
             },
         )?;
-        let (_, x509) =
-            x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Parse {
-                reason: e.to_string(),
-            })?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Parse {
+            reason: e.to_string(),
+        })?;
         if !x509.is_ca() {
             return Err(PkiError::NotCa);
         }
@@ -505,7 +507,10 @@ mod tests {
             let issued = ca
                 .issue(&identity, &["127.0.0.1".parse().unwrap()])
                 .unwrap();
-            assert_eq!(Identity::from_cert_der(&der(&issued.cert_pem)).unwrap(), identity);
+            assert_eq!(
+                Identity::from_cert_der(&der(&issued.cert_pem)).unwrap(),
+                identity
+            );
         }
     }
 

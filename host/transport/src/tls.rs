@@ -270,14 +270,13 @@ impl Tls {
             reason: e.to_string(),
         })?;
 
-        let signing_key =
-            provider
-                .key_provider
-                .load_private_key(key.clone_key())
-                .map_err(|reason| TlsError::UnsupportedKey {
-                    key: key_src.clone(),
-                    reason,
-                })?;
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|reason| TlsError::UnsupportedKey {
+                key: key_src.clone(),
+                reason,
+            })?;
         CertifiedKey::new(chain.clone(), signing_key)
             .keys_match()
             .map_err(|_| TlsError::KeyMismatch {
@@ -288,13 +287,12 @@ impl Tls {
         // Every identity, node or client, presents its certificate as a TLS
         // client at some point, so the client verifier is the check that
         // applies to all of them.
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                .build()
-                .map_err(|e| TlsError::BadCa {
-                    ca: ca_src.clone(),
-                    reason: rustls::Error::General(e.to_string()),
-                })?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| TlsError::BadCa {
+                ca: ca_src.clone(),
+                reason: rustls::Error::General(e.to_string()),
+            })?;
         let (leaf, intermediates) = chain.split_first().ok_or_else(|| TlsError::NotPem {
             file: cert_src.clone(),
             expected: "a CERTIFICATE block",

@@ -264,9 +264,7 @@ pub fn decode(bytes: &Bytes) -> Result<Message, WireError> {
                 hint_term,
             },
         }),
-        WireBody::Heartbeat { commit, read_round } => {
-            MessageBody::Heartbeat { commit, read_round }
-        }
+        WireBody::Heartbeat { commit, read_round } => MessageBody::Heartbeat { commit, read_round },
         WireBody::HeartbeatResponse { read_round } => MessageBody::HeartbeatResponse { read_round },
     };
     Ok(Message {

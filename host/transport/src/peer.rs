@@ -1,0 +1,907 @@
+//! The Raft peer network: one QUIC connection per pair of nodes, one ordered
+//! stream per direction, non-blocking sends.
+//!
+//! Contracts:
+//! - **One connection per pair.** The lower id dials, the higher accepts. A
+//!   connection from a node with a higher id than ours is refused: it should
+//!   be waiting for us to dial. A newer connection from the same lower-id peer
+//!   replaces the older one (the peer restarted or lost it first).
+//! - **Identity before data.** The peer's node id comes from its certificate
+//!   and is checked against the peer set (and, when dialing, against the node
+//!   we meant to reach) before any stream is opened or frame read. Refusals
+//!   close the connection with [`CloseCode::Refused`] and a reason, are
+//!   logged and counted in [`NetStats::refused`].
+//! - **Order, not reliability.** Each direction uses one long-lived uni
+//!   stream, so messages to a peer arrive in the order sent. Messages may be
+//!   lost: [`PeerNet::send`] never blocks; a full per-peer queue drops the
+//!   message, and so does a disconnected peer. Raft retransmits.
+//! - **Only well-addressed messages come in:** `from` must be the
+//!   certificate's node id and `to` ours; others are dropped and counted.
+//! - **A malformed frame closes that connection** ([`CloseCode::Protocol`]),
+//!   logged; the dialing side reconnects after a backoff.
+//! - Reconnection uses [`Backoff::delay`], a pure function, with jitter from
+//!   a per-peer generator seeded by the standard library's random state.
+//!
+//! One driver task per peer owns the connection, the outbound queue's
+//! receiver and the backoff state; [`PeerNet`] handles are clones that only
+//! queue. Dropping the last handle stops every driver.
+
+use std::collections::BTreeMap;
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kythira_raft::Message;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::AbortHandle;
+use tracing::{debug, info, warn};
+
+use crate::endpoint::{CloseCode, peer_identity};
+use crate::frame::{self, DEFAULT_MAX_FRAME};
+use crate::pki::{Identity, SERVER_NAME};
+use crate::wire;
+
+/// Capped exponential backoff with jitter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// Delay scale of the first retry.
+    pub base: Duration,
+    /// Upper bound of every delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    /// 50 ms doubling to 2 s: a restarted peer is reached within a fraction
+    /// of a typical election timeout, a dead one costs a dial every ~2 s.
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_millis(50),
+            max: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `attempt` (0 for the first retry):
+    /// `d = min(max, base · 2^attempt)`, then "equal jitter", a point in
+    /// `[d/2, d]` chosen by `jitter` in `[0, 1)` (values outside are
+    /// clamped). Half the delay is kept so that retries never collapse to
+    /// zero; the random half spreads peers that failed together.
+    pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
+        let max = self.max.max(self.base);
+        let capped = match 2u32.checked_pow(attempt) {
+            Some(factor) => self.base.saturating_mul(factor).min(max),
+            None => max,
+        };
+        let jitter = if jitter.is_finite() {
+            jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let half = capped / 2;
+        let delay = half + (capped - half).mul_f64(jitter);
+        debug_assert!(delay >= half && delay <= capped && delay <= max);
+        delay
+    }
+}
+
+/// Configuration of a node's peer network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Our node id (at least 1); must be the id in our certificate.
+    pub id: u64,
+    /// The other members and their addresses, excluding ourselves.
+    pub peers: BTreeMap<u64, SocketAddr>,
+    /// Capacity of each peer's outbound queue. The inbound channel holds
+    /// `queue_len` messages per peer.
+    pub queue_len: usize,
+    /// Largest frame accepted or sent; keep the core's message byte limit
+    /// well below it.
+    pub max_frame: usize,
+    /// Reconnect schedule of the dialing side.
+    pub backoff: Backoff,
+}
+
+impl PeerConfig {
+    /// Defaults: queues of 4096 messages (etcd's), [`DEFAULT_MAX_FRAME`],
+    /// [`Backoff::default`].
+    pub fn new(id: u64, peers: BTreeMap<u64, SocketAddr>) -> Self {
+        PeerConfig {
+            id,
+            peers,
+            queue_len: 4096,
+            max_frame: DEFAULT_MAX_FRAME,
+            backoff: Backoff::default(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), PeerError> {
+        if self.id == 0 {
+            return Err(PeerError::InvalidConfig {
+                reason: "node id 0 is reserved",
+            });
+        }
+        if self.peers.contains_key(&0) {
+            return Err(PeerError::InvalidConfig {
+                reason: "peer id 0 is reserved",
+            });
+        }
+        if self.peers.contains_key(&self.id) {
+            return Err(PeerError::InvalidConfig {
+                reason: "the peer set must not contain our own id",
+            });
+        }
+        if self.queue_len == 0 {
+            return Err(PeerError::InvalidConfig {
+                reason: "queue_len must be at least 1",
+            });
+        }
+        if self.max_frame < frame::HEADER_LEN {
+            return Err(PeerError::InvalidConfig {
+                reason: "max_frame is too small for any message",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Errors of starting the peer network.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The configuration is inconsistent.
+    #[error("invalid peer configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Our certificate is not for the configured node id.
+    #[error("the configured node id is {configured} but our certificate is for {certificate}")]
+    WrongIdentity {
+        /// `PeerConfig::id`.
+        configured: u64,
+        /// What the certificate names.
+        certificate: Identity,
+    },
+    /// The endpoint already runs a peer network.
+    #[error("the peer network is already started on this endpoint")]
+    AlreadyStarted,
+    /// Building the dialing configuration failed.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// Why [`PeerNet::send`] did not queue a message. Each case is also counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// `to` is not a member.
+    #[error("node {to} is not a peer")]
+    UnknownPeer {
+        /// The recipient.
+        to: u64,
+    },
+    /// `from` is not our id.
+    #[error("message from {from} cannot be sent by node {us}")]
+    NotFromUs {
+        /// The message's sender field.
+        from: u64,
+        /// Our id.
+        us: u64,
+    },
+    /// The peer's queue is full; the message was dropped.
+    #[error("queue to node {to} is full; message dropped")]
+    QueueFull {
+        /// The recipient.
+        to: u64,
+    },
+    /// The network is shutting down.
+    #[error("peer network stopped")]
+    Stopped,
+}
+
+/// Why a peer connection was refused or ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The certificate names no valid identity.
+    NoIdentity(String),
+    /// A client certificate on the peer protocol.
+    NotANode(Identity),
+    /// A node that is not in the peer set.
+    NotAMember(u64),
+    /// A node presenting our own id.
+    OurOwnId(u64),
+    /// A higher-id node dialed us; we dial it.
+    MustNotDial(u64),
+    /// We dialed a node but reached another.
+    WrongNode {
+        /// Whom we dialed.
+        expected: u64,
+        /// Whom the certificate names.
+        found: Identity,
+    },
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::NoIdentity(e) => write!(f, "certificate has no valid identity: {e}"),
+            Refusal::NotANode(id) => write!(f, "{id} is not a node: peer protocol refused"),
+            Refusal::NotAMember(id) => write!(f, "node {id} is not a member of the peer set"),
+            Refusal::OurOwnId(id) => write!(f, "peer presents our own node id {id}"),
+            Refusal::MustNotDial(id) => {
+                write!(f, "node {id} has a higher id and must wait to be dialed")
+            }
+            Refusal::WrongNode { expected, found } => {
+                write!(f, "dialed node {expected} but reached {found}")
+            }
+        }
+    }
+}
+
+/// Decides whether to accept a peer connection from `identity` at node `us`
+/// with the given member set; returns the peer's id. Pure, so the rule is
+/// tested without sockets.
+pub fn accept_decision(
+    us: u64,
+    members: impl Fn(u64) -> bool,
+    identity: &Identity,
+) -> Result<u64, Refusal> {
+    let Identity::Node(id) = *identity else {
+        return Err(Refusal::NotANode(identity.clone()));
+    };
+    if id == us {
+        return Err(Refusal::OurOwnId(id));
+    }
+    if !members(id) {
+        return Err(Refusal::NotAMember(id));
+    }
+    if id > us {
+        return Err(Refusal::MustNotDial(id));
+    }
+    Ok(id)
+}
+
+/// Checks that a node we dialed is the node we meant.
+pub fn dial_decision(expected: u64, identity: &Identity) -> Result<(), Refusal> {
+    match identity {
+        Identity::Node(id) if *id == expected => Ok(()),
+        other => Err(Refusal::WrongNode {
+            expected,
+            found: other.clone(),
+        }),
+    }
+}
+
+/// Counters of one peer, since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Messages written to the peer's stream.
+    pub sent: u64,
+    /// Messages dropped because the queue was full.
+    pub dropped_full: u64,
+    /// Messages dropped because there was no connection (including those
+    /// lost in a write that failed).
+    pub dropped_disconnected: u64,
+    /// Messages received and delivered.
+    pub received: u64,
+    /// Malformed frames or messages received (each closed the connection).
+    pub decode_errors: u64,
+    /// Messages received whose `from` or `to` was wrong (dropped).
+    pub misaddressed: u64,
+    /// Messages that could not be encoded or exceeded the frame limit.
+    pub encode_errors: u64,
+    /// Connections established.
+    pub connects: u64,
+    /// Whether a connection is up now.
+    pub connected: bool,
+}
+
+/// Counters of the whole peer network.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Per peer.
+    pub peers: BTreeMap<u64, PeerStats>,
+    /// Incoming connections refused (unknown node, client certificate, wrong
+    /// direction).
+    pub refused: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    dropped_full: AtomicU64,
+    dropped_disconnected: AtomicU64,
+    received: AtomicU64,
+    decode_errors: AtomicU64,
+    misaddressed: AtomicU64,
+    encode_errors: AtomicU64,
+    connects: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// Hand-over of accepted connections to a peer's driver. The newest wins.
+#[derive(Default)]
+struct Slot {
+    conn: Mutex<Option<quinn::Connection>>,
+    notify: Notify,
+}
+
+impl Slot {
+    fn put(&self, conn: quinn::Connection) {
+        let old = self
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(conn);
+        if let Some(old) = old {
+            old.close(
+                CloseCode::Replaced.into(),
+                b"replaced by a newer connection",
+            );
+        }
+        self.notify.notify_one();
+    }
+
+    async fn take(&self) -> quinn::Connection {
+        loop {
+            if let Some(conn) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return conn;
+            }
+            // `notify_one` stores a permit when nobody waits, so a `put`
+            // between the check above and this await is not missed.
+            self.notify.notified().await;
+        }
+    }
+}
+
+struct PeerHandle {
+    queue: mpsc::Sender<Message>,
+    counters: Arc<Counters>,
+    slot: Arc<Slot>,
+    connected: Arc<watch::Sender<bool>>,
+}
+
+pub(crate) struct Shared {
+    id: u64,
+    peers: BTreeMap<u64, PeerHandle>,
+    refused: AtomicU64,
+    tasks: Mutex<Vec<AbortHandle>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        for task in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+}
+
+impl Shared {
+    /// An authenticated connection on the peer ALPN arrived.
+    pub(crate) fn accept(&self, identity: &Identity, conn: quinn::Connection) {
+        match accept_decision(self.id, |id| self.peers.contains_key(&id), identity) {
+            Ok(id) => {
+                debug!(peer = id, remote = %conn.remote_address(), "peer connection accepted");
+                self.peers[&id].slot.put(conn);
+            }
+            Err(refusal) => self.refuse(&conn, &refusal),
+        }
+    }
+
+    pub(crate) fn refuse(&self, conn: &quinn::Connection, refusal: &Refusal) {
+        bump(&self.refused, 1);
+        warn!(node = self.id, remote = %conn.remote_address(), reason = %refusal, "peer connection refused");
+        conn.close(CloseCode::Refused.into(), refusal.to_string().as_bytes());
+    }
+}
+
+/// Handle to the peer network; cheap to clone.
+#[derive(Clone)]
+pub struct PeerNet {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for PeerNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerNet")
+            .field("id", &self.shared.id)
+            .field("peers", &self.shared.peers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl PeerNet {
+    /// Starts the drivers. Called by `Endpoint::start_peers`, which routes
+    /// accepted connections to the returned `Shared`.
+    pub(crate) fn start(
+        config: PeerConfig,
+        our_identity: &Identity,
+        endpoint: quinn::Endpoint,
+        dial_config: quinn::ClientConfig,
+    ) -> Result<(PeerNet, mpsc::Receiver<Message>), PeerError> {
+        config.validate()?;
+        if our_identity != &Identity::Node(config.id) {
+            return Err(PeerError::WrongIdentity {
+                configured: config.id,
+                certificate: our_identity.clone(),
+            });
+        }
+        let inbound_len = config.queue_len.saturating_mul(config.peers.len().max(1));
+        let (inbound_tx, inbound_rx) = mpsc::channel(inbound_len);
+        let seeds = RandomState::new();
+        let mut peers = BTreeMap::new();
+        let mut tasks = Vec::new();
+        for (&peer, &addr) in &config.peers {
+            let (queue_tx, queue_rx) = mpsc::channel(config.queue_len);
+            let counters = Arc::new(Counters::default());
+            let slot = Arc::new(Slot::default());
+            let connected = Arc::new(watch::Sender::new(false));
+            let mut hasher = seeds.build_hasher();
+            hasher.write_u64(peer);
+            let driver = Driver {
+                us: config.id,
+                peer,
+                addr,
+                dials: config.id < peer,
+                endpoint: endpoint.clone(),
+                dial_config: dial_config.clone(),
+                queue: queue_rx,
+                inbound: inbound_tx.clone(),
+                counters: counters.clone(),
+                slot: slot.clone(),
+                connected: connected.clone(),
+                backoff: config.backoff,
+                rng: SplitMix64(hasher.finish()),
+                max_frame: config.max_frame,
+            };
+            tasks.push(tokio::spawn(driver.run()).abort_handle());
+            peers.insert(
+                peer,
+                PeerHandle {
+                    queue: queue_tx,
+                    counters,
+                    slot,
+                    connected,
+                },
+            );
+        }
+        let shared = Arc::new(Shared {
+            id: config.id,
+            peers,
+            refused: AtomicU64::new(0),
+            tasks: Mutex::new(tasks),
+        });
+        Ok((PeerNet { shared }, inbound_rx))
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Our node id.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// Queues `message` for `message.to` without waiting. Full queue: the
+    /// message is dropped and counted.
+    pub fn send(&self, message: Message) -> Result<(), SendError> {
+        if message.from != self.shared.id {
+            return Err(SendError::NotFromUs {
+                from: message.from,
+                us: self.shared.id,
+            });
+        }
+        let to = message.to;
+        let Some(peer) = self.shared.peers.get(&to) else {
+            return Err(SendError::UnknownPeer { to });
+        };
+        match peer.queue.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                bump(&peer.counters.dropped_full, 1);
+                Err(SendError::QueueFull { to })
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                bump(&peer.counters.dropped_disconnected, 1);
+                Err(SendError::Stopped)
+            }
+        }
+    }
+
+    /// Waits until a connection to `peer` is up; `false` if `peer` is not a
+    /// member. Meant for start-up and tests; Raft itself needs no such wait.
+    pub async fn wait_connected(&self, peer: u64) -> bool {
+        let Some(handle) = self.shared.peers.get(&peer) else {
+            return false;
+        };
+        let mut rx = handle.connected.subscribe();
+        rx.wait_for(|up| *up).await.is_ok()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> NetStats {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NetStats {
+            peers: self
+                .shared
+                .peers
+                .iter()
+                .map(|(&id, h)| {
+                    let c = &h.counters;
+                    let stats = PeerStats {
+                        sent: load(&c.sent),
+                        dropped_full: load(&c.dropped_full),
+                        dropped_disconnected: load(&c.dropped_disconnected),
+                        received: load(&c.received),
+                        decode_errors: load(&c.decode_errors),
+                        misaddressed: load(&c.misaddressed),
+                        encode_errors: load(&c.encode_errors),
+                        connects: load(&c.connects),
+                        connected: *h.connected.borrow(),
+                    };
+                    (id, stats)
+                })
+                .collect(),
+            refused: load(&self.shared.refused),
+        }
+    }
+}
+
+/// A small, fast generator for jitter; quality needs are modest.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // 53 random bits: uniform in [0, 1).
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Messages gathered into one stream write, at most.
+const BATCH_MESSAGES: usize = 256;
+/// Bytes gathered into one stream write before it is issued.
+const BATCH_BYTES: usize = 1 << 20;
+
+/// How a connection ended.
+enum Ended {
+    /// The `PeerNet` is gone.
+    Stopped,
+    /// A newer connection from the peer replaced this one.
+    Replaced(quinn::Connection),
+    /// The connection failed or was closed; log the reason.
+    Failed(String),
+}
+
+struct Driver {
+    us: u64,
+    peer: u64,
+    addr: SocketAddr,
+    dials: bool,
+    endpoint: quinn::Endpoint,
+    dial_config: quinn::ClientConfig,
+    queue: mpsc::Receiver<Message>,
+    inbound: mpsc::Sender<Message>,
+    counters: Arc<Counters>,
+    slot: Arc<Slot>,
+    connected: Arc<watch::Sender<bool>>,
+    backoff: Backoff,
+    rng: SplitMix64,
+    max_frame: usize,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut attempt: u32 = 0;
+        let mut next: Option<quinn::Connection> = None;
+        loop {
+            let conn = match next.take() {
+                Some(conn) => conn,
+                None if self.dials => match self.dial().await {
+                    Some(Ok(conn)) => conn,
+                    Some(Err(reason)) => {
+                        debug!(node = self.us, peer = self.peer, %reason, attempt, "dial failed");
+                        if !self.pause(attempt).await {
+                            return;
+                        }
+                        attempt = attempt.saturating_add(1);
+                        continue;
+                    }
+                    None => return,
+                },
+                None => {
+                    let slot = self.slot.clone();
+                    match drain_while(&mut self.queue, &self.counters, slot.take()).await {
+                        Some(conn) => conn,
+                        None => return,
+                    }
+                }
+            };
+            bump(&self.counters.connects, 1);
+            self.connected.send_replace(true);
+            info!(node = self.us, peer = self.peer, remote = %conn.remote_address(), "peer connected");
+            let (ended, heard) = self.serve(&conn).await;
+            self.connected.send_replace(false);
+            if heard {
+                // Only a connection that carried traffic proves the peer
+                // healthy; one refused right after the handshake must not
+                // reset the schedule into a tight loop.
+                attempt = 0;
+            }
+            match ended {
+                Ended::Stopped => {
+                    conn.close(CloseCode::Shutdown.into(), b"peer network stopped");
+                    return;
+                }
+                Ended::Replaced(newer) => {
+                    debug!(node = self.us, peer = self.peer, "connection replaced");
+                    next = Some(newer);
+                }
+                Ended::Failed(reason) => {
+                    warn!(node = self.us, peer = self.peer, %reason, "peer connection lost");
+                    if self.dials {
+                        if !self.pause(attempt).await {
+                            return;
+                        }
+                        attempt = attempt.saturating_add(1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits out the backoff, dropping what is queued meanwhile; `false`
+    /// when the network stopped.
+    async fn pause(&mut self, attempt: u32) -> bool {
+        let delay = self.backoff.delay(attempt, self.rng.next_f64());
+        drain_while(&mut self.queue, &self.counters, tokio::time::sleep(delay))
+            .await
+            .is_some()
+    }
+
+    /// One dial attempt; `None` when the network stopped meanwhile.
+    async fn dial(&mut self) -> Option<Result<quinn::Connection, String>> {
+        let connecting =
+            match self
+                .endpoint
+                .connect_with(self.dial_config.clone(), self.addr, SERVER_NAME)
+            {
+                Ok(connecting) => connecting,
+                Err(e) => return Some(Err(format!("cannot start connecting: {e}"))),
+            };
+        let conn = match drain_while(&mut self.queue, &self.counters, connecting).await? {
+            Ok(conn) => conn,
+            Err(e) => return Some(Err(format!("handshake with {}: {e}", self.addr))),
+        };
+        let identity = peer_identity(&conn);
+        let decision = match &identity {
+            Ok(identity) => dial_decision(self.peer, identity),
+            Err(e) => Err(Refusal::NoIdentity(e.to_string())),
+        };
+        if let Err(refusal) = decision {
+            warn!(node = self.us, peer = self.peer, reason = %refusal, "refusing dialed peer");
+            conn.close(CloseCode::Refused.into(), refusal.to_string().as_bytes());
+            return Some(Err(refusal.to_string()));
+        }
+        Some(Ok(conn))
+    }
+
+    /// Carries traffic until the connection ends; also reports whether
+    /// anything was received.
+    async fn serve(&mut self, conn: &quinn::Connection) -> (Ended, bool) {
+        let heard = AtomicU64::new(0);
+        let reader = read_loop(
+            conn,
+            self.peer,
+            self.us,
+            &self.inbound,
+            &self.counters,
+            self.max_frame,
+            &heard,
+        );
+        let writer = write_loop(conn, &mut self.queue, &self.counters, self.max_frame);
+        let slot = self.slot.clone();
+        let dials = self.dials;
+        let replaced = async move {
+            if dials {
+                // Dialing side: nothing is accepted for this peer.
+                std::future::pending::<quinn::Connection>().await
+            } else {
+                slot.take().await
+            }
+        };
+        let ended = tokio::select! {
+            ended = reader => ended,
+            ended = writer => ended,
+            newer = replaced => Ended::Replaced(newer),
+        };
+        if let Ended::Failed(reason) = &ended {
+            // Idempotent if the connection is already closed.
+            conn.close(CloseCode::Protocol.into(), reason.as_bytes());
+        }
+        (ended, heard.load(Ordering::Relaxed) > 0)
+    }
+}
+
+/// Runs `fut` while dropping (and counting) whatever is queued meanwhile:
+/// without a connection, old Raft messages are worthless. `None` if the
+/// queue closed, i.e. the `PeerNet` is gone.
+async fn drain_while<F: Future>(
+    queue: &mut mpsc::Receiver<Message>,
+    counters: &Counters,
+    fut: F,
+) -> Option<F::Output> {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            message = queue.recv() => match message {
+                Some(_) => bump(&counters.dropped_disconnected, 1),
+                None => return None,
+            },
+        }
+    }
+}
+
+async fn write_loop(
+    conn: &quinn::Connection,
+    queue: &mut mpsc::Receiver<Message>,
+    counters: &Counters,
+    max_frame: usize,
+) -> Ended {
+    let mut stream = match conn.open_uni().await {
+        Ok(stream) => stream,
+        Err(e) => return Ended::Failed(format!("cannot open stream: {e}")),
+    };
+    let mut buf = Vec::new();
+    loop {
+        let Some(first) = queue.recv().await else {
+            return Ended::Stopped;
+        };
+        buf.clear();
+        let mut count = 0u64;
+        let mut next = Some(first);
+        // Gather what is already queued into one write: fewer wake-ups and
+        // stream locks, and the peer's reader sees a burst at once.
+        while let Some(message) = next.take() {
+            let start = frame::begin_frame(&mut buf);
+            let encoded = wire::encode_into(&message, &mut buf)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    frame::end_frame(&mut buf, start, max_frame).map_err(|e| e.to_string())
+                });
+            match encoded {
+                Ok(()) => count += 1,
+                Err(reason) => {
+                    buf.truncate(start);
+                    bump(&counters.encode_errors, 1);
+                    warn!(to = message.to, %reason, "message not sent");
+                }
+            }
+            if count < BATCH_MESSAGES as u64 && buf.len() < BATCH_BYTES {
+                next = queue.try_recv().ok();
+            }
+        }
+        if buf.is_empty() {
+            continue;
+        }
+        if let Err(e) = stream.write_all(&buf).await {
+            bump(&counters.dropped_disconnected, count);
+            return Ended::Failed(format!("write: {e}"));
+        }
+        bump(&counters.sent, count);
+    }
+}
+
+async fn read_loop(
+    conn: &quinn::Connection,
+    peer: u64,
+    us: u64,
+    inbound: &mpsc::Sender<Message>,
+    counters: &Counters,
+    max_frame: usize,
+    heard: &AtomicU64,
+) -> Ended {
+    loop {
+        // The peer opens one stream per connection; should it finish one and
+        // open another, read them one after the other to keep the order.
+        let mut stream = match conn.accept_uni().await {
+            Ok(stream) => stream,
+            Err(e) => return Ended::Failed(format!("connection: {e}")),
+        };
+        loop {
+            let bytes: Bytes = match frame::read_frame(&mut stream, max_frame).await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => break,
+                Err(e) => {
+                    bump(&counters.decode_errors, 1);
+                    warn!(node = us, peer, error = %e, "malformed frame from peer; closing connection");
+                    return Ended::Failed(format!("malformed frame: {e}"));
+                }
+            };
+            let message = match wire::decode(&bytes) {
+                Ok(message) => message,
+                Err(e) => {
+                    bump(&counters.decode_errors, 1);
+                    warn!(node = us, peer, error = %e, "malformed message from peer; closing connection");
+                    return Ended::Failed(format!("malformed message: {e}"));
+                }
+            };
+            heard.fetch_add(1, Ordering::Relaxed);
+            if message.from != peer || message.to != us {
+                bump(&counters.misaddressed, 1);
+                debug!(
+                    node = us,
+                    peer,
+                    from = message.from,
+                    to = message.to,
+                    "misaddressed message dropped"
+                );
+                continue;
+            }
+            if inbound.send(message).await.is_err() {
+                // The receiver is gone: nobody consumes messages any more.
+                return Ended::Stopped;
+            }
+            bump(&counters.received, 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::Role;
+
+    #[test]
+    fn lower_ids_dial_higher_ids_accept() {
+        let members = |id| [1, 2, 3].contains(&id);
+        assert_eq!(accept_decision(2, members, &Identity::Node(1)), Ok(1));
+        assert_eq!(
+            accept_decision(2, members, &Identity::Node(3)),
+            Err(Refusal::MustNotDial(3))
+        );
+        assert_eq!(
+            accept_decision(2, members, &Identity::Node(2)),
+            Err(Refusal::OurOwnId(2))
+        );
+        assert_eq!(
+            accept_decision(2, members, &Identity::Node(9)),
+            Err(Refusal::NotAMember(9))
+        );
+        let client = Identity::client("c", Role::Admin).unwrap();
+        assert!(matches!(
+            accept_decision(2, members, &client),
+            Err(Refusal::NotANode(_))
+        ));
+        assert_eq!(dial_decision(3, &Identity::Node(3)), Ok(()));
+        assert!(dial_decision(3, &Identity::Node(4)).is_err());
+    }
+
+    #[test]
+    fn jitter_is_uniform_enough_and_in_range() {
+        let mut rng = SplitMix64(7);
+        let draws: Vec<f64> = (0..10_000).map(|_| rng.next_f64()).collect();
+        assert!(draws.iter().all(|x| (0.0..1.0).contains(x)));
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((mean - 0.5).abs() < 0.02, "mean {mean}");
+    }
+}
