@@ -10,7 +10,10 @@
 ///
 /// On `wasm32` targets this generates the exports of the
 /// `kythira:state-machine` world, backed by one instance of the type created
-/// with `Default`. On every other target it only checks that the type is a
+/// with `Default`; the JSON translations call the type's
+/// [`StateMachine`](crate::StateMachine) translation functions (serde_json
+/// over its own types unless it overrides them) and never touch that
+/// instance. On every other target it only checks that the type is a
 /// `StateMachine`, so the crate still builds and tests natively.
 #[cfg(target_arch = "wasm32")]
 #[macro_export]
@@ -71,6 +74,32 @@ macro_rules! export {
                     state: ::std::vec::Vec<u8>,
                 ) -> ::core::result::Result<(), ::std::string::String> {
                     MACHINE.with_borrow_mut(|machine| machine.restore_from_snapshot(&state))
+                }
+
+                // The translations are associated functions of `Raw`: they
+                // cannot reach MACHINE, so they are pure by construction.
+                fn command_from_json(
+                    json: ::std::string::String,
+                ) -> ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                    $crate::Raw::<$machine>::command_from_json(&json)
+                }
+
+                fn query_from_json(
+                    json: ::std::string::String,
+                ) -> ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                    $crate::Raw::<$machine>::query_from_json(&json)
+                }
+
+                fn response_to_json(
+                    response: ::std::vec::Vec<u8>,
+                ) -> ::core::result::Result<::std::string::String, ::std::string::String> {
+                    $crate::Raw::<$machine>::response_to_json(&response)
+                }
+
+                fn query_response_to_json(
+                    response: ::std::vec::Vec<u8>,
+                ) -> ::core::result::Result<::std::string::String, ::std::string::String> {
+                    $crate::Raw::<$machine>::query_response_to_json(&response)
                 }
             }
 

@@ -49,11 +49,15 @@
 //! [`testing`]).
 //!
 //! All bytes crossing the boundary are [`codec`] (postcard) encodings.
+//! Clients of the daemon speak JSON instead; the component translates, with
+//! serde_json over the same types (see [`StateMachine::command_from_json`]
+//! and [`bytes`] for byte strings that read as text).
 
 extern crate self as kythira_guest;
 
 #[cfg(any(test, all(target_arch = "wasm32", feature = "allocator")))]
 mod allocator;
+pub mod bytes;
 pub mod codec;
 mod export;
 mod key;

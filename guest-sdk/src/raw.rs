@@ -172,6 +172,59 @@ impl<T: StateMachine> Raw<T> {
         Ok(out)
     }
 
+    /// Translates a command written as JSON into the bytes
+    /// [`apply`](Self::apply) takes: [`StateMachine::command_from_json`],
+    /// then postcard. Pure: it needs no state, so it is an associated
+    /// function, and the component's `command-from-json` export calls it
+    /// without touching the machine.
+    ///
+    /// # Errors
+    ///
+    /// `invalid command JSON: …` with the plugin's reason.
+    pub fn command_from_json(json: &str) -> Result<Vec<u8>, String> {
+        let command =
+            T::command_from_json(json).map_err(|e| format!("invalid command JSON: {e}"))?;
+        codec::encode(&command).map_err(|e| format!("command: {e}"))
+    }
+
+    /// Translates a query written as JSON into the bytes
+    /// [`query`](Self::query) takes; as
+    /// [`command_from_json`](Self::command_from_json).
+    ///
+    /// # Errors
+    ///
+    /// `invalid query JSON: …` with the plugin's reason.
+    pub fn query_from_json(json: &str) -> Result<Vec<u8>, String> {
+        let query = T::query_from_json(json).map_err(|e| format!("invalid query JSON: {e}"))?;
+        codec::encode(&query).map_err(|e| format!("query: {e}"))
+    }
+
+    /// Translates a successful response of [`apply`](Self::apply) into JSON:
+    /// postcard, then [`StateMachine::response_to_json`].
+    ///
+    /// # Errors
+    ///
+    /// If the bytes are not an encoded `T::Response`, or it has no JSON form.
+    pub fn response_to_json(response: &[u8]) -> Result<String, String> {
+        let response: T::Response =
+            codec::decode(response).map_err(|e| format!("invalid response: {e}"))?;
+        T::response_to_json(&response).map_err(|e| format!("response has no JSON form: {e}"))
+    }
+
+    /// Translates a successful answer of [`query`](Self::query) into JSON;
+    /// as [`response_to_json`](Self::response_to_json).
+    ///
+    /// # Errors
+    ///
+    /// If the bytes are not an encoded `T::QueryResponse`, or it has no JSON
+    /// form.
+    pub fn query_response_to_json(response: &[u8]) -> Result<String, String> {
+        let response: T::QueryResponse =
+            codec::decode(response).map_err(|e| format!("invalid query response: {e}"))?;
+        T::query_response_to_json(&response)
+            .map_err(|e| format!("query response has no JSON form: {e}"))
+    }
+
     /// The state's snapshot bytes.
     ///
     /// # Errors
@@ -358,5 +411,71 @@ mod tests {
         assert!(malformed.unwrap_err().starts_with("invalid command"));
         assert_eq!(out, [1, 2, 3]);
         assert!(raw.machine().0.is_empty());
+    }
+
+    #[test]
+    fn json_translates_through_the_plugins_own_types() {
+        let command = Raw::<History>::command_from_json("7").unwrap();
+        assert_eq!(command, codec::encode(&7u32).unwrap());
+        let mut raw = Raw::<History>::new();
+        let response = raw.apply(&ctx(1), &command).unwrap();
+        assert_eq!(Raw::<History>::response_to_json(&response).unwrap(), "[7]");
+        let answer = |raw: &Raw<History>, json: &str| {
+            let query = Raw::<History>::query_from_json(json).unwrap();
+            Raw::<History>::query_response_to_json(&raw.query(&query).unwrap()).unwrap()
+        };
+        assert_eq!(answer(&raw, "0"), "7");
+        assert_eq!(answer(&raw, " 5 "), "null");
+    }
+
+    #[test]
+    fn json_that_does_not_translate_is_refused_with_the_reason() {
+        let refused = |result: Result<Vec<u8>, String>, start: &str, part: &str| {
+            let error = result.unwrap_err();
+            assert!(error.starts_with(start) && error.contains(part), "{error}");
+        };
+        refused(
+            Raw::<History>::command_from_json(r#""seven""#),
+            "invalid command JSON: ",
+            "invalid type: string",
+        );
+        refused(
+            Raw::<History>::command_from_json("7 8"),
+            "invalid command JSON: ",
+            "trailing characters",
+        );
+        refused(
+            Raw::<History>::command_from_json(""),
+            "invalid command JSON: ",
+            "EOF",
+        );
+        refused(
+            Raw::<History>::query_from_json("-1"),
+            "invalid query JSON: ",
+            "invalid value",
+        );
+        let error = Raw::<History>::response_to_json(&[0xFF]).unwrap_err();
+        assert!(error.starts_with("invalid response: "), "{error}");
+        // A varint that runs past the end; and a whole value with a byte after it.
+        let error = Raw::<History>::query_response_to_json(&[1, 0x80]).unwrap_err();
+        assert!(error.starts_with("invalid query response: "), "{error}");
+        let error = Raw::<History>::query_response_to_json(&[0, 0]).unwrap_err();
+        assert!(error.contains("trailing"), "{error}");
+    }
+
+    #[test]
+    fn an_answer_without_a_json_form_is_refused() {
+        use crate::test_machines::{Shelf, ShelfAnswer};
+        let all = codec::encode(&ShelfAnswer::All([(b"k".to_vec(), 1)].into())).unwrap();
+        let error = Raw::<Shelf>::query_response_to_json(&all).unwrap_err();
+        assert!(
+            error.starts_with("query response has no JSON form: key must be a string"),
+            "{error}"
+        );
+        let count = codec::encode(&ShelfAnswer::Count(3)).unwrap();
+        assert_eq!(
+            Raw::<Shelf>::query_response_to_json(&count).unwrap(),
+            r#"{"count":3}"#
+        );
     }
 }

@@ -91,6 +91,62 @@ pub trait StateMachine: Default + Serialize + DeserializeOwned {
     fn restore(snapshot: &[u8]) -> Result<Self, RestoreError> {
         Ok(codec::decode(snapshot)?)
     }
+
+    /// Reads a command written as JSON, as clients of the daemon's API and
+    /// CLI send it. [`Raw::command_from_json`](crate::Raw::command_from_json)
+    /// then encodes it with postcard for the log.
+    ///
+    /// The default reads the JSON form of `Self::Command`'s own serde
+    /// implementation (externally tagged enums: `{"variant": {fields}}`, or
+    /// `"variant"` for a variant without fields). Shape that form with serde
+    /// attributes, which do not change the postcard bytes: `rename_all`,
+    /// `default`, and `with = "kythira_guest::bytes"` so that byte strings
+    /// read as strings. Override this only for a JSON form serde attributes
+    /// cannot express.
+    ///
+    /// Translations are pure and never see the state: the host runs them on
+    /// a fresh instance, never on the replicated one.
+    ///
+    /// # Errors
+    ///
+    /// Why the JSON is not a command, for the client to read.
+    fn command_from_json(json: &str) -> Result<Self::Command, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    /// Reads a query written as JSON; as
+    /// [`command_from_json`](Self::command_from_json), for `Self::Query`.
+    ///
+    /// # Errors
+    ///
+    /// Why the JSON is not a query.
+    fn query_from_json(json: &str) -> Result<Self::Query, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    /// Writes a response of [`apply`](Self::apply) as JSON; the default is
+    /// `Self::Response`'s serde implementation through `serde_json`,
+    /// compact. The result must be one well-formed JSON value (the host
+    /// refuses anything else).
+    ///
+    /// # Errors
+    ///
+    /// If the response has no JSON form (for example a map whose keys are
+    /// not strings).
+    fn response_to_json(response: &Self::Response) -> Result<String, String> {
+        serde_json::to_string(response).map_err(|e| e.to_string())
+    }
+
+    /// Writes an answer of [`query`](Self::query) as JSON; as
+    /// [`response_to_json`](Self::response_to_json), for
+    /// `Self::QueryResponse`.
+    ///
+    /// # Errors
+    ///
+    /// If the answer has no JSON form.
+    fn query_response_to_json(response: &Self::QueryResponse) -> Result<String, String> {
+        serde_json::to_string(response).map_err(|e| e.to_string())
+    }
 }
 
 /// Why a snapshot could not be restored.

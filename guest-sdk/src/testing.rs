@@ -174,6 +174,42 @@ impl<T: StateMachine> Harness<T> {
             .map(|answer| codec::decode(&answer).expect("query response does not decode"))
     }
 
+    /// Translates `json` into a command as the host does for a client
+    /// ([`Raw::command_from_json`]), applies it as the next log entry and
+    /// translates the response back ([`Raw::response_to_json`]).
+    ///
+    /// # Errors
+    ///
+    /// Why the JSON is not a command (nothing is applied then), or the
+    /// plugin's refusal.
+    ///
+    /// # Panics
+    ///
+    /// If a successful response does not translate into JSON.
+    pub fn apply_json(&mut self, json: &str) -> Result<String, String> {
+        let command = Raw::<T>::command_from_json(json)?;
+        let response = self.apply_bytes(&command)?;
+        Ok(Raw::<T>::response_to_json(&response)
+            .unwrap_or_else(|e| panic!("the response of {json} does not translate: {e}")))
+    }
+
+    /// Translates `json` into a query, answers it and translates the answer
+    /// back, as [`apply_json`](Self::apply_json) does for commands.
+    ///
+    /// # Errors
+    ///
+    /// Why the JSON is not a query, or the plugin's refusal.
+    ///
+    /// # Panics
+    ///
+    /// If a successful answer does not translate into JSON.
+    pub fn query_json(&self, json: &str) -> Result<String, String> {
+        let query = Raw::<T>::query_from_json(json)?;
+        let answer = self.raw.query(&query)?;
+        Ok(Raw::<T>::query_response_to_json(&answer)
+            .unwrap_or_else(|e| panic!("the answer to {json} does not translate: {e}")))
+    }
+
     /// The snapshot of the current state.
     ///
     /// # Panics
@@ -371,5 +407,64 @@ mod tests {
         harness.apply(&()).unwrap();
         harness.apply(&()).unwrap();
         harness.assert_deterministic();
+    }
+
+    #[test]
+    fn json_goes_through_the_same_byte_path_and_log() {
+        use crate::test_machines::{Shelf, ShelfCommand};
+        let mut shelf = Harness::<Shelf>::new();
+        assert_eq!(
+            shelf.apply_json(r#"{"add":{"item":"bolt","count":5}}"#),
+            Ok("5".to_owned())
+        );
+        // The plugin's own shorthand, from its override.
+        assert_eq!(shelf.apply_json(r#""bolt""#), Ok("6".to_owned()));
+        assert_eq!(
+            shelf.query_json(r#"{"count":{"item":"bolt"}}"#),
+            Ok(r#"{"count":6}"#.to_owned())
+        );
+        // Exactly what applying the typed command records.
+        assert_eq!(
+            shelf.log()[0].command,
+            codec::encode(&ShelfCommand::Add {
+                item: b"bolt".to_vec(),
+                count: 5
+            })
+            .unwrap()
+        );
+
+        // JSON that is not a command is refused before anything is applied.
+        let error = shelf
+            .apply_json(r#"{"add":{"item":"bolt","count":1,"colour":"red"}}"#)
+            .unwrap_err();
+        assert!(
+            error.starts_with("invalid command JSON: unknown field `colour`"),
+            "{error}"
+        );
+        let error = shelf.apply_json(r#"{"remove":{}}"#).unwrap_err();
+        assert!(error.contains("unknown variant `remove`"), "{error}");
+        assert_eq!(shelf.log().len(), 2);
+
+        // The plugin's refusal is the client's answer, as with bytes.
+        shelf
+            .apply_json(&format!(
+                r#"{{"add":{{"item":"nut","count":{}}}}}"#,
+                u64::MAX
+            ))
+            .unwrap();
+        assert_eq!(
+            shelf.apply_json(r#"{"add":{"item":"nut","count":1}}"#),
+            Err("stock overflows".to_owned())
+        );
+        assert_eq!(shelf.apply_json(r#""clear""#), Ok("0".to_owned()));
+        shelf.assert_deterministic();
+    }
+
+    #[test]
+    #[should_panic(expected = "key must be a string")]
+    fn an_answer_without_a_json_form_is_a_bug_the_harness_reports() {
+        let mut shelf = Harness::<crate::test_machines::Shelf>::new();
+        shelf.apply_json(r#""bolt""#).unwrap();
+        let _ = shelf.query_json(r#""all""#);
     }
 }

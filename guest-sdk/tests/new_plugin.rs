@@ -51,7 +51,7 @@ fn template_builds_and_passes_its_tests() {
         "the new plugin's tests fail:\n{stdout}\n{}",
         String::from_utf8_lossy(&tested.stderr)
     );
-    assert!(stdout.contains("test result: ok. 3 passed"), "{stdout}");
+    assert!(stdout.contains("test result: ok. 4 passed"), "{stdout}");
 }
 
 #[test]

@@ -3,7 +3,10 @@
 //!
 //! Commands, queries and responses are postcard encodings of [`Command`],
 //! [`Query`] and the response types; encode them with
-//! [`kythira_guest::codec`].
+//! [`kythira_guest::codec`]. Clients of the daemon write them as JSON, which
+//! the SDK translates with serde_json over the same types:
+//! `{"set": {"value": "hello"}}`, `"clear"`, `"get"`. The serde attributes
+//! below shape that JSON and leave the postcard bytes alone.
 
 use kythira_guest::{ApplyContext, StateMachine};
 use serde::{Deserialize, Serialize};
@@ -13,15 +16,21 @@ pub const MAX_VALUE_LEN: usize = 64 * 1024;
 
 /// A command, applied through the replicated log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     /// Stores `value`; answers the previous value.
-    Set { value: Vec<u8> },
+    Set {
+        /// A string in JSON if it is UTF-8, `{"hex": "…"}` otherwise.
+        #[serde(with = "kythira_guest::bytes")]
+        value: Vec<u8>,
+    },
     /// Empties the register; answers the previous value.
     Clear,
 }
 
 /// A read-only request, answered without going through the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Query {
     /// Answers the current value.
     Get,
@@ -30,6 +39,7 @@ pub enum Query {
 /// A stored value and when it was stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stamped {
+    #[serde(with = "kythira_guest::bytes")]
     pub value: Vec<u8>,
     /// Log time of the `Set`: the leader's timestamp, never a local clock.
     pub set_at_ms: u64,
@@ -101,6 +111,22 @@ mod tests {
         assert_eq!(register.query(&Query::Get), Ok(Some(stamped.clone())));
         assert_eq!(register.apply(&Command::Clear), Ok(Some(stamped)));
         assert_eq!(register.query(&Query::Get), Ok(None));
+    }
+
+    #[test]
+    fn speaks_json() {
+        let mut register = Harness::<TemplateMachine>::new();
+        register.advance_ms(1_000);
+        assert_eq!(
+            register.apply_json(r#"{"set":{"value":"hello"}}"#),
+            Ok("null".to_owned())
+        );
+        assert_eq!(
+            register.query_json(r#""get""#),
+            Ok(r#"{"value":"hello","set_at_ms":1000,"set_at_index":1}"#.to_owned())
+        );
+        assert!(register.apply_json(r#"{"set":{}}"#).is_err());
+        assert!(register.apply_json(r#""clear""#).is_ok());
     }
 
     #[test]

@@ -97,8 +97,12 @@ mod tests {
             [
                 "apply",
                 "apply-batch",
+                "command-from-json",
                 "get-state",
                 "query",
+                "query-from-json",
+                "query-response-to-json",
+                "response-to-json",
                 "restore-from-snapshot"
             ]
         );

@@ -103,7 +103,8 @@ pub struct RuntimeConfig {
     /// the engine's settings. `None` compiles every load.
     pub cache_dir: Option<PathBuf>,
     /// How many machines may be alive at once (the pooling allocator reserves
-    /// address space for this many up front).
+    /// address space for this many up front, plus a few instances for JSON
+    /// translations, which hold one only for the length of a call).
     pub max_machines: u32,
 }
 

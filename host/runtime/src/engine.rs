@@ -37,8 +37,13 @@ pub(crate) fn deterministic_engine(config: &RuntimeConfig) -> Result<Engine, Run
 fn pooling(config: &RuntimeConfig) -> PoolingAllocationConfig {
     let memory = config.limits.memory_bytes.div_ceil(WASM_PAGE) * WASM_PAGE;
     // Checkpoints, restores and upgrades build a fresh instance while the old
-    // one is still alive, so leave room for two instances per machine.
-    let slots = config.max_machines.saturating_mul(2).max(2);
+    // one is still alive, so leave room for two instances per machine, and
+    // for a few JSON translations (each holds an instance for its call only).
+    let slots = config
+        .max_machines
+        .saturating_mul(2)
+        .max(2)
+        .saturating_add(TRANSLATION_SLOTS);
     let mut pool = PoolingAllocationConfig::new();
     // Per-component caps make the totals below meaningful: a component that
     // needs more is refused at load instead of starving other machines.
@@ -52,6 +57,11 @@ fn pooling(config: &RuntimeConfig) -> PoolingAllocationConfig {
         .max_memory_size(memory);
     pool
 }
+
+/// Instances kept free for JSON translations beside the machines' (see
+/// `translate.rs`). More translations at once may find the pool full and
+/// fail with `CallError::Internal`, which the caller retries.
+const TRANSLATION_SLOTS: u32 = 4;
 
 /// A plugin built with the SDK has one core module plus a few adapter shims.
 const CORE_INSTANCES_PER_COMPONENT: u32 = 8;

@@ -69,7 +69,9 @@ pub enum LoadError {
 pub enum CallError {
     /// The plugin returned an error. For `apply` this is an ordinary replicated
     /// result and the plugin's state is as the plugin left it; a refused
-    /// restore leaves the machine as it was.
+    /// restore leaves the machine as it was. For a JSON translation it is
+    /// the plugin's reason the input does not translate (JSON that is not
+    /// one of its commands, say), for the client to read.
     #[error("plugin error: {0}")]
     Plugin(String),
     /// The call used its whole fuel budget; its effects were rolled back.

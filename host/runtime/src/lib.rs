@@ -13,6 +13,12 @@
 //!   runs out of fuel or hits the memory cap leaves the state exactly as it was
 //!   before the call, and the machine keeps serving.
 //!
+//! JSON at the edge: [`Runtime::command_from_json`],
+//! [`Runtime::query_from_json`], [`Runtime::response_to_json`] and
+//! [`Runtime::query_response_to_json`] ask a plugin to translate between the
+//! JSON clients write and its own bytes, each on a fresh instance under the
+//! query fuel budget and the memory limit, never on a machine's instance.
+//!
 //! Determinism is the point: every replica that feeds the same calls to the
 //! same plugin bytes under the same [`Limits`] gets the same results, including
 //! the same errors. See `ARCHITECTURE.md`, section "Plugin runtime".
@@ -24,6 +30,7 @@ mod engine;
 mod error;
 mod machine;
 mod plugin;
+mod translate;
 
 pub use config::{Limits, RuntimeConfig};
 pub use error::{CallError, LoadError, RuntimeError};
@@ -34,11 +41,15 @@ use std::sync::Arc;
 
 use cache::ArtifactCache;
 
-// Machines move between threads (the node applies on a worker thread).
+// Machines move between threads (the node applies on a worker thread), and
+// request handlers share one runtime for translations.
 const _: () = {
     const fn assert_send<T: Send>() {}
+    const fn assert_sync<T: Sync>() {}
     assert_send::<Machine>();
     assert_send::<Runtime>();
+    assert_sync::<Runtime>();
+    assert_sync::<Plugin>();
 };
 
 /// Compiles, validates and instantiates plugins.
@@ -99,11 +110,18 @@ impl Runtime {
 
     /// Starts a new machine running `plugin` from its initial (empty) state.
     pub fn start(&self, plugin: &Plugin) -> Result<Machine, CallError> {
-        if !wasmtime::Engine::same(plugin.pre().engine(), &self.inner.engine) {
-            return Err(CallError::Internal(
-                "the plugin was loaded by another runtime".into(),
-            ));
-        }
+        self.check_plugin(plugin)?;
         Machine::start(self.clone(), plugin.clone())
+    }
+
+    /// Refuses a plugin compiled by another runtime's engine.
+    fn check_plugin(&self, plugin: &Plugin) -> Result<(), CallError> {
+        if wasmtime::Engine::same(plugin.pre().engine(), &self.inner.engine) {
+            Ok(())
+        } else {
+            Err(CallError::Internal(
+                "the plugin was loaded by another runtime".into(),
+            ))
+        }
     }
 }

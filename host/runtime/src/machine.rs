@@ -131,13 +131,13 @@ impl ResourceLimiter for StoreData {
 }
 
 /// An instance and the store it lives in.
-struct Live {
+pub(crate) struct Live {
     store: Store<StoreData>,
     bindings: StateMachine,
 }
 
 impl Live {
-    fn new(runtime: &Runtime, plugin: &Plugin) -> Result<Self, CallError> {
+    pub(crate) fn new(runtime: &Runtime, plugin: &Plugin) -> Result<Self, CallError> {
         let limits = runtime.limits();
         let mut store = Store::new(
             &runtime.inner.engine,
@@ -158,7 +158,7 @@ impl Live {
     /// Runs one call with `budget` fuel and turns failures into [`CallError`]s.
     /// After an `Err` other than [`CallError::Plugin`] this store must not be
     /// used again.
-    fn call<T>(
+    pub(crate) fn call<T>(
         &mut self,
         budget: u64,
         f: impl FnOnce(&mut Store<StoreData>, &StateMachine) -> wasmtime::Result<Result<T, String>>,

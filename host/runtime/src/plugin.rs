@@ -59,12 +59,16 @@ impl Plugin {
 }
 
 /// The functions of the world, in the order their absence is reported.
-const WORLD_EXPORTS: [&str; 5] = [
+const WORLD_EXPORTS: [&str; 9] = [
     "apply",
     "apply-batch",
     "query",
     "get-state",
     "restore-from-snapshot",
+    "command-from-json",
+    "query-from-json",
+    "response-to-json",
+    "query-response-to-json",
 ];
 
 pub(crate) fn load(runtime: &Runtime, bytes: &[u8]) -> Result<Plugin, LoadError> {

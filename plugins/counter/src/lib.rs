@@ -2,7 +2,9 @@
 //! changed by checked additions.
 //!
 //! Commands, queries and responses are postcard encodings of [`Command`],
-//! [`Query`] and `i64`; encode them with [`kythira_guest::codec`].
+//! [`Query`] and `i64`; encode them with [`kythira_guest::codec`]. In JSON
+//! (the daemon's API and CLI): `{"add": {"name": "hits", "delta": 5}}`,
+//! `{"get": {"name": "hits"}}`, answered `5`.
 
 use std::collections::BTreeMap;
 
@@ -12,21 +14,37 @@ use serde::{Deserialize, Serialize};
 /// A command, applied through the replicated log. Every command answers the
 /// counter's value after it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     /// Adds `delta` (possibly negative) to the counter `name`, which starts
     /// at zero. Refused, changing nothing, if the result would overflow.
-    Add { name: Vec<u8>, delta: i64 },
+    Add {
+        #[serde(with = "kythira_guest::bytes")]
+        name: Vec<u8>,
+        delta: i64,
+    },
     /// Sets the counter `name` to `value`.
-    Set { name: Vec<u8>, value: i64 },
+    Set {
+        #[serde(with = "kythira_guest::bytes")]
+        name: Vec<u8>,
+        value: i64,
+    },
     /// Removes the counter `name`, which reads as zero afterwards.
-    Reset { name: Vec<u8> },
+    Reset {
+        #[serde(with = "kythira_guest::bytes")]
+        name: Vec<u8>,
+    },
 }
 
 /// A read-only request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Query {
     /// Answers the counter `name` (zero if it was never set).
-    Get { name: Vec<u8> },
+    Get {
+        #[serde(with = "kythira_guest::bytes")]
+        name: Vec<u8>,
+    },
 }
 
 /// Why a command was refused.
@@ -144,6 +162,33 @@ mod tests {
         );
         assert_eq!(counters.state(), before);
         assert_eq!(counters.apply(&add(b"n", -i64::MAX)), Ok(0));
+        counters.assert_deterministic();
+    }
+
+    #[test]
+    fn speaks_json_with_names_as_text() {
+        let mut counters = Harness::<Counters>::new();
+        assert_eq!(
+            counters.apply_json(r#"{"add":{"name":"hits","delta":5}}"#),
+            Ok("5".to_owned())
+        );
+        assert_eq!(
+            counters.apply_json(r#"{"set":{"name":"hits","value":-2}}"#),
+            Ok("-2".to_owned())
+        );
+        assert_eq!(
+            counters.query_json(r#"{"get":{"name":"hits"}}"#),
+            Ok("-2".to_owned())
+        );
+        assert_eq!(
+            counters.apply_json(r#"{"reset":{"name":"hits"}}"#),
+            Ok("0".to_owned())
+        );
+        // The bytes are those of the typed command.
+        assert_eq!(
+            counters.log()[0].command,
+            kythira_guest::codec::encode(&add(b"hits", 5)).unwrap()
+        );
         counters.assert_deterministic();
     }
 

@@ -3,7 +3,9 @@
 //!
 //! Commands, queries and responses are postcard encodings of [`Command`],
 //! [`Query`] and [`Response`] (see this crate's README for the wire format);
-//! encode them with [`kythira_guest::codec`].
+//! encode them with [`kythira_guest::codec`]. Clients of the daemon write them
+//! as JSON instead, which the component translates: `{"put": {"key": "a",
+//! "value": "1"}}`, with byte strings as text (README, "JSON").
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -17,33 +19,34 @@ pub const MAX_SCAN_LIMIT: u32 = 10_000;
 
 /// A command, applied through the replicated log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     /// Sets `key` to `value`. Answers [`Response::Value`] with the previous value.
     Put {
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "kythira_guest::bytes")]
         key: Vec<u8>,
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "kythira_guest::bytes")]
         value: Vec<u8>,
     },
     /// Reads `key`, ordered with the writes around it. Answers [`Response::Value`].
     Get {
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "kythira_guest::bytes")]
         key: Vec<u8>,
     },
     /// Removes `key`. Answers [`Response::Value`] with the removed value.
     Delete {
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "kythira_guest::bytes")]
         key: Vec<u8>,
     },
     /// Sets `key` to `new` (removes it if `None`) only if its current value is
     /// `expected` (`None`: the key is absent). Answers [`Response::Swapped`] or
     /// [`Response::Mismatch`].
     CompareAndSwap {
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "kythira_guest::bytes")]
         key: Vec<u8>,
-        #[serde(with = "serde_bytes")]
+        #[serde(default, with = "kythira_guest::bytes")]
         expected: Option<Vec<u8>>,
-        #[serde(with = "serde_bytes")]
+        #[serde(default, with = "kythira_guest::bytes")]
         new: Option<Vec<u8>>,
     },
     /// Lists entries in key order. Answers [`Response::Entries`].
@@ -52,10 +55,11 @@ pub enum Command {
 
 /// A read-only request, answered from the current state without the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Query {
     /// Reads `key`. Answers [`Response::Value`].
     Get {
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "kythira_guest::bytes")]
         key: Vec<u8>,
     },
     /// Lists entries in key order. Answers [`Response::Entries`].
@@ -65,33 +69,78 @@ pub enum Query {
 /// A prefix scan: keys starting with `prefix`, greater than `start_after` if
 /// given, in ascending order, at most `limit` of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Scan {
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "kythira_guest::bytes")]
     pub prefix: Vec<u8>,
-    #[serde(with = "serde_bytes")]
+    #[serde(default, with = "kythira_guest::bytes")]
     pub start_after: Option<Vec<u8>>,
     pub limit: u32,
 }
 
 /// The answer to a [`Command`] or a [`Query`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Response {
     /// A key's value: the current one for `Get`, the one before the command
     /// for `Put` and `Delete`. `None` if the key was absent.
-    Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
+    Value(#[serde(with = "kythira_guest::bytes")] Option<Vec<u8>>),
     /// The compare-and-swap matched and was applied.
     Swapped,
     /// The compare-and-swap did not match; nothing changed.
     Mismatch {
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "kythira_guest::bytes")]
         current: Option<Vec<u8>>,
     },
     /// The scanned entries; `more` tells whether further keys match (continue
     /// with `start_after` set to the last key returned).
     Entries {
+        #[serde(with = "entry_list")]
         entries: Vec<(Vec<u8>, Vec<u8>)>,
         more: bool,
     },
+}
+
+/// Scanned entries as `{key, value}` pairs of byte strings: in JSON
+/// `[{"key": "a", "value": "1"}]`, in postcard the same bytes as the list of
+/// tuples (a struct's fields are written in order, like a tuple's).
+mod entry_list {
+    use kythira_guest::bytes::{ByteStr, ByteString};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize)]
+    struct EntryRef<'a> {
+        key: ByteStr<'a>,
+        value: ByteStr<'a>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        key: ByteString,
+        value: ByteString,
+    }
+
+    /// The field's type: key/value pairs.
+    type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+    pub fn serialize<S: Serializer>(
+        entries: &[(Vec<u8>, Vec<u8>)],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(entries.iter().map(|(key, value)| EntryRef {
+            key: ByteStr(key),
+            value: ByteStr(value),
+        }))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Pairs, D::Error> {
+        let entries = Vec::<Entry>::deserialize(deserializer)?;
+        Ok(entries
+            .into_iter()
+            .map(|Entry { key, value }| (key.into_vec(), value.into_vec()))
+            .collect())
+    }
 }
 
 /// Why a command or query was refused.
@@ -296,6 +345,114 @@ mod tests {
         assert_eq!(
             encode(&entries(&[(b"a", b"1")], false)).unwrap(),
             [0x03, 0x01, 0x01, 0x61, 0x01, 0x31, 0x00]
+        );
+    }
+
+    /// The JSON examples of this crate's README, through the same
+    /// translation the component exports.
+    #[test]
+    fn json_matches_the_readme() {
+        use kythira_guest::Raw;
+        use kythira_guest::codec::encode;
+        let command = |json: &str| Raw::<KvStore>::command_from_json(json);
+        let query = |json: &str| Raw::<KvStore>::query_from_json(json);
+        let response = |r: &Response| Raw::<KvStore>::response_to_json(&encode(r).unwrap());
+
+        assert_eq!(
+            command(r#"{"put":{"key":"k","value":"vv"}}"#),
+            Ok(encode(&put(b"k", b"vv")).unwrap())
+        );
+        assert_eq!(
+            command(r#"{"get":{"key":"k"}}"#),
+            Ok(encode(&Command::Get { key: b"k".to_vec() }).unwrap())
+        );
+        assert_eq!(
+            command(r#"{"delete":{"key":{"hex":"00ff"}}}"#),
+            Ok(encode(&Command::Delete { key: vec![0, 0xff] }).unwrap())
+        );
+        let cas = Command::CompareAndSwap {
+            key: b"k".to_vec(),
+            expected: None,
+            new: Some(b"v".to_vec()),
+        };
+        assert_eq!(
+            command(r#"{"compare_and_swap":{"key":"k","expected":null,"new":"v"}}"#),
+            Ok(encode(&cas).unwrap())
+        );
+        // Absent options are `null`.
+        assert_eq!(
+            command(r#"{"compare_and_swap":{"key":"k","new":"v"}}"#),
+            Ok(encode(&cas).unwrap())
+        );
+        assert_eq!(
+            command(r#"{"scan":{"prefix":"b/","start_after":"b/1","limit":10}}"#),
+            Ok(encode(&Command::Scan(scan(b"b/", Some(b"b/1"), 10))).unwrap())
+        );
+        assert_eq!(
+            query(r#"{"scan":{"prefix":"a","limit":300}}"#),
+            Ok(encode(&Query::Scan(scan(b"a", None, 300))).unwrap())
+        );
+        assert_eq!(
+            query(r#"{"get":{"key":"a"}}"#),
+            Ok(encode(&Query::Get { key: b"a".to_vec() }).unwrap())
+        );
+
+        assert_eq!(
+            response(&Response::Value(None)).as_deref(),
+            Ok(r#"{"value":null}"#)
+        );
+        assert_eq!(
+            response(&Response::Value(Some(b"1".to_vec()))).as_deref(),
+            Ok(r#"{"value":"1"}"#)
+        );
+        assert_eq!(response(&Response::Swapped).as_deref(), Ok(r#""swapped""#));
+        assert_eq!(
+            response(&Response::Mismatch {
+                current: Some(b"v1".to_vec())
+            })
+            .as_deref(),
+            Ok(r#"{"mismatch":{"current":"v1"}}"#)
+        );
+        assert_eq!(
+            response(&entries(&[(b"a", b"1"), (b"b", &[0xff])], false)).as_deref(),
+            Ok(
+                r#"{"entries":{"entries":[{"key":"a","value":"1"},{"key":"b","value":{"hex":"ff"}}],"more":false}}"#
+            )
+        );
+    }
+
+    #[test]
+    fn json_that_is_not_a_command_names_the_problem() {
+        use kythira_guest::Raw;
+        for (json, reason) in [
+            (
+                r#"{"Put":{"key":"a","value":"1"}}"#,
+                "unknown variant `Put`",
+            ),
+            (r#"{"put":{"key":"a"}}"#, "missing field `value`"),
+            (
+                r#"{"put":{"key":"a","value":"1","ttl":5}}"#,
+                "unknown field `ttl`",
+            ),
+            (r#"{"scan":{"prefix":"a","limit":-1}}"#, "invalid value"),
+            ("put a 1", "expected value"),
+        ] {
+            let error = Raw::<KvStore>::command_from_json(json).unwrap_err();
+            assert!(
+                error.starts_with("invalid command JSON: ") && error.contains(reason),
+                "{json}: {error}"
+            );
+        }
+        // The JSON form of the state machine's answers, end to end.
+        let mut kv = Harness::<KvStore>::new();
+        assert_eq!(
+            kv.apply_json(r#"{"put":{"key":"a","value":"1"}}"#)
+                .as_deref(),
+            Ok(r#"{"value":null}"#)
+        );
+        assert_eq!(
+            kv.query_json(r#"{"scan":{"prefix":"","limit":20000}}"#),
+            Err("scan limit 20000 exceeds the maximum of 10000".to_owned())
         );
     }
 

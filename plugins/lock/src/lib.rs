@@ -11,7 +11,9 @@
 //!
 //! Commands, queries and responses are postcard encodings of [`Command`],
 //! [`Query`], [`Response`] and `Option<Lease>`; encode them with
-//! [`kythira_guest::codec`].
+//! [`kythira_guest::codec`]. In JSON (the daemon's API and CLI):
+//! `{"acquire": {"name": "db", "owner": "a", "lease_ms": 5000}}`, answered
+//! `{"granted": {"owner": "a", "expires_at_ms": …, "token": 7}}`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,6 +25,7 @@ pub const MAX_LEASE_MS: u64 = 24 * 60 * 60 * 1000;
 
 /// A command, applied through the replicated log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     /// Takes the lock `name` until `lease_ms` after this entry's log time, if
     /// it is free or its lease has run out. If `owner` already holds it, the
@@ -30,7 +33,9 @@ pub enum Command {
     /// is harmless. Answers
     /// [`Response::Granted`] or [`Response::Busy`].
     Acquire {
+        #[serde(with = "kythira_guest::bytes")]
         name: Vec<u8>,
+        #[serde(with = "kythira_guest::bytes")]
         owner: Vec<u8>,
         lease_ms: u64,
     },
@@ -38,28 +43,40 @@ pub enum Command {
     /// entry's log time (which may shorten it). Answers
     /// [`Response::Granted`] or [`Response::NotHolder`].
     Renew {
+        #[serde(with = "kythira_guest::bytes")]
         name: Vec<u8>,
+        #[serde(with = "kythira_guest::bytes")]
         owner: Vec<u8>,
         lease_ms: u64,
     },
     /// Frees `name` if `owner` holds it. Answers [`Response::Released`] or
     /// [`Response::NotHolder`].
-    Release { name: Vec<u8>, owner: Vec<u8> },
+    Release {
+        #[serde(with = "kythira_guest::bytes")]
+        name: Vec<u8>,
+        #[serde(with = "kythira_guest::bytes")]
+        owner: Vec<u8>,
+    },
 }
 
 /// A read-only request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Query {
     /// Answers the lease on `name`, if one is recorded. A query carries no
     /// log time, so the lease may have run out already: compare
     /// `expires_at_ms` with the time the caller goes by.
-    Get { name: Vec<u8> },
+    Get {
+        #[serde(with = "kythira_guest::bytes")]
+        name: Vec<u8>,
+    },
 }
 
 /// A lock's current holder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     /// Who holds the lock.
+    #[serde(with = "kythira_guest::bytes")]
     pub owner: Vec<u8>,
     /// Log time at which the lease runs out; the lock is free for any entry
     /// with `timestamp_ms >= expires_at_ms`.
@@ -70,6 +87,7 @@ pub struct Lease {
 
 /// The answer to a [`Command`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Response {
     /// The caller holds the lock under this lease.
     Granted(Lease),
@@ -304,6 +322,50 @@ mod tests {
             expires_at_ms,
             token,
         }
+    }
+
+    #[test]
+    fn speaks_json_with_names_and_owners_as_text() {
+        let mut locks = Harness::<Locks>::new();
+        locks.advance_ms(1_000);
+        assert_eq!(
+            locks
+                .apply_json(r#"{"acquire":{"name":"db","owner":"alice","lease_ms":500}}"#)
+                .as_deref(),
+            Ok(r#"{"granted":{"owner":"alice","expires_at_ms":1500,"token":1}}"#)
+        );
+        assert_eq!(
+            locks
+                .apply_json(r#"{"acquire":{"name":"db","owner":"bob","lease_ms":500}}"#)
+                .as_deref(),
+            Ok(r#"{"busy":{"owner":"alice","expires_at_ms":1500,"token":1}}"#)
+        );
+        assert_eq!(
+            locks
+                .apply_json(r#"{"release":{"name":"db","owner":"bob"}}"#)
+                .as_deref(),
+            Ok(r#"{"not_holder":{"current":{"owner":"alice","expires_at_ms":1500,"token":1}}}"#)
+        );
+        assert_eq!(
+            locks.query_json(r#"{"get":{"name":"db"}}"#).as_deref(),
+            Ok(r#"{"owner":"alice","expires_at_ms":1500,"token":1}"#)
+        );
+        assert_eq!(
+            locks
+                .apply_json(r#"{"release":{"name":"db","owner":"alice"}}"#)
+                .as_deref(),
+            Ok(r#""released""#)
+        );
+        assert_eq!(
+            locks.query_json(r#"{"get":{"name":"db"}}"#).as_deref(),
+            Ok("null")
+        );
+        assert_eq!(
+            locks.log()[0].command,
+            kythira_guest::codec::encode(&acquire(b"db", b"alice", 500)).unwrap()
+        );
+        locks.assert_deterministic();
+        locks.assert_snapshot_transparent();
     }
 
     #[test]
