@@ -52,7 +52,7 @@ use crate::wire;
 pub struct Backoff {
     /// Delay scale of the first retry.
     pub base: Duration,
-    /// Upper bound of every delay.
+    /// Upper bound of every delay (a `max` below `base` counts as `base`).
     pub max: Duration,
 }
 
@@ -857,11 +857,13 @@ async fn read_loop(
                 );
                 continue;
             }
+            // Counted before the hand-over so that a consumer that has seen
+            // the message also sees it counted.
+            bump(&counters.received, 1);
             if inbound.send(message).await.is_err() {
                 // The receiver is gone: nobody consumes messages any more.
                 return Ended::Stopped;
             }
-            bump(&counters.received, 1);
         }
     }
 }
