@@ -31,7 +31,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use quinn::VarInt;
 use quinn::crypto::rustls::HandshakeData;
 use rustls::pki_types::CertificateDer;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::AbortHandle;
 use tracing::{debug, warn};
 
@@ -114,10 +114,24 @@ where
     }
 }
 
-#[derive(Default)]
+/// Handshakes in progress at once; beyond, new connection attempts are
+/// refused at once (the client retries) instead of piling up tasks.
+pub const MAX_HANDSHAKES: usize = 256;
+
 struct Router {
     peers: OnceLock<Weak<Shared>>,
     clients: OnceLock<Arc<dyn ClientHandler>>,
+    handshakes: Arc<Semaphore>,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router {
+            peers: OnceLock::new(),
+            clients: OnceLock::new(),
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+        }
+    }
 }
 
 /// A node's QUIC endpoint.
@@ -240,8 +254,18 @@ fn negotiated_alpn(conn: &quinn::Connection) -> Option<Alpn> {
 async fn accept_loop(quic: quinn::Endpoint, router: Arc<Router>) {
     while let Some(incoming) = quic.accept().await {
         // Handshakes run concurrently so that one slow or hostile client
-        // cannot hold up the others; each is bounded by the idle timeout.
-        tokio::spawn(dispatch(incoming, router.clone()));
+        // cannot hold up the others; each is bounded by the idle timeout,
+        // and their number by MAX_HANDSHAKES.
+        let Ok(permit) = router.handshakes.clone().try_acquire_owned() else {
+            warn!(remote = %incoming.remote_address(), "too many handshakes in progress; refused");
+            incoming.refuse();
+            continue;
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            dispatch(incoming, router).await;
+            drop(permit);
+        });
     }
 }
 

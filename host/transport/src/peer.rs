@@ -15,6 +15,9 @@
 //!   stream, so messages to a peer arrive in the order sent. Messages may be
 //!   lost: [`PeerNet::send`] never blocks; a full per-peer queue drops the
 //!   message, and so does a disconnected peer. Raft retransmits.
+//! - **Inbound is bounded, not lossy:** a full inbound channel pauses the
+//!   reading of that peer's stream, QUIC flow control then pauses the
+//!   peer's writer, and its queue drops. Memory stays bounded on both sides.
 //! - **Only well-addressed messages come in:** `from` must be the
 //!   certificate's node id and `to` ours; others are dropped and counted.
 //! - **A malformed frame closes that connection** ([`CloseCode::Protocol`]),
