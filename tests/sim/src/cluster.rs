@@ -9,8 +9,8 @@ use kythira_linearizability::kv::{KvInput, KvOutput};
 #[cfg(feature = "mutants")]
 use kythira_raft::Mutation;
 use kythira_raft::{
-    Config, Entry, EntryKind, HardState, Message, NodeId, Persisted, Proposal, ProposeError, Raft,
-    ReadState, Role,
+    Config, Driver, Entry, EntryKind, HardState, Message, NodeId, Persisted, Proposal,
+    ProposeError, Raft, ReadState, Role, Write,
 };
 
 use crate::kv::{KvStore, PutCommand};
@@ -114,21 +114,17 @@ impl Ord for Scheduled {
     }
 }
 
-/// A write the disk has not finished: lost if the node crashes first.
-#[derive(Debug)]
-struct Write {
-    hard_state: Option<HardState>,
-    entries: Vec<Entry>,
-    then_send: Vec<Message>,
-}
-
 #[derive(Debug)]
 struct Node {
     id: NodeId,
-    raft: Option<Raft>,
+    /// The core and the Ready sequence the daemon runs too; `None` while
+    /// the node is down.
+    driver: Option<Driver>,
     incarnation: u64,
     durable_hard_state: HardState,
     durable_log: Vec<Entry>,
+    /// The write the disk has not finished: lost if the node crashes first,
+    /// together with the messages the driver holds back until it is durable.
     writing: Option<Write>,
     kv: KvStore,
     applied: u64,
@@ -237,7 +233,7 @@ impl Cluster {
             nodes: (0..n)
                 .map(|i| Node {
                     id: i as NodeId + 1,
-                    raft: None,
+                    driver: None,
                     incarnation: 0,
                     durable_hard_state: HardState::default(),
                     durable_log: Vec::new(),
@@ -310,8 +306,8 @@ impl Cluster {
             entries: n.durable_log.clone(),
             applied: 0,
         };
-        n.raft =
-            Some(Raft::new(cfg, persisted).expect("the simulator's durable state is consistent"));
+        let raft = Raft::new(cfg, persisted).expect("the simulator's durable state is consistent");
+        n.driver = Some(Driver::new(raft));
         n.kv = KvStore::default();
         n.applied = 0;
         n.reads.clear();
@@ -325,7 +321,7 @@ impl Cluster {
 
     fn crash(&mut self, node: usize) {
         let n = &mut self.nodes[node];
-        n.raft = None;
+        n.driver = None;
         // Whatever the disk had not finished is gone.
         n.writing = None;
         n.incarnation += 1;
@@ -399,8 +395,8 @@ impl Cluster {
                 if self.nodes[node].incarnation != incarnation {
                     return Ok(());
                 }
-                self.with_raft(node, |r| {
-                    r.tick();
+                self.with_driver(node, |d| {
+                    d.tick();
                     Ok(())
                 })?;
                 self.schedule(self.now + TICK, Event::Tick { node, incarnation });
@@ -412,8 +408,8 @@ impl Cluster {
                     // The partition formed while the message was in flight.
                     return Ok(());
                 }
-                self.with_raft(to, |r| {
-                    r.step(*m).map_err(|e| Violation {
+                self.with_driver(to, |d| {
+                    d.step(*m).map_err(|e| Violation {
                         property: "protocol",
                         detail: e.to_string(),
                     })
@@ -422,7 +418,8 @@ impl Cluster {
             }
             Event::Persisted { node, incarnation } => self.persisted(node, incarnation),
             Event::Restart { node, incarnation } => {
-                if self.nodes[node].raft.is_none() && self.nodes[node].incarnation == incarnation {
+                if self.nodes[node].driver.is_none() && self.nodes[node].incarnation == incarnation
+                {
                     self.start(node);
                 }
                 Ok(())
@@ -448,7 +445,7 @@ impl Cluster {
                 }
                 self.net.quality = Quality::PERFECT;
                 for node in 0..self.nodes.len() {
-                    if self.nodes[node].raft.is_none() {
+                    if self.nodes[node].driver.is_none() {
                         self.start(node);
                     }
                 }
@@ -458,65 +455,58 @@ impl Cluster {
         }
     }
 
-    /// Run `f` on the node's core (if up) and check the invariants after it.
-    fn with_raft(
+    /// Run `f` on the node's driver (if up) and check the invariants of its
+    /// core after it.
+    fn with_driver(
         &mut self,
         node: usize,
-        f: impl FnOnce(&mut Raft) -> Result<(), Violation>,
+        f: impl FnOnce(&mut Driver) -> Result<(), Violation>,
     ) -> Result<(), Violation> {
-        let Some(raft) = self.nodes[node].raft.as_mut() else {
+        let Some(driver) = self.nodes[node].driver.as_mut() else {
             return Ok(());
         };
-        f(raft)?;
+        f(driver)?;
         if self.check {
-            self.safety.observe(raft)?;
+            self.safety.observe(driver.raft())?;
         }
         Ok(())
     }
 
-    /// Hand the node's `Ready` batches to the network, disk and state machine.
+    /// Carry out the node's batches: the network, disk and state machine
+    /// take the actions the driver hands out, until it has nothing more or
+    /// waits for a write.
     fn drive(&mut self, node: usize) -> Result<(), Violation> {
         loop {
-            let n = &mut self.nodes[node];
-            let Some(raft) = n.raft.as_mut() else {
+            let Some(driver) = self.nodes[node].driver.as_mut() else {
                 return Ok(());
             };
-            let Some(rd) = raft.ready() else {
+            let Some(batch) = driver.poll() else {
                 return Ok(());
             };
-            for m in rd.messages {
+            for m in batch.send {
                 self.send(m);
             }
             // Committed entries are durable here already, so applying may
             // overlap with this batch's write.
-            for e in &rd.committed_entries {
+            for e in &batch.apply {
                 self.apply(node, e)?;
             }
-            self.nodes[node].reads.extend(rd.read_states);
+            self.nodes[node].reads.extend(batch.read_states);
             self.serve_reads(node);
-            for ctx in rd.dropped_reads {
+            for ctx in batch.dropped_reads {
                 self.fail_read(ctx as usize);
             }
-            if rd.hard_state.is_none() && rd.entries.is_empty() {
-                for m in rd.persisted_messages {
-                    self.send(m);
-                }
-                self.with_raft(node, |r| {
-                    r.advance();
-                    Ok(())
-                })?;
-                continue;
+            // Check the core after each batch (without a write, `poll`
+            // advanced it already).
+            self.with_driver(node, |_| Ok(()))?;
+            if let Some(write) = batch.write {
+                let n = &mut self.nodes[node];
+                n.writing = Some(write);
+                let incarnation = n.incarnation;
+                let at = self.now + self.rng.range(self.disk.0, self.disk.1);
+                self.schedule(at, Event::Persisted { node, incarnation });
+                return Ok(());
             }
-            let n = &mut self.nodes[node];
-            n.writing = Some(Write {
-                hard_state: rd.hard_state,
-                entries: rd.entries,
-                then_send: rd.persisted_messages,
-            });
-            let incarnation = n.incarnation;
-            let at = self.now + self.rng.range(self.disk.0, self.disk.1);
-            self.schedule(at, Event::Persisted { node, incarnation });
-            return Ok(());
         }
     }
 
@@ -525,7 +515,7 @@ impl Cluster {
         if n.incarnation != incarnation {
             return Ok(());
         }
-        let write = n.writing.take().expect("one write per outstanding ready");
+        let write = n.writing.take().expect("one write per outstanding batch");
         if let Some(hs) = write.hard_state {
             n.durable_hard_state = hs;
         }
@@ -536,14 +526,16 @@ impl Cluster {
         if self.check {
             self.safety.persisted(n.id, &write.entries)?;
         }
-        // Durable now: the acknowledgements may go out.
-        for m in write.then_send {
+        // Durable now: the acknowledgements the driver held back may go out.
+        let released = n
+            .driver
+            .as_mut()
+            .expect("a node with an outstanding write is up")
+            .persisted();
+        for m in released {
             self.send(m);
         }
-        self.with_raft(node, |r| {
-            r.advance();
-            Ok(())
-        })?;
+        self.with_driver(node, |_| Ok(()))?;
         self.drive(node)
     }
 
@@ -565,7 +557,7 @@ impl Cluster {
     fn apply(&mut self, node: usize, e: &Entry) -> Result<(), Violation> {
         if self.check {
             let n = &self.nodes[node];
-            let term = n.raft.as_ref().map_or(0, Raft::term);
+            let term = n.driver.as_ref().map_or(0, |d| d.raft().term());
             self.safety.applied(n.id, term, e)?;
         }
         let n = &mut self.nodes[node];
@@ -586,7 +578,11 @@ impl Cluster {
             n.kv.apply(cmd);
         }
         if let Workload::Throughput { .. } = self.opts.workload {
-            if cmd.is_some() && n.raft.as_ref().is_some_and(|r| r.role() == Role::Leader) {
+            if cmd.is_some()
+                && n.driver
+                    .as_ref()
+                    .is_some_and(|d| d.raft().role() == Role::Leader)
+            {
                 self.throughput_applied += 1;
                 self.throughput_outstanding = self.throughput_outstanding.saturating_sub(1);
             }
@@ -682,7 +678,7 @@ impl Cluster {
         let key = self.rng.range(0, KEYS);
         let op = self.history.len();
         let is_put = self.rng.chance(0.5);
-        let Some(raft) = self.nodes[node].raft.as_mut() else {
+        let Some(driver) = self.nodes[node].driver.as_mut() else {
             self.clients[client].leader_hint = None;
             let at = self.now + self.rng.range(TICK / 2, 2 * TICK);
             self.schedule(at, Event::ClientAct { client });
@@ -696,12 +692,12 @@ impl Cluster {
                 value,
             }
             .encode();
-            let r = raft
+            let r = driver
                 .propose(data)
                 .map(|proposal| Pending::Put { op, proposal });
             (KvInput::Put { key, value }, r)
         } else {
-            let r = raft
+            let r = driver
                 .read_index(op as u64)
                 .map(|()| Pending::Get { op, node, key });
             (KvInput::Get { key }, r)
@@ -726,7 +722,7 @@ impl Cluster {
                 });
                 self.clients[client].pending = Some(pending);
                 self.schedule(self.now + OP_TIMEOUT, Event::ClientTimeout { client, op });
-                self.with_raft(node, |_| Ok(()))?;
+                self.with_driver(node, |_| Ok(()))?;
                 self.drive(node)
             }
             Err(ProposeError::NotLeader { leader }) => {
@@ -759,12 +755,13 @@ impl Cluster {
     }
 
     fn throughput_act(&mut self, client: usize, window: usize) -> Result<(), Violation> {
-        let leader = self
-            .nodes
-            .iter()
-            .position(|n| n.raft.as_ref().is_some_and(|r| r.role() == Role::Leader));
+        let leader = self.nodes.iter().position(|n| {
+            n.driver
+                .as_ref()
+                .is_some_and(|d| d.raft().role() == Role::Leader)
+        });
         if let Some(l) = leader {
-            let raft = self.nodes[l].raft.as_mut().expect("leader is up");
+            let driver = self.nodes[l].driver.as_mut().expect("leader is up");
             while self.throughput_outstanding < window {
                 let op = self.throughput_applied + self.throughput_outstanding as u64;
                 let data = PutCommand {
@@ -773,7 +770,7 @@ impl Cluster {
                     value: op,
                 }
                 .encode();
-                if raft.propose(data).is_err() {
+                if driver.propose(data).is_err() {
                     break;
                 }
                 self.throughput_outstanding += 1;
@@ -811,7 +808,7 @@ impl Cluster {
                 let writing: Vec<usize> = (0..n)
                     .filter(|&i| self.nodes[i].writing.is_some())
                     .collect();
-                let up: Vec<usize> = (0..n).filter(|&i| self.nodes[i].raft.is_some()).collect();
+                let up: Vec<usize> = (0..n).filter(|&i| self.nodes[i].driver.is_some()).collect();
                 let leader = self.current_leader();
                 let victim = if leader.is_some() && self.rng.chance(0.3) {
                     leader
@@ -828,7 +825,7 @@ impl Cluster {
             }
             75..85 => {
                 for node in 0..n {
-                    if self.nodes[node].raft.is_none() {
+                    if self.nodes[node].driver.is_none() {
                         self.start(node);
                     }
                 }
@@ -857,13 +854,14 @@ impl Cluster {
         let max_term = self
             .nodes
             .iter()
-            .filter_map(|n| n.raft.as_ref())
-            .map(Raft::term)
+            .filter_map(|n| n.driver.as_ref())
+            .map(|d| d.raft().term())
             .max()?;
         self.nodes.iter().position(|n| {
-            n.raft
-                .as_ref()
-                .is_some_and(|r| r.role() == Role::Leader && r.term() == max_term)
+            n.driver.as_ref().is_some_and(|d| {
+                let r = d.raft();
+                r.role() == Role::Leader && r.term() == max_term
+            })
         })
     }
 

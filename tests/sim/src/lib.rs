@@ -1,7 +1,8 @@
 //! Deterministic cluster simulator of the Kythira consensus core.
 //!
 //! A run is a single-threaded discrete-event simulation determined by its
-//! seed: 3 or 5 real [`kythira_raft::Raft`] cores, a network that delays,
+//! seed: 3 or 5 real [`kythira_raft::Raft`] cores whose `Ready` batches go
+//! through the [`kythira_raft::Driver`] the daemon uses, a network that delays,
 //! drops, duplicates and reorders messages and is cut by partitions and
 //! one-way link failures, disks whose unfinished writes are lost when a node
 //! crashes, and clients that put and read (ReadIndex) keys and record a
