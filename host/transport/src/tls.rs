@@ -327,6 +327,19 @@ impl Tls {
     /// A server configuration offering both ALPNs and requiring a client
     /// certificate signed by the CA. Only node identities may serve.
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let mut config = self.rustls_server_config()?;
+        config.alpn_protocols = vec![PEER_ALPN.to_vec(), CLIENT_ALPN.to_vec()];
+        let crypto = QuicServerConfig::try_from(config)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport_config());
+        Ok(server)
+    }
+
+    /// The TLS half of [`Tls::server_config`], without ALPN: mutual TLS 1.3
+    /// requiring a client certificate signed by the CA. Servers over TCP
+    /// (the HTTP API) use it directly, so that every port of a node applies
+    /// one policy. Only node identities may serve.
+    pub fn rustls_server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
         if self.identity.node_id().is_none() {
             return Err(TlsError::NotANode {
                 identity: self.identity.clone(),
@@ -340,13 +353,9 @@ impl Tls {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
-        config.alpn_protocols = vec![PEER_ALPN.to_vec(), CLIENT_ALPN.to_vec()];
         // rustls' default is already 0; stated because replay safety depends on it.
         config.max_early_data_size = 0;
-        let crypto = QuicServerConfig::try_from(config)?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(transport_config());
-        Ok(server)
+        Ok(config)
     }
 
     /// A client configuration for one service, verifying the server against
