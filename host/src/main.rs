@@ -1,8 +1,16 @@
-//! The `kythira` command.
+//! The `kythira` command: the daemon, its operator tools and a client.
 
+mod bench;
+mod cert;
+mod cli;
+mod config;
 mod demo;
+mod http;
+mod plugin_demo;
+mod serve;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -13,22 +21,40 @@ use clap::{Parser, Subcommand};
     about = "Replicated WebAssembly state machines"
 )]
 struct Cli {
+    #[command(flatten)]
+    conn: cli::Connection,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Load the kv plugin, apply, query, snapshot and restore it, and show a
-    /// misbehaving plugin being contained.
-    Demo {
+    /// Run a node: `kythira serve --config node.toml`.
+    Serve {
+        /// The node's configuration file.
+        #[arg(long, env = "KYTHIRA_CONFIG")]
+        config: PathBuf,
+    },
+    /// Create the cluster CA and issue certificates.
+    #[command(subcommand)]
+    Cert(cert::CertCommand),
+    /// Start a three-node cluster on this machine, deploy the kv plugin,
+    /// write and read through it, kill the leader and read again.
+    Demo(demo::DemoArgs),
+    /// The runtime alone, in one process: load the kv plugin, apply, query,
+    /// snapshot, and contain misbehaving plugins.
+    DemoPlugin {
         /// Directory holding the built components (`just plugins`).
         #[arg(long, default_value = "target/plugins")]
         plugins: PathBuf,
     },
+    /// Load a cluster and report throughput and latency.
+    Bench(bench::BenchArgs),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -36,7 +62,37 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Demo { plugins } => demo::run(&plugins),
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, the whole chain of causes: what scripts and people read.
+            eprintln!("kythira: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    match cli.command {
+        Command::Serve { config } => {
+            let cfg = config::load(&config)?;
+            runtime()?.block_on(serve::run(cfg))
+        }
+        Command::Cert(cmd) => {
+            for path in cert::run(cmd)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Demo(args) => runtime()?.block_on(demo::run(args)),
+        Command::DemoPlugin { plugins } => plugin_demo::run(&plugins),
+        Command::Bench(args) => runtime()?.block_on(bench::run(&cli.conn, args)),
+        Command::Client(cmd) => runtime()?.block_on(cli::run(&cli.conn, cmd)),
     }
 }

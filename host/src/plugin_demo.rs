@@ -1,4 +1,4 @@
-//! `kythira demo`: the plugin half of the system, end to end, in one process.
+//! `kythira demo-plugin`: the plugin half of the system, end to end, in one process.
 
 use std::path::Path;
 use std::time::Instant;

@@ -1,13 +1,13 @@
-//! The README's main command runs the demo; this keeps it working.
+//! `kythira demo-plugin` (one process, the runtime alone) keeps working.
 
 use std::path::PathBuf;
 
 #[test]
-fn demo_runs_and_reports_what_it_did() {
+fn plugin_demo_runs_and_reports_what_it_did() {
     let plugins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
     let output = assert_cmd::Command::cargo_bin("kythira")
         .unwrap()
-        .args(["demo", "--plugins"])
+        .args(["demo-plugin", "--plugins"])
         .arg(&plugins)
         .output()
         .unwrap();

@@ -112,3 +112,64 @@ impl Disk {
             .map_err(|_| NodeError::Stopped("the disk thread stopped"))
     }
 }
+
+/// Name of the file that ties a data directory to one node of one cluster.
+const IDENTITY_FILE: &str = "kythira-node";
+
+/// Refuses a data directory written by another node or another cluster, and
+/// claims a new one. Starting node 2 on node 1's log, or on another
+/// cluster's, would make it vote and acknowledge with state it never had.
+pub fn claim(dir: &std::path::Path, id: u64, cluster: &str) -> Result<(), NodeError> {
+    let path = dir.join(IDENTITY_FILE);
+    let expected = format!("node = {id}\ncluster = {cluster}\n");
+    match std::fs::read_to_string(&path) {
+        Ok(found) if found == expected => Ok(()),
+        Ok(found) => {
+            let field = |name: &str| {
+                found
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim_start_matches([' ', '=']).trim().to_string())
+                    .unwrap_or_else(|| "?".into())
+            };
+            Err(NodeError::Config(format!(
+                "{} belongs to node {} of cluster {}, but this is node {id} of cluster {cluster}; \
+                 point data_dir elsewhere",
+                dir.display(),
+                field("node"),
+                field("cluster"),
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
+            {
+                use std::io::Write as _;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(expected.as_bytes())?;
+                // Durable before the log it vouches for is written.
+                f.sync_all()?;
+            }
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(dir)?.sync_all()?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_belongs_to_one_node_of_one_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        claim(dir.path(), 1, "abc").unwrap();
+        claim(dir.path(), 1, "abc").unwrap();
+        let e = claim(dir.path(), 2, "abc").unwrap_err().to_string();
+        assert!(e.contains("belongs to node 1 of cluster abc"), "{e}");
+        let e = claim(dir.path(), 1, "def").unwrap_err().to_string();
+        assert!(e.contains("this is node 1 of cluster def"), "{e}");
+    }
+}

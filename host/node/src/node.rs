@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use kythira_api::{
-    ApiError, Consistency, NodeStatus, PROTOCOL_VERSION, Payload, Reply, Request, Response,
+    ApiError, Consistency, DeployLimits, NodeStatus, PROTOCOL_VERSION, Payload, Reply, Request,
+    Response,
 };
 use kythira_raft::{Config, Driver, EntryKind, Message, NodeId, ProposeError, Raft, Role};
 use kythira_storage::FjallStore;
@@ -54,6 +55,13 @@ pub struct NodeConfig {
     pub session_ttl: Duration,
     /// Largest component a deploy may carry.
     pub max_component_bytes: usize,
+    /// Limits of plugins deployed without their own. The node that accepts
+    /// a deploy writes the resolved limits into the entry, so replicas with
+    /// other defaults still agree.
+    pub default_limits: DeployLimits,
+    /// Fingerprint of the cluster (its CA), recorded in the data directory so
+    /// that a node never starts on another cluster's log.
+    pub cluster_id: String,
     /// Seed of the core's randomness (election timeouts).
     pub seed: u64,
 }
@@ -133,6 +141,7 @@ impl Node {
         inbound: mpsc::Receiver<Message>,
     ) -> Result<Node, NodeError> {
         validate(&cfg)?;
+        disk::claim(&cfg.data_dir, cfg.id, &cfg.cluster_id)?;
         let store = Arc::new(FjallStore::open(cfg.data_dir.join("log"))?);
         let recovered = disk::recover(&store)?;
         let mut core = Config::new(cfg.id, cfg.voters.iter().copied());
@@ -428,6 +437,18 @@ impl NodeHandle {
                 "deploying code needs an admin certificate".into(),
             ));
         }
+        let needs_leader = match &request {
+            Request::Query { consistency, .. } => *consistency == Consistency::Linearizable,
+            other => other.is_write(),
+        };
+        if needs_leader {
+            // Answer at once rather than translate JSON a follower may not
+            // even have the plugin for; the event loop checks again.
+            let seen = *self.leadership.borrow();
+            if seen.role != Role::Leader {
+                return Err(self.with_leader_addr(not_leader(seen.leader)));
+            }
+        }
         let reply = match request {
             Request::Apply {
                 machine,
@@ -480,8 +501,15 @@ impl NodeHandle {
                     )));
                 }
                 validate_name(&machine)?;
-                let resolved = machines::resolve(limits);
-                let limits = kythira_api::DeployLimits {
+                let resolved = machines::resolve(DeployLimits {
+                    apply_fuel: limits.apply_fuel.or(self.cfg.default_limits.apply_fuel),
+                    query_fuel: limits.query_fuel.or(self.cfg.default_limits.query_fuel),
+                    memory_bytes: limits.memory_bytes.or(self.cfg.default_limits.memory_bytes),
+                });
+                resolved
+                    .validate()
+                    .map_err(|e| ApiError::Deploy(e.to_string()))?;
+                let limits = DeployLimits {
                     apply_fuel: Some(resolved.apply_fuel),
                     query_fuel: Some(resolved.query_fuel),
                     memory_bytes: Some(resolved.memory_bytes as u64),

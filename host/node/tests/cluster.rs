@@ -60,6 +60,8 @@ fn config(id: u64, dir: &std::path::Path) -> NodeConfig {
         request_timeout: Duration::from_secs(30),
         session_ttl: Duration::from_secs(600),
         max_component_bytes: 64 << 20,
+        default_limits: DeployLimits::default(),
+        cluster_id: "test".into(),
         seed: id,
     }
 }

@@ -61,7 +61,8 @@ impl Limits {
         index.is_multiple_of(self.checkpoint_interval) || kept_bytes >= self.checkpoint_bytes
     }
 
-    pub(crate) fn validate(&self) -> Result<(), RuntimeError> {
+    /// Checks that a runtime can be built with these limits.
+    pub fn validate(&self) -> Result<(), RuntimeError> {
         let invalid = |why: &str| Err(RuntimeError::InvalidConfig(why.to_string()));
         if self.query_fuel == 0 || self.snapshot_fuel == 0 {
             return invalid("fuel budgets must be positive");

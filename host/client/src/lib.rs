@@ -1,0 +1,372 @@
+//! The async client for Kythira clusters, used by the CLI, the benchmark and
+//! applications.
+//!
+//! A [`Client`] holds one QUIC connection per node it has talked to, with
+//! every request multiplexed on it. It finds the leader by following
+//! `NotLeader` answers, retries what is safe to retry until its deadline,
+//! and reports the rest as typed [`ClientError`]s. A plain
+//! [`Client::apply`] is retried only when the command surely did not
+//! commit; a [`Session`] numbers its commands, so it retries every failure
+//! and the cluster applies each command exactly once.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kythira_api::{
+    ApiError, Consistency, DeployLimits, NodeStatus, Payload, Reply, Request, Response, SessionSeq,
+};
+use kythira_transport::rpc::{RpcClient, RpcError};
+use kythira_transport::tls::Tls;
+use tokio::time::Instant;
+
+/// How a client reaches the cluster.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Nodes to try, in order, until one names the leader.
+    pub endpoints: Vec<SocketAddr>,
+    /// The client's certificate and the cluster CA.
+    pub tls: Tls,
+    /// How long one attempt may wait for its answer.
+    pub attempt_timeout: Duration,
+    /// How long a request may keep retrying (leader changes, restarts).
+    pub deadline: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults: 5 s per attempt, 30 s in all.
+    pub fn new(endpoints: Vec<SocketAddr>, tls: Tls) -> Self {
+        Self {
+            endpoints,
+            tls,
+            attempt_timeout: Duration::from_secs(5),
+            deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The configuration names no node.
+    #[error("no endpoints given")]
+    NoEndpoints,
+    /// The cluster answered with an error that retrying will not fix.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// No node could serve the request before the deadline.
+    #[error("the cluster did not answer within {waited:?}; last error: {last}")]
+    Unavailable {
+        /// How long the client tried.
+        waited: Duration,
+        /// The last failure seen.
+        last: String,
+    },
+    /// The command may or may not have been applied (the connection or the
+    /// leadership was lost after it was sent). Use a [`Session`] to retry safely.
+    #[error("the command's outcome is unknown: {0}")]
+    Ambiguous(String),
+    /// Our own certificate was refused.
+    #[error("refused by the cluster: {0}")]
+    Refused(String),
+    /// The node answered something this client does not expect.
+    #[error("unexpected answer: {0}")]
+    Protocol(String),
+}
+
+/// Whether a failed attempt may be retried, and whether the request may
+/// have been carried out.
+enum Failure {
+    /// Not carried out; try again (possibly at `next`).
+    Retry {
+        next: Option<SocketAddr>,
+        why: String,
+    },
+    /// Maybe carried out.
+    Ambiguous(String),
+    /// Final.
+    Fatal(ClientError),
+}
+
+/// A connection pool and leader tracker for one cluster.
+pub struct Client {
+    cfg: ClientConfig,
+    conns: tokio::sync::Mutex<HashMap<SocketAddr, RpcClient>>,
+    /// The node believed to lead, or the next endpoint to try.
+    target: Mutex<SocketAddr>,
+}
+
+impl Client {
+    /// A client for the cluster at `cfg.endpoints`; connects on first use.
+    pub fn new(cfg: ClientConfig) -> Result<Self, ClientError> {
+        let first = *cfg.endpoints.first().ok_or(ClientError::NoEndpoints)?;
+        Ok(Self {
+            cfg,
+            conns: tokio::sync::Mutex::new(HashMap::new()),
+            target: Mutex::new(first),
+        })
+    }
+
+    /// Applies `command` to machine `machine` once, at most: returns its log
+    /// index and answer. Not retried once it may have been sent to the leader.
+    pub async fn apply(
+        &self,
+        machine: &str,
+        command: Payload,
+    ) -> Result<(u64, Payload), ClientError> {
+        let req = Request::Apply {
+            machine: machine.into(),
+            command,
+            session: None,
+        };
+        applied(self.request(&req, false).await?)
+    }
+
+    /// Runs a query; `Linearizable` goes to the leader.
+    pub async fn query(
+        &self,
+        machine: &str,
+        query: Payload,
+        consistency: Consistency,
+    ) -> Result<Payload, ClientError> {
+        let req = Request::Query {
+            machine: machine.into(),
+            query,
+            consistency,
+        };
+        match self.request(&req, true).await? {
+            Response::Queried { output } => Ok(output),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Deploys (or upgrades) machine `machine`; needs an admin certificate.
+    /// Returns the deploy's log index and the code's sha256.
+    pub async fn deploy(
+        &self,
+        machine: &str,
+        component: Bytes,
+        limits: DeployLimits,
+    ) -> Result<(u64, String), ClientError> {
+        let req = Request::Deploy {
+            machine: machine.into(),
+            component,
+            limits,
+        };
+        // Deploying the same bytes twice leaves the same code: safe to retry.
+        match self.request(&req, true).await? {
+            Response::Deployed { index, sha256 } => Ok((index, sha256)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Opens a session for exactly-once commands.
+    pub async fn session(&self) -> Result<Session<'_>, ClientError> {
+        // A lost registration only leaves an idle session to expire.
+        match self.request(&Request::RegisterSession, true).await? {
+            Response::Session { id } => Ok(Session {
+                client: self,
+                id,
+                next: 1,
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The status of the node at `endpoint` (not necessarily the leader).
+    pub async fn status_of(&self, endpoint: SocketAddr) -> Result<NodeStatus, ClientError> {
+        let reply = self
+            .attempt(endpoint, &Request::Status)
+            .await
+            .map_err(|f| match f {
+                Failure::Retry { why, .. } | Failure::Ambiguous(why) => ClientError::Unavailable {
+                    waited: self.cfg.attempt_timeout,
+                    last: why,
+                },
+                Failure::Fatal(e) => e,
+            })?;
+        match reply {
+            Response::Status(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends `req` to the leader, following redirects and retrying until the
+    /// deadline. `idempotent`: an ambiguous failure may be retried too.
+    pub async fn request(&self, req: &Request, idempotent: bool) -> Result<Response, ClientError> {
+        let started = Instant::now();
+        let mut rotation = 0usize;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let target = *self.target.lock().expect("lock");
+            let why = match self.attempt(target, req).await {
+                Ok(resp) => return Ok(resp),
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Ambiguous(why)) if !idempotent => {
+                    return Err(ClientError::Ambiguous(why));
+                }
+                Err(Failure::Ambiguous(why)) => {
+                    self.rotate(&mut rotation, target);
+                    why
+                }
+                Err(Failure::Retry {
+                    next: Some(leader),
+                    why,
+                }) if leader != target => {
+                    // A redirect costs no wait: go straight to the leader.
+                    *self.target.lock().expect("lock") = leader;
+                    if started.elapsed() < self.cfg.deadline {
+                        continue;
+                    }
+                    why
+                }
+                Err(Failure::Retry { why, .. }) => {
+                    self.rotate(&mut rotation, target);
+                    why
+                }
+            };
+            if started.elapsed() + pause > self.cfg.deadline {
+                return Err(ClientError::Unavailable {
+                    waited: started.elapsed(),
+                    last: why,
+                });
+            }
+            tracing::debug!(%target, "retrying: {why}");
+            // Back off between rounds so a cluster without a leader is not
+            // flooded while it elects one.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Moves on to the next endpoint after `failed`.
+    fn rotate(&self, rotation: &mut usize, failed: SocketAddr) {
+        *rotation += 1;
+        let eps = &self.cfg.endpoints;
+        let mut next = eps[*rotation % eps.len()];
+        if next == failed && eps.len() > 1 {
+            *rotation += 1;
+            next = eps[*rotation % eps.len()];
+        }
+        *self.target.lock().expect("lock") = next;
+    }
+
+    async fn connection(&self, addr: SocketAddr) -> Result<RpcClient, RpcError> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(&addr) {
+            if c.lost().is_none() {
+                return Ok(c.clone());
+            }
+            conns.remove(&addr);
+        }
+        let c = RpcClient::connect(addr, &self.cfg.tls).await?;
+        conns.insert(addr, c.clone());
+        Ok(c)
+    }
+
+    async fn attempt(&self, addr: SocketAddr, req: &Request) -> Result<Response, Failure> {
+        let conn = self.connection(addr).await.map_err(|e| match e {
+            RpcError::Refused { reason } => Failure::Fatal(ClientError::Refused(reason)),
+            e => Failure::Retry {
+                next: None,
+                why: e.to_string(),
+            },
+        })?;
+        let reply: Reply = match conn.call(req, self.cfg.attempt_timeout).await {
+            Ok(reply) => reply,
+            Err(RpcError::Refused { reason }) => {
+                return Err(Failure::Fatal(ClientError::Refused(reason)));
+            }
+            Err(e @ (RpcError::Timeout { .. } | RpcError::ConnectionLost { .. })) => {
+                self.conns.lock().await.remove(&addr);
+                return Err(if req.is_write() {
+                    Failure::Ambiguous(format!("{addr}: {e}"))
+                } else {
+                    Failure::Retry {
+                        next: None,
+                        why: format!("{addr}: {e}"),
+                    }
+                });
+            }
+            Err(e) => {
+                self.conns.lock().await.remove(&addr);
+                return Err(Failure::Retry {
+                    next: None,
+                    why: format!("{addr}: {e}"),
+                });
+            }
+        };
+        match reply {
+            Ok(resp) => Ok(resp),
+            Err(ApiError::NotLeader { leader, addr: hint }) => Err(Failure::Retry {
+                next: hint.and_then(|a| a.parse().ok()),
+                why: format!("{addr} is not the leader (leader: {leader:?})"),
+            }),
+            Err(e @ ApiError::Outcome) | Err(e @ ApiError::Timeout) => {
+                Err(Failure::Ambiguous(format!("{addr}: {e}")))
+            }
+            Err(e @ ApiError::Unavailable(_)) => Err(Failure::Retry {
+                next: None,
+                why: format!("{addr}: {e}"),
+            }),
+            Err(e) => Err(Failure::Fatal(ClientError::Api(e))),
+        }
+    }
+}
+
+/// A client session: commands numbered so that retries apply once.
+///
+/// Commands of one session go one at a time (`&mut self`); open several
+/// sessions for concurrency.
+pub struct Session<'a> {
+    client: &'a Client,
+    id: u64,
+    next: u64,
+}
+
+impl Session<'_> {
+    /// The session's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Applies `command` exactly once, retrying through leader changes and
+    /// lost connections until the client's deadline.
+    pub async fn apply(
+        &mut self,
+        machine: &str,
+        command: Payload,
+    ) -> Result<(u64, Payload), ClientError> {
+        let serial = self.next;
+        let req = Request::Apply {
+            machine: machine.into(),
+            command,
+            session: Some(SessionSeq {
+                id: self.id,
+                serial,
+                // Commands go one at a time: every earlier one was answered.
+                acked: serial,
+            }),
+        };
+        let result = self.client.request(&req, true).await;
+        // Whatever the outcome, the serial is spent: reusing it for another
+        // command would return this one's cached answer.
+        self.next += 1;
+        applied(result?)
+    }
+}
+
+fn applied(resp: Response) -> Result<(u64, Payload), ClientError> {
+    match resp {
+        Response::Applied { index, output } => Ok((index, output)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn unexpected(resp: &Response) -> ClientError {
+    ClientError::Protocol(format!("{resp:?}"))
+}

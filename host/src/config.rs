@@ -1,0 +1,328 @@
+//! The daemon's TOML configuration: parsing, defaults and validation.
+//!
+//! Every mistake is reported with the file it is in; an unknown key is an
+//! error (a typo must not silently fall back to a default), and timeouts that
+//! cannot work together are refused with the amount they are off by.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use kythira_transport::tls::TlsFiles;
+use serde::Deserialize;
+
+/// `kythira serve --config FILE`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// This node's id; must match the id in its certificate. Its addresses
+    /// are its entry in `members`.
+    pub id: u64,
+    /// Where the node keeps its log and compiled plugins.
+    pub data_dir: PathBuf,
+    /// Address of the HTTP/JSON API, if it is served.
+    pub http: Option<SocketAddr>,
+    /// Certificates.
+    pub tls: TlsSection,
+    /// Every voter, this node included: `id = { peer = "ip:port", client = "ip:port" }`.
+    pub members: BTreeMap<String, Member>,
+    /// Consensus timing.
+    #[serde(default)]
+    pub raft: RaftSection,
+    /// Limits on what clients may ask.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// One voter's addresses: Raft traffic and client traffic on separate
+/// ports, so that a flood of clients cannot starve heartbeats.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    /// QUIC port for the other nodes.
+    pub peer: SocketAddr,
+    /// QUIC port for clients.
+    pub client: SocketAddr,
+}
+
+/// `[tls]`: paths are relative to the configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The cluster's CA certificate.
+    pub ca: PathBuf,
+    /// This node's certificate.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// `[raft]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftSection {
+    /// One tick of the consensus clock, in milliseconds.
+    pub tick_ms: u64,
+    /// Election timeout in ticks (randomized between this and twice this).
+    pub election_ticks: u32,
+    /// Heartbeat interval in ticks.
+    pub heartbeat_ticks: u32,
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        Self {
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// How long a request may wait for its commit or read, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Idle time after which a client session expires, in seconds of log time.
+    pub session_ttl_s: u64,
+    /// Largest component a deploy may carry, in MiB.
+    pub max_component_mib: u64,
+    /// Fuel for one apply of a plugin deployed without its own limit.
+    pub apply_fuel: Option<u64>,
+    /// Fuel for one query (and one JSON translation) of such a plugin.
+    pub query_fuel: Option<u64>,
+    /// Memory limit of such a plugin, in MiB.
+    pub memory_mib: Option<u64>,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            request_timeout_ms: 10_000,
+            session_ttl_s: 3_600,
+            max_component_mib: 32,
+            apply_fuel: None,
+            query_fuel: None,
+            memory_mib: None,
+        }
+    }
+}
+
+/// A validated configuration, ready to start a node.
+#[derive(Debug)]
+pub struct Config {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub client: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    pub members: BTreeMap<u64, Member>,
+    pub default_limits: kythira_api::DeployLimits,
+    pub tick: Duration,
+    pub election_ticks: u32,
+    pub heartbeat_ticks: u32,
+    pub request_timeout: Duration,
+    pub session_ttl: Duration,
+    pub max_component_bytes: usize,
+}
+
+/// Reads and validates the configuration at `path`.
+pub fn load(path: &Path) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
+    parse(&text, path)
+}
+
+/// Parses and validates `text`, read from `path` (which relative paths and
+/// error messages refer to).
+pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
+    let file: File = toml::from_str(text).map_err(|e| located(&e, text, path))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let rel = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    let in_file = |why: String| anyhow::anyhow!("{}: {why}", path.display());
+
+    let mut members = BTreeMap::new();
+    for (key, addr) in &file.members {
+        let id: u64 = key.parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+            in_file(format!(
+                "members: {key:?} is not a node id (a number from 1)"
+            ))
+        })?;
+        members.insert(id, *addr);
+    }
+    if file.id == 0 {
+        bail!(in_file("id: node id 0 is reserved; ids start at 1".into()));
+    }
+    let Some(me) = members.get(&file.id).copied() else {
+        bail!(in_file(format!(
+            "members: this node's id {} is not among the members {:?}",
+            file.id,
+            members.keys().collect::<Vec<_>>()
+        )));
+    };
+    let mut seen = std::collections::HashMap::new();
+    for (id, m) in &members {
+        for addr in [m.peer, m.client] {
+            if let Some(other) = seen.insert(addr, *id) {
+                bail!(in_file(format!(
+                    "members: {addr} is used twice (by node {other} and node {id}); \
+                     every peer and client port must be distinct"
+                )));
+            }
+        }
+    }
+    let r = &file.raft;
+    if r.tick_ms == 0 || r.heartbeat_ticks == 0 {
+        bail!(in_file(
+            "raft: tick_ms and heartbeat_ticks must be positive".into()
+        ));
+    }
+    let min_election = 3 * r.heartbeat_ticks;
+    if r.election_ticks < min_election {
+        bail!(in_file(format!(
+            "raft.election_ticks is {} but must be at least 3 × heartbeat_ticks = {min_election} \
+             (short by {}), or followers will start elections between heartbeats",
+            r.election_ticks,
+            min_election - r.election_ticks
+        )));
+    }
+    // An election can take up to twice the election timeout; a request must
+    // be allowed to outlast one.
+    let election_ms = 2 * u64::from(r.election_ticks) * r.tick_ms;
+    let l = &file.limits;
+    if l.request_timeout_ms < election_ms {
+        bail!(in_file(format!(
+            "limits.request_timeout_ms is {} ms, shorter than the longest election \
+             (2 × {} ticks × {} ms = {election_ms} ms) by {} ms",
+            l.request_timeout_ms,
+            r.election_ticks,
+            r.tick_ms,
+            election_ms - l.request_timeout_ms
+        )));
+    }
+    if l.session_ttl_s == 0 || l.max_component_mib == 0 {
+        bail!(in_file(
+            "limits: session_ttl_s and max_component_mib must be positive".into()
+        ));
+    }
+    let limits = kythira_api::DeployLimits {
+        apply_fuel: l.apply_fuel,
+        query_fuel: l.query_fuel,
+        memory_bytes: l.memory_mib.map(|m| m << 20),
+    };
+    let checked = kythira_node::machines::resolve(limits);
+    checked
+        .validate()
+        .map_err(|e| in_file(format!("limits: {e}")))?;
+    Ok(Config {
+        id: file.id,
+        peer: me.peer,
+        client: me.client,
+        default_limits: limits,
+        http: file.http,
+        data_dir: rel(&file.data_dir),
+        tls: TlsFiles {
+            ca: rel(&file.tls.ca),
+            cert: rel(&file.tls.cert),
+            key: rel(&file.tls.key),
+        },
+        members,
+        tick: Duration::from_millis(r.tick_ms),
+        election_ticks: r.election_ticks,
+        heartbeat_ticks: r.heartbeat_ticks,
+        request_timeout: Duration::from_millis(l.request_timeout_ms),
+        session_ttl: Duration::from_secs(l.session_ttl_s),
+        max_component_bytes: usize::try_from(l.max_component_mib << 20).unwrap_or(usize::MAX),
+    })
+}
+
+/// toml's message names the key; say which file and line it is on.
+fn located(e: &toml::de::Error, text: &str, path: &Path) -> anyhow::Error {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start].matches('\n').count() + 1;
+            anyhow::anyhow!("{}:{line}: {}", path.display(), e.message())
+        }
+        None => anyhow::anyhow!("{}: {}", path.display(), e.message()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+id = 2
+data_dir = "node-2"
+
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/node-2.pem"
+key = "certs/node-2-key.pem"
+
+[members]
+1 = { peer = "127.0.0.1:7101", client = "127.0.0.1:7001" }
+2 = { peer = "127.0.0.1:7102", client = "127.0.0.1:7002" }
+3 = { peer = "127.0.0.1:7103", client = "127.0.0.1:7003" }
+"#;
+
+    fn err(text: &str) -> String {
+        parse(text, Path::new("/etc/kythira/node.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn a_good_file_parses_with_defaults_and_relative_paths() {
+        let c = parse(GOOD, Path::new("/etc/kythira/node.toml")).unwrap();
+        assert_eq!(c.id, 2);
+        assert_eq!(c.members.len(), 3);
+        assert_eq!(c.data_dir, Path::new("/etc/kythira/node-2"));
+        assert_eq!(c.tls.ca, Path::new("/etc/kythira/certs/ca.pem"));
+        assert_eq!(c.tick, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_the_file() {
+        let e = err(&GOOD.replace("data_dir", "data_dri"));
+        assert!(e.contains("/etc/kythira/node.toml"), "{e}");
+        assert!(e.contains("data_dri"), "{e}");
+        let e = err(&format!("{GOOD}\n[raft]\ntick = 5\n"));
+        assert!(e.contains("tick"), "{e}");
+    }
+
+    #[test]
+    fn timeouts_that_cannot_work_say_by_how_much() {
+        let e = err(&format!("{GOOD}\n[raft]\nelection_ticks = 4\n"));
+        assert!(e.contains("short by 2"), "{e}");
+        let e = err(&format!("{GOOD}\n[limits]\nrequest_timeout_ms = 1500\n"));
+        assert!(e.contains("by 500 ms"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_reused_ports_are_refused() {
+        let e = err(&GOOD.replace("id = 2", "id = \"two\""));
+        assert!(e.contains("node.toml:2"), "{e}");
+        let e = err(&GOOD.replace("7103", "7102"));
+        assert!(e.contains("used twice"), "{e}");
+        let e = err(&format!("{GOOD}\n[limits]\napply_fuel = 10\n"));
+        assert!(e.contains("apply fuel"), "{e}");
+    }
+
+    #[test]
+    fn the_node_must_be_a_member() {
+        let e = err(&GOOD.replace("id = 2", "id = 9"));
+        assert!(e.contains("not among the members"), "{e}");
+    }
+}

@@ -1,0 +1,3 @@
+//! The `kythira` binary's reusable parts.
+
+pub mod local;

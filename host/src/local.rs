@@ -1,0 +1,336 @@
+//! Clusters of real `kythira serve` processes on this machine, on loopback:
+//! what `kythira demo` runs, and what the cluster tests run.
+//!
+//! Every process a [`LocalCluster`] starts is killed when it is dropped,
+//! whatever happened, unless it was told to [`LocalCluster::keep`] them.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use kythira_transport::pki::{Ca, Identity, Role};
+
+/// The line `kythira serve` prints once it serves.
+pub const READY: &str = "kythira: serving";
+
+/// How the cluster's nodes are configured.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Number of voters.
+    pub nodes: u64,
+    /// Serve the HTTP API too.
+    pub http: bool,
+    /// Consensus tick; elections take about 10 to 20 ticks.
+    pub tick_ms: u64,
+    /// How long to wait for a node to come up (a safety net, not a schedule).
+    pub start_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            http: false,
+            tick_ms: 50,
+            start_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+struct Proc {
+    addr: SocketAddr,
+    peer: SocketAddr,
+    http: Option<SocketAddr>,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+/// A cluster of `kythira serve` processes under one directory.
+pub struct LocalCluster {
+    exe: PathBuf,
+    dir: PathBuf,
+    nodes: BTreeMap<u64, Proc>,
+    start_timeout: Duration,
+    keep: bool,
+}
+
+/// Free loopback ports, as the OS hands them out. They are released before
+/// the nodes bind them; another process could take one in between, which a
+/// test would see as a node failing to start.
+fn free_ports(n: usize, udp: bool) -> anyhow::Result<Vec<u16>> {
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..n {
+        let port = if udp {
+            let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+            let p = s.local_addr()?.port();
+            held.push(Box::new(s) as Box<dyn std::any::Any>);
+            p
+        } else {
+            let s = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+            let p = s.local_addr()?.port();
+            held.push(Box::new(s) as Box<dyn std::any::Any>);
+            p
+        };
+        ports.push(port);
+    }
+    Ok(ports)
+}
+
+impl LocalCluster {
+    /// Writes certificates (a fresh CA, one per node, `admin` and `app`
+    /// clients) and node configurations under `dir`. Starts nothing.
+    pub fn create(exe: &Path, dir: &Path, opts: &Options) -> anyhow::Result<Self> {
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs)
+            .with_context(|| format!("cannot create {}", certs.display()))?;
+        let ca = Ca::generate()?;
+        ca.write(&certs.join("ca.pem"), &certs.join("ca-key.pem"))?;
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        for (name, role) in [("admin", Role::Admin), ("app", Role::Client)] {
+            ca.issue(&Identity::client(name, role)?, &[])?.write(
+                &certs.join(format!("{name}.pem")),
+                &certs.join(format!("{name}-key.pem")),
+            )?;
+        }
+        let n = opts.nodes as usize;
+        let quic = free_ports(2 * n, true)?;
+        let http = if opts.http {
+            free_ports(n, false)?
+        } else {
+            Vec::new()
+        };
+        let addr = |i: usize| SocketAddr::new(ip, quic[i]);
+        let peer = |i: usize| SocketAddr::new(ip, quic[n + i]);
+        let members: String = (0..n)
+            .map(|i| {
+                format!(
+                    "{} = {{ peer = \"{}\", client = \"{}\" }}\n",
+                    i + 1,
+                    peer(i),
+                    addr(i)
+                )
+            })
+            .collect();
+        let mut nodes = BTreeMap::new();
+        for i in 0..n {
+            let id = i as u64 + 1;
+            ca.issue(&Identity::Node(id), &[ip])?.write(
+                &certs.join(format!("node-{id}.pem")),
+                &certs.join(format!("node-{id}-key.pem")),
+            )?;
+            let http_addr = http.get(i).map(|p| SocketAddr::new(ip, *p));
+            let http_line = http_addr.map_or(String::new(), |a| format!("http = \"{a}\"\n"));
+            let config = dir.join(format!("node-{id}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "id = {id}\ndata_dir = \"data/node-{id}\"\n{http_line}\n\
+                     [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node-{id}.pem\"\nkey = \"certs/node-{id}-key.pem\"\n\n\
+                     [members]\n{members}\n\
+                     [raft]\ntick_ms = {}\nelection_ticks = 10\nheartbeat_ticks = 2\n",
+                    opts.tick_ms
+                ),
+            )?;
+            nodes.insert(
+                id,
+                Proc {
+                    addr: addr(i),
+                    peer: peer(i),
+                    http: http_addr,
+                    config,
+                    child: None,
+                },
+            );
+        }
+        Ok(Self {
+            exe: exe.to_path_buf(),
+            dir: dir.to_path_buf(),
+            nodes,
+            start_timeout: opts.start_timeout,
+            keep: false,
+        })
+    }
+
+    /// Starts every node that is not running, and waits until each serves.
+    pub fn start_all(&mut self) -> anyhow::Result<()> {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        let mut waits = Vec::new();
+        for id in ids {
+            if self.nodes[&id].child.is_none() {
+                waits.push((id, self.spawn(id)?));
+            }
+        }
+        for (id, ready) in waits {
+            self.wait_ready(id, ready)?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `id` and waits until it serves.
+    pub fn start(&mut self, id: u64) -> anyhow::Result<()> {
+        let ready = self.spawn(id)?;
+        self.wait_ready(id, ready)
+    }
+
+    fn spawn(&mut self, id: u64) -> anyhow::Result<mpsc::Receiver<String>> {
+        let node = self.nodes.get_mut(&id).context("no such node")?;
+        if node.child.is_some() {
+            bail!("node {id} is already running");
+        }
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node-{id}.log")))?;
+        let mut child = Command::new(&self.exe)
+            .arg("serve")
+            .arg("--config")
+            .arg(&node.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.exe.display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        node.child = Some(child);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn wait_ready(&mut self, id: u64, lines: mpsc::Receiver<String>) -> anyhow::Result<()> {
+        loop {
+            match lines.recv_timeout(self.start_timeout) {
+                Ok(line) if line.starts_with(READY) => return Ok(()),
+                Ok(_) => continue,
+                Err(_) => {
+                    // The output ended (the process exited) or the safety net ran out.
+                    let log = std::fs::read_to_string(self.dir.join(format!("node-{id}.log")))
+                        .unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                    self.kill(id);
+                    bail!(
+                        "node {id} did not start; last lines of its log:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Kills node `id` with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.nodes.get_mut(&id).and_then(|n| n.child.take()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether node `id` runs.
+    pub fn is_running(&self, id: u64) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.child.is_some())
+    }
+
+    /// The process id of node `id`, if it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes.get(&id)?.child.as_ref().map(Child::id)
+    }
+
+    /// Node ids.
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    /// Raft (peer) address of node `id`.
+    pub fn peer_addr(&self, id: u64) -> SocketAddr {
+        self.nodes[&id].peer
+    }
+
+    /// Configuration file of node `id`.
+    pub fn config_path(&self, id: u64) -> &Path {
+        &self.nodes[&id].config
+    }
+
+    /// Client address of node `id`.
+    pub fn addr(&self, id: u64) -> SocketAddr {
+        self.nodes[&id].addr
+    }
+
+    /// HTTP address of node `id`, if it serves HTTP.
+    pub fn http_addr(&self, id: u64) -> Option<SocketAddr> {
+        self.nodes[&id].http
+    }
+
+    /// Every node's QUIC address.
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        self.nodes.values().map(|n| n.addr).collect()
+    }
+
+    /// The `--endpoints` value for all nodes.
+    pub fn endpoints_arg(&self) -> String {
+        let eps: Vec<String> = self.endpoints().iter().map(ToString::to_string).collect();
+        eps.join(",")
+    }
+
+    /// The cluster's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Certificate and key of client `name` (`admin` or `app`), with the CA.
+    pub fn client_files(&self, name: &str) -> kythira_transport::tls::TlsFiles {
+        let certs = self.dir.join("certs");
+        kythira_transport::tls::TlsFiles {
+            ca: certs.join("ca.pem"),
+            cert: certs.join(format!("{name}.pem")),
+            key: certs.join(format!("{name}-key.pem")),
+        }
+    }
+
+    /// `kythira` with the connection flags of client `name` filled in.
+    pub fn cli(&self, name: &str) -> Command {
+        let files = self.client_files(name);
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--endpoints")
+            .arg(self.endpoints_arg())
+            .arg("--cacert")
+            .arg(files.ca)
+            .arg("--cert")
+            .arg(files.cert)
+            .arg("--key")
+            .arg(files.key);
+        cmd
+    }
+
+    /// Leaves the processes running when the cluster is dropped.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        for id in self.ids() {
+            self.kill(id);
+        }
+    }
+}

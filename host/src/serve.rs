@@ -1,0 +1,171 @@
+//! `kythira serve`: one node of a cluster.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, bail};
+use kythira_api::{ApiError, Reply, Request};
+use kythira_node::{Caller, Network, Node, NodeConfig, NodeHandle};
+use kythira_raft::Message;
+use kythira_transport::endpoint::Endpoint;
+use kythira_transport::peer::{PeerConfig, PeerNet};
+use kythira_transport::pki::{Identity, Role};
+use kythira_transport::rpc::RpcServer;
+use kythira_transport::tls::Tls;
+
+use crate::config::Config;
+use kythira::local::READY;
+
+struct Peers(PeerNet);
+
+impl Network for Peers {
+    fn send(&self, m: Message) {
+        // A full queue or a broken link drops the message; Raft retries.
+        if let Err(e) = self.0.send(m) {
+            tracing::trace!("not sent: {e}");
+        }
+    }
+}
+
+/// What a certificate allows on the client port: nothing for a node's.
+pub fn caller(identity: &Identity) -> Option<Caller> {
+    match identity {
+        Identity::Client {
+            role: Role::Admin, ..
+        } => Some(Caller::Admin),
+        Identity::Client {
+            role: Role::Client, ..
+        } => Some(Caller::Client),
+        Identity::Node(_) => None,
+    }
+}
+
+/// The cluster's fingerprint: the sha256 of its CA certificate file.
+fn cluster_id(ca: &std::path::Path) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+    let digest = sha2::Sha256::digest(&pem);
+    Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Serves until the node fails or the process is told to stop.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let tls = Tls::load(&cfg.tls)?;
+    if tls.identity() != &Identity::Node(cfg.id) {
+        bail!(
+            "{}: the certificate is for {:?}, but this node's id is {}",
+            cfg.tls.cert.display(),
+            tls.identity(),
+            cfg.id
+        );
+    }
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            cfg.data_dir.display()
+        )
+    })?;
+    // Before anything is bound: a node on the wrong directory must not even
+    // start talking to its peers.
+    let cluster_id = cluster_id(&cfg.tls.ca)?;
+    kythira_node::disk::claim(&cfg.data_dir, cfg.id, &cluster_id)?;
+    // Peers and clients on separate endpoints: a flood of client
+    // connections cannot crowd out the Raft traffic.
+    let peer_endpoint = Endpoint::bind(cfg.peer, &tls)?;
+    let client_endpoint = Endpoint::bind(cfg.client, &tls)?;
+    let peers: BTreeMap<_, _> = cfg
+        .members
+        .iter()
+        .filter(|(id, _)| **id != cfg.id)
+        .map(|(id, m)| (*id, m.peer))
+        .collect();
+    let (net, inbound) = peer_endpoint.start_peers(PeerConfig::new(cfg.id, peers))?;
+    let node = Node::start(
+        NodeConfig {
+            id: cfg.id,
+            voters: cfg.members.keys().copied().collect(),
+            client_addrs: cfg
+                .members
+                .iter()
+                .map(|(id, m)| (*id, m.client.to_string()))
+                .collect(),
+            data_dir: cfg.data_dir.clone(),
+            tick: cfg.tick,
+            election_ticks: cfg.election_ticks,
+            heartbeat_ticks: cfg.heartbeat_ticks,
+            request_timeout: cfg.request_timeout,
+            session_ttl: cfg.session_ttl,
+            max_component_bytes: cfg.max_component_bytes,
+            default_limits: cfg.default_limits,
+            cluster_id,
+            seed: seed(cfg.id),
+        },
+        Peers(net),
+        inbound,
+    )?;
+    let handle = node.handle.clone();
+    client_endpoint.serve_clients(RpcServer::new(move |identity: Identity, req: Request| {
+        let handle: NodeHandle = handle.clone();
+        async move {
+            let reply: Reply = match caller(&identity) {
+                Some(caller) => handle.call(caller, req).await,
+                None => Err(ApiError::Unauthorized(format!(
+                    "{identity} holds a node certificate; clients need a client certificate \
+                     (`kythira cert client`)"
+                ))),
+            };
+            reply
+        }
+    }))?;
+    let http = match cfg.http {
+        Some(addr) => Some(crate::http::start(addr, &tls, node.handle.clone()).await?),
+        None => None,
+    };
+    match &http {
+        Some(h) => println!(
+            "{READY} node {} peers {} clients {} http {}",
+            cfg.id, cfg.peer, cfg.client, h.addr
+        ),
+        None => println!(
+            "{READY} node {} peers {} clients {}",
+            cfg.id, cfg.peer, cfg.client
+        ),
+    }
+    let stopped = tokio::select! {
+        r = node.task => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::Error::from(e).context("the node stopped")),
+            Err(e) => Err(anyhow::anyhow!("the node's task failed: {e}")),
+        },
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    };
+    client_endpoint.close();
+    peer_endpoint.close();
+    stopped
+}
+
+/// Election timeouts must differ between nodes; the seed only needs to.
+fn seed(id: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

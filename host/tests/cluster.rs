@@ -1,0 +1,211 @@
+//! Three `kythira serve` processes on 127.0.0.1: election, deploy, applies
+//! and queries through every node, leader failure under load, and
+//! exactly-once retries across a leader change.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use kythira::local::Options;
+use kythira_api::{Consistency, Payload, Request, Response, SessionSeq};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_serves_the_cli_and_the_client_library() {
+    let c = start(Options::default());
+    deploy(&c, "kv");
+
+    // Through each node alone: followers name the leader and the CLI follows.
+    for id in c.ids() {
+        let ep = c.addr(id).to_string();
+        let put = format!(r#"{{"put":{{"key":"via-{id}","value":"v{id}"}}}}"#);
+        let out = cli_ok(&c, "app", &["--endpoints", &ep, "apply", "kv", &put]);
+        assert_eq!(out.trim(), r#"{"value":null}"#);
+    }
+    for id in c.ids() {
+        let ep = c.addr(id).to_string();
+        for other in c.ids() {
+            let get = format!(r#"{{"get":{{"key":"via-{other}"}}}}"#);
+            let out = cli_ok(&c, "app", &["--endpoints", &ep, "query", "kv", &get]);
+            assert_eq!(out.trim(), format!(r#"{{"value":"v{other}"}}"#));
+        }
+    }
+    // --json on a write and on status.
+    let out = cli_ok(
+        &c,
+        "app",
+        &[
+            "--json",
+            "apply",
+            "kv",
+            r#"{"put":{"key":"j","value":"1"}}"#,
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["index"].as_u64().unwrap() > 0 && v["output"]["value"].is_null(),
+        "{out}"
+    );
+    let out = cli_ok(&c, "app", &["--json", "status"]);
+    let all: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(all.len(), 3);
+    let leaders: Vec<_> = all.iter().map(|s| s["status"]["leader"].clone()).collect();
+    assert!(
+        leaders.iter().all(|l| *l == leaders[0] && !l.is_null()),
+        "{out}"
+    );
+    for s in &all {
+        assert_eq!(s["status"]["machines"][0]["name"], "kv", "{out}");
+    }
+
+    // The client library, against each node in turn.
+    for id in c.ids() {
+        let client = client_for(&c, "app", vec![c.addr(id)]);
+        let key = format!(r#"{{"put":{{"key":"lib-{id}","value":"x"}}}}"#);
+        let (index, out) = client.apply("kv", Payload::Json(key)).await.unwrap();
+        assert!(index > 0);
+        assert_eq!(json(out), r#"{"value":null}"#);
+        let got = client
+            .query(
+                "kv",
+                Payload::Json(format!(r#"{{"get":{{"key":"lib-{id}"}}}}"#)),
+                Consistency::Linearizable,
+            )
+            .await
+            .unwrap();
+        assert_eq!(json(got), r#"{"value":"x"}"#);
+        // A stale read answers from the node asked, once it has applied.
+        let stale = client
+            .query(
+                "kv",
+                Payload::Json(r#"{"get":{"key":"via-1"}}"#.into()),
+                Consistency::Stale,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            json(stale).as_str(),
+            r#"{"value":"v1"}"# | r#"{"value":null}"#
+        ));
+    }
+}
+
+fn add(name: &str) -> Payload {
+    Payload::Json(format!(r#"{{"add":{{"name":"{name}","delta":1}}}}"#))
+}
+
+fn get(name: &str) -> Payload {
+    Payload::Json(format!(r#"{{"get":{{"name":"{name}"}}}}"#))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_under_load_loses_and_doubles_nothing() {
+    let mut c = start(Options::default());
+    deploy(&c, "counter");
+    let admin = client(&c, "admin");
+    let old = leader(&admin, &c).await;
+
+    // Eight clients, each with a session, each counting its own counter.
+    const CLIENTS: usize = 8;
+    const WRITES: u64 = 40;
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..CLIENTS).map(|_| AtomicU64::new(0)).collect());
+    let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut writers = Vec::new();
+    for i in 0..CLIENTS {
+        let client = client(&c, "app");
+        let acked = acked.clone();
+        let progress_tx = progress_tx.clone();
+        writers.push(tokio::spawn(async move {
+            let mut session = client.session().await.expect("session");
+            for n in 1..=WRITES {
+                let (_, out) = session
+                    .apply("counter", add(&format!("c{i}")))
+                    .await
+                    .expect("write");
+                // The counter's answer is its new value: a double apply
+                // would show here or in the final count.
+                assert_eq!(json(out), n.to_string(), "client {i}");
+                acked[i].store(n, Ordering::SeqCst);
+                let _ = progress_tx.send(());
+            }
+        }));
+    }
+    // Kill the leader once a quarter of the writes are acknowledged.
+    for _ in 0..(CLIENTS as u64 * WRITES / 4) {
+        progress.recv().await.unwrap();
+    }
+    c.kill(old);
+    let killed_at: u64 = acked.iter().map(|a| a.load(Ordering::SeqCst)).sum();
+    for w in writers {
+        w.await.expect("a writer failed");
+    }
+    let new = leader(&admin, &c).await;
+    assert_ne!(new, old);
+    assert!(
+        killed_at < CLIENTS as u64 * WRITES,
+        "the kill happened under load"
+    );
+
+    // The killed node comes back, replays its log and catches up.
+    c.start(old).unwrap();
+    for id in c.ids() {
+        let node = client_for(&c, "app", vec![c.addr(id)]);
+        for i in 0..CLIENTS {
+            let name = format!("c{i}");
+            eventually(Duration::from_secs(60), "a node catches up", || {
+                let node = &node;
+                let name = name.clone();
+                async move {
+                    node.query("counter", get(&name), Consistency::Stale)
+                        .await
+                        .is_ok_and(|v| json(v) == WRITES.to_string())
+                }
+            })
+            .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_serial_applies_once_across_a_leader_change() {
+    let mut c = start(Options::default());
+    deploy(&c, "counter");
+    let admin = client(&c, "admin");
+    let old = leader(&admin, &c).await;
+    let Response::Session { id } = admin
+        .request(&Request::RegisterSession, true)
+        .await
+        .unwrap()
+    else {
+        panic!("no session");
+    };
+    let command = Request::Apply {
+        machine: "counter".into(),
+        command: add("once"),
+        session: Some(SessionSeq {
+            id,
+            serial: 1,
+            acked: 1,
+        }),
+    };
+    let first = admin.request(&command, true).await.unwrap();
+    c.kill(old);
+    // The same serial again, through a surviving node, to the new leader.
+    let others: Vec<_> = c
+        .ids()
+        .into_iter()
+        .filter(|i| *i != old)
+        .map(|i| c.addr(i))
+        .collect();
+    let retry_client = client_for(&c, "admin", others);
+    let again = retry_client.request(&command, true).await.unwrap();
+    assert_eq!(first, again, "the retry returns the first answer");
+    let value = retry_client
+        .query("counter", get("once"), Consistency::Linearizable)
+        .await
+        .unwrap();
+    assert_eq!(json(value), "1", "applied once");
+    assert_ne!(leader(&retry_client, &c).await, old);
+}
