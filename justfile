@@ -36,7 +36,7 @@ sim-mutants *ARGS:
     cargo run --release -p kythira-sim --features mutants --bin sim-mutants -- {{ARGS}}
 
 # Every benchmark.
-bench: bench-core bench-storage bench-plugin bench-lin
+bench: bench-core bench-storage bench-plugin bench-lin bench-cluster
 
 bench-core:
     cargo run --release -p kythira-sim --bin bench-core
@@ -49,6 +49,13 @@ bench-plugin: plugins
 
 bench-lin:
     cargo bench -p kythira-linearizability --bench check
+
+# A local 3-node cluster of release `kythira serve` processes (fsync on): 1, 16
+# and 64 clients writing 100-byte values for 10 s each, with the fdatasync and
+# loopback QUIC baselines measured in the same run.
+bench-cluster: plugins
+    cargo build --release -p kythira
+    target/release/kythira bench --local --plugins {{plugin_out}} --clients 1,16,64 --duration 10s --warmup 1s --value-size 100
 
 # Create plugins/NAME from the template; it builds and passes its tests as created.
 new-plugin NAME:
