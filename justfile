@@ -15,9 +15,14 @@ setup:
 plugins: setup
     bash guest-sdk/build-plugins.sh {{plugin_out}}
 
-# Main job: build the plugins and run the demo.
-demo: plugins
-    cargo run -p kythira -- demo --plugins {{plugin_out}}
+# Main job: a local 3-node cluster of `kythira serve` processes serving the kv plugin
+# (`just demo --keep` leaves it up until Ctrl-C).
+demo *ARGS: plugins
+    cargo run -p kythira -- demo --plugins {{plugin_out}} {{ARGS}}
+
+# The plugin runtime alone, in one process.
+demo-plugin: plugins
+    cargo run -p kythira -- demo-plugin --plugins {{plugin_out}}
 
 # The whole test suite: simulator seeds, mutation check, then every unit and integration test.
 test: plugins

@@ -13,7 +13,7 @@ pub struct DemoArgs {
     /// Directory holding the built components (`just plugins`).
     #[arg(long, default_value = "target/plugins")]
     plugins: PathBuf,
-    /// Leave the cluster running afterwards (prints how to reach and stop it).
+    /// Keep the cluster running afterwards, until Ctrl-C.
     #[arg(long)]
     keep: bool,
 }
@@ -79,11 +79,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let kv = kv.canonicalize()?;
     let exe = std::env::current_exe()?;
     let tmp = tempfile::Builder::new().prefix("kythira-demo-").tempdir()?;
-    let dir = if args.keep {
-        tmp.keep()
-    } else {
-        tmp.path().to_path_buf()
-    };
+    // Removed when the demo ends, after every process is stopped.
+    let dir = tmp.path().to_path_buf();
     let mut cluster = LocalCluster::create(&exe, &dir, &Options::default())?;
     println!(
         "cluster directory {} (fresh CA and certificates in certs/)",
@@ -141,27 +138,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cluster.start(old)?;
     show(&cluster, &["status"])?;
 
+    let f = cluster.client_files("admin");
+    println!("\ntry next, from another terminal{}:", if args.keep { "" } else { " (with --keep)" });
+    println!(
+        "  export KYTHIRA_ENDPOINTS={} KYTHIRA_CACERT={} KYTHIRA_CERT={} KYTHIRA_KEY={}",
+        cluster.endpoints_arg(),
+        f.ca.display(),
+        f.cert.display(),
+        f.key.display()
+    );
+    println!("  alias kythira={}", exe.display());
+    println!("  kythira status");
+    println!(r#"  kythira apply kv '{{"put":{{"key":"a","value":"1"}}}}'"#);
+    println!(r#"  kythira query kv '{{"scan":{{"prefix":"","limit":10}}}}'"#);
+    println!("  kythira bench --clients 16 --duration 5s");
     if args.keep {
-        cluster.keep();
-        let f = cluster.client_files("admin");
-        println!("\nthe cluster keeps running. Reach it with:");
-        println!(
-            "  export KYTHIRA_ENDPOINTS={} KYTHIRA_CACERT={} KYTHIRA_CERT={} KYTHIRA_KEY={}",
-            cluster.endpoints_arg(),
-            f.ca.display(),
-            f.cert.display(),
-            f.key.display()
-        );
-        let pids: Vec<String> = cluster
-            .ids()
-            .iter()
-            .filter_map(|id| cluster.pid(*id))
-            .map(|p| p.to_string())
-            .collect();
-        println!("stop it with: kill {}", pids.join(" "));
-    } else {
-        drop(cluster);
-        println!("\ndemo finished; all nodes stopped");
+        println!("\nthe cluster runs until Ctrl-C (directory {})", dir.display());
+        tokio::signal::ctrl_c().await?;
     }
+    drop(cluster);
+    println!("\ndemo finished; all nodes stopped");
     Ok(())
 }
