@@ -139,7 +139,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     show(&cluster, &["status"])?;
 
     let f = cluster.client_files("admin");
-    println!("\ntry next, from another terminal{}:", if args.keep { "" } else { " (with --keep)" });
+    println!(
+        "\ntry next, from another terminal{}:",
+        if args.keep { "" } else { " (with --keep)" }
+    );
     println!(
         "  export KYTHIRA_ENDPOINTS={} KYTHIRA_CACERT={} KYTHIRA_CERT={} KYTHIRA_KEY={}",
         cluster.endpoints_arg(),
@@ -153,7 +156,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(r#"  kythira query kv '{{"scan":{{"prefix":"","limit":10}}}}'"#);
     println!("  kythira bench --clients 16 --duration 5s");
     if args.keep {
-        println!("\nthe cluster runs until Ctrl-C (directory {})", dir.display());
+        println!(
+            "\nthe cluster runs until Ctrl-C (directory {})",
+            dir.display()
+        );
         tokio::signal::ctrl_c().await?;
     }
     drop(cluster);

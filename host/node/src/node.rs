@@ -221,11 +221,14 @@ struct EventLoop<N> {
     /// Largest leader timestamp in this node's log: new entries get at least it.
     last_timestamp_ms: u64,
     /// ReadIndex requests in flight, by context.
-    reads: HashMap<u64, (String, Bytes, oneshot::Sender<Result<Bytes, ApiError>>)>,
+    reads: HashMap<u64, PendingRead>,
     next_read: u64,
     was_leader: bool,
     session_ttl_ms: u64,
 }
+
+/// A linearizable query waiting for its ReadIndex round: machine, query, reply.
+type PendingRead = (String, Bytes, oneshot::Sender<Result<Bytes, ApiError>>);
 
 /// Most inputs handled between two looks at the core's output, so that a
 /// burst of messages or requests turns into one batch.
