@@ -86,7 +86,6 @@ impl Applier {
                 for w in queue {
                     match w {
                         Work::Apply(entries) => {
-                            let deploys_before = shared.machines.lock().expect("lock").len();
                             let answers = machines.apply(&entries);
                             shared.applied.store(machines.applied(), Ordering::Release);
                             shared
@@ -112,7 +111,7 @@ impl Applier {
                                 };
                                 let _ = reply.send(outcome);
                             }
-                            if changed_code || deploys_before != machines.status().len() {
+                            if changed_code {
                                 publish(&machines, &shared);
                             }
                             serve_reads(&mut machines, &mut reads);

@@ -122,7 +122,7 @@ impl Machines {
     }
 
     /// Applies committed entries, in order, and returns one answer per
-    /// `Normal` entry.
+    /// `Normal` entry, in log order.
     ///
     /// # Panics
     /// If the entries do not follow the last applied one, or the runtime
@@ -234,6 +234,9 @@ impl Machines {
             }
         }
         self.flush(&mut run, &mut in_run, &mut answers);
+        // Entries answered without the plugin (duplicates, refusals) answer
+        // before the run they sit in is flushed: restore log order.
+        answers.sort_by_key(|a| a.index);
         answers
     }
 

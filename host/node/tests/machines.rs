@@ -1,0 +1,147 @@
+//! The replicated state above the log, entry by entry: batches, sessions and
+//! deploys give the answers one-by-one application would.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use kythira_api::{ApiError, DeployLimits, Payload, Response, SessionSeq};
+use kythira_guest::codec;
+use kythira_node::entry::{Envelope, Op};
+use kythira_node::machines::Machines;
+use kythira_plugin_kv::{Command, Response as KvResponse};
+use kythira_raft::{Entry, EntryKind};
+use sha2::{Digest, Sha256};
+
+fn component(name: &str) -> Bytes {
+    let dir = std::env::var_os("KYTHIRA_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/plugins"));
+    Bytes::from(std::fs::read(dir.join(format!("{name}.wasm"))).expect("built plugins"))
+}
+
+fn entry(index: u64, op: Op) -> Entry {
+    Entry {
+        term: 1,
+        index,
+        kind: EntryKind::Normal,
+        data: Envelope::encode(1_000 + index, &op),
+    }
+}
+
+fn deploy(name: &str, bytes: Bytes) -> Op {
+    Op::Deploy {
+        machine: name.into(),
+        sha256: Sha256::digest(&bytes).into(),
+        component: bytes,
+        limits: DeployLimits::default(),
+    }
+}
+
+fn put(key: &str, value: &str, session: Option<SessionSeq>) -> Op {
+    Op::Apply {
+        machine: "kv".into(),
+        session,
+        command: codec::encode(&Command::Put {
+            key: key.into(),
+            value: value.into(),
+        })
+        .unwrap()
+        .into(),
+    }
+}
+
+fn previous(reply: &Result<Response, ApiError>) -> Option<Vec<u8>> {
+    let Ok(Response::Applied {
+        output: Payload::Bytes(b),
+        ..
+    }) = reply
+    else {
+        panic!("not applied: {reply:?}")
+    };
+    match codec::decode::<KvResponse>(b).unwrap() {
+        KvResponse::Value(v) => v,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_duplicate_inside_one_batch_gets_the_first_answer_in_log_order() {
+    let mut m = Machines::new(None);
+    let seq = |serial| {
+        Some(SessionSeq {
+            id: 2,
+            serial,
+            acked: 0,
+        })
+    };
+    let entries = vec![
+        entry(1, deploy("kv", component("kv"))),
+        entry(2, Op::RegisterSession { ttl_ms: 60_000 }),
+        entry(3, put("a", "1", seq(1))),
+        entry(4, put("a", "1", seq(1))),
+        entry(5, put("a", "2", None)),
+        Entry {
+            term: 1,
+            index: 6,
+            kind: EntryKind::Noop,
+            data: Bytes::new(),
+        },
+        entry(7, put("a", "3", seq(2))),
+        // Refused while entry 7 still waits in the batch.
+        entry(
+            8,
+            put(
+                "a",
+                "4",
+                Some(SessionSeq {
+                    id: 99,
+                    serial: 1,
+                    acked: 0,
+                }),
+            ),
+        ),
+    ];
+    let answers = m.apply(&entries);
+    let indexes: Vec<u64> = answers.iter().map(|a| a.index).collect();
+    assert_eq!(indexes, [1, 2, 3, 4, 5, 7, 8], "one answer per normal entry, in order");
+    assert_eq!(answers[6].reply, Err(ApiError::SessionExpired(99)));
+    assert_eq!(previous(&answers[2].reply), None);
+    assert_eq!(answers[3].reply, answers[2].reply, "the duplicate is not applied again");
+    assert_eq!(previous(&answers[4].reply), Some(b"1".to_vec()));
+    assert_eq!(previous(&answers[5].reply), Some(b"2".to_vec()));
+    assert_eq!(m.applied(), 7);
+}
+
+#[test]
+fn bad_deploys_and_unknown_machines_are_replicated_errors() {
+    let mut m = Machines::new(None);
+    let junk = Bytes::from_static(b"not a component");
+    let mut tampered = deploy("kv", component("kv"));
+    if let Op::Deploy { sha256, .. } = &mut tampered {
+        sha256[0] ^= 1;
+    }
+    let answers = m.apply(&[
+        entry(1, deploy("junk", junk)),
+        entry(2, deploy("wasi", component("wasi"))),
+        entry(3, tampered),
+        entry(4, put("a", "1", None)),
+        entry(
+            5,
+            Op::Apply {
+                machine: "kv".into(),
+                session: Some(SessionSeq {
+                    id: 77,
+                    serial: 1,
+                    acked: 0,
+                }),
+                command: Bytes::new(),
+            },
+        ),
+    ]);
+    assert!(matches!(&answers[0].reply, Err(ApiError::Deploy(m)) if m.contains("WebAssembly")));
+    assert!(matches!(&answers[1].reply, Err(ApiError::Deploy(_))));
+    assert!(matches!(&answers[2].reply, Err(ApiError::Deploy(m)) if m.contains("sha256")));
+    assert_eq!(answers[3].reply, Err(ApiError::UnknownMachine("kv".into())));
+    assert_eq!(answers[4].reply, Err(ApiError::SessionExpired(77)));
+    assert!(m.status().is_empty());
+}
