@@ -109,7 +109,7 @@ fn a_duplicate_inside_one_batch_gets_the_first_answer_in_log_order() {
     assert_eq!(answers[3].reply, answers[2].reply, "the duplicate is not applied again");
     assert_eq!(previous(&answers[4].reply), Some(b"1".to_vec()));
     assert_eq!(previous(&answers[5].reply), Some(b"2".to_vec()));
-    assert_eq!(m.applied(), 7);
+    assert_eq!(m.applied(), 8);
 }
 
 #[test]
