@@ -98,8 +98,12 @@ pub async fn run(conn: &crate::cli::Connection, args: BenchArgs) -> anyhow::Resu
         timeout: conn.timeout,
     };
     check_deployed(&target).await?;
+    let cpu = CpuProbe::new(Vec::new());
     for &clients in &args.clients {
-        measure(&target, &args, clients).await?.print();
+        let before = cpu.sample();
+        let report = measure(&target, &args, clients).await?;
+        report.print();
+        cpu.print(&before, report.elapsed);
     }
     Ok(())
 }
@@ -456,10 +460,19 @@ async fn run_local(conn: &crate::cli::Connection, args: &BenchArgs) -> anyhow::R
     println!("BENCH name=baseline.fdatasync_4k.p50 value={fsync} unit=us");
     println!("BENCH name=baseline.quic_rtt.p50 value={rtt} unit=us");
 
+    let cpu = CpuProbe::new(
+        cluster
+            .ids()
+            .into_iter()
+            .filter_map(|id| Some((format!("node {id}"), cluster.pid(id)?)))
+            .collect(),
+    );
     let mut one_client_p50 = None;
     for &clients in &args.clients {
+        let before = cpu.sample();
         let report = measure(&target, args, clients).await?;
         report.print();
+        cpu.print(&before, report.elapsed);
         if clients == 1 {
             one_client_p50 = Some((report.name.clone(), report.p(0.5)));
         }
@@ -516,6 +529,63 @@ async fn rtt_median(cluster: &LocalCluster, client: &Client, rounds: usize) -> a
     Ok(median(samples))
 }
 
+/// CPU time of this process and of the nodes, from `/proc`: on one machine
+/// the load generator competes with the cluster for the same cores, so a
+/// figure means little without knowing who used them.
+struct CpuProbe {
+    procs: Vec<(String, String)>,
+}
+
+impl CpuProbe {
+    fn new(nodes: Vec<(String, u32)>) -> Self {
+        let mut procs = vec![("bench".to_string(), "/proc/self/stat".to_string())];
+        procs.extend(
+            nodes
+                .into_iter()
+                .map(|(label, pid)| (label, format!("/proc/{pid}/stat"))),
+        );
+        Self { procs }
+    }
+
+    /// Seconds of user and system time so far, per process; `None` where
+    /// `/proc` cannot tell (not Linux, process gone).
+    fn sample(&self) -> Vec<Option<f64>> {
+        self.procs
+            .iter()
+            .map(|(_, path)| cpu_seconds(&std::fs::read_to_string(path).ok()?))
+            .collect()
+    }
+
+    fn print(&self, before: &[Option<f64>], elapsed: Duration) {
+        let after = self.sample();
+        let parts: Vec<String> = self
+            .procs
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter_map(|((label, _), (b, a))| {
+                let cores = (a.as_ref()? - b.as_ref()?) / elapsed.as_secs_f64();
+                Some(format!("{label} {cores:.2}"))
+            })
+            .collect();
+        if !parts.is_empty() {
+            let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+            println!("  cpu (cores busy, of {cores}): {}", parts.join(", "));
+        }
+    }
+}
+
+/// utime + stime of a `/proc/PID/stat` line, in seconds. The fields are
+/// counted after the command name's closing parenthesis, since the name
+/// itself may contain spaces; the kernel's clock tick is 100 Hz on every
+/// platform Linux runs this on (`USER_HZ`).
+fn cpu_seconds(stat: &str) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 fn median(mut samples: Vec<u64>) -> u64 {
     samples.sort_unstable();
     samples[samples.len() / 2]
@@ -546,6 +616,13 @@ mod tests {
                 value: b"v".to_vec(),
             }
         );
+    }
+
+    #[test]
+    fn cpu_time_is_read_after_the_command_name() {
+        let stat = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0";
+        assert_eq!(cpu_seconds(stat), Some(3.0));
+        assert_eq!(cpu_seconds("garbage"), None);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Path, Query, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -507,11 +507,12 @@ async fn deploy(
     Extension(peer): Extension<Peer>,
     name: Result<Path<String>, PathRejection>,
     params: Result<Query<DeployParams>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    req: axum::extract::Request,
 ) -> Result<Response, HttpError> {
     let caller = peer.caller()?;
-    // Refused before the body is read: a client certificate cannot deploy,
-    // however large the upload.
+    // Refused before the body is read (it is extracted below, not as an
+    // argument): a client certificate cannot make the node buffer a
+    // component it will never deploy.
     if caller != Caller::Admin {
         return Err(
             ApiError::Unauthorized("deploying code needs an admin certificate".into()).into(),
@@ -526,7 +527,8 @@ async fn deploy(
         ),
         None => None,
     };
-    let component = body?;
+    // Within the route's DefaultBodyLimit, like the `Bytes` extractor.
+    let component = Bytes::from_request(req, &state).await?;
     if component.is_empty() {
         return Err(HttpError::bad_request(
             "the request body must be the component's bytes (curl --data-binary @kv.wasm)",
