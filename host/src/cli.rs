@@ -158,7 +158,7 @@ pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
             let limits = DeployLimits {
                 apply_fuel,
                 query_fuel,
-                memory_bytes: memory_mib.map(|m| m << 20),
+                memory_bytes: memory_mib.map(|m| m.saturating_mul(1 << 20)),
             };
             let (index, sha256) = client.deploy(&machine, Bytes::from(bytes), limits).await?;
             if conn.json {

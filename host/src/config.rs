@@ -10,8 +10,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use kythira_transport::frame::DEFAULT_MAX_FRAME;
 use kythira_transport::tls::TlsFiles;
 use serde::Deserialize;
+
+/// Largest component a deploy may carry: its entry, with the envelope and
+/// the Append around it, must fit in one peer frame.
+pub const MAX_COMPONENT_MIB: u64 = (DEFAULT_MAX_FRAME as u64 >> 20) - 2;
+
+/// Largest log entry a node proposes: a peer frame less room for the message.
+pub const MAX_ENTRY_BYTES: usize = DEFAULT_MAX_FRAME - (1 << 20);
 
 /// `kythira serve --config FILE`.
 #[derive(Debug, Deserialize)]
@@ -104,7 +112,7 @@ impl Default for LimitsSection {
         Self {
             request_timeout_ms: 10_000,
             session_ttl_s: 3_600,
-            max_component_mib: 32,
+            max_component_mib: MAX_COMPONENT_MIB,
             apply_fuel: None,
             query_fuel: None,
             memory_mib: None,
@@ -199,7 +207,7 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
     }
     // An election can take up to twice the election timeout; a request must
     // be allowed to outlast one.
-    let election_ms = 2 * u64::from(r.election_ticks) * r.tick_ms;
+    let election_ms = (2 * u64::from(r.election_ticks)).saturating_mul(r.tick_ms);
     let l = &file.limits;
     if l.request_timeout_ms < election_ms {
         bail!(in_file(format!(
@@ -216,10 +224,18 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
             "limits: session_ttl_s and max_component_mib must be positive".into()
         ));
     }
+    if l.max_component_mib > MAX_COMPONENT_MIB {
+        bail!(in_file(format!(
+            "limits.max_component_mib is {} but at most {MAX_COMPONENT_MIB}: a deploy travels \
+             in one log entry, which must fit in one {} MiB peer frame",
+            l.max_component_mib,
+            DEFAULT_MAX_FRAME >> 20
+        )));
+    }
     let limits = kythira_api::DeployLimits {
         apply_fuel: l.apply_fuel,
         query_fuel: l.query_fuel,
-        memory_bytes: l.memory_mib.map(|m| m << 20),
+        memory_bytes: l.memory_mib.map(|m| m.saturating_mul(1 << 20)),
     };
     let checked = kythira_node::machines::resolve(limits);
     checked

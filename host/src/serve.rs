@@ -95,6 +95,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             request_timeout: cfg.request_timeout,
             session_ttl: cfg.session_ttl,
             max_component_bytes: cfg.max_component_bytes,
+            max_entry_bytes: crate::config::MAX_ENTRY_BYTES,
             default_limits: cfg.default_limits,
             cluster_id,
             seed: seed(cfg.id),

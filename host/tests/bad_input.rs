@@ -234,6 +234,13 @@ async fn bad_commands_and_bad_code_are_clear_errors() {
         matches!(err, ClientError::Api(ApiError::Rejected(_))),
         "{err}"
     );
+    // An entry too large for a peer frame would stall the log behind it.
+    let huge = bytes::Bytes::from(vec![7u8; 15 << 20]);
+    let err = client.apply("kv", Payload::Bytes(huge)).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api(ApiError::BadRequest(m)) if m.contains("log entry")),
+        "{err}"
+    );
     // A machine that does not exist.
     let e = cli_err(&c, "app", &["query", "nosuch", "{}"]);
     assert!(e.contains("nosuch"), "{e}");

@@ -137,7 +137,16 @@ async fn killing_the_leader_under_load_loses_and_doubles_nothing() {
         progress.recv().await.unwrap();
     }
     c.kill(old);
+    let killed = std::time::Instant::now();
     let killed_at: u64 = acked.iter().map(|a| a.load(Ordering::SeqCst)).sum();
+    // The next acknowledged write needs a new leader: it must come within a
+    // few election timeouts (0.5 to 1 s each here; generous for a loaded CI).
+    progress.recv().await.unwrap();
+    let failover = killed.elapsed();
+    assert!(
+        failover < Duration::from_secs(15),
+        "no new leader for {failover:?}"
+    );
     for w in writers {
         w.await.expect("a writer failed");
     }

@@ -95,7 +95,7 @@ enum Failure {
 /// A connection pool and leader tracker for one cluster.
 pub struct Client {
     cfg: ClientConfig,
-    conns: tokio::sync::Mutex<HashMap<SocketAddr, RpcClient>>,
+    conns: Mutex<HashMap<SocketAddr, RpcClient>>,
     /// The node believed to lead, or the next endpoint to try.
     target: Mutex<SocketAddr>,
 }
@@ -106,7 +106,7 @@ impl Client {
         let first = *cfg.endpoints.first().ok_or(ClientError::NoEndpoints)?;
         Ok(Self {
             cfg,
-            conns: tokio::sync::Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
             target: Mutex::new(first),
         })
     }
@@ -201,6 +201,11 @@ impl Client {
         let started = Instant::now();
         let mut rotation = 0usize;
         let mut pause = Duration::from_millis(20);
+        // Redirects followed since the last pause; two nodes with stale
+        // hints could otherwise bounce a request between them.
+        let mut redirects = 0;
+        // Whether an attempt may have been carried out.
+        let mut ambiguous = false;
         loop {
             let target = *self.target.lock().expect("lock");
             let why = match self.attempt(target, req).await {
@@ -210,26 +215,38 @@ impl Client {
                     return Err(ClientError::Ambiguous(why));
                 }
                 Err(Failure::Ambiguous(why)) => {
+                    ambiguous = true;
                     self.rotate(&mut rotation, target);
                     why
                 }
                 Err(Failure::Retry {
                     next: Some(leader),
                     why,
-                }) if leader != target => {
+                }) if leader != target && redirects < 3 => {
                     // A redirect costs no wait: go straight to the leader.
+                    redirects += 1;
                     *self.target.lock().expect("lock") = leader;
                     if started.elapsed() < self.cfg.deadline {
                         continue;
                     }
                     why
                 }
-                Err(Failure::Retry { why, .. }) => {
-                    self.rotate(&mut rotation, target);
+                Err(Failure::Retry { next, why }) => {
+                    match next {
+                        Some(leader) => *self.target.lock().expect("lock") = leader,
+                        None => self.rotate(&mut rotation, target),
+                    }
                     why
                 }
             };
+            redirects = 0;
             if started.elapsed() + pause > self.cfg.deadline {
+                if ambiguous {
+                    return Err(ClientError::Ambiguous(format!(
+                        "gave up after {:?}: {why}",
+                        started.elapsed()
+                    )));
+                }
                 return Err(ClientError::Unavailable {
                     waited: started.elapsed(),
                     last: why,
@@ -255,34 +272,50 @@ impl Client {
         *self.target.lock().expect("lock") = next;
     }
 
-    async fn connection(&self, addr: SocketAddr) -> Result<RpcClient, RpcError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&addr) {
-            if c.lost().is_none() {
-                return Ok(c.clone());
+    async fn connection(&self, addr: SocketAddr) -> Result<RpcClient, Failure> {
+        {
+            let mut conns = self.conns.lock().expect("lock");
+            if let Some(c) = conns.get(&addr) {
+                if c.lost().is_none() {
+                    return Ok(c.clone());
+                }
+                conns.remove(&addr);
             }
-            conns.remove(&addr);
         }
-        let c = RpcClient::connect(addr, &self.cfg.tls).await?;
-        conns.insert(addr, c.clone());
+        // Not under the lock: a handshake with a dead node must not hold up
+        // requests to the live ones. Two tasks may both connect; the second
+        // connection simply replaces the first.
+        let connect = RpcClient::connect(addr, &self.cfg.tls);
+        let retry = |why: String| Failure::Retry { next: None, why };
+        let c = match tokio::time::timeout(self.cfg.attempt_timeout, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(RpcError::Refused { reason })) => {
+                return Err(Failure::Fatal(ClientError::Refused(reason)));
+            }
+            Ok(Err(e)) => return Err(retry(format!("{addr}: {e}"))),
+            Err(_) => {
+                let after = self.cfg.attempt_timeout;
+                return Err(retry(format!("{addr}: no handshake within {after:?}")));
+            }
+        };
+        self.conns.lock().expect("lock").insert(addr, c.clone());
         Ok(c)
     }
 
     async fn attempt(&self, addr: SocketAddr, req: &Request) -> Result<Response, Failure> {
-        let conn = self.connection(addr).await.map_err(|e| match e {
-            RpcError::Refused { reason } => Failure::Fatal(ClientError::Refused(reason)),
-            e => Failure::Retry {
-                next: None,
-                why: e.to_string(),
-            },
-        })?;
+        let conn = self.connection(addr).await?;
         let reply: Reply = match conn.call(req, self.cfg.attempt_timeout).await {
             Ok(reply) => reply,
             Err(RpcError::Refused { reason }) => {
                 return Err(Failure::Fatal(ClientError::Refused(reason)));
             }
-            Err(e @ (RpcError::Timeout { .. } | RpcError::ConnectionLost { .. })) => {
-                self.conns.lock().await.remove(&addr);
+            Err(
+                e @ (RpcError::Timeout { .. }
+                | RpcError::ConnectionLost { .. }
+                | RpcError::Decode(_)),
+            ) => {
+                // The request may have been sent and carried out.
+                self.conns.lock().expect("lock").remove(&addr);
                 return Err(if req.is_write() {
                     Failure::Ambiguous(format!("{addr}: {e}"))
                 } else {
@@ -293,7 +326,7 @@ impl Client {
                 });
             }
             Err(e) => {
-                self.conns.lock().await.remove(&addr);
+                self.conns.lock().expect("lock").remove(&addr);
                 return Err(Failure::Retry {
                     next: None,
                     why: format!("{addr}: {e}"),

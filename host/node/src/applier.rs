@@ -75,12 +75,20 @@ struct Read {
 }
 
 impl Applier {
-    /// Starts the applier thread over `machines`.
-    pub fn start(mut machines: Machines, shared: Arc<Shared>) -> std::io::Result<Self> {
+    /// Starts the applier thread over `machines`. The receiver completes
+    /// when the thread ends, however it ends (a panic included), so that the
+    /// node stops instead of voting on without a state machine.
+    pub fn start(
+        mut machines: Machines,
+        shared: Arc<Shared>,
+    ) -> std::io::Result<(Self, oneshot::Receiver<()>)> {
         let (work, queue) = mpsc::channel::<Work>();
+        let (alive, gone) = oneshot::channel::<()>();
         thread::Builder::new()
             .name("kythira-apply".into())
             .spawn(move || {
+                // Dropped when the thread ends, unwinding included.
+                let _alive = alive;
                 let mut waiters: HashMap<u64, (u64, oneshot::Sender<Reply>)> = HashMap::new();
                 let mut reads: Vec<Read> = Vec::new();
                 for w in queue {
@@ -145,7 +153,7 @@ impl Applier {
                     }
                 }
             })?;
-        Ok(Self { work })
+        Ok((Self { work }, gone))
     }
 
     /// Queues work. Fails only if the applier stopped.

@@ -41,9 +41,22 @@ pub fn recover(store: &FjallStore) -> Result<Recovered, NodeError> {
             return Err(NodeError::Corrupt(format!("entry {next} is missing")));
         }
         for e in chunk {
+            if e.index != next {
+                return Err(NodeError::Corrupt(format!(
+                    "expected entry {next}, found entry {}",
+                    e.index
+                )));
+            }
             next = e.index + 1;
             entries.push(from_storage(e).map_err(|e| NodeError::Corrupt(e.to_string()))?);
         }
+    }
+    if hs.commit > last {
+        // Committed entries are never truncated: they were lost.
+        return Err(NodeError::Corrupt(format!(
+            "the hard state says entries up to {} are committed, but the log ends at {last}",
+            hs.commit
+        )));
     }
     let mut last_timestamp_ms = 0;
     for e in entries.iter().filter(|e| e.kind == EntryKind::Normal) {
@@ -58,7 +71,7 @@ pub fn recover(store: &FjallStore) -> Result<Recovered, NodeError> {
             hard_state: HardState {
                 term: hs.term,
                 vote: hs.vote,
-                commit: hs.commit.min(last),
+                commit: hs.commit,
             },
             entries,
             // The state machines live in memory: replay everything.

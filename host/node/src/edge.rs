@@ -45,6 +45,7 @@ impl NodeHandle {
             Payload::Bytes(b) => Ok(b),
             Payload::Json(json) => {
                 let info = self.plugin_of(machine)?;
+                let _slot = self.translations.acquire().await.map_err(|_| stopped())?;
                 tokio::task::spawn_blocking(move || translate_in(&info, direction, json))
                     .await
                     .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -63,6 +64,7 @@ impl NodeHandle {
             Payload::Json(j) => Ok(Payload::Json(j)),
             Payload::Bytes(b) => {
                 let info = self.plugin_of(machine)?;
+                let _slot = self.translations.acquire().await.map_err(|_| stopped())?;
                 tokio::task::spawn_blocking(move || translate_out(&info, direction, &b))
                     .await
                     .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -103,6 +105,12 @@ fn translate_out(
 fn refused(err: CallError) -> ApiError {
     match err {
         CallError::Plugin(why) => ApiError::BadRequest(why),
+        // No instance to be had right now: worth a retry.
+        CallError::Internal(why) => ApiError::Unavailable(format!("while translating JSON: {why}")),
         other => ApiError::Plugin(format!("while translating JSON: {other}")),
     }
+}
+
+fn stopped() -> ApiError {
+    ApiError::Unavailable("the node is shutting down".into())
 }

@@ -12,7 +12,9 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use kythira_api::{ApiError, DeployLimits, MachineStatus, Payload, Reply, Response, SessionSeq};
 use kythira_raft::{Entry, EntryKind};
-use kythira_runtime::{ApplyContext, CallError, Limits, Machine, Plugin, Runtime, RuntimeConfig};
+use kythira_runtime::{
+    ApplyContext, CallError, Limits, Machine, Plugin, Runtime, RuntimeConfig, RuntimeError,
+};
 use sha2::{Digest, Sha256};
 
 use crate::entry::{Envelope, Op};
@@ -265,11 +267,7 @@ impl Machines {
                     index: p.ctx.index,
                     output: Payload::Bytes(output),
                 }),
-                Err(CallError::Internal(why)) => panic!(
-                    "local runtime failure applying entry {}: {why}; stopping rather than diverge",
-                    p.ctx.index
-                ),
-                Err(err) => Err(call_error(err)),
+                Err(err) => Err(call_error(local_failure_stops(err, p.ctx.index))),
             };
             if let Some(seq) = p.session {
                 self.sessions.record(seq, reply.clone());
@@ -297,41 +295,33 @@ impl Machines {
             return refuse("the component's sha256 does not match the one deployed".into());
         }
         let limits = resolve(limits);
-        let runtime = self.runtime(limits).map_err(ApiError::Deploy)?;
+        let runtime = self.runtime(limits)?;
         let plugin = match runtime.load(component) {
             Ok(p) => p,
             Err(e) => return refuse(e.to_string()),
         };
         let hex = hex(&sha256);
         match self.machines.get_mut(name) {
-            Some(d) if d.limits == limits => {
-                if let Err(e) = d.machine.upgrade(&plugin, index) {
-                    return refuse(format!("upgrade failed, the old code keeps running: {e}"));
-                }
-                d.plugin = plugin;
-            }
+            Some(d) if d.limits != limits => refuse(format!(
+                "{name} runs under other limits (apply fuel {}, query fuel {}, memory {} bytes); \
+                 an upgrade keeps them, so deploy without limits or under a new name",
+                d.limits.apply_fuel, d.limits.query_fuel, d.limits.memory_bytes
+            )),
             Some(d) => {
-                // New limits mean a new engine: carry the state over by hand,
-                // as an upgrade does within one engine.
-                let state =
-                    d.machine.get_state().result.map_err(|e| {
-                        ApiError::Deploy(format!("could not read the old state: {e}"))
-                    })?;
-                let mut machine = runtime
-                    .start(&plugin)
-                    .map_err(|e| ApiError::Deploy(e.to_string()))?;
-                if let Err(e) = machine.restore(&state, index).result {
+                if let Err(e) = d.machine.upgrade(&plugin, index) {
+                    let e = local_failure_stops(e, index);
                     return refuse(format!("upgrade failed, the old code keeps running: {e}"));
                 }
-                d.machine = machine;
                 d.plugin = plugin;
-                d.runtime = runtime;
-                d.limits = limits;
+                d.sha256 = hex.clone();
+                d.deployed_at = index;
+                Ok(hex)
             }
             None => {
-                let machine = runtime
-                    .start(&plugin)
-                    .map_err(|e| ApiError::Deploy(e.to_string()))?;
+                let machine = match runtime.start(&plugin) {
+                    Ok(m) => m,
+                    Err(e) => return refuse(local_failure_stops(e, index).to_string()),
+                };
                 self.machines.insert(
                     name.to_string(),
                     Deployed {
@@ -343,28 +333,39 @@ impl Machines {
                         deployed_at: index,
                     },
                 );
-                return Ok(hex);
+                Ok(hex)
             }
         }
-        let d = self.machines.get_mut(name).expect("present");
-        d.sha256 = hex.clone();
-        d.deployed_at = index;
-        Ok(hex)
     }
 
-    fn runtime(&mut self, limits: Limits) -> Result<Runtime, String> {
+    /// The runtime for `limits`. Limits a runtime refuses are the entry's
+    /// replicated error; any other failure to build one is this node's own.
+    fn runtime(&mut self, limits: Limits) -> Result<Runtime, ApiError> {
         if let Some((_, r)) = self.runtimes.iter().find(|(l, _)| *l == limits) {
             return Ok(r.clone());
         }
-        let runtime = Runtime::new(RuntimeConfig {
+        let runtime = match Runtime::new(RuntimeConfig {
             limits,
             cache_dir: self.cache_dir.clone(),
             max_machines: MACHINES_PER_RUNTIME,
-        })
-        .map_err(|e| e.to_string())?;
+        }) {
+            Ok(r) => r,
+            Err(e @ RuntimeError::InvalidConfig(_)) => return Err(ApiError::Deploy(e.to_string())),
+            Err(e) => panic!("cannot build a plugin runtime: {e}; stopping rather than diverge"),
+        };
         self.runtimes.push((limits, runtime.clone()));
         Ok(runtime)
     }
+}
+
+/// A call error as a replicated result; a local runtime failure (not
+/// deterministic: other replicas may have succeeded) stops this node, which
+/// replays the log when restarted.
+fn local_failure_stops(e: CallError, index: u64) -> CallError {
+    if let CallError::Internal(why) = &e {
+        panic!("local runtime failure at entry {index}: {why}; stopping rather than diverge");
+    }
+    e
 }
 
 /// The limits a deploy entry names, with the built-in defaults for the rest.

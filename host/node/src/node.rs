@@ -55,6 +55,10 @@ pub struct NodeConfig {
     pub session_ttl: Duration,
     /// Largest component a deploy may carry.
     pub max_component_bytes: usize,
+    /// Largest log entry this node proposes. An entry must fit, with its
+    /// message, in one peer frame, or no follower could ever receive it and
+    /// the log would stall behind it.
+    pub max_entry_bytes: usize,
     /// Limits of plugins deployed without their own. The node that accepts
     /// a deploy writes the resolved limits into the entry, so replicas with
     /// other defaults still agree.
@@ -124,10 +128,17 @@ pub struct Node {
 pub struct NodeHandle {
     commands: mpsc::Sender<Command>,
     leadership: watch::Receiver<Leadership>,
+    /// Bounds the JSON translations running at once: each takes an
+    /// instance from the pool the machines also draw on.
+    pub(crate) translations: Arc<tokio::sync::Semaphore>,
     applier: Applier,
     shared: Arc<Shared>,
     cfg: Arc<NodeConfig>,
 }
+
+/// JSON translations at once, no more than the instance slots the runtime
+/// reserves for them.
+const TRANSLATIONS: usize = 4;
 
 /// Most client requests queued for the event loop before new ones are refused.
 const COMMAND_QUEUE: usize = 4096;
@@ -154,7 +165,7 @@ impl Node {
         let disk = Disk::start(store, done_tx)?;
         let shared = Arc::new(Shared::default());
         let cache = Some(cfg.data_dir.join("compiled"));
-        let applier = Applier::start(Machines::new(cache), shared.clone())?;
+        let (applier, applier_gone) = Applier::start(Machines::new(cache), shared.clone())?;
         let applier_handle = applier.clone();
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
         let cfg = Arc::new(cfg);
@@ -174,12 +185,15 @@ impl Node {
             next_read: 0,
             was_leader: false,
             session_ttl_ms: cfg.session_ttl.as_millis() as u64,
+            max_entry_bytes: cfg.max_entry_bytes,
         };
-        let task = tokio::spawn(event_loop.run(cfg.tick, inbound, command_rx, done_rx));
+        let task =
+            tokio::spawn(event_loop.run(cfg.tick, inbound, command_rx, done_rx, applier_gone));
         Ok(Node {
             handle: NodeHandle {
                 commands,
                 leadership,
+                translations: Arc::new(tokio::sync::Semaphore::new(TRANSLATIONS)),
                 applier: applier_handle,
                 shared,
                 cfg,
@@ -225,6 +239,7 @@ struct EventLoop<N> {
     next_read: u64,
     was_leader: bool,
     session_ttl_ms: u64,
+    max_entry_bytes: usize,
 }
 
 /// A linearizable query waiting for its ReadIndex round: machine, query, reply.
@@ -241,6 +256,7 @@ impl<N: Network> EventLoop<N> {
         mut inbound: mpsc::Receiver<Message>,
         mut commands: mpsc::Receiver<Command>,
         mut done: mpsc::UnboundedReceiver<Result<(), kythira_storage::StorageError>>,
+        mut applier_gone: oneshot::Receiver<()>,
     ) -> Result<(), NodeError> {
         let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -248,6 +264,9 @@ impl<N: Network> EventLoop<N> {
         loop {
             tokio::select! {
                 _ = ticker.tick() => self.driver.tick(),
+                _ = &mut applier_gone => {
+                    return Err(NodeError::Stopped("the applier stopped (see its error above)"));
+                }
                 m = inbound.recv() => {
                     let Some(m) = m else { return Err(NodeError::Stopped("the network stopped")) };
                     self.step(m);
@@ -304,7 +323,16 @@ impl<N: Network> EventLoop<N> {
                     },
                     op => op,
                 };
-                match self.driver.propose(Envelope::encode(ts, &op)) {
+                let data = Envelope::encode(ts, &op);
+                if data.len() > self.max_entry_bytes {
+                    let _ = reply.send(Err(ApiError::BadRequest(format!(
+                        "the entry would be {} bytes, more than the {} a log entry may hold",
+                        data.len(),
+                        self.max_entry_bytes
+                    ))));
+                    return Ok(());
+                }
+                match self.driver.propose(data) {
                     Ok(p) => {
                         self.last_timestamp_ms = ts;
                         self.applier.send(Work::Wait {
@@ -504,10 +532,23 @@ impl NodeHandle {
                     )));
                 }
                 validate_name(&machine)?;
+                // An upgrade keeps the machine's limits unless told otherwise;
+                // a new machine gets this node's defaults.
+                let defaults = match self.shared.plugins.lock().expect("lock").get(&machine) {
+                    Some(info) => {
+                        let l = info.runtime.limits();
+                        DeployLimits {
+                            apply_fuel: Some(l.apply_fuel),
+                            query_fuel: Some(l.query_fuel),
+                            memory_bytes: Some(l.memory_bytes as u64),
+                        }
+                    }
+                    None => self.cfg.default_limits,
+                };
                 let resolved = machines::resolve(DeployLimits {
-                    apply_fuel: limits.apply_fuel.or(self.cfg.default_limits.apply_fuel),
-                    query_fuel: limits.query_fuel.or(self.cfg.default_limits.query_fuel),
-                    memory_bytes: limits.memory_bytes.or(self.cfg.default_limits.memory_bytes),
+                    apply_fuel: limits.apply_fuel.or(defaults.apply_fuel),
+                    query_fuel: limits.query_fuel.or(defaults.query_fuel),
+                    memory_bytes: limits.memory_bytes.or(defaults.memory_bytes),
                 });
                 resolved
                     .validate()
@@ -560,7 +601,9 @@ impl NodeHandle {
         self.send(Command::Propose { op, reply })?;
         match tokio::time::timeout(self.cfg.request_timeout, rx).await {
             Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => Err(stopped()),
+            // Queued, so perhaps proposed: the node stopped before it could
+            // tell. Only a session makes a retry safe.
+            Ok(Err(_)) => Err(ApiError::Outcome),
             Err(_) => Err(ApiError::Timeout),
         }
     }

@@ -32,7 +32,8 @@ pub enum Admit<'a, T> {
 struct Session<T> {
     ttl_ms: u64,
     last_active_ms: u64,
-    /// Serials below this were acknowledged by the client.
+    /// Serials below this were acknowledged by the client, or their answers
+    /// evicted: a retry of one cannot be told from a new command.
     acked: u64,
     answers: BTreeMap<u64, T>,
 }
@@ -114,15 +115,20 @@ impl<T> Sessions<T> {
     }
 
     /// Caches the answer of the command at `seq`, which [`Self::admit`] let apply.
+    ///
+    /// The session may have expired between the two, at an entry applied in
+    /// between (answers of a batch are recorded after the batch): then there
+    /// is nothing to cache into, on every replica alike.
     pub fn record(&mut self, seq: SessionSeq, answer: T) {
-        let s = self
-            .open
-            .get_mut(&seq.id)
-            .expect("admit() let a command of an open session apply");
+        let Some(s) = self.open.get_mut(&seq.id) else {
+            return;
+        };
         let previous = s.answers.insert(seq.serial, answer);
         assert!(previous.is_none(), "serial {} applied twice", seq.serial);
         while s.answers.len() > MAX_CACHED_PER_SESSION {
-            s.answers.pop_first();
+            let (evicted, _) = s.answers.pop_first().expect("not empty");
+            // Its retry must not apply again: refuse it as acknowledged.
+            s.acked = s.acked.max(evicted + 1);
         }
     }
 }
@@ -179,5 +185,17 @@ mod tests {
             s.record(seq(1, serial, 0), serial);
         }
         assert_eq!(s.open[&1].answers.len(), MAX_CACHED_PER_SESSION);
+        // An evicted serial is refused, never applied again.
+        assert_eq!(s.admit(seq(1, 1, 0), 0), Admit::Forgotten);
+    }
+
+    #[test]
+    fn an_answer_for_a_session_that_expired_meanwhile_is_dropped() {
+        let mut s = Sessions::default();
+        s.register(1, 1_000, 0);
+        assert_eq!(s.admit(seq(1, 1, 0), 10), Admit::Apply);
+        s.expire(5_000);
+        s.record(seq(1, 1, 0), "late");
+        assert!(s.is_empty());
     }
 }

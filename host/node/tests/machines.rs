@@ -20,11 +20,15 @@ fn component(name: &str) -> Bytes {
 }
 
 fn entry(index: u64, op: Op) -> Entry {
+    entry_at(index, 1_000 + index, op)
+}
+
+fn entry_at(index: u64, timestamp_ms: u64, op: Op) -> Entry {
     Entry {
         term: 1,
         index,
         kind: EntryKind::Normal,
-        data: Envelope::encode(1_000 + index, &op),
+        data: Envelope::encode(timestamp_ms, &op),
     }
 }
 
@@ -103,10 +107,17 @@ fn a_duplicate_inside_one_batch_gets_the_first_answer_in_log_order() {
     ];
     let answers = m.apply(&entries);
     let indexes: Vec<u64> = answers.iter().map(|a| a.index).collect();
-    assert_eq!(indexes, [1, 2, 3, 4, 5, 7, 8], "one answer per normal entry, in order");
+    assert_eq!(
+        indexes,
+        [1, 2, 3, 4, 5, 7, 8],
+        "one answer per normal entry, in order"
+    );
     assert_eq!(answers[6].reply, Err(ApiError::SessionExpired(99)));
     assert_eq!(previous(&answers[2].reply), None);
-    assert_eq!(answers[3].reply, answers[2].reply, "the duplicate is not applied again");
+    assert_eq!(
+        answers[3].reply, answers[2].reply,
+        "the duplicate is not applied again"
+    );
     assert_eq!(previous(&answers[4].reply), Some(b"1".to_vec()));
     assert_eq!(previous(&answers[5].reply), Some(b"2".to_vec()));
     assert_eq!(m.applied(), 8);
@@ -144,4 +155,26 @@ fn bad_deploys_and_unknown_machines_are_replicated_errors() {
     assert_eq!(answers[3].reply, Err(ApiError::UnknownMachine("kv".into())));
     assert_eq!(answers[4].reply, Err(ApiError::SessionExpired(77)));
     assert!(m.status().is_empty());
+}
+
+#[test]
+fn a_session_that_expires_while_its_command_waits_in_a_batch_is_no_crash() {
+    // One batch, as a restarted node replays it: the session's command
+    // joins a run, and a later entry of the same run is past the ttl.
+    let mut m = Machines::new(None);
+    let seq = Some(SessionSeq {
+        id: 2,
+        serial: 1,
+        acked: 0,
+    });
+    let answers = m.apply(&[
+        entry_at(1, 1, deploy("kv", component("kv"))),
+        entry_at(2, 1, Op::RegisterSession { ttl_ms: 1_000 }),
+        entry_at(3, 10, put("a", "1", seq)),
+        entry_at(4, 5_000, put("a", "2", None)),
+        entry_at(5, 5_001, put("a", "3", seq)),
+    ]);
+    assert_eq!(previous(&answers[2].reply), None);
+    assert_eq!(previous(&answers[3].reply), Some(b"1".to_vec()));
+    assert_eq!(answers[4].reply, Err(ApiError::SessionExpired(2)));
 }

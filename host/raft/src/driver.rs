@@ -44,6 +44,9 @@ pub struct Write {
     pub entries: Vec<Entry>,
 }
 
+// A write is handed out only for entries or a new term or vote; a new commit
+// index rides along with the next such write (see `Driver::poll`).
+
 /// A [`Raft`] together with the bookkeeping of its outstanding write.
 #[derive(Debug)]
 pub struct Driver {
@@ -51,12 +54,22 @@ pub struct Driver {
     /// Messages held back until the outstanding write is durable; `Some`
     /// exactly while a write is outstanding.
     held: Option<Vec<Message>>,
+    /// The hard state of the outstanding write.
+    writing: Option<HardState>,
+    /// The last hard state made durable.
+    durable: HardState,
 }
 
 impl Driver {
     /// Drives `raft`.
     pub fn new(raft: Raft) -> Self {
-        Self { raft, held: None }
+        let durable = raft.hard_state();
+        Self {
+            raft,
+            held: None,
+            writing: None,
+            durable,
+        }
     }
 
     /// The core, for inspection.
@@ -106,13 +119,22 @@ impl Driver {
             );
         }
         let mut send = rd.messages;
-        let write = if rd.hard_state.is_none() && rd.entries.is_empty() {
+        // A new commit index alone is not worth an fsync: persisting it only
+        // saves a restarted node from relearning it (the core never relies on
+        // it), and syncing it would hold up the next batch of entries behind a
+        // second fsync per round. The next write carries it.
+        let must_sync = !rd.entries.is_empty()
+            || rd
+                .hard_state
+                .is_some_and(|hs| hs.term != self.durable.term || hs.vote != self.durable.vote);
+        let write = if !must_sync {
             // Nothing to make durable: what was held back may leave now.
             send.extend(rd.persisted_messages);
             self.raft.advance();
             None
         } else {
             self.held = Some(rd.persisted_messages);
+            self.writing = rd.hard_state;
             Some(Write {
                 hard_state: rd.hard_state,
                 entries: rd.entries,
@@ -137,6 +159,9 @@ impl Driver {
             .held
             .take()
             .expect("persisted() without an outstanding write");
+        if let Some(hs) = self.writing.take() {
+            self.durable = hs;
+        }
         self.raft.advance();
         held
     }
@@ -190,6 +215,49 @@ mod tests {
         let b = d.poll().unwrap();
         assert_eq!(b.apply.last().unwrap().data, Bytes::from_static(b"x"));
         assert_eq!(b.write.unwrap().entries[0].data, Bytes::from_static(b"y"));
+    }
+
+    #[test]
+    fn a_new_commit_index_alone_is_not_synced() {
+        // Node 2 of {1, 2} learns a higher commit from a heartbeat after
+        // its log is durable: no write, and its answer leaves at once.
+        let mut d = Driver::new(Raft::new(Config::new(2, [1, 2]), Persisted::default()).unwrap());
+        let noop = Entry {
+            term: 1,
+            index: 1,
+            kind: crate::EntryKind::Noop,
+            data: Bytes::new(),
+        };
+        d.step(Message {
+            from: 1,
+            to: 2,
+            term: 1,
+            body: MessageBody::Append {
+                prev_index: 0,
+                prev_term: 0,
+                entries: vec![noop],
+                commit: 0,
+            },
+        })
+        .unwrap();
+        let b = d.poll().unwrap();
+        assert_eq!(b.write.unwrap().entries.len(), 1);
+        d.persisted();
+        while d.poll().is_some() {}
+        d.step(Message {
+            from: 1,
+            to: 2,
+            term: 1,
+            body: MessageBody::Heartbeat {
+                commit: 1,
+                read_round: 0,
+            },
+        })
+        .unwrap();
+        let b = d.poll().unwrap();
+        assert!(b.write.is_none(), "commit-only changes are not synced");
+        assert_eq!(b.apply.len(), 1);
+        assert!(!d.is_writing());
     }
 
     #[test]
