@@ -39,12 +39,9 @@ pub fn caller(identity: &Identity) -> Option<Caller> {
     }
 }
 
-/// The cluster's fingerprint: the sha256 of its CA certificate file.
-fn cluster_id(ca: &std::path::Path) -> anyhow::Result<String> {
-    use sha2::Digest;
-    let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
-    let digest = sha2::Sha256::digest(&pem);
-    Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+/// The cluster's name in data directories: its CA's fingerprint, short.
+fn cluster_id(tls: &Tls) -> String {
+    tls.ca_fingerprint()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Serves until the node fails or the process is told to stop.
@@ -66,7 +63,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     })?;
     // Before anything is bound: a node on the wrong directory must not even
     // start talking to its peers.
-    let cluster_id = cluster_id(&cfg.tls.ca)?;
+    let cluster_id = cluster_id(&tls);
     kythira_node::disk::claim(&cfg.data_dir, cfg.id, &cluster_id)?;
     // Peers and clients on separate endpoints: a flood of client
     // connections cannot crowd out the Raft traffic.

@@ -496,10 +496,23 @@ impl NodeHandle {
                     })
                     .await;
                 match reply {
-                    Ok(Response::Applied { index, output }) if json => Ok(Response::Applied {
-                        index,
-                        output: self.to_json(&machine, output, Translate::Response).await?,
-                    }),
+                    Ok(Response::Applied { index, output }) if json => {
+                        // The command is applied whatever happens now: a failed
+                        // translation must not read as a failed command (a
+                        // retry by hand would apply it twice), so the answer
+                        // then stays in the plugin's encoding.
+                        let output = match self
+                            .to_json(&machine, output.clone(), Translate::Response)
+                            .await
+                        {
+                            Ok(json) => json,
+                            Err(e) => {
+                                tracing::warn!(index, "answer not translated to JSON: {e}");
+                                output
+                            }
+                        };
+                        Ok(Response::Applied { index, output })
+                    }
                     other => other,
                 }
             }

@@ -207,6 +207,7 @@ pub struct Tls {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     identity: Identity,
+    ca_fingerprint: [u8; 32],
 }
 
 impl Clone for Tls {
@@ -217,6 +218,7 @@ impl Clone for Tls {
             chain: self.chain.clone(),
             key: self.key.clone_key(),
             identity: self.identity.clone(),
+            ca_fingerprint: self.ca_fingerprint,
         }
     }
 }
@@ -255,6 +257,14 @@ impl Tls {
     ) -> Result<Tls, TlsError> {
         let provider = provider();
         let ca_certs = parse_certs(ca_pem, &ca_src)?;
+        let ca_fingerprint = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            for cert in &ca_certs {
+                h.update(cert.as_ref());
+            }
+            h.finalize().into()
+        };
         let mut roots = RootCertStore::empty();
         for cert in ca_certs {
             roots.add(cert).map_err(|reason| TlsError::BadCa {
@@ -316,7 +326,14 @@ impl Tls {
             chain,
             key,
             identity,
+            ca_fingerprint,
         })
+    }
+
+    /// sha256 of the CA certificates (DER): names the cluster, whatever
+    /// the PEM file's formatting.
+    pub fn ca_fingerprint(&self) -> &[u8; 32] {
+        &self.ca_fingerprint
     }
 
     /// The identity this certificate names.
