@@ -57,7 +57,13 @@ pub struct BenchArgs {
     /// (open loop: latency counts from when an operation was due); 0 sends
     /// as fast as answers come back.
     #[arg(long, default_value_t = 0.0)]
-    target: f64,
+    rate: f64,
+    /// Which nodes the clients talk to: `leader` (every request follows the
+    /// leader; reads are linearizable) or `all` (clients spread over every
+    /// endpoint; writes are still redirected to the leader, reads are stale
+    /// reads served by the node asked).
+    #[arg(long, value_enum, default_value_t = Nodes::Leader)]
+    target: Nodes,
     /// Start a local 3-node cluster of this binary in a temporary directory,
     /// deploy kv into it, measure the disk and loopback baselines, then run.
     #[arg(long)]
@@ -65,6 +71,13 @@ pub struct BenchArgs {
     /// With `--local`: where the built components are (`just plugins`).
     #[arg(long, default_value = "target/plugins")]
     plugins: PathBuf,
+}
+
+/// `--target`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Nodes {
+    Leader,
+    All,
 }
 
 /// How to make the clients: endpoints, certificate and timeouts.
@@ -76,7 +89,15 @@ struct Target {
 
 impl Target {
     fn client(&self) -> anyhow::Result<Client> {
-        let mut cfg = ClientConfig::new(self.endpoints.clone(), self.tls.clone());
+        self.client_from(0)
+    }
+
+    /// A client that tries the endpoints starting with the `first`-th.
+    fn client_from(&self, first: usize) -> anyhow::Result<Client> {
+        let mut endpoints = self.endpoints.clone();
+        let n = endpoints.len().max(1);
+        endpoints.rotate_left(first % n);
+        let mut cfg = ClientConfig::new(endpoints, self.tls.clone());
         cfg.deadline = self.timeout;
         cfg.attempt_timeout = self.timeout.min(Duration::from_secs(5));
         Ok(Client::new(cfg)?)
@@ -121,8 +142,8 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
     if args.keys == 0 {
         bail!("--keys must be at least 1");
     }
-    if args.target < 0.0 || !args.target.is_finite() {
-        bail!("--target must be a rate of 0 or more operations per second");
+    if args.rate < 0.0 || !args.rate.is_finite() {
+        bail!("--rate must be 0 or more operations per second");
     }
     if args.duration.is_zero() {
         bail!("--duration must be more than 0");
@@ -239,11 +260,18 @@ fn histogram() -> Histogram<u64> {
 async fn measure(target: &Target, args: &BenchArgs, clients: usize) -> anyhow::Result<Report> {
     // Connect every client (and let each find the leader) before the clock
     // starts, so that the warmup measures load rather than handshakes.
+    let consistency = match args.target {
+        Nodes::Leader => Consistency::Linearizable,
+        Nodes::All => Consistency::Stale,
+    };
     let mut conns = Vec::with_capacity(clients);
-    for _ in 0..clients {
-        let client = target.client()?;
+    for i in 0..clients {
+        let client = match args.target {
+            Nodes::Leader => target.client()?,
+            Nodes::All => target.client_from(i)?,
+        };
         client
-            .query(MACHINE, get_query(0), Consistency::Linearizable)
+            .query(MACHINE, get_query(0), consistency)
             .await
             .context("the first query failed")?;
         conns.push(client);
@@ -257,7 +285,7 @@ async fn measure(target: &Target, args: &BenchArgs, clients: usize) -> anyhow::R
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
     // Each client's share of the offered rate, as the gap between its operations.
-    let gap = (args.target > 0.0).then(|| Duration::from_secs_f64(clients as f64 / args.target));
+    let gap = (args.rate > 0.0).then(|| Duration::from_secs_f64(clients as f64 / args.rate));
     let mut tasks = Vec::with_capacity(clients);
     for (i, client) in conns.into_iter().enumerate() {
         let job = Job {
@@ -271,6 +299,7 @@ async fn measure(target: &Target, args: &BenchArgs, clients: usize) -> anyhow::R
             measure_from,
             end,
             gap,
+            consistency,
         };
         tasks.push(tokio::spawn(job.run()));
     }
@@ -310,6 +339,7 @@ struct Job {
     measure_from: Instant,
     end: Instant,
     gap: Option<Duration>,
+    consistency: Consistency,
 }
 
 impl Job {
@@ -341,7 +371,7 @@ impl Job {
             let read = self.read_ratio > 0.0 && rng.unit() < self.read_ratio;
             let result = if read {
                 self.client
-                    .query(MACHINE, get_query(key), Consistency::Linearizable)
+                    .query(MACHINE, get_query(key), self.consistency)
                     .await
                     .map(drop)
             } else {

@@ -41,7 +41,10 @@ pub fn caller(identity: &Identity) -> Option<Caller> {
 
 /// The cluster's name in data directories: its CA's fingerprint, short.
 fn cluster_id(tls: &Tls) -> String {
-    tls.ca_fingerprint()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    tls.ca_fingerprint()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Serves until the node fails or the process is told to stop.

@@ -218,3 +218,20 @@ async fn a_retried_serial_applies_once_across_a_leader_change() {
     assert_eq!(json(value), "1", "applied once");
     assert_ne!(leader(&retry_client, &c).await, old);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_of_one_serves() {
+    let c = start(Options {
+        nodes: 1,
+        ..Options::default()
+    });
+    deploy(&c, "kv");
+    let out = cli_ok(
+        &c,
+        "app",
+        &["apply", "kv", r#"{"put":{"key":"solo","value":"1"}}"#],
+    );
+    assert_eq!(out.trim(), r#"{"value":null}"#);
+    let out = cli_ok(&c, "app", &["query", "kv", r#"{"get":{"key":"solo"}}"#]);
+    assert_eq!(out.trim(), r#"{"value":"1"}"#);
+}

@@ -261,14 +261,19 @@ impl<N: Network> EventLoop<N> {
         let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         self.drain()?;
+        let mut network_open = true;
         loop {
             tokio::select! {
                 _ = ticker.tick() => self.driver.tick(),
                 _ = &mut applier_gone => {
                     return Err(NodeError::Stopped("the applier stopped (see its error above)"));
                 }
-                m = inbound.recv() => {
-                    let Some(m) = m else { return Err(NodeError::Stopped("the network stopped")) };
+                m = inbound.recv(), if network_open => {
+                    // A cluster of one has no peers, and so no messages.
+                    let Some(m) = m else {
+                        network_open = false;
+                        continue;
+                    };
                     self.step(m);
                     for _ in 0..BURST {
                         match inbound.try_recv() {
