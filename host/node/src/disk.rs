@@ -1,5 +1,6 @@
-//! The node's log on disk: recovery at start, and a thread that makes each
-//! [`Write`] durable while the event loop goes on.
+//! The node's log on disk: recovery at start, and writes handed to the
+//! store's writer thread, which makes each [`Write`] durable while the event
+//! loop goes on.
 //!
 //! The core hands out one write at a time and keeps accepting proposals
 //! while it is on disk, so the next write carries everything proposed
@@ -7,10 +8,9 @@
 //! fsync per batch however many clients wrote.
 
 use std::sync::Arc;
-use std::thread;
 
 use kythira_raft::{Entry, EntryKind, HardState, Persisted, Write};
-use kythira_storage::{FjallStore, HardStateStore, LogStore, RaftStorage, StorageError};
+use kythira_storage::{FjallStore, HardStateStore, LogStore, StorageError};
 use tokio::sync::mpsc;
 
 use crate::NodeError;
@@ -81,48 +81,39 @@ pub fn recover(store: &FjallStore) -> Result<Recovered, NodeError> {
     })
 }
 
-/// Sends writes to the disk thread; their completions arrive on the
-/// receiver given to [`Disk::start`].
+/// Hands writes to the store's writer thread; their completions arrive on
+/// the channel given to [`Disk::new`], in order.
 pub struct Disk {
-    writes: std::sync::mpsc::Sender<Write>,
+    store: Arc<FjallStore>,
+    done: mpsc::UnboundedSender<Result<(), StorageError>>,
 }
 
 impl Disk {
-    /// Starts the disk thread. Each finished write sends one `Ok(())` (or the
-    /// error that stops the node) on `done`, in order.
-    pub fn start(
+    /// Writes to `store`; each finished write sends one `Ok(())` (or the
+    /// error that stops the node) on `done`.
+    pub fn new(
         store: Arc<FjallStore>,
         done: mpsc::UnboundedSender<Result<(), StorageError>>,
-    ) -> std::io::Result<Self> {
-        let (writes, queue) = std::sync::mpsc::channel::<Write>();
-        thread::Builder::new()
-            .name("kythira-disk".into())
-            .spawn(move || {
-                for w in queue {
-                    let hs = w.hard_state.map(|hs| kythira_storage::HardState {
-                        term: hs.term,
-                        vote: hs.vote,
-                        commit: hs.commit,
-                    });
-                    let entries: Vec<_> = w.entries.iter().map(to_storage).collect();
-                    // Durability: `save` writes the hard state and entries
-                    // atomically and fsyncs before it returns; only then may
-                    // the node acknowledge or vote.
-                    let result = store.save(hs.as_ref(), &entries);
-                    let failed = result.is_err();
-                    if done.send(result).is_err() || failed {
-                        return;
-                    }
-                }
-            })?;
-        Ok(Self { writes })
+    ) -> Self {
+        Self { store, done }
     }
 
-    /// Queues a write.
+    /// Queues a write without waiting for it.
     pub fn write(&self, w: Write) -> Result<(), NodeError> {
-        self.writes
-            .send(w)
-            .map_err(|_| NodeError::Stopped("the disk thread stopped"))
+        let hs = w.hard_state.map(|hs| kythira_storage::HardState {
+            term: hs.term,
+            vote: hs.vote,
+            commit: hs.commit,
+        });
+        let entries: Vec<_> = w.entries.iter().map(to_storage).collect();
+        let done = self.done.clone();
+        // Durability: the store writes the hard state and entries atomically
+        // and calls back only after fdatasync; the event loop sends votes and
+        // acknowledgements only after that callback.
+        self.store.save_then(hs, entries, move |result| {
+            let _ = done.send(result);
+        })?;
+        Ok(())
     }
 }
 

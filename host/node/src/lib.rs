@@ -5,9 +5,9 @@
 //!
 //! - the event loop ([`node`]) owns the core through its [`kythira_raft::Driver`]:
 //!   it ticks, steps peer messages, proposes, and carries out each batch —
-//!   messages to the network, the write to the disk thread, committed entries
+//!   messages to the network, the write to the store's writer thread, committed entries
 //!   to the applier;
-//! - the disk thread ([`disk`]) makes each write durable (fsync) before the
+//! - the store's writer thread ([`disk`]) makes each write durable (fsync) before the
 //!   loop may send what depends on it;
 //! - the applier thread ([`applier`]) applies committed entries through the
 //!   runtime, in batches, and answers waiting clients and reads.

@@ -162,7 +162,7 @@ impl Node {
         let raft = Raft::new(core, recovered.persisted)
             .map_err(|e| NodeError::Corrupt(format!("the stored state does not restore: {e}")))?;
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let disk = Disk::start(store, done_tx)?;
+        let disk = Disk::new(store, done_tx);
         let shared = Arc::new(Shared::default());
         let cache = Some(cfg.data_dir.join("compiled"));
         let (applier, applier_gone) = Applier::start(Machines::new(cache), shared.clone())?;
@@ -301,7 +301,7 @@ impl<N: Network> EventLoop<N> {
                             }
                         }
                         Some(Err(e)) => return Err(e.into()),
-                        None => return Err(NodeError::Stopped("the disk thread stopped")),
+                        None => return Err(NodeError::Stopped("the log writer stopped")),
                     }
                 }
             }

@@ -209,12 +209,44 @@ impl FjallStore {
             path: self.shared.path.clone(),
             cause: "the writer thread stopped".into(),
         };
+        self.submit_then(
+            op,
+            Box::new(move |r| {
+                let _ = done.send(r);
+            }),
+        )?;
+        outcome.recv().map_err(|_| poisoned())?
+    }
+
+    fn submit_then(&self, op: Op, done: writer::Done) -> Result<()> {
         self.requests
             .as_ref()
             .expect("present until drop")
             .send(Request { op, done })
-            .map_err(|_| poisoned())?;
-        outcome.recv().map_err(|_| poisoned())?
+            .map_err(|_| StorageError::Poisoned {
+                path: self.shared.path.clone(),
+                cause: "the writer thread stopped".into(),
+            })
+    }
+
+    /// [`RaftStorage::save`] without waiting: queues the write and returns at
+    /// once; the writer thread calls `done` with the outcome once the write
+    /// is durable (fsync), or failed. Writes are made durable in the order
+    /// they were queued, and grouped with whatever else is queued meanwhile.
+    /// Saves a thread hop per write for a caller that has its own event loop.
+    pub fn save_then(
+        &self,
+        hard_state: Option<HardState>,
+        entries: Vec<LogEntry>,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Result<()> {
+        self.submit_then(
+            Op::Save {
+                hard_state,
+                entries,
+            },
+            Box::new(done),
+        )
     }
 
     fn missing(&self, view: &View, index: u64) -> StorageError {

@@ -30,8 +30,12 @@ pub(super) enum Op {
 
 pub(super) struct Request {
     pub op: Op,
-    pub done: mpsc::SyncSender<Result<()>>,
+    /// Called on the writer thread with the outcome, once it is durable.
+    pub done: Done,
 }
+
+/// What to do with a request's outcome.
+pub(super) type Done = Box<dyn FnOnce(Result<()>) + Send>;
 
 /// The log as a group's requests leave it, before anything is written.
 struct Staged {
@@ -131,7 +135,7 @@ impl Writer {
     fn commit_group(&mut self, group: Vec<Request>) {
         if let Some(cause) = &self.poisoned {
             for request in group {
-                let _ = request.done.send(Err(StorageError::Poisoned {
+                (request.done)(Err(StorageError::Poisoned {
                     path: self.shared.path.clone(),
                     cause: cause.clone(),
                 }));
@@ -150,7 +154,7 @@ impl Writer {
             match staged.apply(request.op) {
                 Ok(()) => accepted.push(request.done),
                 Err(error) => {
-                    let _ = request.done.send(Err(error));
+                    (request.done)(Err(error));
                 }
             }
         }
@@ -181,13 +185,13 @@ impl Writer {
                     snapshot: self.shared.db.snapshot(),
                 });
                 for done in accepted {
-                    let _ = done.send(Ok(()));
+                    done(Ok(()));
                 }
             }
             Err(source) => {
                 self.poisoned = Some(source.to_string());
                 for done in accepted {
-                    let _ = done.send(Err(StorageError::Database {
+                    done(Err(StorageError::Database {
                         path: self.shared.path.clone(),
                         source: Arc::clone(&source),
                     }));
@@ -257,6 +261,9 @@ mod tests {
             .into_iter()
             .map(|op| {
                 let (done, outcome) = mpsc::sync_channel(1);
+                let done: Done = Box::new(move |r| {
+                    let _ = done.send(r);
+                });
                 (Request { op, done }, outcome)
             })
             .unzip();
