@@ -11,7 +11,8 @@
 //! `--local` starts a 3-node cluster of this binary in a temporary directory
 //! first and measures the two costs a write cannot avoid on this machine, as
 //! a baseline in the same run: one fdatasync of a 4 KiB append, and one
-//! loopback QUIC round trip.
+//! loopback round trip of the client protocol (`Ping`, answered without the
+//! node's event loop).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -90,6 +91,15 @@ struct Target {
 impl Target {
     fn client(&self) -> anyhow::Result<Client> {
         self.client_from(0)
+    }
+
+    /// A client of the `i`-th endpoint alone.
+    fn pinned(&self, i: usize) -> anyhow::Result<Client> {
+        let ep = self.endpoints[i % self.endpoints.len().max(1)];
+        let mut cfg = ClientConfig::new(vec![ep], self.tls.clone());
+        cfg.deadline = self.timeout;
+        cfg.attempt_timeout = self.timeout.min(Duration::from_secs(5));
+        Ok(Client::new(cfg)?)
     }
 
     /// A client that tries the endpoints starting with the `first`-th.
@@ -300,6 +310,10 @@ async fn measure(target: &Target, args: &BenchArgs, clients: usize) -> anyhow::R
             end,
             gap,
             consistency,
+            reader: match args.target {
+                Nodes::Leader => None,
+                Nodes::All => Some(target.pinned(i)?),
+            },
         };
         tasks.push(tokio::spawn(job.run()));
     }
@@ -340,6 +354,9 @@ struct Job {
     end: Instant,
     gap: Option<Duration>,
     consistency: Consistency,
+    /// With `--target all`: a client that knows only this client's own
+    /// node, so that its stale reads stay there while writes follow the leader.
+    reader: Option<Client>,
 }
 
 impl Job {
@@ -370,7 +387,9 @@ impl Job {
             let key = rng.next() % self.keys;
             let read = self.read_ratio > 0.0 && rng.unit() < self.read_ratio;
             let result = if read {
-                self.client
+                self.reader
+                    .as_ref()
+                    .unwrap_or(&self.client)
                     .query(MACHINE, get_query(key), self.consistency)
                     .await
                     .map(drop)
@@ -538,7 +557,8 @@ fn fdatasync_median(dir: &Path, rounds: usize) -> anyhow::Result<u64> {
     Ok(median(samples))
 }
 
-/// Median latency, in µs, of a Status call to the leader over an open connection.
+/// Median latency, in µs, of a `Ping` to the leader over an open connection:
+/// the client protocol's round trip, without the node's event loop.
 async fn rtt_median(cluster: &LocalCluster, client: &Client, rounds: usize) -> anyhow::Result<u64> {
     let mut leader = None;
     for id in cluster.ids() {
@@ -549,11 +569,11 @@ async fn rtt_median(cluster: &LocalCluster, client: &Client, rounds: usize) -> a
     }
     let addr = leader.context("no node leads right after a deploy committed")?;
     // The first call may open the connection; it is not a round trip.
-    client.status_of(addr).await?;
+    client.ping(addr).await?;
     let mut samples = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let t = Instant::now();
-        client.status_of(addr).await?;
+        client.ping(addr).await?;
         samples.push(t.elapsed().as_micros() as u64);
     }
     Ok(median(samples))

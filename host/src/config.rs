@@ -196,7 +196,7 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
             "raft: tick_ms and heartbeat_ticks must be positive".into()
         ));
     }
-    let min_election = 3 * r.heartbeat_ticks;
+    let min_election = r.heartbeat_ticks.saturating_mul(3);
     if r.election_ticks < min_election {
         bail!(in_file(format!(
             "raft.election_ticks is {} but must be at least 3 × heartbeat_ticks = {min_election} \

@@ -436,11 +436,26 @@ async fn apply(
         session,
     };
     match call(&state, caller, request).await? {
-        ApiResponse::Applied { index, output } => {
-            let output = output_json(output)?;
+        // Applied: whatever happened to the answer's translation, this is a
+        // success, or a caller retrying a failure would apply it twice.
+        ApiResponse::Applied {
+            index,
+            output: Payload::Json(output),
+        } => Ok(json_response(
+            StatusCode::OK,
+            format!("{{\"index\":{index},\"output\":{output}}}"),
+        )),
+        ApiResponse::Applied {
+            index,
+            output: Payload::Bytes(bytes),
+        } => {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
             Ok(json_response(
                 StatusCode::OK,
-                format!("{{\"index\":{index},\"output\":{output}}}"),
+                format!(
+                    "{{\"index\":{index},\"output_hex\":\"{hex}\",\
+                     \"output_error\":\"the answer could not be translated to JSON\"}}"
+                ),
             ))
         }
         other => Err(unexpected(&other)),

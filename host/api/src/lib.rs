@@ -104,6 +104,9 @@ pub enum Request {
     RegisterSession,
     /// Describe the node and what it knows of the cluster.
     Status,
+    /// Answered at once by the connection's handler, without touching the
+    /// node: a round trip of the client protocol alone.
+    Ping,
 }
 
 impl Request {
@@ -150,6 +153,8 @@ pub enum Response {
     },
     /// The node's status.
     Status(NodeStatus),
+    /// The answer to `Ping`.
+    Pong,
 }
 
 /// What a node reports of itself.
@@ -203,7 +208,9 @@ pub enum ApiError {
     },
     /// The command was proposed, but leadership changed before it committed;
     /// it may or may not take effect. Retry within a session to be sure.
-    #[error("leadership changed before the command committed; it may or may not have been applied")]
+    #[error(
+        "the command's outcome is unknown (leadership changed or the node stopped before it committed); it may or may not have been applied"
+    )]
     Outcome,
     /// No state machine of that name is deployed.
     #[error("no state machine named {0:?} is deployed")]

@@ -177,6 +177,22 @@ impl Client {
         }
     }
 
+    /// One round trip of the client protocol to `endpoint`, answered by its
+    /// connection handler without involving the node.
+    pub async fn ping(&self, endpoint: SocketAddr) -> Result<(), ClientError> {
+        match self.attempt(endpoint, &Request::Ping).await {
+            Ok(Response::Pong) => Ok(()),
+            Ok(other) => Err(unexpected(&other)),
+            Err(Failure::Fatal(e)) => Err(e),
+            Err(Failure::Retry { why, .. } | Failure::Ambiguous(why)) => {
+                Err(ClientError::Unavailable {
+                    waited: self.cfg.attempt_timeout,
+                    last: why,
+                })
+            }
+        }
+    }
+
     /// The status of the node at `endpoint` (not necessarily the leader).
     pub async fn status_of(&self, endpoint: SocketAddr) -> Result<NodeStatus, ClientError> {
         let reply = self
@@ -210,6 +226,13 @@ impl Client {
             let target = *self.target.lock().expect("lock");
             let why = match self.attempt(target, req).await {
                 Ok(resp) => return Ok(resp),
+                // An earlier attempt may have been carried out: whatever
+                // this one says, the caller cannot know.
+                Err(Failure::Fatal(e)) if ambiguous => {
+                    return Err(ClientError::Ambiguous(format!(
+                        "an earlier attempt may have applied; the last one failed: {e}"
+                    )));
+                }
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Ambiguous(why)) if !idempotent => {
                     return Err(ClientError::Ambiguous(why));
@@ -325,6 +348,10 @@ impl Client {
                     }
                 });
             }
+            // Our own request cannot be sent: trying again will not help.
+            Err(e @ (RpcError::Encode(_) | RpcError::FrameTooLarge { .. } | RpcError::Tls(_))) => {
+                return Err(Failure::Fatal(ClientError::Protocol(e.to_string())));
+            }
             Err(e) => {
                 self.conns.lock().expect("lock").remove(&addr);
                 return Err(Failure::Retry {
@@ -339,9 +366,14 @@ impl Client {
                 next: hint.and_then(|a| a.parse().ok()),
                 why: format!("{addr} is not the leader (leader: {leader:?})"),
             }),
-            Err(e @ ApiError::Outcome) | Err(e @ ApiError::Timeout) => {
+            Err(e @ ApiError::Outcome) | Err(e @ ApiError::Timeout) if req.is_write() => {
                 Err(Failure::Ambiguous(format!("{addr}: {e}")))
             }
+            // A read that gave up changed nothing: try again.
+            Err(e @ ApiError::Outcome) | Err(e @ ApiError::Timeout) => Err(Failure::Retry {
+                next: None,
+                why: format!("{addr}: {e}"),
+            }),
             Err(e @ ApiError::Unavailable(_)) => Err(Failure::Retry {
                 next: None,
                 why: format!("{addr}: {e}"),

@@ -64,6 +64,16 @@ pub struct Machines {
 /// Largest machine count one runtime's instance pool is sized for.
 const MACHINES_PER_RUNTIME: u32 = 16;
 
+/// Most machines a cluster runs. The pools hold two instances per machine
+/// (a rebuild overlaps the old instance), so this keeps every pool at half
+/// its size: running out of instances, a local failure, cannot happen
+/// through deploys. Decided from replicated state only, so every replica
+/// refuses the same deploy.
+pub const MAX_MACHINES: usize = 8;
+
+/// Most distinct sets of limits (one engine each) a cluster runs.
+pub const MAX_LIMIT_SETS: usize = 4;
+
 /// One command waiting in a batch.
 struct Pending {
     ctx: ApplyContext,
@@ -295,6 +305,21 @@ impl Machines {
             return refuse("the component's sha256 does not match the one deployed".into());
         }
         let limits = resolve(limits);
+        if !self.machines.contains_key(name) && self.machines.len() >= MAX_MACHINES {
+            return refuse(format!(
+                "the cluster runs {MAX_MACHINES} machines, the most this version supports"
+            ));
+        }
+        let in_use: Vec<Limits> = self.machines.values().map(|d| d.limits).collect();
+        // Engines no machine uses any more (their deploys failed or moved on).
+        self.runtimes.retain(|(l, _)| in_use.contains(l));
+        if !self.runtimes.iter().any(|(l, _)| *l == limits) && self.runtimes.len() >= MAX_LIMIT_SETS
+        {
+            return refuse(format!(
+                "the cluster's machines use {MAX_LIMIT_SETS} different sets of limits, the most \
+                 it may; deploy under limits one of them uses"
+            ));
+        }
         let runtime = self.runtime(limits)?;
         let plugin = match runtime.load(component) {
             Ok(p) => p,

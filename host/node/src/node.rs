@@ -587,6 +587,7 @@ impl NodeHandle {
             }
             Request::RegisterSession => self.propose(Op::RegisterSession { ttl_ms: 0 }).await,
             Request::Status => self.status().await.map(Response::Status),
+            Request::Ping => Ok(Response::Pong),
         };
         reply.map_err(|e| self.with_leader_addr(e))
     }

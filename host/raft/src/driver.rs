@@ -120,9 +120,10 @@ impl Driver {
         }
         let mut send = rd.messages;
         // A new commit index alone is not worth an fsync: persisting it only
-        // saves a restarted node from relearning it (the core never relies on
-        // it), and syncing it would hold up the next batch of entries behind a
-        // second fsync per round. The next write carries it.
+        // saves a restarted node from relearning it from the leader (the core
+        // never relies on it), and syncing it would hold up the next batch of
+        // entries behind a second fsync per round. The next write with
+        // entries or a new term or vote carries the latest commit index.
         let must_sync = !rd.entries.is_empty()
             || rd
                 .hard_state
@@ -134,9 +135,15 @@ impl Driver {
             None
         } else {
             self.held = Some(rd.persisted_messages);
-            self.writing = rd.hard_state;
+            let current = self.raft.hard_state();
+            let hard_state = match rd.hard_state {
+                // The commit index handed out earlier without a write.
+                None if current.commit > self.durable.commit => Some(current),
+                hs => hs,
+            };
+            self.writing = hard_state;
             Some(Write {
-                hard_state: rd.hard_state,
+                hard_state,
                 entries: rd.entries,
             })
         };

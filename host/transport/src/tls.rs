@@ -259,9 +259,11 @@ impl Tls {
         let ca_certs = parse_certs(ca_pem, &ca_src)?;
         let ca_fingerprint = {
             use sha2::Digest;
+            // The first certificate only: adding another CA to the bundle
+            // (rotation) must not rename the cluster.
             let mut h = sha2::Sha256::new();
-            for cert in &ca_certs {
-                h.update(cert.as_ref());
+            if let Some(first) = ca_certs.first() {
+                h.update(first.as_ref());
             }
             h.finalize().into()
         };
@@ -330,8 +332,8 @@ impl Tls {
         })
     }
 
-    /// sha256 of the CA certificates (DER): names the cluster, whatever
-    /// the PEM file's formatting.
+    /// sha256 of the first CA certificate (DER): names the cluster, whatever
+    /// the PEM file's formatting or the certificates added after it.
     pub fn ca_fingerprint(&self) -> &[u8; 32] {
         &self.ca_fingerprint
     }
