@@ -181,7 +181,7 @@ pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
             } else {
                 client.apply(&machine, command).await?
             };
-            let output = output.to_string();
+            let output = json_text(&output);
             if conn.json {
                 println!("{{\"index\":{index},\"output\":{output}}}");
             } else {
@@ -201,10 +201,24 @@ pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
             let output = client
                 .query(&machine, Payload::Json(query), consistency)
                 .await?;
-            println!("{output}");
+            let output = json_text(&output);
+            if conn.json {
+                println!("{{\"output\":{output}}}");
+            } else {
+                println!("{output}");
+            }
         }
     }
     Ok(())
+}
+
+/// An answer as JSON text: the plugin's JSON, or, if it could not be
+/// translated, its bytes as `{"hex": "…"}`.
+fn json_text(output: &Payload) -> String {
+    match output {
+        Payload::Json(text) => text.clone(),
+        Payload::Bytes(_) => serde_json::json!({ "hex": output.to_string() }).to_string(),
+    }
 }
 
 fn status_line(ep: &SocketAddr, s: &NodeStatus) -> String {

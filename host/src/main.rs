@@ -85,8 +85,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(serve::run(cfg))
         }
         Command::Cert(cmd) => {
-            for path in cert::run(cmd)? {
-                println!("wrote {}", path.display());
+            let written = cert::run(cmd)?;
+            if cli.conn.json {
+                let paths: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+                println!("{}", serde_json::json!({ "wrote": paths }));
+            } else {
+                for path in written {
+                    println!("wrote {}", path.display());
+                }
             }
             Ok(())
         }

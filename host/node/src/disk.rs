@@ -84,8 +84,24 @@ pub fn recover(store: &FjallStore) -> Result<Recovered, NodeError> {
 /// Hands writes to the store's writer thread; their completions arrive on
 /// the channel given to [`Disk::new`], in order.
 pub struct Disk {
-    store: Arc<FjallStore>,
+    /// `Some` until dropped.
+    store: Option<Arc<FjallStore>>,
     done: mpsc::UnboundedSender<Result<(), StorageError>>,
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        // Closing the store joins its writer and waits for fjall's flush of
+        // the memtables: blocking work that must not run on (and, with the
+        // runtime shutting down, can deadlock) an async worker thread. Every
+        // write is durable already; the close only spares the next open a
+        // journal replay.
+        if let Some(store) = self.store.take() {
+            let _ = std::thread::Builder::new()
+                .name("kythira-close".into())
+                .spawn(move || drop(store));
+        }
+    }
 }
 
 impl Disk {
@@ -95,7 +111,10 @@ impl Disk {
         store: Arc<FjallStore>,
         done: mpsc::UnboundedSender<Result<(), StorageError>>,
     ) -> Self {
-        Self { store, done }
+        Self {
+            store: Some(store),
+            done,
+        }
     }
 
     /// Queues a write without waiting for it.
@@ -110,7 +129,8 @@ impl Disk {
         // Durability: the store writes the hard state and entries atomically
         // and calls back only after fdatasync; the event loop sends votes and
         // acknowledgements only after that callback.
-        self.store.save_then(hs, entries, move |result| {
+        let store = self.store.as_ref().expect("present until dropped");
+        store.save_then(hs, entries, move |result| {
             let _ = done.send(result);
         })?;
         Ok(())
