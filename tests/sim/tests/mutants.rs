@@ -26,7 +26,7 @@ fn caught_within(m: Mutation, nodes: usize, first: u64, seeds: u64) {
 
 #[test]
 fn figure_8_commit_by_counting_replicas_is_caught() {
-    caught_within(Mutation::CommitPreviousTermByCount, 5, 215, 10);
+    caught_within(Mutation::CommitPreviousTermByCount, 5, 545, 10);
 }
 
 #[test]
@@ -36,7 +36,7 @@ fn vote_without_log_check_is_caught() {
 
 #[test]
 fn vote_before_persist_is_caught() {
-    caught_within(Mutation::VoteBeforePersist, 3, 2045, 10);
+    caught_within(Mutation::VoteBeforePersist, 3, 770, 10);
 }
 
 #[test]
