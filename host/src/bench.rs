@@ -502,7 +502,7 @@ async fn run_local(conn: &crate::cli::Connection, args: &BenchArgs) -> anyhow::R
     let fsync = fdatasync_median(dir.path(), 200)?;
     let rtt = rtt_median(&cluster, &admin, 200).await?;
     println!(
-        "baseline: fdatasync of a 4 KiB append {} (median of 200), loopback QUIC status round trip {} (median of 200)",
+        "baseline: fdatasync of a 4 KiB append {} (median of 200), loopback round trip of the client protocol (Ping) {} (median of 200)",
         human_us(fsync),
         human_us(rtt)
     );
