@@ -254,6 +254,26 @@ async fn bad_commands_and_bad_code_are_clear_errors() {
         matches!(err, ClientError::Api(ApiError::Rejected(_))),
         "{err}"
     );
+    // A session position that cannot be: refused before it is proposed.
+    let err = client
+        .request(
+            &kythira_api::Request::Apply {
+                machine: "kv".into(),
+                command: Payload::Json(r#"{"get":{"key":"a"}}"#.into()),
+                session: Some(kythira_api::SessionSeq {
+                    id: 1,
+                    serial: 1,
+                    acked: 9,
+                }),
+            },
+            true,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api(ApiError::BadRequest(m)) if m.contains("acked")),
+        "{err}"
+    );
     // An entry too large for a peer frame would stall the log behind it.
     let huge = bytes::Bytes::from(vec![7u8; 15 << 20]);
     let err = client.apply("kv", Payload::Bytes(huge)).await.unwrap_err();

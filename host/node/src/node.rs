@@ -175,6 +175,7 @@ impl Node {
             leader: raft.leader(),
         });
         let event_loop = EventLoop {
+            shared: shared.clone(),
             leadership: leadership_tx,
             driver: Driver::new(raft),
             net,
@@ -240,7 +241,14 @@ struct EventLoop<N> {
     was_leader: bool,
     session_ttl_ms: u64,
     max_entry_bytes: usize,
+    /// What the applier publishes; its applied index gives backpressure.
+    shared: Arc<Shared>,
 }
+
+/// Most committed entries the applier may be behind before new proposals
+/// are refused: a slow plugin must not let the queue to the applier grow
+/// without bound.
+const MAX_APPLY_LAG: u64 = 50_000;
 
 /// A linearizable query waiting for its ReadIndex round: machine, query, reply.
 type PendingRead = (String, Bytes, oneshot::Sender<Result<Bytes, ApiError>>);
@@ -328,6 +336,15 @@ impl<N: Network> EventLoop<N> {
                     },
                     op => op,
                 };
+                let committed = self.driver.raft().log().committed();
+                let applied = self.shared.applied.load(Ordering::Acquire);
+                if committed.saturating_sub(applied) > MAX_APPLY_LAG {
+                    let _ = reply.send(Err(ApiError::Unavailable(format!(
+                        "the state machines are {} entries behind the log; retry shortly",
+                        committed - applied
+                    ))));
+                    return Ok(());
+                }
                 let data = Envelope::encode(ts, &op);
                 if data.len() > self.max_entry_bytes {
                     let _ = reply.send(Err(ApiError::BadRequest(format!(
@@ -491,6 +508,15 @@ impl NodeHandle {
                 command,
                 session,
             } => {
+                if let Some(seq) = session
+                    && (seq.acked > seq.serial || seq.serial == 0)
+                {
+                    return Err(ApiError::BadRequest(format!(
+                        "session serial {} with acked {}: serials start at 1 and acked \
+                         (every serial below it answered) cannot pass the serial",
+                        seq.serial, seq.acked
+                    )));
+                }
                 let json = command.is_json();
                 let command = self.to_bytes(&machine, command, Translate::Command).await?;
                 let reply = self
