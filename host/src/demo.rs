@@ -136,6 +136,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     )?;
     println!("\nrestarting node {old}: it replays its log and catches up");
     cluster.start(old)?;
+    caught_up(&cluster, old, new).await?;
     show(&cluster, &["status"])?;
 
     let f = cluster.client_files("admin");
@@ -165,4 +166,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     drop(cluster);
     println!("\ndemo finished; all nodes stopped");
     Ok(())
+}
+
+/// Waits until node `id` has applied what the leader had committed when it
+/// came back: the replay of its log and the entries it missed. A demo may
+/// poll; the bound only keeps a broken node from hanging it.
+async fn caught_up(cluster: &LocalCluster, id: u64, leader: u64) -> anyhow::Result<()> {
+    let tls = kythira_transport::tls::Tls::load(&cluster.client_files("admin"))?;
+    let client =
+        kythira_client::Client::new(kythira_client::ClientConfig::new(cluster.endpoints(), tls))?;
+    let target = client.status_of(cluster.addr(leader)).await?.commit;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Ok(s) = client.status_of(cluster.addr(id)).await
+            && s.applied >= target
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("node {id} did not catch up to index {target} within 60 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
