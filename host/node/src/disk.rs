@@ -125,14 +125,18 @@ impl Disk {
             commit: hs.commit,
         });
         let entries: Vec<_> = w.entries.iter().map(to_storage).collect();
-        let done = self.done.clone();
+        // If the writer thread dies with this write queued, the callback is
+        // dropped uncalled: the guard then reports it, so the node stops
+        // instead of waiting forever on a write that never completes.
+        let mut done = Completion {
+            tx: Some(self.done.clone()),
+            path: store_path(self.store.as_ref()),
+        };
         // Durability: the store writes the hard state and entries atomically
         // and calls back only after fdatasync; the event loop sends votes and
         // acknowledgements only after that callback.
         let store = self.store.as_ref().expect("present until dropped");
-        store.save_then(hs, entries, move |result| {
-            let _ = done.send(result);
-        })?;
+        store.save_then(hs, entries, move |result| done.finish(result))?;
         Ok(())
     }
 }
@@ -179,6 +183,35 @@ pub fn claim(dir: &std::path::Path, id: u64, cluster: &str) -> Result<(), NodeEr
             Ok(())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+fn store_path(store: Option<&Arc<FjallStore>>) -> std::path::PathBuf {
+    store.map(|s| s.path().to_path_buf()).unwrap_or_default()
+}
+
+/// A write's completion, reported exactly once: by the writer's callback,
+/// or, if the writer drops it uncalled, as a failure.
+struct Completion {
+    tx: Option<mpsc::UnboundedSender<Result<(), StorageError>>>,
+    path: std::path::PathBuf,
+}
+
+impl Completion {
+    fn finish(&mut self, result: Result<(), StorageError>) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        let path = std::mem::take(&mut self.path);
+        self.finish(Err(StorageError::Poisoned {
+            path,
+            cause: "the log writer stopped before the write completed".into(),
+        }));
     }
 }
 

@@ -184,13 +184,6 @@ impl Machines {
                         self.flush(&mut run, &mut in_run, &mut answers);
                     }
                     if let Some(seq) = session {
-                        if seq.acked > seq.serial {
-                            // Refused at the edge; an entry that says so anyway
-                            // (another version, a bug) must not poison the session.
-                            let why = format!("acked {} passes serial {}", seq.acked, seq.serial);
-                            answers.push(answer(e, Err(ApiError::BadRequest(why))));
-                            continue;
-                        }
                         match self.sessions.admit(seq, now) {
                             Admit::Apply => {}
                             Admit::Duplicate(reply) => {

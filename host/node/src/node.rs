@@ -338,7 +338,9 @@ impl<N: Network> EventLoop<N> {
                 };
                 let committed = self.driver.raft().log().committed();
                 let applied = self.shared.applied.load(Ordering::Acquire);
-                if committed.saturating_sub(applied) > MAX_APPLY_LAG {
+                // Only a leader refuses for lag: a follower answers NotLeader.
+                let leads = self.driver.raft().role() == Role::Leader;
+                if leads && committed.saturating_sub(applied) > MAX_APPLY_LAG {
                     let _ = reply.send(Err(ApiError::Unavailable(format!(
                         "the state machines are {} entries behind the log; retry shortly",
                         committed - applied

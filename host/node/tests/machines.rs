@@ -178,24 +178,3 @@ fn a_session_that_expires_while_its_command_waits_in_a_batch_is_no_crash() {
     assert_eq!(previous(&answers[3].reply), Some(b"1".to_vec()));
     assert_eq!(answers[4].reply, Err(ApiError::SessionExpired(2)));
 }
-
-#[test]
-fn an_acknowledgement_past_its_serial_is_refused_and_leaves_the_session_alone() {
-    let mut m = Machines::new(None);
-    let seq = |serial, acked| {
-        Some(SessionSeq {
-            id: 2,
-            serial,
-            acked,
-        })
-    };
-    let answers = m.apply(&[
-        entry(1, deploy("kv", component("kv"))),
-        entry(2, Op::RegisterSession { ttl_ms: 60_000 }),
-        entry(3, put("a", "1", seq(1, 500))),
-        entry(4, put("a", "2", seq(1, 1))),
-    ]);
-    assert!(matches!(&answers[2].reply, Err(ApiError::BadRequest(m)) if m.contains("passes")));
-    // Serial 1 was not forgotten: it applies now.
-    assert_eq!(previous(&answers[3].reply), None);
-}
