@@ -51,7 +51,8 @@ pub enum RestoreError {
         /// The hard state's term.
         term: Term,
     },
-    /// The commit index is past the end of the log, or applied past commit.
+    /// The commit index or the applied index is past the end of the log.
+    /// (Applied above commit is fine: the restored commit index is the larger.)
     #[error("commit {commit} / applied {applied} out of range of the log ending at {last}")]
     BadCommit {
         /// Persisted commit.
@@ -60,6 +61,12 @@ pub enum RestoreError {
         applied: Index,
         /// Last persisted index.
         last: Index,
+    },
+    /// The persisted term is above [`crate::MAX_TERM`].
+    #[error("persisted term {term} is above the largest term")]
+    TermOutOfRange {
+        /// The hard state's term.
+        term: Term,
     },
     /// The persisted vote is not a voter.
     #[error("persisted vote for {0} who is not a voter")]

@@ -58,4 +58,4 @@ pub use message::{AppendOutcome, Message, MessageBody};
 pub use progress::{Progress, ReplicationState};
 pub use raft::{Proposal, Raft, Role};
 pub use ready::{ReadState, Ready};
-pub use types::{Entry, EntryKind, HardState, Index, NodeId, Persisted, Term};
+pub use types::{Entry, EntryKind, HardState, Index, MAX_TERM, NodeId, Persisted, Term};

@@ -10,12 +10,18 @@ pub enum ReplicationState {
     /// The follower's match point is unknown: one `Append` at a time until
     /// one is accepted. `paused` while that append is unanswered (a heartbeat
     /// response unpauses, so a lost probe is retried).
+    ///
+    /// Also the fallback of a window that stayed full across two heartbeat
+    /// responses: its appends are taken as lost and probing restarts from
+    /// `matched + 1`.
     Probe {
         /// An append is outstanding.
         paused: bool,
     },
     /// The follower is known to match: appends are pipelined optimistically,
-    /// at most `max_inflight_messages` unacknowledged at once.
+    /// at most `max_inflight_messages` unacknowledged at once. Only an
+    /// acknowledgement frees a slot: a heartbeat response says the follower
+    /// is alive, not that it keeps up.
     Replicate {
         /// Last index of each unacknowledged append, oldest first.
         inflight: VecDeque<Index>,
@@ -35,6 +41,9 @@ pub struct Progress {
     pub(crate) recent_active: bool,
     /// Highest ReadIndex round the follower has acknowledged in this term.
     pub(crate) read_ack: u64,
+    /// The window was full at the last heartbeat response, and nothing was
+    /// accepted since: if it still is at the next, its appends are lost.
+    full_at_heartbeat: bool,
 }
 
 impl Progress {
@@ -45,6 +54,7 @@ impl Progress {
             state: ReplicationState::Probe { paused: false },
             recent_active: false,
             read_ack: 0,
+            full_at_heartbeat: false,
         }
     }
 
@@ -76,6 +86,7 @@ impl Progress {
         if news {
             self.matched = index;
         }
+        self.full_at_heartbeat = false;
         self.next = self.next.max(index + 1);
         match &mut self.state {
             // Matched entries are durable on the follower and can only be
@@ -122,16 +133,27 @@ impl Progress {
         };
     }
 
-    /// Heartbeat response: the follower is alive. Retry a probe, and free
-    /// the oldest slot of a full window: its append may have been lost, and
-    /// without a slot nothing would be sent to find out (the follower
-    /// rejects the next append if so, which falls back to probing).
-    pub(crate) fn heard_from(&mut self, max_inflight: usize) {
+    /// Heartbeat response: the follower is alive. Retries a probe
+    /// (`retry_probe`, always but for a mutant). A full window is left
+    /// alone, or a slow follower would be sent one more append per
+    /// heartbeat; but a window still full at the second heartbeat response
+    /// without an acceptance in between is taken as lost (nothing else would
+    /// ever be sent to find out), and probing restarts from `matched + 1`.
+    pub(crate) fn heard_from(&mut self, max_inflight: usize, retry_probe: bool) {
         match &mut self.state {
-            ReplicationState::Probe { paused } => *paused = false,
+            ReplicationState::Probe { paused } => {
+                if retry_probe {
+                    *paused = false;
+                }
+            }
             ReplicationState::Replicate { inflight } => {
-                if inflight.len() >= max_inflight {
-                    inflight.pop_front();
+                let full = inflight.len() >= max_inflight;
+                if full && self.full_at_heartbeat {
+                    self.next = self.matched + 1;
+                    self.state = ReplicationState::Probe { paused: false };
+                    self.full_at_heartbeat = false;
+                } else {
+                    self.full_at_heartbeat = full;
                 }
             }
         }
@@ -167,6 +189,70 @@ mod tests {
         assert!(p.rejected(10, 7));
         assert_eq!(p.next, 8);
         assert!(p.can_send(1));
+    }
+
+    /// Leader at 20, follower matched at 4, a window of two appends in flight.
+    fn full_window() -> Progress {
+        let mut p = Progress::new(1);
+        p.accepted(4);
+        p.sent(7, true);
+        p.sent(10, true);
+        assert!(!p.can_send(2));
+        p
+    }
+
+    #[test]
+    fn heartbeat_response_leaves_a_full_window_full() {
+        let mut p = full_window();
+        p.heard_from(2, true);
+        assert!(!p.can_send(2), "alive is not caught up");
+        let ReplicationState::Replicate { inflight } = &p.state else {
+            panic!("still replicating");
+        };
+        assert_eq!(inflight.len(), 2);
+        assert_eq!(p.next, 11);
+    }
+
+    #[test]
+    fn window_full_at_two_heartbeat_responses_is_probed_from_the_match() {
+        let mut p = full_window();
+        p.heard_from(2, true);
+        p.heard_from(2, true);
+        assert_eq!(p.state, ReplicationState::Probe { paused: false });
+        assert_eq!(p.next, 5);
+        assert_eq!(p.matched, 4);
+        p.sent(7, true);
+        assert!(!p.can_send(2), "one probe at a time");
+        assert!(p.accepted(7));
+        assert!(matches!(p.state, ReplicationState::Replicate { .. }));
+        assert_eq!(p.next, 8);
+    }
+
+    #[test]
+    fn an_acceptance_between_heartbeat_responses_keeps_the_window() {
+        let mut p = full_window();
+        p.heard_from(2, true);
+        p.accepted(7);
+        p.sent(13, true);
+        p.heard_from(2, true);
+        assert!(matches!(p.state, ReplicationState::Replicate { .. }));
+        // A window with room in between also starts the count again.
+        let mut p = full_window();
+        p.heard_from(2, true);
+        p.heard_from(3, true);
+        p.heard_from(2, true);
+        assert!(matches!(p.state, ReplicationState::Replicate { .. }));
+    }
+
+    #[test]
+    fn heartbeat_response_retries_a_paused_probe() {
+        let mut p = Progress::new(11);
+        p.sent(12, true);
+        assert!(!p.can_send(2));
+        p.heard_from(2, false);
+        assert!(!p.can_send(2), "unless told not to");
+        p.heard_from(2, true);
+        assert!(p.can_send(2));
     }
 
     #[test]

@@ -6,6 +6,12 @@ use bytes::Bytes;
 pub type NodeId = u64;
 /// A Raft term.
 pub type Term = u64;
+/// The largest term a core adopts, campaigns in or accepts from the network.
+///
+/// Half the range of [`Term`]: terms grow by one per election, so no real
+/// cluster comes near it, and a message beyond it can only come from a broken
+/// or hostile peer. Refusing such terms keeps every `term + 1` in range.
+pub const MAX_TERM: Term = u64::MAX / 2;
 /// A position in the log; the first entry has index 1, index 0 is the empty prefix.
 pub type Index = u64;
 
@@ -56,7 +62,8 @@ pub struct HardState {
     pub vote: Option<NodeId>,
     /// Highest index known to be committed. Persisting it is an optimisation
     /// (a restarted node can apply without waiting for the leader), not a
-    /// safety requirement.
+    /// safety requirement, so it may lag: on restart the core takes the
+    /// larger of it and [`Persisted::applied`]. It must not pass the log.
     pub commit: Index,
 }
 
@@ -69,5 +76,9 @@ pub struct Persisted {
     pub entries: Vec<Entry>,
     /// Highest index the driver's state machine has already applied durably;
     /// entries after it are handed out again. `0` for an in-memory state machine.
+    ///
+    /// It may be above `hard_state.commit` (a commit index alone is not
+    /// synced): only committed entries are applied, so the core restores the
+    /// commit index as the larger of the two. It must not pass the log.
     pub applied: Index,
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use kythira_raft::{HardState, Persisted, Raft, RestoreError, Role};
+use kythira_raft::{HardState, MAX_TERM, Persisted, Raft, RestoreError, Role};
 
 fn restore(hard_state: HardState, terms: &[u64], applied: u64) -> Result<Raft, RestoreError> {
     Raft::new(
@@ -55,8 +55,12 @@ fn refuses_inconsistent_state() {
         Err(RestoreError::BadCommit { .. })
     ));
     assert!(matches!(
-        restore(hs(2, None, 1), &[1, 2], 2),
+        restore(hs(2, None, 1), &[1, 2], 3),
         Err(RestoreError::BadCommit { .. })
+    ));
+    assert!(matches!(
+        restore(hs(MAX_TERM + 1, None, 0), &[1, 2], 0),
+        Err(RestoreError::TermOutOfRange { .. })
     ));
     assert!(matches!(
         restore(hs(2, Some(9), 0), &[1, 2], 0),

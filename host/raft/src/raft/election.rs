@@ -7,7 +7,7 @@ use crate::config::Mutation;
 use crate::message::MessageBody;
 use crate::progress::Progress;
 use crate::read_index::ReadRounds;
-use crate::types::{Entry, EntryKind, Index, NodeId, Term};
+use crate::types::{Entry, EntryKind, Index, MAX_TERM, NodeId, Term};
 
 use super::{Broadcast, Leadership, Raft, State, Votes};
 
@@ -40,6 +40,12 @@ impl Raft {
     }
 
     pub(super) fn campaign(&mut self) {
+        if self.next_term().is_none() {
+            // No term left to campaign in: keep waiting for a leader of this one.
+            let term = self.term;
+            self.become_follower(term, None);
+            return;
+        }
         if self.cfg.pre_vote {
             self.leader = None;
             self.state = State::PreCandidate(Votes::default());
@@ -50,8 +56,18 @@ impl Raft {
         }
     }
 
+    /// The term after the current one, unless that would pass `MAX_TERM`.
+    fn next_term(&self) -> Option<Term> {
+        self.term.checked_add(1).filter(|&t| t <= MAX_TERM)
+    }
+
     pub(super) fn campaign_for_real(&mut self) {
-        self.term += 1;
+        let Some(term) = self.next_term() else {
+            let term = self.term;
+            self.become_follower(term, None);
+            return;
+        };
+        self.term = term;
         self.vote = Some(self.cfg.id);
         self.leader = None;
         self.state = State::Candidate(Votes::default());
@@ -61,7 +77,11 @@ impl Raft {
 
     pub(super) fn request_votes(&mut self, pre: bool) {
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
-        let term = if pre { self.term + 1 } else { self.term };
+        let term = if pre {
+            self.next_term().expect("campaign checks for a next term")
+        } else {
+            self.term
+        };
         for &to in &self.peers {
             let body = if pre {
                 MessageBody::PreVote {
@@ -123,7 +143,7 @@ impl Raft {
         pre: bool,
     ) {
         let votes = match &mut self.state {
-            State::PreCandidate(v) if pre && term == self.term + 1 => v,
+            State::PreCandidate(v) if pre && Some(term) == self.term.checked_add(1) => v,
             // A rejected pre-vote carries the responder's (not higher) term.
             State::PreCandidate(v) if pre && !granted && term <= self.term => v,
             State::Candidate(v) if !pre && term == self.term => v,

@@ -13,12 +13,12 @@ use crate::config::Config;
 use crate::config::Mutation;
 use crate::error::{ProposeError, RestoreError, StepError};
 use crate::log::RaftLog;
-use crate::message::{Message, MessageBody};
+use crate::message::{AppendOutcome, Message, MessageBody};
 use crate::progress::{Progress, ReplicationState};
 use crate::read_index::ReadRounds;
 use crate::ready::{ReadState, Ready};
 use crate::rng::SplitMix64;
-use crate::types::{Entry, EntryKind, HardState, Index, NodeId, Persisted, Term};
+use crate::types::{Entry, EntryKind, HardState, Index, MAX_TERM, NodeId, Persisted, Term};
 
 /// The role a node plays in its current term.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -160,6 +160,9 @@ impl Raft {
             entries,
             applied,
         } = persisted;
+        if hs.term > MAX_TERM {
+            return Err(RestoreError::TermOutOfRange { term: hs.term });
+        }
         let mut prev_term = 0;
         for (i, e) in entries.iter().enumerate() {
             if e.index != i as Index + 1 || e.term < prev_term || e.term == 0 {
@@ -177,13 +180,17 @@ impl Raft {
             prev_term = e.term;
         }
         let last = entries.len() as Index;
-        if hs.commit > last || applied > hs.commit {
+        if hs.commit > last || applied > last {
             return Err(RestoreError::BadCommit {
                 commit: hs.commit,
                 applied,
                 last,
             });
         }
+        // The state machine applies only committed entries, and a commit
+        // index alone is not synced: the applied index may be the later one.
+        let commit = hs.commit.max(applied);
+        let hs = HardState { commit, ..hs };
         if let Some(v) = hs.vote
             && !cfg.voters.contains(&v)
         {
@@ -203,7 +210,7 @@ impl Raft {
             vote: hs.vote,
             leader: None,
             state: State::Follower,
-            log: RaftLog::restore(entries, hs.commit, applied),
+            log: RaftLog::restore(entries, commit, applied),
             election_elapsed: 0,
             heartbeat_elapsed: 0,
             randomized_timeout: 0,
@@ -221,6 +228,7 @@ impl Raft {
             cfg,
         };
         raft.reset_timers();
+        raft.debug_check_invariants();
         Ok(raft)
     }
 
@@ -377,9 +385,10 @@ impl Raft {
     }
 
     /// Feed a message from the network. An `Err` reports a message that
-    /// breaks the protocol: a malformed one changes nothing; an append that
-    /// would replace committed entries is not applied (the term and leader it
-    /// announces may have been adopted).
+    /// breaks the protocol: a malformed one (a term past [`MAX_TERM`], an
+    /// append or heartbeat from a second leader of our term, ...) changes
+    /// nothing; an append that would replace committed entries is not applied
+    /// (the term and leader it announces may have been adopted).
     pub fn step(&mut self, m: Message) -> Result<(), StepError> {
         let result = self.step_inner(m);
         self.debug_check_invariants();
@@ -448,11 +457,11 @@ impl Raft {
                 entries,
                 commit,
             } => {
-                self.hear_from_leader(m.from);
+                self.hear_from_leader(m.from)?;
                 self.handle_append(m.from, prev_index, prev_term, &entries, commit)?;
             }
             MessageBody::Heartbeat { commit, read_round } => {
-                self.hear_from_leader(m.from);
+                self.hear_from_leader(m.from)?;
                 // `commit` is at most what the leader knows we store; a value
                 // past our log can only come from a broken sender.
                 if commit <= self.log.last_index() {
@@ -545,6 +554,27 @@ impl Raft {
                 reason,
             })
         };
+        // Past MAX_TERM, adopting the term (or campaigning after it) would
+        // overflow; no correct peer gets there.
+        let term_in_range = match &m.body {
+            MessageBody::PreVote { last_term, .. } | MessageBody::Vote { last_term, .. } => {
+                *last_term <= MAX_TERM
+            }
+            MessageBody::Append {
+                prev_term, entries, ..
+            } => *prev_term <= MAX_TERM && entries.iter().all(|e| e.term <= MAX_TERM),
+            MessageBody::AppendResponse(AppendOutcome::Rejected { hint_term, .. }) => {
+                *hint_term <= MAX_TERM
+            }
+            MessageBody::PreVoteResponse { .. }
+            | MessageBody::VoteResponse { .. }
+            | MessageBody::AppendResponse(AppendOutcome::Accepted { .. })
+            | MessageBody::Heartbeat { .. }
+            | MessageBody::HeartbeatResponse { .. } => true,
+        };
+        if m.term > MAX_TERM || !term_in_range {
+            return malformed("term out of range");
+        }
         if let MessageBody::Append {
             prev_index,
             prev_term,

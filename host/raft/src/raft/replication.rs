@@ -10,14 +10,27 @@ use crate::types::{Entry, Index, NodeId, Term};
 use super::{Broadcast, Raft, State, send_append};
 
 impl Raft {
-    pub(super) fn hear_from_leader(&mut self, from: NodeId) {
-        if !matches!(self.state, State::Follower) {
-            // A leader exists in our term: we lost the election.
-            let term = self.term;
-            self.become_follower(term, Some(from));
+    /// An append or heartbeat of our term arrived from `from`. Refused, with
+    /// nothing changed, if we lead this term ourselves: one term has at most
+    /// one leader, so the sender (or its election) is broken.
+    pub(super) fn hear_from_leader(&mut self, from: NodeId) -> Result<(), StepError> {
+        match self.state {
+            State::Follower => {}
+            State::Leader(_) => {
+                return Err(StepError::Malformed {
+                    from,
+                    reason: "append or heartbeat from another leader of this node's term",
+                });
+            }
+            State::PreCandidate(_) | State::Candidate(_) => {
+                // A leader exists in our term: we lost the election.
+                let term = self.term;
+                self.become_follower(term, Some(from));
+            }
         }
         self.leader = Some(from);
         self.election_elapsed = 0;
+        Ok(())
     }
 
     pub(super) fn handle_append(
@@ -141,7 +154,7 @@ impl Raft {
         let pr = l.progress.get_mut(&from).expect("validated sender");
         pr.recent_active = true;
         pr.read_ack = pr.read_ack.max(read_round);
-        pr.heard_from(self.cfg.max_inflight_messages);
+        pr.heard_from(self.cfg.max_inflight_messages, true);
         if pr.matched < self.log.last_index() {
             // Even with nothing new to send: an empty append finds out
             // whether earlier ones were lost.
