@@ -52,16 +52,63 @@ pub enum Mutation {
     VoteBeforePersist,
     /// Accept an `Append` without checking the entry before it.
     AppendWithoutPrevCheck,
+    /// Grant a vote although this node already voted for another candidate
+    /// in the term (the log check stays).
+    VoteTwiceInTerm,
+    /// Count every granted vote response, so a duplicated message counts
+    /// twice. Needs five voters to matter: with three, one grant besides the
+    /// candidate's own already wins.
+    CountDuplicateVotes,
+    /// Send append and heartbeat responses before the entries or term they
+    /// acknowledge are durable.
+    AckBeforePersist,
+    /// Count the leader's own last index towards the commit quorum, not its
+    /// durable one.
+    LeaderCountsUnstableSelf,
+    /// Send the leader's full commit index on heartbeats, not clamped to
+    /// what the follower is known to store.
+    HeartbeatCommitUnclamped,
+    /// Commit up to the follower's own last index on an `Append`, not only
+    /// up to the last entry that append proved matching.
+    AppendCommitPastNewEntries,
+    /// On a conflict, overwrite the conflicting entries in place but keep
+    /// the follower's old entries after the new ones.
+    KeepConflictingSuffix,
+    /// Answer every rejection with a hint one entry back, so the leader backs
+    /// up one entry per round trip.
+    NoFastBacktracking,
+    /// A heartbeat response does not unpause a probe: a lost probe stalls the
+    /// follower until the next leader.
+    ProbeNeverRetried,
+    /// Take a follower's match as the end of each append when sending it in
+    /// the replicate state, not when it is accepted.
+    MatchOnSend,
+    /// Confirm ReadIndex rounds on the leader's own acknowledgement alone.
+    ReadWithoutQuorum,
+    /// Start ReadIndex rounds before an entry of the leader's term commits.
+    ReadBeforeTermCommit,
 }
 
 #[cfg(feature = "mutants")]
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 4] = [
+    pub const ALL: [Mutation; 16] = [
         Mutation::CommitPreviousTermByCount,
         Mutation::VoteWithoutLogCheck,
         Mutation::VoteBeforePersist,
         Mutation::AppendWithoutPrevCheck,
+        Mutation::VoteTwiceInTerm,
+        Mutation::CountDuplicateVotes,
+        Mutation::AckBeforePersist,
+        Mutation::LeaderCountsUnstableSelf,
+        Mutation::HeartbeatCommitUnclamped,
+        Mutation::AppendCommitPastNewEntries,
+        Mutation::KeepConflictingSuffix,
+        Mutation::NoFastBacktracking,
+        Mutation::ProbeNeverRetried,
+        Mutation::MatchOnSend,
+        Mutation::ReadWithoutQuorum,
+        Mutation::ReadBeforeTermCommit,
     ];
 
     /// Stable short name.
@@ -71,6 +118,18 @@ impl Mutation {
             Mutation::VoteWithoutLogCheck => "vote-without-log-check",
             Mutation::VoteBeforePersist => "vote-before-persist",
             Mutation::AppendWithoutPrevCheck => "append-without-prev-check",
+            Mutation::VoteTwiceInTerm => "vote-twice-in-a-term",
+            Mutation::CountDuplicateVotes => "count-duplicate-votes",
+            Mutation::AckBeforePersist => "ack-before-persist",
+            Mutation::LeaderCountsUnstableSelf => "leader-counts-unstable-self",
+            Mutation::HeartbeatCommitUnclamped => "heartbeat-commit-unclamped",
+            Mutation::AppendCommitPastNewEntries => "append-commit-past-new-entries",
+            Mutation::KeepConflictingSuffix => "keep-conflicting-suffix",
+            Mutation::NoFastBacktracking => "no-fast-backtracking",
+            Mutation::ProbeNeverRetried => "probe-never-retried",
+            Mutation::MatchOnSend => "match-on-send",
+            Mutation::ReadWithoutQuorum => "read-without-quorum",
+            Mutation::ReadBeforeTermCommit => "read-before-term-commit",
         }
     }
 }

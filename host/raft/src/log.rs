@@ -124,15 +124,17 @@ impl RaftLog {
         self.entries.push(entry);
     }
 
-    /// Follower path: the consistency check (skipped by the matching mutant),
-    /// then truncation of the conflicting suffix only, then append. Returns the
-    /// last index known to match the leader.
+    /// Follower path: the consistency check, then truncation of the
+    /// conflicting suffix only, then append (`check_prev` and `truncate` are
+    /// false only for mutants). Returns the last index known to match the
+    /// leader.
     pub(crate) fn try_append(
         &mut self,
         prev_index: Index,
         prev_term: Term,
         entries: &[Entry],
         check_prev: bool,
+        truncate: bool,
     ) -> Result<Index, AppendRefusal> {
         if prev_index > self.last_index() || (check_prev && !self.matches(prev_index, prev_term)) {
             return Err(AppendRefusal::Mismatch);
@@ -147,12 +149,26 @@ impl RaftLog {
                 if first_new.index <= self.committed {
                     return Err(AppendRefusal::ConflictsWithCommitted);
                 }
-                self.truncate_from(first_new.index);
+                if truncate {
+                    self.truncate_from(first_new.index);
+                } else {
+                    // Everything from the first overwritten entry on is
+                    // rewritten, the kept old suffix included.
+                    self.stable = self.stable.min(first_new.index - 1);
+                }
             }
             let skip = (first_new.index - prev_index - 1) as usize;
             for e in &entries[skip..] {
-                debug_assert_eq!(e.index, self.last_index() + 1);
-                self.entries.push(e.clone());
+                match self.get(e.index) {
+                    Some(_) => {
+                        let at = (e.index - self.offset - 1) as usize;
+                        self.entries[at] = e.clone();
+                    }
+                    None => {
+                        debug_assert_eq!(e.index, self.last_index() + 1);
+                        self.entries.push(e.clone());
+                    }
+                }
             }
         }
         Ok(last_new)
@@ -280,14 +296,14 @@ mod tests {
     #[test]
     fn stale_append_keeps_later_entries() {
         let mut l = log(&[1, 1, 1]);
-        assert_eq!(l.try_append(0, 0, &[e(1, 1)], true), Ok(1));
+        assert_eq!(l.try_append(0, 0, &[e(1, 1)], true, true), Ok(1));
         assert_eq!(terms(&l), [1, 1, 1]);
     }
 
     #[test]
     fn conflicting_suffix_is_replaced() {
         let mut l = log(&[1, 1, 2, 2]);
-        assert_eq!(l.try_append(2, 1, &[e(3, 3)], true), Ok(3));
+        assert_eq!(l.try_append(2, 1, &[e(3, 3)], true, true), Ok(3));
         assert_eq!(terms(&l), [1, 1, 3]);
         assert_eq!(l.stable(), 2);
     }
@@ -297,7 +313,7 @@ mod tests {
         let mut l = log(&[1, 1, 2]);
         l.commit_to(3);
         assert_eq!(
-            l.try_append(2, 1, &[e(3, 3)], true),
+            l.try_append(2, 1, &[e(3, 3)], true, true),
             Err(AppendRefusal::ConflictsWithCommitted)
         );
         assert_eq!(terms(&l), [1, 1, 2]);

@@ -111,6 +111,9 @@ impl Raft {
         let can_vote = self.vote == Some(from)
             || (self.vote.is_none() && self.leader.is_none())
             || (pre && term > self.term);
+        #[cfg(feature = "mutants")]
+        let can_vote =
+            can_vote || (self.cfg.mutated(Mutation::VoteTwiceInTerm) && self.leader.is_none());
         let up_to_date = self.log.is_up_to_date(last_index, last_term);
         #[cfg(feature = "mutants")]
         let up_to_date = up_to_date || self.cfg.mutated(Mutation::VoteWithoutLogCheck);
@@ -123,11 +126,20 @@ impl Raft {
                 .send(reply_term, from, MessageBody::PreVoteResponse { granted });
         } else {
             if granted {
-                debug_assert!(
-                    self.vote.is_none() || self.vote == Some(from),
-                    "one vote per term"
-                );
-                self.vote = Some(from);
+                // The mutant's second vote leaves the first one recorded, so
+                // that a candidate keeps counting itself.
+                let second_vote = false;
+                #[cfg(feature = "mutants")]
+                let second_vote = second_vote
+                    || (self.vote.is_some_and(|v| v != from)
+                        && self.cfg.mutated(Mutation::VoteTwiceInTerm));
+                if !second_vote {
+                    debug_assert!(
+                        self.vote.is_none() || self.vote == Some(from),
+                        "one vote per term"
+                    );
+                    self.vote = Some(from);
+                }
                 self.election_elapsed = 0;
             }
             self.out
@@ -149,6 +161,10 @@ impl Raft {
             State::Candidate(v) if !pre && term == self.term => v,
             _ => return,
         };
+        #[cfg(feature = "mutants")]
+        if self.cfg.mutated(Mutation::CountDuplicateVotes) {
+            votes.count_again(from, granted);
+        }
         votes.record(from, granted);
         let (yes, no) = votes.tally();
         if yes >= self.quorum {

@@ -52,16 +52,33 @@ enum State {
 }
 
 #[derive(Debug, Default)]
-struct Votes(BTreeMap<NodeId, bool>);
+struct Votes {
+    /// By voter, so that a duplicated response counts once.
+    by_voter: BTreeMap<NodeId, bool>,
+    /// Grants counted again by the duplicate-counting mutant.
+    #[cfg(feature = "mutants")]
+    repeated_grants: usize,
+}
 
 impl Votes {
     fn record(&mut self, from: NodeId, granted: bool) {
-        self.0.entry(from).or_insert(granted);
+        self.by_voter.entry(from).or_insert(granted);
+    }
+
+    /// A grant from a voter that already answered, counted once more.
+    #[cfg(feature = "mutants")]
+    fn count_again(&mut self, from: NodeId, granted: bool) {
+        if granted && self.by_voter.contains_key(&from) {
+            self.repeated_grants += 1;
+        }
     }
 
     fn tally(&self) -> (usize, usize) {
-        let granted = self.0.values().filter(|&&g| g).count();
-        (granted, self.0.len() - granted)
+        let granted = self.by_voter.values().filter(|&&g| g).count();
+        let denied = self.by_voter.len() - granted;
+        #[cfg(feature = "mutants")]
+        let granted = granted + self.repeated_grants;
+        (granted, denied)
     }
 }
 
@@ -92,6 +109,8 @@ struct Outbox {
     after_persist: Vec<Message>,
     #[cfg(feature = "mutants")]
     vote_before_persist: bool,
+    #[cfg(feature = "mutants")]
+    ack_before_persist: bool,
 }
 
 impl Outbox {
@@ -104,6 +123,12 @@ impl Outbox {
             MessageBody::PreVote { .. } | MessageBody::PreVoteResponse { .. } => true,
             #[cfg(feature = "mutants")]
             MessageBody::VoteResponse { .. } if self.vote_before_persist => true,
+            #[cfg(feature = "mutants")]
+            MessageBody::AppendResponse(_) | MessageBody::HeartbeatResponse { .. }
+                if self.ack_before_persist =>
+            {
+                true
+            }
             // A vote, a vote request (which carries our own vote) and every
             // acknowledgement promise durable state.
             MessageBody::Vote { .. }
@@ -219,6 +244,8 @@ impl Raft {
                 id: cfg.id,
                 #[cfg(feature = "mutants")]
                 vote_before_persist: cfg.mutated(Mutation::VoteBeforePersist),
+                #[cfg(feature = "mutants")]
+                ack_before_persist: cfg.mutated(Mutation::AckBeforePersist),
                 ..Outbox::default()
             },
             read_states: Vec::new(),
@@ -635,6 +662,13 @@ fn send_append(
         let last = prev_index + entries.len() as Index;
         let empty = entries.is_empty();
         pr.sent(last, !empty);
+        #[cfg(feature = "mutants")]
+        if cfg.mutated(Mutation::MatchOnSend)
+            && !empty
+            && matches!(pr.state, ReplicationState::Replicate { .. })
+        {
+            pr.matched = pr.matched.max(last);
+        }
         out.send(
             term,
             to,

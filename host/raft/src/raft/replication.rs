@@ -1,10 +1,12 @@
 //! Log replication, commit and ReadIndex rounds (Raft §5.3, §5.4.2; thesis §6.4).
 
+use crate::config::Config;
 #[cfg(feature = "mutants")]
 use crate::config::Mutation;
 use crate::error::StepError;
-use crate::log::AppendRefusal;
+use crate::log::{AppendRefusal, RaftLog};
 use crate::message::{AppendOutcome, MessageBody};
+use crate::progress::Progress;
 use crate::types::{Entry, Index, NodeId, Term};
 
 use super::{Broadcast, Raft, State, send_append};
@@ -54,12 +56,24 @@ impl Raft {
         let check_prev = true;
         #[cfg(feature = "mutants")]
         let check_prev = check_prev && !self.cfg.mutated(Mutation::AppendWithoutPrevCheck);
+        let truncate = true;
+        #[cfg(feature = "mutants")]
+        let truncate = truncate && !self.cfg.mutated(Mutation::KeepConflictingSuffix);
         match self
             .log
-            .try_append(prev_index, prev_term, entries, check_prev)
+            .try_append(prev_index, prev_term, entries, check_prev, truncate)
         {
             Ok(last_index) => {
-                self.log.commit_to(commit.min(last_index));
+                // Only up to what this append proved to match: entries past it
+                // may still be replaced.
+                let known = last_index;
+                #[cfg(feature = "mutants")]
+                let known = if self.cfg.mutated(Mutation::AppendCommitPastNewEntries) {
+                    self.log.last_index()
+                } else {
+                    known
+                };
+                self.log.commit_to(commit.min(known));
                 self.out.send(
                     self.term,
                     from,
@@ -71,6 +85,12 @@ impl Raft {
                 let (hint_index, hint_term) = self
                     .log
                     .find_conflict_by_term(prev_index.min(self.log.last_index()), prev_term);
+                #[cfg(feature = "mutants")]
+                let (hint_index, hint_term) = if self.cfg.mutated(Mutation::NoFastBacktracking) {
+                    (prev_index.saturating_sub(1), 0)
+                } else {
+                    (hint_index, hint_term)
+                };
                 self.out.send(
                     self.term,
                     from,
@@ -154,7 +174,10 @@ impl Raft {
         let pr = l.progress.get_mut(&from).expect("validated sender");
         pr.recent_active = true;
         pr.read_ack = pr.read_ack.max(read_round);
-        pr.heard_from(self.cfg.max_inflight_messages, true);
+        let retry_probe = true;
+        #[cfg(feature = "mutants")]
+        let retry_probe = retry_probe && !self.cfg.mutated(Mutation::ProbeNeverRetried);
+        pr.heard_from(self.cfg.max_inflight_messages, retry_probe);
         if pr.matched < self.log.last_index() {
             // Even with nothing new to send: an empty append finds out
             // whether earlier ones were lost.
@@ -183,7 +206,15 @@ impl Raft {
             return false;
         };
         let mut matched: Vec<Index> = l.progress.values().map(|p| p.matched).collect();
-        matched.push(self.log.stable());
+        // Our own entries count once durable, like a follower's.
+        let own = self.log.stable();
+        #[cfg(feature = "mutants")]
+        let own = if self.cfg.mutated(Mutation::LeaderCountsUnstableSelf) {
+            self.log.last_index()
+        } else {
+            own
+        };
+        matched.push(own);
         matched.sort_unstable_by(|a, b| b.cmp(a));
         let candidate = matched[self.quorum - 1];
         let current_term = self.log.term(candidate) == Some(self.term);
@@ -225,7 +256,7 @@ impl Raft {
         };
         let read_round = l.reads.current();
         for (&to, pr) in &l.progress {
-            let commit = pr.matched.min(self.log.committed());
+            let commit = heartbeat_commit(&self.cfg, &self.log, pr);
             self.out
                 .send(self.term, to, MessageBody::Heartbeat { commit, read_round });
         }
@@ -237,22 +268,44 @@ impl Raft {
         };
         // Until an entry of this term commits, our commit index may lag the
         // previous leader's (Raft thesis §6.4, step 1).
-        if self.log.term(self.log.committed()) != Some(self.term) {
+        let term_committed = self.log.term(self.log.committed()) == Some(self.term);
+        #[cfg(feature = "mutants")]
+        let term_committed = term_committed || self.cfg.mutated(Mutation::ReadBeforeTermCommit);
+        if !term_committed {
             return;
         }
         let Some(read_round) = l.reads.maybe_start(self.log.committed()) else {
             return;
         };
+        let quorum = self.quorum;
+        #[cfg(feature = "mutants")]
+        let quorum = if self.cfg.mutated(Mutation::ReadWithoutQuorum) {
+            1
+        } else {
+            quorum
+        };
         if l.reads
-            .maybe_confirm(&l.progress, self.quorum, &mut self.read_states)
+            .maybe_confirm(&l.progress, quorum, &mut self.read_states)
         {
             // Single voter: our own acknowledgement is a quorum.
             return self.maybe_start_read_round();
         }
         for (&to, pr) in &l.progress {
-            let commit = pr.matched.min(self.log.committed());
+            let commit = heartbeat_commit(&self.cfg, &self.log, pr);
             self.out
                 .send(self.term, to, MessageBody::Heartbeat { commit, read_round });
         }
     }
+}
+
+/// The commit index a heartbeat carries to a follower: never past what it is
+/// known to store, since a heartbeat has no consistency check and the
+/// follower's entries beyond its match may still differ from ours.
+#[cfg_attr(not(feature = "mutants"), expect(unused_variables))]
+fn heartbeat_commit(cfg: &Config, log: &RaftLog, pr: &Progress) -> Index {
+    #[cfg(feature = "mutants")]
+    if cfg.mutated(Mutation::HeartbeatCommitUnclamped) {
+        return log.committed();
+    }
+    pr.matched.min(log.committed())
 }

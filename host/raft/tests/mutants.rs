@@ -1,0 +1,293 @@
+//! Each injected bug changes what the core does, in the smallest scenario
+//! that shows it. Whether the simulator catches it is tested there.
+#![cfg(feature = "mutants")]
+
+mod common;
+
+use std::fmt::Debug;
+
+use common::*;
+use kythira_raft::{
+    AppendOutcome, Bytes, Config, Message, MessageBody, Mutation, NodeId, Raft, Role, Term,
+};
+
+/// The outcome of `scenario` without and with `m`; they must differ.
+fn differs<T: PartialEq + Debug>(m: Mutation, scenario: impl Fn(Option<Mutation>) -> T) -> (T, T) {
+    let (clean, mutated) = (scenario(None), scenario(Some(m)));
+    assert_ne!(clean, mutated, "{} changes nothing", m.name());
+    (clean, mutated)
+}
+
+fn cfg(id: NodeId, voters: &[NodeId], m: Option<Mutation>) -> Config {
+    let mut c = config(id, voters);
+    c.mutation = m;
+    c
+}
+
+/// Node 1 leading term 1 of `voters` (node 2 voted for it); nothing
+/// replicated yet.
+fn leader(voters: &[NodeId], m: Option<Mutation>) -> Raft {
+    let mut r = Raft::new(cfg(1, voters, m), Default::default()).unwrap();
+    tick_until_role_changes(&mut r);
+    r.step(msg(2, 1, 1, MessageBody::VoteResponse { granted: true }))
+        .unwrap();
+    assert_eq!(r.role(), Role::Leader);
+    drain(&mut r);
+    r
+}
+
+fn accepted(from: NodeId, last_index: u64) -> Message {
+    msg(
+        from,
+        1,
+        1,
+        MessageBody::AppendResponse(AppendOutcome::Accepted { last_index }),
+    )
+}
+
+fn vote_request(from: NodeId, term: Term) -> Message {
+    msg(
+        from,
+        1,
+        term,
+        MessageBody::Vote {
+            last_index: 0,
+            last_term: 0,
+        },
+    )
+}
+
+fn granted_votes(out: &Output) -> Vec<NodeId> {
+    out.all()
+        .iter()
+        .filter(|m| matches!(m.body, MessageBody::VoteResponse { granted: true }))
+        .map(|m| m.to)
+        .collect()
+}
+
+#[test]
+fn every_mutation_has_a_distinct_name() {
+    let mut names: Vec<_> = Mutation::ALL.iter().map(|m| m.name()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), Mutation::ALL.len());
+}
+
+#[test]
+fn vote_twice_in_a_term() {
+    let (clean, mutated) = differs(Mutation::VoteTwiceInTerm, |m| {
+        let mut r = Raft::new(cfg(1, &[1, 2, 3], m), Default::default()).unwrap();
+        r.step(vote_request(2, 1)).unwrap();
+        r.step(vote_request(3, 1)).unwrap();
+        assert_eq!(r.vote(), Some(2), "the first vote stays recorded");
+        granted_votes(&drain(&mut r))
+    });
+    assert_eq!((clean, mutated), (vec![2], vec![2, 3]));
+}
+
+#[test]
+fn count_duplicate_votes() {
+    let (clean, mutated) = differs(Mutation::CountDuplicateVotes, |m| {
+        let mut r = Raft::new(cfg(1, &[1, 2, 3, 4, 5], m), Default::default()).unwrap();
+        tick_until_role_changes(&mut r);
+        let grant = msg(2, 1, 1, MessageBody::VoteResponse { granted: true });
+        r.step(grant.clone()).unwrap();
+        r.step(grant).unwrap();
+        r.role()
+    });
+    assert_eq!((clean, mutated), (Role::Candidate, Role::Leader));
+}
+
+#[test]
+fn ack_before_persist() {
+    let (clean, mutated) = differs(Mutation::AckBeforePersist, |m| {
+        let mut r = Raft::new(cfg(2, &[1, 2, 3], m), Default::default()).unwrap();
+        let append = MessageBody::Append {
+            prev_index: 0,
+            prev_term: 0,
+            entries: vec![entry(1, 1)],
+            commit: 0,
+        };
+        r.step(msg(1, 2, 1, append)).unwrap();
+        let heartbeat = MessageBody::Heartbeat {
+            commit: 0,
+            read_round: 0,
+        };
+        r.step(msg(1, 2, 1, heartbeat)).unwrap();
+        let rd = r.ready().unwrap();
+        assert_eq!(rd.entries.len(), 1);
+        (rd.messages.len(), rd.persisted_messages.len())
+    });
+    assert_eq!((clean, mutated), ((0, 2), (2, 0)));
+}
+
+#[test]
+fn leader_counts_unstable_self() {
+    let (clean, mutated) = differs(Mutation::LeaderCountsUnstableSelf, |m| {
+        let mut r = leader(&[1, 2, 3], m);
+        r.step(accepted(2, 1)).unwrap();
+        drain(&mut r);
+        r.propose(Bytes::from_static(b"x")).unwrap();
+        let rd = r.ready().unwrap();
+        assert_eq!(rd.entries.len(), 1, "the leader's own write is outstanding");
+        r.step(accepted(2, 2)).unwrap();
+        let committed = r.log().committed();
+        r.advance();
+        committed
+    });
+    assert_eq!((clean, mutated), (1, 2));
+}
+
+#[test]
+fn heartbeat_commit_unclamped() {
+    let (clean, mutated) = differs(Mutation::HeartbeatCommitUnclamped, |m| {
+        let mut r = leader(&[1, 2, 3], m);
+        r.step(accepted(2, 1)).unwrap();
+        drain(&mut r);
+        assert_eq!(r.log().committed(), 1);
+        for _ in 0..HEARTBEAT {
+            r.tick();
+        }
+        drain(&mut r)
+            .all()
+            .iter()
+            .find_map(|m| match m.body {
+                MessageBody::Heartbeat { commit, .. } if m.to == 3 => Some(commit),
+                _ => None,
+            })
+            .expect("a heartbeat to node 3")
+    });
+    assert_eq!((clean, mutated), (0, 1), "node 3 stores nothing yet");
+}
+
+#[test]
+fn append_commit_past_new_entries() {
+    let (clean, mutated) = differs(Mutation::AppendCommitPastNewEntries, |m| {
+        let mut r = node_with(cfg(1, &[1, 2, 3], m), 1, &[1, 1, 1]);
+        let append = MessageBody::Append {
+            prev_index: 1,
+            prev_term: 1,
+            entries: vec![],
+            commit: 5,
+        };
+        r.step(msg(2, 1, 1, append)).unwrap();
+        r.log().committed()
+    });
+    assert_eq!((clean, mutated), (1, 3));
+}
+
+#[test]
+fn keep_conflicting_suffix() {
+    let (clean, mutated) = differs(Mutation::KeepConflictingSuffix, |m| {
+        let mut r = node_with(cfg(1, &[1, 2, 3], m), 3, &[1, 1, 2, 2]);
+        let append = MessageBody::Append {
+            prev_index: 1,
+            prev_term: 1,
+            entries: vec![entry(2, 3)],
+            commit: 0,
+        };
+        r.step(msg(2, 1, 3, append)).unwrap();
+        let out = drain(&mut r);
+        let rewritten: Vec<_> = out.persisted.iter().map(|e| (e.index, e.term)).collect();
+        (rewritten, r.log().stable() == r.log().last_index())
+    });
+    assert_eq!(clean, (vec![(2, 3)], true));
+    assert_eq!(mutated, (vec![(2, 3), (3, 2), (4, 2)], true));
+}
+
+#[test]
+fn no_fast_backtracking() {
+    let (clean, mutated) = differs(Mutation::NoFastBacktracking, |m| {
+        let mut r = node_with(cfg(1, &[1, 2, 3], m), 3, &[1]);
+        let append = MessageBody::Append {
+            prev_index: 10,
+            prev_term: 3,
+            entries: vec![],
+            commit: 0,
+        };
+        r.step(msg(2, 1, 3, append)).unwrap();
+        drain(&mut r).all().iter().find_map(|m| match m.body {
+            MessageBody::AppendResponse(AppendOutcome::Rejected {
+                hint_index,
+                hint_term,
+                ..
+            }) => Some((hint_index, hint_term)),
+            _ => None,
+        })
+    });
+    assert_eq!((clean, mutated), (Some((1, 1)), Some((9, 0))));
+}
+
+fn appends_to(out: &Output, to: NodeId) -> usize {
+    out.all()
+        .iter()
+        .filter(|m| m.to == to && matches!(m.body, MessageBody::Append { .. }))
+        .count()
+}
+
+#[test]
+fn probe_never_retried() {
+    let (clean, mutated) = differs(Mutation::ProbeNeverRetried, |m| {
+        // The first probe to node 2 went out with the election and is lost.
+        let mut r = leader(&[1, 2, 3], m);
+        r.step(msg(
+            2,
+            1,
+            1,
+            MessageBody::HeartbeatResponse { read_round: 0 },
+        ))
+        .unwrap();
+        appends_to(&drain(&mut r), 2)
+    });
+    assert_eq!((clean, mutated), (1, 0));
+}
+
+#[test]
+fn match_on_send() {
+    let (clean, mutated) = differs(Mutation::MatchOnSend, |m| {
+        let mut r = leader(&[1, 2, 3], m);
+        r.step(accepted(2, 1)).unwrap();
+        drain(&mut r);
+        r.propose(Bytes::from_static(b"x")).unwrap();
+        assert!(appends_to(&drain(&mut r), 2) > 0);
+        (r.progress(2).unwrap().matched, r.log().committed())
+    });
+    assert_eq!(
+        (clean, mutated),
+        ((1, 1), (2, 2)),
+        "the mutant commits what only the leader stores"
+    );
+}
+
+#[test]
+fn read_without_quorum() {
+    let (clean, mutated) = differs(Mutation::ReadWithoutQuorum, |m| {
+        let mut r = leader(&[1, 2, 3], m);
+        r.step(accepted(2, 1)).unwrap();
+        drain(&mut r);
+        r.read_index(7).unwrap();
+        drain(&mut r).reads.len()
+    });
+    assert_eq!((clean, mutated), (0, 1));
+}
+
+#[test]
+fn read_before_term_commit() {
+    let (clean, mutated) = differs(Mutation::ReadBeforeTermCommit, |m| {
+        let mut r = leader(&[1, 2, 3], m);
+        assert_eq!(
+            r.log().committed(),
+            0,
+            "the no-op of term 1 is not committed"
+        );
+        r.read_index(7).unwrap();
+        drain(&mut r)
+            .all()
+            .iter()
+            .filter(
+                |m| matches!(m.body, MessageBody::Heartbeat { read_round, .. } if read_round > 0),
+            )
+            .count()
+    });
+    assert_eq!((clean, mutated), (0, 2));
+}
