@@ -1,6 +1,6 @@
 //! The replicated key/value state machine the simulated clients use.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use kythira_raft::Bytes;
 
@@ -42,18 +42,27 @@ impl PutCommand {
     }
 }
 
-/// The state machine of one node.
+/// The state machine of one node. A retried put carries the same operation
+/// id as its first attempt, and an operation takes effect once however many
+/// of its attempts are committed: what the host's client sessions provide.
 #[derive(Clone, Debug, Default)]
-pub struct KvStore(HashMap<u64, u64>);
+pub struct KvStore {
+    values: HashMap<u64, u64>,
+    applied_ops: HashSet<u64>,
+}
 
 impl KvStore {
-    /// Apply a put.
-    pub fn apply(&mut self, cmd: &PutCommand) {
-        self.0.insert(cmd.key, cmd.value);
+    /// Apply a put; `false` if its operation already took effect.
+    pub fn apply(&mut self, cmd: &PutCommand) -> bool {
+        if !self.applied_ops.insert(cmd.op) {
+            return false;
+        }
+        self.values.insert(cmd.key, cmd.value);
+        true
     }
 
     /// Current value of `key`.
     pub fn get(&self, key: u64) -> Option<u64> {
-        self.0.get(&key).copied()
+        self.values.get(&key).copied()
     }
 }

@@ -1,21 +1,29 @@
 //! Deterministic cluster simulator of the Kythira consensus core.
 //!
 //! A run is a single-threaded discrete-event simulation determined by its
-//! seed: 3 or 5 real [`kythira_raft::Raft`] cores whose `Ready` batches go
-//! through the [`kythira_raft::Driver`] the daemon uses, a network that delays,
-//! drops, duplicates and reorders messages and is cut by partitions and
-//! one-way link failures, disks whose unfinished writes are lost when a node
-//! crashes, and clients that put and read (ReadIndex) keys and record a
-//! history. The Raft safety properties are checked after every event
-//! ([`safety`]); after the faults stop, a leader must appear within a bounded
-//! number of ticks and every acknowledged put must be applied everywhere; at
-//! the end the history must be linearizable for a key/value model.
+//! seed: 1 to 7 real [`kythira_raft::Raft`] cores whose `Ready` batches go
+//! through the [`kythira_raft::Driver`] the daemon uses. The seed also draws
+//! a [`profile::Profile`]: the cores' configuration (pre-vote, check-quorum,
+//! timeouts, message and inflight limits), disk and clock behaviour, and the
+//! load. The network delays, drops, duplicates and reorders messages and is
+//! cut by partitions and one-way link failures; disks lose unfinished writes
+//! on a crash, stall and fail; clocks run at slightly different rates and
+//! jump; crashes are placed right after sends that promise durable state.
+//! Closed-loop clients put and read (ReadIndex) keys, time out and retry,
+//! and record a history; open-loop proposers keep many puts in flight.
+//!
+//! The Raft safety properties and the durability promises of every message
+//! are checked after every event ([`safety`]); the run alternates fault and
+//! quiet phases, and each quiet phase ends with a liveness check (see
+//! [`cluster`]); at the end the history must be linearizable for a
+//! key/value model.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod cluster;
 pub mod kv;
 pub mod network;
+pub mod profile;
 pub mod rng;
 pub mod safety;
 
@@ -72,11 +80,24 @@ pub struct SeedReport {
     pub undecided: bool,
     /// What went wrong, if anything.
     pub failure: Option<Failure>,
+    /// Hash of the whole event trace.
+    pub trace: u64,
+    /// The seed's drawn profile.
+    pub profile: String,
+    /// Virtual time the run covered, µs.
+    pub virtual_micros: u64,
 }
 
 /// The command that replays one seed.
 pub fn replay_command(seed: u64, nodes: usize) -> String {
     format!("just sim --seed {seed} --nodes {nodes}")
+}
+
+/// The cluster size a mixed-size sweep uses for `seed`: 1 to 7, evenly.
+pub fn mixed_size(seed: u64) -> usize {
+    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z ^= z >> 29;
+    (z % 7) as usize + 1
 }
 
 /// Run one checked seed, including the linearizability check.
@@ -96,6 +117,9 @@ pub fn run_seed(opts: Options) -> SeedReport {
                 operations: 0,
                 undecided: false,
                 failure: Some(Failure::Panic(msg)),
+                trace: 0,
+                profile: String::new(),
+                virtual_micros: 0,
             };
         }
     };
@@ -105,6 +129,9 @@ pub fn run_seed(opts: Options) -> SeedReport {
         operations: result.history.len(),
         undecided: false,
         failure: result.violation.map(Failure::Violation),
+        trace: result.trace,
+        profile: result.profile,
+        virtual_micros: result.end,
     };
     if report.failure.is_none() {
         match check_history(&KvModel, &result.history, Some(LINEARIZABILITY_BUDGET)) {
@@ -122,6 +149,25 @@ pub fn run_seed(opts: Options) -> SeedReport {
         }
     }
     report
+}
+
+/// Hunt `mutation` over the seeds `0..budget` at 3 and at 5 nodes (in
+/// that interleaved order): the first (seed, size) that catches it, with
+/// what it found, or `None` if it survives them all.
+#[cfg(feature = "mutants")]
+pub fn hunt_mutant(
+    mutation: kythira_raft::Mutation,
+    budget: u64,
+    threads: usize,
+) -> Option<(u64, usize, String)> {
+    let size = |k: u64| if k % 2 == 0 { 3 } else { 5 };
+    let summary = run_seeds(0, 2 * budget, threads, true, |k| Options {
+        mutation: Some(mutation),
+        ..Options::checked(size(k), k / 2)
+    });
+    let f = summary.failures.first()?;
+    let failure = f.failure.as_ref().expect("failures only").to_string();
+    Some((f.seed / 2, size(f.seed), failure))
 }
 
 /// Totals over many seeds.

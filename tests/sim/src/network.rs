@@ -1,5 +1,9 @@
 //! The simulated network: per-link blocking (partitions, one-way links),
 //! random delay, loss, duplication and reordering.
+//!
+//! A link delivers in order, as the daemon's one QUIC stream per peer does;
+//! only a detour (a retransmission after loss, a reconnection) overtakes or
+//! falls behind the rest.
 
 use crate::rng::Rng;
 
@@ -35,6 +39,8 @@ pub struct Network {
     pub delay: (u64, u64),
     /// Extra delay of a detour, in µs: `[min, max)`.
     pub detour_delay: (u64, u64),
+    /// `last[from * n + to]`: delivery time of the latest in-order message.
+    last: Vec<u64>,
 }
 
 impl Network {
@@ -46,6 +52,7 @@ impl Network {
             quality: Quality::PERFECT,
             delay: (200, 3_000),
             detour_delay: (5_000, 40_000),
+            last: vec![0; n * n],
         }
     }
 
@@ -75,23 +82,32 @@ impl Network {
         }
     }
 
-    /// Delivery delays for one message sent now: none if lost, two if duplicated.
-    pub fn deliveries(&self, from: usize, to: usize, rng: &mut Rng) -> impl Iterator<Item = u64> {
-        let mut delays = [None, None];
+    /// Delivery times for one message sent at `now`: none if lost, two if
+    /// duplicated.
+    pub fn deliveries(
+        &mut self,
+        now: u64,
+        from: usize,
+        to: usize,
+        rng: &mut Rng,
+    ) -> impl Iterator<Item = u64> + use<> {
+        let mut times = [None, None];
         if self.connected(from, to) && !rng.chance(self.quality.drop) {
-            delays[0] = Some(self.delay_once(rng));
+            times[0] = Some(self.delivery(now, from * self.n + to, rng));
             if rng.chance(self.quality.duplicate) {
-                delays[1] = Some(self.delay_once(rng));
+                times[1] = Some(self.delivery(now, from * self.n + to, rng));
             }
         }
-        delays.into_iter().flatten()
+        times.into_iter().flatten()
     }
 
-    fn delay_once(&self, rng: &mut Rng) -> u64 {
-        let mut d = rng.range(self.delay.0, self.delay.1);
+    fn delivery(&mut self, now: u64, link: usize, rng: &mut Rng) -> u64 {
+        let at = now + rng.range(self.delay.0, self.delay.1);
         if rng.chance(self.quality.detour) {
-            d += rng.range(self.detour_delay.0, self.detour_delay.1);
+            return at + rng.range(self.detour_delay.0, self.detour_delay.1);
         }
-        d
+        let at = at.max(self.last[link]);
+        self.last[link] = at;
+        at
     }
 }

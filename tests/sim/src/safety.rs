@@ -7,26 +7,35 @@
 //! * log matching: two logs with an entry of the same index and term agree on
 //!   every entry up to it (checked on durable logs with prefix hashes);
 //! * leader completeness: a new leader of term T holds every entry committed
-//!   in a term below T. The simulator sees commits as applications; the term
-//!   of the node applying an entry bounds the term it was committed in from
-//!   above (the node learned the commit from a leader of that term or later),
-//!   so entries whose smallest such bound is below T are required. Leaders of
-//!   older terms can appear late in real time (a paused node collecting votes
+//!   in a term below T. An entry counts as committed once any node reports a
+//!   commit index at or past it (or applies it); the term of the node that
+//!   reported it bounds the term it was committed in from above (the node
+//!   learned the commit from a leader of that term or later), so entries
+//!   whose smallest such bound is below T are required. Leaders of older
+//!   terms can appear late in real time (a paused node collecting votes
 //!   granted long ago) and need not hold newer commits;
-//! * state machine safety: no two nodes apply different entries at an index,
-//!   and each node applies its entries in order, each once;
+//! * state machine safety: no two nodes commit or apply different entries at
+//!   an index, and each node applies its entries in order, each once;
 //! * committed entries are protected: after every commit and every durable
 //!   write, no node whose durable log lacks the latest entry applied anywhere
 //!   could collect votes from a majority (judged on durable logs, the state
 //!   that survives any crash). This is the argument behind leader
 //!   completeness (paper §5.4.3), checked before a bad election happens
-//!   rather than after.
+//!   rather than after;
+//! * durability promises, checked when a message leaves: a granted vote and
+//!   a vote request are backed by the sender's durable vote (or a durable
+//!   later term), an `Accepted { last_index }` by that many durable entries,
+//!   and every message but pre-vote traffic by a durable term at least its
+//!   own; the durable term and vote never go back.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use kythira_raft::{Entry, EntryKind, Index, NodeId, Raft, Role, Term};
+use kythira_raft::{
+    AppendOutcome, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId, Raft, Role,
+    Term,
+};
 
 /// A broken invariant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,13 +69,13 @@ impl Hasher for FxHasher {
 
 type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
-/// An entry applied somewhere.
+/// An entry known to be committed.
 #[derive(Debug, Clone, Copy)]
-struct Applied {
+struct Committed {
     term: Term,
     hash: u64,
     /// Upper bound on the term in which the entry was committed: the
-    /// smallest term of a node when it applied the entry.
+    /// smallest term of a node when it reported or applied the entry.
     committed_by: Term,
 }
 
@@ -90,8 +99,9 @@ pub struct Safety {
     nodes: Vec<NodeView>,
     /// Prefix hash of every (index, term) ever made durable anywhere.
     prefix_by_position: FxMap<(Index, Term), u64>,
-    /// Entries applied anywhere, index i at i - 1.
-    applied: Vec<Applied>,
+    /// Entries known to be committed, index i at i - 1: the longest commit
+    /// index any node ever reported.
+    committed: Vec<Committed>,
 }
 
 /// Content hash of an entry (FNV-1a over kind and payload).
@@ -126,7 +136,7 @@ impl Safety {
             leaders: FxMap::default(),
             nodes: vec![NodeView::default(); nodes],
             prefix_by_position: FxMap::default(),
-            applied: Vec::new(),
+            committed: Vec::new(),
         }
     }
 
@@ -136,6 +146,7 @@ impl Safety {
 
     /// Check the observable state of `raft` after it handled an input.
     pub fn observe(&mut self, raft: &Raft) -> Result<(), Violation> {
+        self.record_commit(raft)?;
         let id = raft.id();
         if raft.role() != Role::Leader {
             self.node(id).leader_tip = None;
@@ -173,10 +184,53 @@ impl Safety {
         Ok(())
     }
 
+    /// Learn the entries `raft` reports committed beyond what is known, and
+    /// check that its last committed entry is the known one.
+    fn record_commit(&mut self, raft: &Raft) -> Result<(), Violation> {
+        let log = raft.log();
+        let commit = log.committed();
+        let known = self.committed.len() as Index;
+        if commit == 0 {
+            return Ok(());
+        }
+        if commit <= known {
+            let c = self.committed[commit as usize - 1];
+            return match log.get(commit) {
+                Some(e) if e.term == c.term && entry_hash(e) == c.hash => {
+                    let c = &mut self.committed[commit as usize - 1];
+                    c.committed_by = c.committed_by.min(raft.term());
+                    Ok(())
+                }
+                // Compacted away: nothing to compare (no compaction yet).
+                None => Ok(()),
+                Some(e) => violation(
+                    "state machine safety",
+                    format!(
+                        "node {} commits ({commit}, {}) where ({commit}, {}) was committed",
+                        raft.id(),
+                        e.term,
+                        c.term
+                    ),
+                ),
+            };
+        }
+        for index in known + 1..=commit {
+            let e = log
+                .get(index)
+                .expect("a node holds the entries it reports committed");
+            self.committed.push(Committed {
+                term: e.term,
+                hash: entry_hash(e),
+                committed_by: raft.term(),
+            });
+        }
+        self.check_commit_protected()
+    }
+
     /// A new leader must hold every entry committed in an earlier term.
     fn check_completeness(&self, raft: &Raft) -> Result<(), Violation> {
         let log = raft.log();
-        for (i, a) in self.applied.iter().enumerate() {
+        for (i, a) in self.committed.iter().enumerate() {
             if a.committed_by >= raft.term() {
                 continue;
             }
@@ -245,10 +299,10 @@ impl Safety {
 
     /// No node lacking the latest committed entry could win an election.
     fn check_commit_protected(&self) -> Result<(), Violation> {
-        let Some(&Applied { term, .. }) = self.applied.last() else {
+        let Some(&Committed { term, .. }) = self.committed.last() else {
             return Ok(());
         };
-        let index = self.applied.len();
+        let index = self.committed.len();
         let last = |v: &NodeView| {
             (
                 v.durable_terms.last().copied().unwrap_or(0),
@@ -282,10 +336,11 @@ impl Safety {
         Ok(())
     }
 
-    /// `node` lost its volatile state; it will apply from the start again.
-    pub fn restarted(&mut self, node: NodeId) {
+    /// `node` lost its volatile state; it resumes applying after `applied`
+    /// (its state machine's checkpoint, or 0).
+    pub fn restarted(&mut self, node: NodeId, applied: Index) {
         let view = self.node(node);
-        view.applied = 0;
+        view.applied = applied;
         view.leader_tip = None;
     }
 
@@ -300,12 +355,12 @@ impl Safety {
         }
         *last = e.index;
         let hash = entry_hash(e);
-        match self.applied.get_mut(e.index as usize - 1) {
+        match self.committed.get_mut(e.index as usize - 1) {
             Some(a) if a.term != e.term || a.hash != hash => violation(
                 "state machine safety",
                 format!(
-                    "node {node} applied ({}, {}) where another applied term {}",
-                    e.index, e.term, a.term
+                    "node {node} applied ({}, {}) where ({}, {}) was committed",
+                    e.index, e.term, e.index, a.term
                 ),
             ),
             Some(a) => {
@@ -313,8 +368,17 @@ impl Safety {
                 Ok(())
             }
             None => {
-                debug_assert_eq!(self.applied.len() as Index + 1, e.index);
-                self.applied.push(Applied {
+                if self.committed.len() as Index + 1 != e.index {
+                    return violation(
+                        "state machine safety",
+                        format!(
+                            "node {node} applied {} beyond any reported commit ({})",
+                            e.index,
+                            self.committed.len()
+                        ),
+                    );
+                }
+                self.committed.push(Committed {
                     term: e.term,
                     hash,
                     committed_by: node_term,
@@ -324,8 +388,61 @@ impl Safety {
         }
     }
 
-    /// Entries applied by at least one node.
-    pub fn applied_anywhere(&self) -> Index {
-        self.applied.len() as Index
+    /// Entries known to be committed.
+    pub fn committed_anywhere(&self) -> Index {
+        self.committed.len() as Index
+    }
+}
+
+/// A message may leave only if the sender's durable state backs what it
+/// says (`durable` and `durable_len`: its durable hard state and log length).
+pub fn check_send(m: &Message, durable: HardState, durable_len: Index) -> Result<(), Violation> {
+    let fail = |what: String| {
+        violation(
+            "durability",
+            format!("node {} sent {:?} to {}: {what}", m.from, m.body, m.to),
+        )
+    };
+    // A vote is kept if it is durable, or if a later term is (the node can
+    // never vote in the earlier term again).
+    let vote_backed = |voted: NodeId| {
+        durable.term > m.term || (durable.term == m.term && durable.vote == Some(voted))
+    };
+    match m.body {
+        MessageBody::PreVote { .. } | MessageBody::PreVoteResponse { .. } => return Ok(()),
+        MessageBody::VoteResponse { granted: true } if !vote_backed(m.to) => {
+            return fail(format!("its durable hard state is {durable:?}"));
+        }
+        MessageBody::Vote { .. } if !vote_backed(m.from) => {
+            return fail(format!("its durable hard state is {durable:?}"));
+        }
+        MessageBody::AppendResponse(AppendOutcome::Accepted { last_index })
+            if last_index > durable_len =>
+        {
+            return fail(format!("only {durable_len} entries are durable"));
+        }
+        _ => {}
+    }
+    if durable.term < m.term {
+        return fail(format!("its durable term is {}", durable.term));
+    }
+    Ok(())
+}
+
+/// The durable term and vote only move forward.
+pub fn check_durable_hard_state(
+    node: NodeId,
+    old: HardState,
+    new: HardState,
+) -> Result<(), Violation> {
+    let forward = new.term > old.term
+        || (new.term == old.term && (old.vote.is_none() || new.vote == old.vote));
+    if forward {
+        Ok(())
+    } else {
+        violation(
+            "durability",
+            format!("node {node} made {new:?} durable over {old:?}"),
+        )
     }
 }

@@ -1,80 +1,103 @@
-//! Inject each classic Raft bug in turn and check that the simulator catches
-//! it within a bounded number of seeds.
+//! Inject each classic Raft bug in turn and measure the simulator's power
+//! against it: the share of a fixed sample of seeds that catch it, and the
+//! first seed that does within the budget `just test` runs (the seeds
+//! `0..budget` at 3 and at 5 nodes). Exits non-zero if any mutant survives.
+//!
+//! `sim-mutants [--budget N] [--sample N] [--only NAME]`, or
+//! `sim-mutants --only NAME --seed S --nodes N` to replay one catch.
 
 use anyhow::{Context, bail};
 use kythira_raft::Mutation;
-use kythira_sim::{Options, run_seeds};
+use kythira_sim::{Options, hunt_mutant, run_seeds};
 
-/// Seeds tried per mutant before declaring it missed (`--max-seeds N`).
-const DEFAULT_MAX_SEEDS: u64 = 3_000;
-
-/// Cluster size used to hunt each mutant.
-fn nodes_for(m: Mutation) -> usize {
-    match m {
-        // Figure 8 of the paper needs a leader change with entries of an
-        // older term spread over a bare majority: easiest with five nodes.
-        Mutation::CommitPreviousTermByCount => 5,
-        _ => 3,
-    }
-}
+/// Seeds per cluster size a mutant must be caught within (`--budget`).
+const DEFAULT_BUDGET: u64 = 2_000;
+/// Seeds per cluster size run in full to measure each catch rate (`--sample`).
+const DEFAULT_SAMPLE: u64 = 50;
 
 fn main() -> anyhow::Result<()> {
-    let mut max_seeds = DEFAULT_MAX_SEEDS;
-    let mut first = 0;
+    let mut budget = DEFAULT_BUDGET;
+    let mut sample = DEFAULT_SAMPLE;
     let mut only = None;
+    let mut replay_seed = None;
+    let mut replay_nodes = 3;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        let mut value = |name: &str| -> anyhow::Result<u64> {
+            let v = args
+                .next()
+                .with_context(|| format!("{name} needs a value"))?;
+            v.parse()
+                .with_context(|| format!("{name}: not a number: {v}"))
+        };
         match flag.as_str() {
-            "--max-seeds" => {
-                max_seeds = args.next().context("--max-seeds needs a value")?.parse()?
-            }
-            "--first" => first = args.next().context("--first needs a value")?.parse()?,
+            "--budget" => budget = value("--budget")?,
+            "--sample" => sample = value("--sample")?,
             "--only" => only = Some(args.next().context("--only needs a mutant name")?),
-            other => {
-                bail!(
-                    "unknown argument {other}; usage: sim-mutants [--max-seeds N] [--first S] [--only NAME]"
-                )
-            }
+            "--seed" => replay_seed = Some(value("--seed")?),
+            "--nodes" => replay_nodes = value("--nodes")? as usize,
+            other => bail!(
+                "unknown argument {other}; usage: sim-mutants [--budget N] [--sample N] [--only NAME]"
+            ),
         }
+    }
+    if let Some(seed) = replay_seed {
+        let name = only.context("--seed replays one mutant: give --only NAME")?;
+        let m = Mutation::ALL
+            .into_iter()
+            .find(|m| m.name() == name)
+            .with_context(|| format!("no mutant named {name}"))?;
+        let r = kythira_sim::run_seed(Options {
+            mutation: Some(m),
+            ..Options::checked(replay_nodes, seed)
+        });
+        eprintln!("profile: {}", r.profile);
+        match r.failure {
+            Some(f) => println!("caught: {f}"),
+            None => println!("not caught by seed {seed} at {replay_nodes} nodes"),
+        }
+        return Ok(());
     }
     let mut missed = 0;
     for m in Mutation::ALL {
         if only.as_deref().is_some_and(|o| o != m.name()) {
             continue;
         }
-        let nodes = nodes_for(m);
-        let summary = run_seeds(first, max_seeds, 2, true, |seed| Options {
-            mutation: Some(m),
-            ..Options::checked(nodes, seed)
-        });
-        match summary.failures.first() {
-            Some(f) => {
+        let mut caught = 0;
+        for nodes in [3, 5] {
+            let s = run_seeds(0, sample, 2, false, |seed| Options {
+                mutation: Some(m),
+                ..Options::checked(nodes, seed)
+            });
+            caught += s.failures.len() as u64;
+        }
+        let rate = caught as f64 / (2 * sample) as f64;
+        match hunt_mutant(m, budget, 2) {
+            Some((seed, nodes, failure)) => {
                 eprintln!(
-                    "{} caught on seed {} ({} nodes): {}\n  replay: cargo run --release -p kythira-sim \
-                     --features mutants --bin sim-mutants -- --only {} --first {} --max-seeds 1",
+                    "{} caught on seed {seed} ({nodes} nodes): {}\n  replay: just sim-mutants --only {} --seed {seed} --nodes {nodes}",
                     m.name(),
-                    f.seed,
-                    nodes,
-                    f.failure
-                        .as_ref()
-                        .expect("failures only")
-                        .to_string()
-                        .lines()
-                        .next()
-                        .unwrap_or(""),
+                    failure.lines().next().unwrap_or(""),
                     m.name(),
-                    f.seed
                 );
-                println!("MUTANT name={} caught=yes seed={}", m.name(), f.seed);
+                println!(
+                    "MUTANT name={} caught=yes first_seed={seed} nodes={nodes} rate={rate:.3} sample={}",
+                    m.name(),
+                    2 * sample
+                );
             }
             None => {
                 missed += 1;
-                println!("MUTANT name={} caught=no seed=none", m.name());
+                println!(
+                    "MUTANT name={} caught=no budget={budget} rate={rate:.3} sample={}",
+                    m.name(),
+                    2 * sample
+                );
             }
         }
     }
     if missed > 0 {
-        std::process::exit(1);
+        bail!("{missed} mutant(s) survived {budget} seeds at 3 and at 5 nodes");
     }
     Ok(())
 }

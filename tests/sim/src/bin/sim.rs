@@ -50,15 +50,29 @@ fn parse() -> anyhow::Result<Args> {
 fn main() -> anyhow::Result<()> {
     let args = parse()?;
     let started = Instant::now();
+    if args.count == 1 {
+        // One seed: say what it was, for replaying and tuning.
+        let r = kythira_sim::run_seed(Options::checked(args.nodes, args.first));
+        eprintln!(
+            "seed={} steps={} operations={} virtual={:.1}s trace={:016x}\n  profile: {}",
+            r.seed,
+            r.steps,
+            r.operations,
+            r.virtual_micros as f64 / 1e6,
+            r.trace,
+            r.profile
+        );
+    }
     let summary = run_seeds(args.first, args.count, args.threads, false, |seed| {
         Options::checked(args.nodes, seed)
     });
     for f in &summary.failures {
         eprintln!(
-            "FAIL seed={} nodes={}: {}\n  replay: {}",
+            "FAIL seed={} nodes={}: {}\n  profile: {}\n  replay: {}",
             f.seed,
             args.nodes,
             f.failure.as_ref().expect("failures only"),
+            f.profile,
             replay_command(f.seed, args.nodes)
         );
     }

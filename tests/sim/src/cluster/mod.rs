@@ -1,0 +1,796 @@
+//! One simulated run: nodes, network, disks, clients and faults driven by a
+//! single event queue in virtual time.
+//!
+//! A checked run alternates fault phases and quiet phases. In a quiet phase
+//! the network heals and every node that is not kept down on purpose comes
+//! back; at its end the cluster must have a leader, must have applied every
+//! acknowledged proposal on every running node and must have answered every
+//! read issued once it was stable. The submodules hold the clients
+//! ([`clients`]), the faults ([`faults`]) and the phases ([`phases`]).
+
+mod clients;
+mod faults;
+mod phases;
+mod trace;
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use kythira_linearizability::Operation;
+use kythira_linearizability::kv::{KvInput, KvOutput};
+#[cfg(feature = "mutants")]
+use kythira_raft::Mutation;
+use kythira_raft::{
+    Config, Driver, Entry, EntryKind, HardState, Index, Message, NodeId, Persisted, Raft,
+    ReadState, Role, Write,
+};
+
+use crate::kv::{KvStore, PutCommand};
+use crate::network::Network;
+use crate::profile::{Micros, Profile};
+use crate::rng::Rng;
+use crate::safety::{self, Safety, Violation};
+
+use clients::{Client, Proposer};
+use phases::Phase;
+
+pub use crate::profile::TICK;
+
+/// What the clients do.
+#[derive(Clone, Copy, Debug)]
+pub enum Workload {
+    /// Random puts and ReadIndex gets on a few keys, recorded for the
+    /// linearizability check, open-loop load, and faults in phases.
+    Checked,
+    /// Keep `window` proposals outstanding at the leader until `total` are
+    /// applied there; no faults, no checks, a perfect network.
+    Throughput {
+        /// Outstanding proposals.
+        window: usize,
+        /// Proposals to apply.
+        total: u64,
+    },
+}
+
+/// Parameters of one run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Cluster size.
+    pub nodes: usize,
+    /// Determines everything else.
+    pub seed: u64,
+    /// What the clients do.
+    pub workload: Workload,
+    /// A bug to inject into every core.
+    #[cfg(feature = "mutants")]
+    pub mutation: Option<Mutation>,
+}
+
+impl Options {
+    /// A checked run with faults.
+    pub fn checked(nodes: usize, seed: u64) -> Self {
+        Self {
+            nodes,
+            seed,
+            workload: Workload::Checked,
+            #[cfg(feature = "mutants")]
+            mutation: None,
+        }
+    }
+}
+
+/// A run that goes on this long (virtual time) has lost its way.
+const RUN_LIMIT: Micros = 3_600_000_000;
+
+#[derive(Debug)]
+enum Event {
+    Tick {
+        node: usize,
+        incarnation: u64,
+    },
+    // Boxed: messages are large and the queue moves events around.
+    Deliver(Box<Message>),
+    /// The disk finished write number `write` of the node.
+    Persisted {
+        node: usize,
+        write: u64,
+    },
+    Restart {
+        node: usize,
+        incarnation: u64,
+    },
+    /// A crash placed right after a send (see [`Profile::crash_after_send`]).
+    Crash {
+        node: usize,
+        incarnation: u64,
+    },
+    ClientAct {
+        client: usize,
+    },
+    ClientTimeout {
+        client: usize,
+        op: usize,
+        attempt: u32,
+    },
+    LoadAct {
+        proposer: usize,
+    },
+    Fault {
+        phase: u32,
+    },
+    /// The end of a fault phase: the quiet phase begins.
+    Heal {
+        phase: u32,
+    },
+    CheckLeader {
+        phase: u32,
+    },
+    /// Clients stop starting operations; the liveness check begins.
+    Drain {
+        phase: u32,
+    },
+    QuietCheck {
+        phase: u32,
+    },
+}
+
+#[derive(Debug)]
+struct Scheduled {
+    at: Micros,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    // Reversed: BinaryHeap is a max-heap and we want the earliest event.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// Who waits for a proposal made at a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    Client {
+        client: usize,
+        op: usize,
+        attempt: u32,
+    },
+    Load {
+        proposer: usize,
+        slot: usize,
+    },
+}
+
+#[derive(Debug)]
+struct Node {
+    id: NodeId,
+    /// The core and the Ready sequence the daemon runs too; `None` while
+    /// the node is down.
+    driver: Option<Driver>,
+    incarnation: u64,
+    durable_hard_state: HardState,
+    durable_log: Vec<Entry>,
+    /// The state machine's durable checkpoint: applied index and state.
+    checkpoint: Option<(Index, KvStore)>,
+    /// The write the disk has not finished, with its number: lost if the
+    /// node crashes first, together with the messages the driver holds back
+    /// until it is durable.
+    writing: Option<(u64, Write)>,
+    /// Writes handed to the disk so far (numbers completions).
+    writes: u64,
+    kv: KvStore,
+    applied: Index,
+    /// Confirmed reads waiting for the state machine to catch up.
+    reads: Vec<ReadState>,
+    /// Proposals made at this node since it started, by log index.
+    proposals: BTreeMap<Index, Owner>,
+    /// A stop-the-world pause (GC, VM migration): until then the node
+    /// handles nothing; its messages, ticks and disk completions wait.
+    paused_until: Micros,
+    /// The disk answers nothing before this time (the node keeps running).
+    disk_stalled_until: Micros,
+    /// The disk refuses every write until the node restarts.
+    disk_failed: bool,
+    /// Ticks the node's clock skipped: the next tick delivers them at once.
+    missed_ticks: u32,
+    /// Kept down through the next quiet phase on purpose.
+    held_down: bool,
+}
+
+/// What a run found.
+#[derive(Debug)]
+pub struct RunResult {
+    /// Events processed.
+    pub steps: u64,
+    /// First broken invariant, if any (the run stops there).
+    pub violation: Option<Violation>,
+    /// Completed history (checked workload only).
+    pub history: Vec<Operation<KvInput, KvOutput>>,
+    /// Entries applied on the leader (throughput workload only).
+    pub applied: u64,
+    /// Hash of every event handled, in order.
+    pub trace: u64,
+    /// Virtual time at the end.
+    pub end: Micros,
+    /// The seed's profile, for reports.
+    pub profile: String,
+}
+
+/// The simulated cluster.
+pub struct Cluster {
+    opts: Options,
+    profile: Profile,
+    rng: Rng,
+    now: Micros,
+    seq: u64,
+    queue: BinaryHeap<Scheduled>,
+    nodes: Vec<Node>,
+    net: Network,
+    safety: Safety,
+    /// Check invariants (off for throughput runs).
+    check: bool,
+    clients: Vec<Client>,
+    proposers: Vec<Proposer>,
+    history: Vec<clients::Record>,
+    phase: Phase,
+    steps: u64,
+    trace: u64,
+    /// Highest log index of a proposal acknowledged to its client.
+    acked_index: Index,
+    /// No placed crash before this time (they would otherwise cascade).
+    next_placed_crash: Micros,
+    /// One-way link cuts that last until the fault phase ends, whatever
+    /// heals in between.
+    lasting_cuts: Vec<(usize, usize)>,
+    throughput_applied: u64,
+    throughput_outstanding: usize,
+}
+
+impl Cluster {
+    /// Build the cluster for `opts`.
+    pub fn new(opts: Options) -> Self {
+        let mut rng = Rng::new(opts.seed);
+        let n = opts.nodes;
+        let checked = matches!(opts.workload, Workload::Checked);
+        let profile = if checked {
+            Profile::draw(&mut rng, n)
+        } else {
+            Profile::throughput(n)
+        };
+        let mut net = Network::new(n);
+        net.delay = profile.net_delay;
+        let clients = if checked { 3 } else { 1 };
+        let proposers = profile.load.iter().map(Proposer::new).collect();
+        let mut cluster = Self {
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes: (0..n)
+                .map(|i| Node {
+                    id: i as NodeId + 1,
+                    driver: None,
+                    incarnation: 0,
+                    durable_hard_state: HardState::default(),
+                    durable_log: Vec::new(),
+                    checkpoint: None,
+                    writing: None,
+                    writes: 0,
+                    kv: KvStore::default(),
+                    applied: 0,
+                    reads: Vec::new(),
+                    proposals: BTreeMap::new(),
+                    paused_until: 0,
+                    disk_stalled_until: 0,
+                    disk_failed: false,
+                    missed_ticks: 0,
+                    held_down: false,
+                })
+                .collect(),
+            net,
+            safety: Safety::new(n),
+            check: checked,
+            clients: (0..clients).map(|c| Client::new(c as u64)).collect(),
+            proposers,
+            history: Vec::new(),
+            phase: Phase::default(),
+            steps: 0,
+            trace: 0,
+            acked_index: 0,
+            next_placed_crash: 0,
+            lasting_cuts: Vec::new(),
+            throughput_applied: 0,
+            throughput_outstanding: 0,
+            profile,
+            opts,
+        };
+        for i in 0..n {
+            cluster.start(i);
+        }
+        if checked {
+            cluster.begin_fault_phase();
+        } else {
+            cluster.schedule(0, Event::ClientAct { client: 0 });
+        }
+        cluster
+    }
+
+    fn config(&mut self, node: usize) -> Config {
+        let voters = (1..=self.opts.nodes as NodeId).collect::<Vec<_>>();
+        let mut cfg = Config::new(node as NodeId + 1, voters);
+        let p = &self.profile;
+        cfg.seed = self.rng.next_u64();
+        cfg.pre_vote = p.pre_vote;
+        cfg.check_quorum = p.check_quorum;
+        cfg.election_ticks = p.election_ticks;
+        cfg.heartbeat_ticks = p.heartbeat_ticks;
+        cfg.max_entries_per_message = p.max_entries;
+        cfg.max_bytes_per_message = p.max_bytes;
+        cfg.max_inflight_messages = p.max_inflight;
+        #[cfg(feature = "mutants")]
+        {
+            cfg.mutation = self.opts.mutation;
+        }
+        cfg
+    }
+
+    /// Boot (or reboot) `node` from its durable state.
+    fn start(&mut self, node: usize) {
+        let cfg = self.config(node);
+        let n = &mut self.nodes[node];
+        let (applied, kv) = n.checkpoint.clone().unwrap_or_default();
+        let persisted = Persisted {
+            hard_state: n.durable_hard_state,
+            entries: n.durable_log.clone(),
+            applied,
+        };
+        let raft = Raft::new(cfg, persisted).expect("the simulator's durable state is consistent");
+        n.driver = Some(Driver::new(raft));
+        n.kv = kv;
+        n.applied = applied;
+        n.reads.clear();
+        n.proposals.clear();
+        n.writing = None;
+        n.paused_until = 0;
+        n.disk_stalled_until = 0;
+        n.disk_failed = false;
+        n.missed_ticks = 0;
+        n.held_down = false;
+        self.safety.restarted(n.id, applied);
+        let incarnation = n.incarnation;
+        let at = self.now + self.rng.range(1, TICK);
+        self.schedule(at, Event::Tick { node, incarnation });
+    }
+
+    /// Stop `node`: its volatile state and unfinished write are gone.
+    fn crash(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        if n.driver.is_none() {
+            return;
+        }
+        n.driver = None;
+        n.writing = None;
+        n.incarnation += 1;
+        n.reads.clear();
+        n.proposals.clear();
+        self.schedule_restart(node);
+    }
+
+    fn schedule_restart(&mut self, node: usize) {
+        let incarnation = self.nodes[node].incarnation;
+        let (lo, hi) = self.profile.restart_gap;
+        let at = self.now + self.rng.range(lo, hi);
+        self.schedule(at, Event::Restart { node, incarnation });
+    }
+
+    fn schedule(&mut self, at: Micros, event: Event) {
+        self.seq += 1;
+        self.queue.push(Scheduled {
+            at,
+            seq: self.seq,
+            event,
+        });
+    }
+
+    /// Run to the end; stops at the first violation.
+    pub fn run(mut self) -> RunResult {
+        let violation = self.run_events().err();
+        if violation.is_some() && std::env::var_os("SIM_DEBUG").is_some() {
+            self.dump();
+        }
+        let history = self
+            .history
+            .drain(..)
+            .filter(|r| !r.discard)
+            .map(|r| r.op)
+            .collect();
+        RunResult {
+            steps: self.steps,
+            violation,
+            history,
+            applied: self.throughput_applied,
+            trace: self.trace,
+            end: self.now,
+            profile: self.profile.describe(),
+        }
+    }
+
+    fn run_events(&mut self) -> Result<(), Violation> {
+        while let Some(Scheduled { at, event, .. }) = self.queue.pop() {
+            if let Workload::Throughput { total, .. } = self.opts.workload {
+                if self.throughput_applied >= total {
+                    return Ok(());
+                }
+            } else if self.phase.finished {
+                return Ok(());
+            }
+            if at > RUN_LIMIT {
+                return Err(Violation {
+                    property: "liveness",
+                    detail: "the run did not finish within an hour of virtual time".into(),
+                });
+            }
+            self.now = at;
+            self.steps += 1;
+            self.trace = trace::mix(self.trace, at, &event);
+            self.handle(event)?;
+        }
+        if self.check && !self.phase.finished {
+            return Err(Violation {
+                property: "simulator",
+                detail: "the event queue ran dry before the last phase ended".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, event: Event) -> Result<(), Violation> {
+        let target = match &event {
+            Event::Tick { node, .. } | Event::Persisted { node, .. } => Some(*node),
+            Event::Deliver(m) => Some(m.to as usize - 1),
+            _ => None,
+        };
+        if let Some(node) = target {
+            let until = self.nodes[node].paused_until;
+            if until > self.now {
+                // Re-queued in pop order, so the node sees them in order.
+                self.schedule(until, event);
+                return Ok(());
+            }
+        }
+        match event {
+            Event::Tick { node, incarnation } => {
+                if self.nodes[node].incarnation != incarnation {
+                    return Ok(());
+                }
+                let ticks = 1 + std::mem::take(&mut self.nodes[node].missed_ticks);
+                for _ in 0..ticks {
+                    self.with_driver(node, |d| {
+                        d.tick();
+                        Ok(())
+                    })?;
+                    self.drive(node)?;
+                }
+                let at = self.now + self.profile.tick_interval[node];
+                self.schedule(at, Event::Tick { node, incarnation });
+                Ok(())
+            }
+            Event::Deliver(m) => {
+                let (from, to) = (m.from as usize - 1, m.to as usize - 1);
+                if !self.net.connected(from, to) {
+                    // The partition formed while the message was in flight.
+                    return Ok(());
+                }
+                self.with_driver(to, |d| {
+                    d.step(*m).map_err(|e| Violation {
+                        property: "protocol",
+                        detail: e.to_string(),
+                    })
+                })?;
+                self.drive(to)
+            }
+            Event::Persisted { node, write } => self.persisted(node, write),
+            Event::Restart { node, incarnation } => {
+                let n = &self.nodes[node];
+                if n.driver.is_none() && n.incarnation == incarnation && !n.held_down {
+                    self.start(node);
+                }
+                Ok(())
+            }
+            Event::Crash { node, incarnation } => {
+                if self.nodes[node].incarnation == incarnation {
+                    self.crash(node);
+                }
+                Ok(())
+            }
+            Event::ClientAct { client } => self.client_act(client),
+            Event::ClientTimeout {
+                client,
+                op,
+                attempt,
+            } => self.client_timeout(client, op, attempt),
+            Event::LoadAct { proposer } => self.load_act(proposer),
+            Event::Fault { phase } => {
+                if self.phase.faulty(phase) {
+                    self.inject_fault();
+                    let (lo, hi) = self.profile.fault_gap;
+                    let at = self.now + self.rng.range(lo, hi);
+                    self.schedule(at, Event::Fault { phase });
+                }
+                Ok(())
+            }
+            Event::Heal { phase } => {
+                self.begin_quiet_phase(phase);
+                Ok(())
+            }
+            Event::CheckLeader { phase } => self.check_leader(phase),
+            Event::Drain { phase } => {
+                self.drain(phase);
+                Ok(())
+            }
+            Event::QuietCheck { phase } => self.quiet_check(phase),
+        }
+    }
+
+    /// Run `f` on the node's driver (if up) and check the invariants of its
+    /// core after it.
+    fn with_driver(
+        &mut self,
+        node: usize,
+        f: impl FnOnce(&mut Driver) -> Result<(), Violation>,
+    ) -> Result<(), Violation> {
+        let Some(driver) = self.nodes[node].driver.as_mut() else {
+            return Ok(());
+        };
+        f(driver)?;
+        if self.check {
+            self.safety.observe(driver.raft())?;
+        }
+        Ok(())
+    }
+
+    /// Carry out the node's batches: the network, disk and state machine
+    /// take the actions the driver hands out, until it has nothing more or
+    /// waits for a write.
+    fn drive(&mut self, node: usize) -> Result<(), Violation> {
+        loop {
+            let Some(driver) = self.nodes[node].driver.as_mut() else {
+                return Ok(());
+            };
+            let Some(batch) = driver.poll() else {
+                return Ok(());
+            };
+            for m in batch.send {
+                self.send(m)?;
+            }
+            // Committed entries are durable here already, so applying may
+            // overlap with this batch's write.
+            for e in &batch.apply {
+                self.apply(node, e)?;
+            }
+            self.nodes[node].reads.extend(batch.read_states);
+            self.serve_reads(node)?;
+            for ctx in batch.dropped_reads {
+                self.read_dropped(ctx)?;
+            }
+            // Check the core after each batch (without a write, `poll`
+            // advanced it already).
+            self.with_driver(node, |_| Ok(()))?;
+            if let Some(write) = batch.write {
+                let n = &mut self.nodes[node];
+                n.writes += 1;
+                let number = n.writes;
+                n.writing = Some((number, write));
+                let (lo, hi) = self.profile.disk;
+                let at = self.now + self.rng.range(lo, hi);
+                self.schedule(
+                    at,
+                    Event::Persisted {
+                        node,
+                        write: number,
+                    },
+                );
+                return Ok(());
+            }
+        }
+    }
+
+    fn persisted(&mut self, node: usize, number: u64) -> Result<(), Violation> {
+        let n = &mut self.nodes[node];
+        if n.writing.as_ref().is_none_or(|(w, _)| *w != number) {
+            return Ok(());
+        }
+        if n.disk_stalled_until > self.now {
+            let at = n.disk_stalled_until;
+            self.schedule(
+                at,
+                Event::Persisted {
+                    node,
+                    write: number,
+                },
+            );
+            return Ok(());
+        }
+        if n.disk_failed {
+            // The write is refused and lost. The daemon stops the node; a
+            // node that keeps running is stuck behind it until restarted,
+            // still ticking and receiving.
+            n.writing = None;
+            if self.rng.chance(0.5) {
+                self.crash(node);
+            }
+            return Ok(());
+        }
+        let (_, write) = n.writing.take().expect("checked above");
+        if let Some(hs) = write.hard_state {
+            if self.check {
+                safety::check_durable_hard_state(n.id, n.durable_hard_state, hs)?;
+            }
+            n.durable_hard_state = hs;
+        }
+        if let Some(first) = write.entries.first() {
+            n.durable_log.truncate(first.index as usize - 1);
+            n.durable_log.extend_from_slice(&write.entries);
+        }
+        if self.check {
+            self.safety.persisted(n.id, &write.entries)?;
+        }
+        // Durable now: the acknowledgements the driver held back may go out.
+        let released = n
+            .driver
+            .as_mut()
+            .expect("a node with an outstanding write is up")
+            .persisted();
+        for m in released {
+            self.send(m)?;
+        }
+        self.with_driver(node, |_| Ok(()))?;
+        self.drive(node)
+    }
+
+    fn send(&mut self, m: Message) -> Result<(), Violation> {
+        let (from, to) = (m.from as usize - 1, m.to as usize - 1);
+        if self.check {
+            let n = &self.nodes[from];
+            safety::check_send(&m, n.durable_hard_state, n.durable_log.len() as Index)?;
+            self.maybe_crash_after(&m);
+        }
+        let times: Vec<u64> = self
+            .net
+            .deliveries(self.now, from, to, &mut self.rng)
+            .collect();
+        match times.as_slice() {
+            [] => {}
+            [t] => self.schedule(*t, Event::Deliver(Box::new(m))),
+            [t, rest @ ..] => {
+                for &e in rest {
+                    self.schedule(e, Event::Deliver(Box::new(m.clone())));
+                }
+                self.schedule(*t, Event::Deliver(Box::new(m)));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, node: usize, e: &Entry) -> Result<(), Violation> {
+        if self.check {
+            let n = &self.nodes[node];
+            let term = n.driver.as_ref().map_or(0, |d| d.raft().term());
+            self.safety.applied(n.id, term, e)?;
+        }
+        let n = &mut self.nodes[node];
+        n.applied = e.index;
+        let cmd = match e.kind {
+            EntryKind::Normal => match PutCommand::decode(&e.data) {
+                Some(cmd) => Some(cmd),
+                None => {
+                    return Err(Violation {
+                        property: "protocol",
+                        detail: format!("undecodable entry {}", e.index),
+                    });
+                }
+            },
+            _ => None,
+        };
+        if let Some(cmd) = &cmd {
+            n.kv.apply(cmd);
+        }
+        if let Some(every) = self.profile.checkpoint_every
+            && e.index % every == 0
+        {
+            // Durable at once: the state machine's own fsync.
+            n.checkpoint = Some((e.index, n.kv.clone()));
+        }
+        if let Workload::Throughput { .. } = self.opts.workload {
+            if cmd.is_some()
+                && n.driver
+                    .as_ref()
+                    .is_some_and(|d| d.raft().role() == Role::Leader)
+            {
+                self.throughput_applied += 1;
+                self.throughput_outstanding = self.throughput_outstanding.saturating_sub(1);
+            }
+            return Ok(());
+        }
+        let Some(owner) = n.proposals.remove(&e.index) else {
+            return Ok(());
+        };
+        let applied_op = cmd.map(|c| c.op);
+        match owner {
+            Owner::Client {
+                client,
+                op,
+                attempt,
+            } => {
+                self.client_proposal_applied(client, op, attempt, e.index, applied_op);
+                Ok(())
+            }
+            Owner::Load { proposer, slot } => {
+                self.load_proposal_applied(proposer, slot, node, e.index, applied_op);
+                Ok(())
+            }
+        }
+    }
+
+    /// The state of every node, for diagnosing a failed seed
+    /// (`SIM_DEBUG=1 just sim --seed S`).
+    fn dump(&self) {
+        eprintln!("at {} µs, phase {:?}", self.now, self.phase);
+        for n in &self.nodes {
+            let core = n.driver.as_ref().map(|d| {
+                let r = d.raft();
+                format!(
+                    "{:?} term {} vote {:?} leader {:?} last {} ({}) commit {} writing {}",
+                    r.role(),
+                    r.term(),
+                    r.vote(),
+                    r.leader(),
+                    r.log().last_index(),
+                    r.log().last_term(),
+                    r.log().committed(),
+                    d.is_writing()
+                )
+            });
+            eprintln!(
+                "  node {}: {} applied {} durable {:?}/{} paused {} stalled {} failed {} held {}",
+                n.id,
+                core.unwrap_or_else(|| "down".into()),
+                n.applied,
+                n.durable_hard_state,
+                n.durable_log.len(),
+                n.paused_until,
+                n.disk_stalled_until,
+                n.disk_failed,
+                n.held_down
+            );
+        }
+        eprintln!("  blocked links: {:?}", self.net);
+    }
+
+    fn current_leader(&self) -> Option<usize> {
+        let max_term = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.driver.as_ref())
+            .map(|d| d.raft().term())
+            .max()?;
+        self.nodes.iter().position(|n| {
+            n.driver.as_ref().is_some_and(|d| {
+                let r = d.raft();
+                r.role() == Role::Leader && r.term() == max_term
+            })
+        })
+    }
+}

@@ -1,0 +1,255 @@
+//! Fault phases and quiet phases, and the liveness check that ends each
+//! quiet phase.
+//!
+//! A quiet phase heals the network and the disks and restarts every node
+//! except a minority kept down on purpose. Once a leader deadline has passed
+//! the cluster counts as stable: from then on every read must be answered.
+//! After a while the clients stop starting operations and the check waits,
+//! within a deadline derived from the configuration and the replication lag,
+//! for the cluster to have a leader and to have applied every acknowledged
+//! proposal on every running node.
+
+use super::{Cluster, Event};
+use crate::network::Quality;
+use crate::profile::{Micros, TICK};
+use crate::safety::Violation;
+
+/// Length of a fault phase, µs.
+const FAULT_PHASE: (Micros, Micros) = (500_000, 3_000_000);
+/// How long clients keep working in a quiet phase once it is stable.
+const QUIET_OPEN: Micros = 1_000_000;
+/// Slack on top of the computed catch-up time.
+const CATCH_UP_SLACK: Micros = 2_000_000;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    #[default]
+    Fault,
+    Quiet,
+    /// Quiet, clients stopped, waiting for the liveness check to pass.
+    Draining,
+}
+
+/// Where the run is.
+#[derive(Debug, Default)]
+pub(super) struct Phase {
+    /// Number of the current phase, from 1.
+    index: u32,
+    kind: Kind,
+    /// Clients start new operations.
+    pub(super) clients_active: bool,
+    /// A leader was found after the leader deadline of this quiet phase.
+    stable: bool,
+    /// Operations completed in this phase.
+    pub(super) completed: u64,
+    /// When the liveness check of this quiet phase fails.
+    deadline: Micros,
+    /// The last quiet phase passed its check.
+    pub(super) finished: bool,
+}
+
+impl Phase {
+    /// Whether faults of phase `phase` are still due.
+    pub(super) fn faulty(&self, phase: u32) -> bool {
+        self.kind == Kind::Fault && self.index == phase
+    }
+
+    /// Whether a fault phase is under way.
+    pub(super) fn faulty_now(&self) -> bool {
+        self.kind == Kind::Fault && !self.finished
+    }
+
+    /// Whether the cluster is in the stable part of a quiet phase.
+    pub(super) fn stable(&self) -> bool {
+        self.kind != Kind::Fault && self.stable
+    }
+
+    fn current(&self, phase: u32, kind: Kind) -> bool {
+        self.index == phase && self.kind == kind
+    }
+}
+
+impl Cluster {
+    pub(super) fn begin_fault_phase(&mut self) {
+        let p = &mut self.phase;
+        p.index += 1;
+        p.kind = Kind::Fault;
+        p.clients_active = true;
+        p.stable = false;
+        p.completed = 0;
+        let phase = p.index;
+        // Nodes kept down through the last quiet phase come back, behind.
+        for node in 0..self.nodes.len() {
+            if self.nodes[node].held_down {
+                self.nodes[node].held_down = false;
+                self.start(node);
+            }
+        }
+        // A minority down for a long time: this whole phase and the next
+        // quiet one. With load running, it returns thousands of entries
+        // behind, and (if it led) with a suffix nobody else has.
+        let n = self.nodes.len();
+        if n >= 3 && self.rng.chance(0.3) {
+            let count = self.rng.range(1, (n as u64 - 1) / 2 + 1) as usize;
+            let mut victims = Vec::new();
+            if let Some(l) = self.current_leader()
+                && self.rng.chance(0.5)
+            {
+                victims.push(l);
+            }
+            while victims.len() < count {
+                let v = self.rng.range(0, n as u64) as usize;
+                if !victims.contains(&v) {
+                    victims.push(v);
+                }
+            }
+            for v in victims {
+                self.crash(v);
+                self.nodes[v].held_down = true;
+            }
+        }
+        for client in 0..self.clients.len() {
+            self.schedule_client_soon(client);
+        }
+        for proposer in 0..self.proposers.len() {
+            self.schedule(self.now, Event::LoadAct { proposer });
+        }
+        let (lo, hi) = self.profile.fault_gap;
+        let at = self.now + self.rng.range(lo, hi);
+        self.schedule(at, Event::Fault { phase });
+        let at = self.now + self.rng.range(FAULT_PHASE.0, FAULT_PHASE.1);
+        self.schedule(at, Event::Heal { phase });
+    }
+
+    fn schedule_client_soon(&mut self, client: usize) {
+        let at = self.now + self.rng.range(0, 5 * TICK);
+        self.schedule(at, Event::ClientAct { client });
+    }
+
+    pub(super) fn begin_quiet_phase(&mut self, phase: u32) {
+        if !self.phase.current(phase, Kind::Fault) {
+            return;
+        }
+        self.phase.kind = Kind::Quiet;
+        self.phase.completed = 0;
+        self.net.heal();
+        self.lasting_cuts.clear();
+        self.net.quality = Quality::PERFECT;
+        for node in 0..self.nodes.len() {
+            // Pauses run out on their own (they are shorter than the leader
+            // deadline); a stalled disk answers now.
+            let n = &mut self.nodes[node];
+            if n.disk_stalled_until > self.now {
+                n.disk_stalled_until = self.now;
+                if let Some((write, _)) = n.writing {
+                    self.schedule(self.now, Event::Persisted { node, write });
+                }
+            }
+            if self.nodes[node].disk_failed {
+                // Only a restart clears a failed disk.
+                self.crash(node);
+            }
+            if self.nodes[node].driver.is_none() && !self.nodes[node].held_down {
+                self.start(node);
+            }
+        }
+        let deadline = self.profile.leader_deadline();
+        self.schedule(self.now + deadline, Event::CheckLeader { phase });
+        self.schedule(self.now + deadline + QUIET_OPEN, Event::Drain { phase });
+    }
+
+    pub(super) fn check_leader(&mut self, phase: u32) -> Result<(), Violation> {
+        if !self.phase.current(phase, Kind::Quiet) {
+            return Ok(());
+        }
+        if self.current_leader().is_none() {
+            return Err(Violation {
+                property: "liveness",
+                detail: format!(
+                    "no leader {} ticks into quiet phase {phase}",
+                    self.profile.leader_deadline() / TICK
+                ),
+            });
+        }
+        self.phase.stable = true;
+        Ok(())
+    }
+
+    pub(super) fn drain(&mut self, phase: u32) {
+        if !self.phase.current(phase, Kind::Quiet) {
+            return;
+        }
+        self.phase.kind = Kind::Draining;
+        self.phase.clients_active = false;
+        self.phase.deadline = self.now + self.catch_up_allowance();
+        self.schedule(self.now, Event::QuietCheck { phase });
+    }
+
+    /// How long the running nodes may take to apply everything: the lag of
+    /// the slowest over what one round trip carries, a probe per term of
+    /// divergent history, and slack; all tripled.
+    fn catch_up_allowance(&self) -> Micros {
+        let up = || self.nodes.iter().filter_map(|n| n.driver.as_ref());
+        let last = up().map(|d| d.raft().log().last_index()).max().unwrap_or(0);
+        let applied = self
+            .nodes
+            .iter()
+            .filter(|n| n.driver.is_some())
+            .map(|n| n.applied)
+            .min()
+            .unwrap_or(0);
+        let top_term = up().map(|d| d.raft().term()).max().unwrap_or(0);
+        let low_term = up().map(|d| d.raft().log().last_term()).min().unwrap_or(0);
+        let per_round = self.profile.entries_per_append() * self.profile.max_inflight as u64;
+        let rounds = last.saturating_sub(applied) / per_round + (top_term - low_term) + 20;
+        3 * rounds * self.profile.round_trip() + CATCH_UP_SLACK
+    }
+
+    pub(super) fn quiet_check(&mut self, phase: u32) -> Result<(), Violation> {
+        if !self.phase.current(phase, Kind::Draining) {
+            return Ok(());
+        }
+        let unmet = self.unmet_liveness();
+        let Some(unmet) = unmet else {
+            if self.phase.index < self.profile.phases {
+                self.begin_fault_phase();
+            } else {
+                self.phase.finished = true;
+                self.discard_unaccepted();
+            }
+            return Ok(());
+        };
+        if self.now >= self.phase.deadline {
+            return Err(Violation {
+                property: "liveness",
+                detail: format!("at the end of quiet phase {phase}: {unmet}"),
+            });
+        }
+        self.schedule(self.now + 5 * TICK, Event::QuietCheck { phase });
+        Ok(())
+    }
+
+    /// What the cluster has not achieved yet, if anything.
+    fn unmet_liveness(&self) -> Option<String> {
+        if self.current_leader().is_none() {
+            return Some("no leader".into());
+        }
+        if self.phase.completed == 0 {
+            return Some("no operation completed in the phase".into());
+        }
+        if let Some(n) = self
+            .nodes
+            .iter()
+            .find(|n| n.driver.is_some() && n.applied < self.acked_index)
+        {
+            return Some(format!(
+                "acknowledged index {} not applied on node {} (applied {})",
+                self.acked_index, n.id, n.applied
+            ));
+        }
+        if let Some(op) = self.unanswered_stable_read() {
+            return Some(format!("read {op} issued while stable is unanswered"));
+        }
+        None
+    }
+}
