@@ -24,21 +24,31 @@ demo *ARGS: plugins
 demo-plugin: plugins
     cargo run -p kythira -- demo-plugin --plugins {{plugin_out}}
 
-# The whole test suite: simulator seeds, mutation check, then every unit and integration test.
+# The whole test suite: simulator sweeps (3, 5 and 1-7 nodes), the mutant hunt, then every unit and integration test.
 test: plugins
-    cargo run --release -p kythira-sim --bin sim -- --seeds 2000 --nodes 3
-    cargo run --release -p kythira-sim --bin sim -- --seeds 2000 --nodes 5
+    just sim --seeds 2000 --nodes 3
+    just sim --seeds 2000 --nodes 5
+    just sim --seeds 1000 --nodes mixed
     just sim-mutants
     cargo nextest run --workspace --no-fail-fast
 
-# Run the deterministic cluster simulator, e.g. `just sim --seeds 100 --nodes 5` or `just sim --seed 42`.
+# Run the deterministic cluster simulator with the core's assertions on, e.g.
+# `just sim --seeds 100 --nodes 5`, `just sim --seeds 100 --nodes mixed` or
+# `just sim --seed 42` (`SIM_DEBUG=1` prints every node's state at a failure).
 sim *ARGS:
-    cargo run --release -p kythira-sim --bin sim -- {{ARGS}}
+    cargo run --profile sim -p kythira-sim --bin sim -- {{ARGS}}
 
-# Inject classic Raft bugs one at a time and check that the simulator catches each
-# (a caught mutant prints the arguments that replay it, e.g. `--only NAME --first S --max-seeds 1`).
+# The long sweep, outside CI: 100,000 seeds at 3 and at 5 nodes, and at mixed sizes.
+sim-long:
+    just sim --seeds 100000 --nodes 3
+    just sim --seeds 100000 --nodes 5
+    just sim --seeds 100000 --nodes mixed
+
+# Inject classic Raft bugs one at a time: each must be caught within the seeds
+# `just test` sweeps; prints each one's catch rate over a fixed sample
+# (`--only NAME --seed S --nodes N` replays one catch).
 sim-mutants *ARGS:
-    cargo run --release -p kythira-sim --features mutants --bin sim-mutants -- {{ARGS}}
+    cargo run --profile sim -p kythira-sim --features mutants --bin sim-mutants -- {{ARGS}}
 
 # Every benchmark.
 bench: bench-core bench-storage bench-plugin bench-lin bench-cluster

@@ -68,9 +68,6 @@ pub enum Mutation {
     /// Send the leader's full commit index on heartbeats, not clamped to
     /// what the follower is known to store.
     HeartbeatCommitUnclamped,
-    /// Commit up to the follower's own last index on an `Append`, not only
-    /// up to the last entry that append proved matching.
-    AppendCommitPastNewEntries,
     /// On a conflict, overwrite the conflicting entries in place but keep
     /// the follower's old entries after the new ones.
     KeepConflictingSuffix,
@@ -92,7 +89,7 @@ pub enum Mutation {
 #[cfg(feature = "mutants")]
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 16] = [
+    pub const ALL: [Mutation; 15] = [
         Mutation::CommitPreviousTermByCount,
         Mutation::VoteWithoutLogCheck,
         Mutation::VoteBeforePersist,
@@ -102,7 +99,6 @@ impl Mutation {
         Mutation::AckBeforePersist,
         Mutation::LeaderCountsUnstableSelf,
         Mutation::HeartbeatCommitUnclamped,
-        Mutation::AppendCommitPastNewEntries,
         Mutation::KeepConflictingSuffix,
         Mutation::NoFastBacktracking,
         Mutation::ProbeNeverRetried,
@@ -123,7 +119,6 @@ impl Mutation {
             Mutation::AckBeforePersist => "ack-before-persist",
             Mutation::LeaderCountsUnstableSelf => "leader-counts-unstable-self",
             Mutation::HeartbeatCommitUnclamped => "heartbeat-commit-unclamped",
-            Mutation::AppendCommitPastNewEntries => "append-commit-past-new-entries",
             Mutation::KeepConflictingSuffix => "keep-conflicting-suffix",
             Mutation::NoFastBacktracking => "no-fast-backtracking",
             Mutation::ProbeNeverRetried => "probe-never-retried",

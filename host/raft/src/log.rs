@@ -21,6 +21,15 @@ pub struct RaftLog {
     applied: Index,
 }
 
+/// What an accepted append did to the log.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Appended {
+    /// Last index known to match the leader.
+    pub(crate) last_index: Index,
+    /// First index whose entry was replaced, if any was.
+    pub(crate) replaced_from: Option<Index>,
+}
+
 /// Why an append from the leader was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum AppendRefusal {
@@ -135,7 +144,7 @@ impl RaftLog {
         entries: &[Entry],
         check_prev: bool,
         truncate: bool,
-    ) -> Result<Index, AppendRefusal> {
+    ) -> Result<Appended, AppendRefusal> {
         if prev_index > self.last_index() || (check_prev && !self.matches(prev_index, prev_term)) {
             return Err(AppendRefusal::Mismatch);
         }
@@ -144,8 +153,10 @@ impl RaftLog {
         // that match are kept: a delayed or duplicated append must never cut
         // off entries that a later append added.
         let conflict = entries.iter().find(|e| !self.matches(e.index, e.term));
+        let mut replaced_from = None;
         if let Some(first_new) = conflict {
             if first_new.index <= self.last_index() {
+                replaced_from = Some(first_new.index);
                 if first_new.index <= self.committed {
                     return Err(AppendRefusal::ConflictsWithCommitted);
                 }
@@ -171,7 +182,10 @@ impl RaftLog {
                 }
             }
         }
-        Ok(last_new)
+        Ok(Appended {
+            last_index: last_new,
+            replaced_from,
+        })
     }
 
     fn truncate_from(&mut self, index: Index) {
@@ -296,14 +310,26 @@ mod tests {
     #[test]
     fn stale_append_keeps_later_entries() {
         let mut l = log(&[1, 1, 1]);
-        assert_eq!(l.try_append(0, 0, &[e(1, 1)], true, true), Ok(1));
+        assert_eq!(
+            l.try_append(0, 0, &[e(1, 1)], true, true),
+            Ok(Appended {
+                last_index: 1,
+                replaced_from: None
+            })
+        );
         assert_eq!(terms(&l), [1, 1, 1]);
     }
 
     #[test]
     fn conflicting_suffix_is_replaced() {
         let mut l = log(&[1, 1, 2, 2]);
-        assert_eq!(l.try_append(2, 1, &[e(3, 3)], true, true), Ok(3));
+        assert_eq!(
+            l.try_append(2, 1, &[e(3, 3)], true, true),
+            Ok(Appended {
+                last_index: 3,
+                replaced_from: Some(3)
+            })
+        );
         assert_eq!(terms(&l), [1, 1, 3]);
         assert_eq!(l.stable(), 2);
     }

@@ -355,3 +355,93 @@ fn an_acknowledgement_between_heartbeats_keeps_the_window() {
         ReplicationState::Replicate { .. }
     ));
 }
+
+// ---- acknowledgements that wait for a write ------------------------------------
+
+fn append_body(prev_index: u64, prev_term: Term, entries: &[(u64, Term)]) -> MessageBody {
+    MessageBody::Append {
+        prev_index,
+        prev_term,
+        entries: entries
+            .iter()
+            .map(|&(index, term)| entry(index, term))
+            .collect(),
+        commit: 0,
+    }
+}
+
+/// A follower whose disk is busy accepts an entry from the leader of term
+/// 1, then a leader of term 2 replaces it before the next write. The
+/// acknowledgement to the first leader must not leave after that write: the
+/// entry it acknowledges was never made durable (the simulator found this
+/// with a stalled disk and three leaders in a row).
+#[test]
+fn an_acknowledgement_of_replaced_entries_is_withdrawn() {
+    let mut d =
+        kythira_raft::Driver::new(Raft::new(config(3, &[1, 2, 3]), Persisted::default()).unwrap());
+    // A vote keeps the disk busy.
+    d.step(msg(
+        2,
+        3,
+        1,
+        MessageBody::Vote {
+            last_index: 0,
+            last_term: 0,
+        },
+    ))
+    .unwrap();
+    let b = d.poll().unwrap();
+    assert!(b.write.is_some());
+    d.step(msg(1, 3, 1, append_body(0, 0, &[(1, 1)]))).unwrap();
+    d.step(msg(2, 3, 2, append_body(0, 0, &[(1, 2)]))).unwrap();
+    let mut sent = d.persisted();
+    let b = d.poll().unwrap();
+    let w = b.write.expect("the term-2 entry to persist");
+    assert_eq!(w.entries.iter().map(|e| e.term).collect::<Vec<_>>(), [2]);
+    sent.extend(b.send);
+    sent.extend(d.persisted());
+    let acks: Vec<_> = sent
+        .iter()
+        .filter_map(|m| match m.body {
+            MessageBody::AppendResponse(AppendOutcome::Accepted { last_index }) => {
+                Some((m.to, m.term, last_index))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks, [(2, 2, 1)], "only the term-2 entry is acknowledged");
+}
+
+// ---- elections ----------------------------------------------------------------
+
+/// Only a granted vote or a leader resets the election timer (Raft figure
+/// 2). A node that rejects a candidate of a higher term keeps counting:
+/// otherwise candidates that cannot win keep the one node that could from
+/// ever timing out (the simulator found a five-node cluster with two nodes
+/// down stuck this way).
+#[test]
+fn a_rejected_vote_request_does_not_reset_the_election_timer() {
+    let fresh = || node_with(config(1, &[1, 2, 3]), 1, &[1, 1]);
+    let mut a = fresh();
+    let mut ticks = 0;
+    while a.role() == Role::Follower {
+        a.tick();
+        ticks += 1;
+    }
+    let mut b = fresh();
+    for _ in 0..ticks - 1 {
+        b.tick();
+    }
+    let stale_candidate = MessageBody::Vote {
+        last_index: 1,
+        last_term: 1,
+    };
+    b.step(msg(2, 1, 5, stale_candidate)).unwrap();
+    assert_eq!(
+        (b.term(), b.vote()),
+        (5, None),
+        "term adopted, vote refused"
+    );
+    b.tick();
+    assert_ne!(b.role(), Role::Follower, "campaigns on its own schedule");
+}

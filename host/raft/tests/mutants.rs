@@ -161,22 +161,6 @@ fn heartbeat_commit_unclamped() {
 }
 
 #[test]
-fn append_commit_past_new_entries() {
-    let (clean, mutated) = differs(Mutation::AppendCommitPastNewEntries, |m| {
-        let mut r = node_with(cfg(1, &[1, 2, 3], m), 1, &[1, 1, 1]);
-        let append = MessageBody::Append {
-            prev_index: 1,
-            prev_term: 1,
-            entries: vec![],
-            commit: 5,
-        };
-        r.step(msg(2, 1, 1, append)).unwrap();
-        r.log().committed()
-    });
-    assert_eq!((clean, mutated), (1, 3));
-}
-
-#[test]
 fn keep_conflicting_suffix() {
     let (clean, mutated) = differs(Mutation::KeepConflictingSuffix, |m| {
         let mut r = node_with(cfg(1, &[1, 2, 3], m), 3, &[1, 1, 2, 2]);

@@ -114,6 +114,20 @@ struct Outbox {
 }
 
 impl Outbox {
+    /// Drop the acknowledgements still waiting for a write that claim
+    /// entries at or past `index`: those entries were just replaced in
+    /// memory, so the write will not make them durable. (Ones already handed
+    /// out wait for a write that does hold them.)
+    fn withdraw_acks_from(&mut self, index: Index) {
+        self.after_persist.retain(|m| {
+            !matches!(
+                m.body,
+                MessageBody::AppendResponse(AppendOutcome::Accepted { last_index })
+                    if last_index >= index
+            )
+        });
+    }
+
     fn send(&mut self, term: Term, to: NodeId, body: MessageBody) {
         let early = match body {
             // Only leaders send these, and a leader's term and vote became
@@ -441,6 +455,16 @@ impl Raft {
                 MessageBody::PreVote { .. } | MessageBody::PreVoteResponse { granted: true } => {}
                 MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => {
                     self.become_follower(m.term, Some(m.from))
+                }
+                MessageBody::Vote { .. } => {
+                    // Adopt the term but keep counting towards our own
+                    // timeout (Raft figure 2: only a granted vote or a leader
+                    // resets it). Otherwise candidates that cannot win, each
+                    // asking with a higher term, keep resetting the one node
+                    // whose log could win, and the election never ends.
+                    let timer = (self.election_elapsed, self.randomized_timeout);
+                    self.become_follower(m.term, None);
+                    (self.election_elapsed, self.randomized_timeout) = timer;
                 }
                 _ => self.become_follower(m.term, None),
             }

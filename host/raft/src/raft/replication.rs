@@ -4,7 +4,7 @@ use crate::config::Config;
 #[cfg(feature = "mutants")]
 use crate::config::Mutation;
 use crate::error::StepError;
-use crate::log::{AppendRefusal, RaftLog};
+use crate::log::{AppendRefusal, Appended, RaftLog};
 use crate::message::{AppendOutcome, MessageBody};
 use crate::progress::Progress;
 use crate::types::{Entry, Index, NodeId, Term};
@@ -63,17 +63,19 @@ impl Raft {
             .log
             .try_append(prev_index, prev_term, entries, check_prev, truncate)
         {
-            Ok(last_index) => {
+            Ok(Appended {
+                last_index,
+                replaced_from,
+            }) => {
+                if let Some(index) = replaced_from {
+                    // Acknowledgements to earlier leaders that wait for the
+                    // next write describe entries that write will no longer
+                    // hold: sent after it, they would be lies.
+                    self.out.withdraw_acks_from(index);
+                }
                 // Only up to what this append proved to match: entries past it
                 // may still be replaced.
-                let known = last_index;
-                #[cfg(feature = "mutants")]
-                let known = if self.cfg.mutated(Mutation::AppendCommitPastNewEntries) {
-                    self.log.last_index()
-                } else {
-                    known
-                };
-                self.log.commit_to(commit.min(known));
+                self.log.commit_to(commit.min(last_index));
                 self.out.send(
                     self.term,
                     from,

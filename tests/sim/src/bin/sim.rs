@@ -1,60 +1,92 @@
 //! Run the cluster simulator over many seeds:
-//! `sim --seeds N [--nodes 3|5] [--first S] [--threads T]` or `sim --seed S [--nodes N]`.
+//! `sim --seeds N [--nodes 1..7|mixed] [--first S] [--threads T]`, or replay
+//! one: `sim --seed S [--nodes N]`. `mixed` draws each seed's cluster size
+//! from 1 to 7 (see [`kythira_sim::mixed_size`]).
 
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use kythira_sim::{Options, replay_command, run_seeds};
+use kythira_sim::{Options, SeedReport, mixed_size, replay_command, run_seeds};
 
 struct Args {
     first: u64,
     count: u64,
-    nodes: usize,
+    /// `None`: mixed sizes.
+    nodes: Option<usize>,
     threads: usize,
 }
+
+impl Args {
+    fn size(&self, seed: u64) -> usize {
+        self.nodes.unwrap_or_else(|| mixed_size(seed))
+    }
+}
+
+const USAGE: &str = "usage: sim --seeds N [--nodes 1..7|mixed] [--first S] [--threads T] | sim --seed S [--nodes N]";
 
 fn parse() -> anyhow::Result<Args> {
     let mut args = Args {
         first: 0,
         count: 100,
-        nodes: 3,
+        nodes: Some(3),
         threads: 2,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = |name: &str| -> anyhow::Result<u64> {
-            let v = it.next().with_context(|| format!("{name} needs a value"))?;
+        let mut value = |name: &str| -> anyhow::Result<String> {
+            it.next()
+                .with_context(|| format!("{name} needs a value; {USAGE}"))
+        };
+        let number = |name: &str, v: String| -> anyhow::Result<u64> {
             v.parse()
                 .with_context(|| format!("{name}: not a number: {v}"))
         };
         match flag.as_str() {
-            "--seeds" => args.count = value("--seeds")?,
+            "--seeds" => args.count = number("--seeds", value("--seeds")?)?,
             "--seed" => {
-                args.first = value("--seed")?;
+                args.first = number("--seed", value("--seed")?)?;
                 args.count = 1;
             }
-            "--first" => args.first = value("--first")?,
-            "--nodes" => args.nodes = value("--nodes")? as usize,
-            "--threads" => args.threads = value("--threads")? as usize,
-            other => bail!(
-                "unknown argument {other}; usage: sim --seeds N [--nodes 3|5] [--first S] [--threads T] | --seed S"
-            ),
+            "--first" => args.first = number("--first", value("--first")?)?,
+            "--nodes" => {
+                args.nodes = match value("--nodes")?.as_str() {
+                    "mixed" => None,
+                    v => {
+                        let n = number("--nodes", v.to_string())? as usize;
+                        if !(1..=7).contains(&n) {
+                            bail!("--nodes must be between 1 and 7, or mixed");
+                        }
+                        Some(n)
+                    }
+                }
+            }
+            "--threads" => args.threads = number("--threads", value("--threads")?)? as usize,
+            other => bail!("unknown argument {other}; {USAGE}"),
         }
     }
-    if !(3..=7).contains(&args.nodes) {
-        bail!("--nodes must be between 3 and 7");
-    }
     Ok(args)
+}
+
+fn report_failure(f: &SeedReport, nodes: usize) {
+    eprintln!(
+        "FAIL seed={} nodes={nodes}: {}\n  profile: {}\n  replay: {}",
+        f.seed,
+        f.failure.as_ref().expect("failures only"),
+        f.profile,
+        replay_command(f.seed, nodes)
+    );
 }
 
 fn main() -> anyhow::Result<()> {
     let args = parse()?;
     let started = Instant::now();
     if args.count == 1 {
-        // One seed: say what it was, for replaying and tuning.
-        let r = kythira_sim::run_seed(Options::checked(args.nodes, args.first));
+        // One seed: say what it was, for replaying and tuning
+        // (`SIM_DEBUG=1` also prints every node's state at a failure).
+        let nodes = args.size(args.first);
+        let r = kythira_sim::run_seed(Options::checked(nodes, args.first));
         eprintln!(
-            "seed={} steps={} operations={} virtual={:.1}s trace={:016x}\n  profile: {}",
+            "seed={} nodes={nodes} steps={} operations={} virtual={:.1}s trace={:016x}\n  profile: {}",
             r.seed,
             r.steps,
             r.operations,
@@ -62,30 +94,30 @@ fn main() -> anyhow::Result<()> {
             r.trace,
             r.profile
         );
+        if r.failure.is_some() {
+            report_failure(&r, nodes);
+            std::process::exit(1);
+        }
+        return Ok(());
     }
     let summary = run_seeds(args.first, args.count, args.threads, false, |seed| {
-        Options::checked(args.nodes, seed)
+        Options::checked(args.size(seed), seed)
     });
     for f in &summary.failures {
-        eprintln!(
-            "FAIL seed={} nodes={}: {}\n  profile: {}\n  replay: {}",
-            f.seed,
-            args.nodes,
-            f.failure.as_ref().expect("failures only"),
-            f.profile,
-            replay_command(f.seed, args.nodes)
-        );
+        report_failure(f, args.size(f.seed));
     }
+    let nodes = args
+        .nodes
+        .map_or_else(|| "mixed".to_string(), |n| n.to_string());
     eprintln!(
-        "nodes={} seeds {}..{} in {:.1} s; linearizability undecided (budget exhausted): {}",
-        args.nodes,
+        "nodes={nodes} seeds {}..{} in {:.1} s; linearizability undecided (budget exhausted): {}",
         args.first,
         args.first + args.count,
         started.elapsed().as_secs_f64(),
         summary.undecided
     );
     println!(
-        "SIM seeds={} steps={} violations={} nonlinearizable={}",
+        "SIM nodes={nodes} seeds={} steps={} violations={} nonlinearizable={}",
         summary.seeds, summary.steps, summary.violations, summary.nonlinearizable
     );
     if summary.violations + summary.nonlinearizable > 0 {
