@@ -445,22 +445,6 @@ impl Cluster {
             self.now = at;
             self.steps += 1;
             self.trace = trace::mix(self.trace, at, &event);
-            if let Ok(n) = std::env::var("SIM_TRACE_NODE") {
-                let n: usize = n.parse().unwrap();
-                let show = match &event {
-                    Event::Deliver(m) => m.to as usize == n || m.from as usize == n,
-                    Event::Tick { .. } => false,
-                    Event::Persisted { node, .. }
-                    | Event::Restart { node, .. }
-                    | Event::Crash { node, .. } => *node + 1 == n,
-                    _ => true,
-                };
-                if show
-                    && at > std::env::var("SIM_TRACE_FROM").map_or(0, |v| v.parse::<u64>().unwrap())
-                {
-                    eprintln!("{at} {event:?}");
-                }
-            }
             self.handle(event)?;
         }
         if self.check && !self.phase.finished {
@@ -605,21 +589,6 @@ impl Cluster {
             // advanced it already).
             self.with_driver(node, |_| Ok(()))?;
             if let Some(write) = batch.write {
-                if std::env::var("SIM_TRACE_NODE")
-                    .is_ok_and(|x| x.parse::<usize>().unwrap() == node + 1)
-                    && self.now > std::env::var("SIM_TRACE_FROM").map_or(0, |v| v.parse().unwrap())
-                {
-                    eprintln!(
-                        "  issue write {}: hs {:?} entries {:?}",
-                        self.nodes[node].writes + 1,
-                        write.hard_state,
-                        write
-                            .entries
-                            .iter()
-                            .map(|e| (e.index, e.term))
-                            .collect::<Vec<_>>()
-                    );
-                }
                 let n = &mut self.nodes[node];
                 n.writes += 1;
                 let number = n.writes;
@@ -665,19 +634,6 @@ impl Cluster {
             return Ok(());
         }
         let (_, write) = n.writing.take().expect("checked above");
-        if std::env::var("SIM_TRACE_NODE").is_ok_and(|x| x.parse::<usize>().unwrap() == node + 1)
-            && self.now > std::env::var("SIM_TRACE_FROM").map_or(0, |v| v.parse().unwrap())
-        {
-            eprintln!(
-                "  write {number}: hs {:?} entries {:?}",
-                write.hard_state,
-                write
-                    .entries
-                    .iter()
-                    .map(|e| (e.index, e.term))
-                    .collect::<Vec<_>>()
-            );
-        }
         if let Some(hs) = write.hard_state {
             if self.check {
                 safety::check_durable_hard_state(n.id, n.durable_hard_state, hs)?;
@@ -706,15 +662,6 @@ impl Cluster {
 
     fn send(&mut self, m: Message) -> Result<(), Violation> {
         let (from, to) = (m.from as usize - 1, m.to as usize - 1);
-        if let Ok(x) = std::env::var("SIM_TRACE_NODE")
-            && x.parse::<usize>().unwrap() == from + 1
-            && self.now > std::env::var("SIM_TRACE_FROM").map_or(0, |v| v.parse().unwrap())
-        {
-            eprintln!(
-                "  send {m:?} durable {}",
-                self.nodes[from].durable_log.len()
-            );
-        }
         if self.check {
             let n = &self.nodes[from];
             safety::check_send(&m, n.durable_hard_state, n.durable_log.len() as Index)?;
