@@ -160,7 +160,7 @@ pub fn hunt_mutant(
     budget: u64,
     threads: usize,
 ) -> Option<(u64, usize, String)> {
-    let size = |k: u64| if k % 2 == 0 { 3 } else { 5 };
+    let size = |k: u64| if k.is_multiple_of(2) { 3 } else { 5 };
     let summary = run_seeds(0, 2 * budget, threads, true, |k| Options {
         mutation: Some(mutation),
         ..Options::checked(size(k), k / 2)

@@ -708,7 +708,7 @@ impl Cluster {
             n.kv.apply(cmd);
         }
         if let Some(every) = self.profile.checkpoint_every
-            && e.index % every == 0
+            && e.index.is_multiple_of(every)
         {
             // Durable at once: the state machine's own fsync.
             n.checkpoint = Some((e.index, n.kv.clone()));
