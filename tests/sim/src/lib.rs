@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use kythira_linearizability::{Verdict, check_history, kv::KvModel};
 
-pub use cluster::{Cluster, Options, Workload};
+pub use cluster::{Cluster, Depth, Options, Workload};
 pub use safety::Violation;
 
 /// Search budget of the linearizability checker per history.
@@ -86,6 +86,8 @@ pub struct SeedReport {
     pub profile: String,
     /// Virtual time the run covered, µs.
     pub virtual_micros: u64,
+    /// How deep into unusual states the run went.
+    pub depth: Depth,
 }
 
 /// The command that replays one seed.
@@ -120,6 +122,7 @@ pub fn run_seed(opts: Options) -> SeedReport {
                 trace: 0,
                 profile: String::new(),
                 virtual_micros: 0,
+                depth: Depth::default(),
             };
         }
     };
@@ -132,6 +135,7 @@ pub fn run_seed(opts: Options) -> SeedReport {
         trace: result.trace,
         profile: result.profile,
         virtual_micros: result.end,
+        depth: result.depth,
     };
     if report.failure.is_none() {
         match check_history(&KvModel, &result.history, Some(LINEARIZABILITY_BUDGET)) {
@@ -185,6 +189,10 @@ pub struct Summary {
     pub undecided: u64,
     /// Failed seeds, in seed order.
     pub failures: Vec<SeedReport>,
+    /// The deepest states reached over all seeds.
+    pub depth: Depth,
+    /// Seeds in which some node replaced at least 1,000 entries at once.
+    pub long_truncations: u64,
 }
 
 /// Run `count` seeds from `first` on `threads` worker threads. Each seed is
@@ -222,6 +230,8 @@ pub fn run_seeds(
                     s.seeds += 1;
                     s.steps += report.steps;
                     s.undecided += u64::from(report.undecided);
+                    s.depth = s.depth.max(&report.depth);
+                    s.long_truncations += u64::from(report.depth.longest_truncation >= 1_000);
                     match &report.failure {
                         Some(f) if f.is_nonlinearizable() => s.nonlinearizable += 1,
                         Some(_) => s.violations += 1,

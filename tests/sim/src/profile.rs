@@ -91,7 +91,7 @@ impl Profile {
         let load = if rng.chance(0.6) {
             (0..rng.range(1, 3))
                 .map(|_| LoadSpec {
-                    window: rng.pick(&[8, 32, 128, 512]),
+                    window: rng.pick(&[8, 32, 128, 512, 2_048]),
                     total: rng.range(300, 4_000),
                 })
                 .collect()

@@ -86,12 +86,13 @@ fn main() -> anyhow::Result<()> {
         let nodes = args.size(args.first);
         let r = kythira_sim::run_seed(Options::checked(nodes, args.first));
         eprintln!(
-            "seed={} nodes={nodes} steps={} operations={} virtual={:.1}s trace={:016x}\n  profile: {}",
+            "seed={} nodes={nodes} steps={} operations={} virtual={:.1}s trace={:016x} {:?}\n  profile: {}",
             r.seed,
             r.steps,
             r.operations,
             r.virtual_micros as f64 / 1e6,
             r.trace,
+            r.depth,
             r.profile
         );
         if r.failure.is_some() {
@@ -115,6 +116,12 @@ fn main() -> anyhow::Result<()> {
         args.first + args.count,
         started.elapsed().as_secs_f64(),
         summary.undecided
+    );
+    let d = summary.depth;
+    eprintln!(
+        "depth: highest term {}, longest replaced suffix {} entries (seeds replacing 1,000+: {}), \
+         largest catch-up lag {} entries",
+        d.max_term, d.longest_truncation, summary.long_truncations, d.largest_lag
     );
     println!(
         "SIM nodes={nodes} seeds={} steps={} violations={} nonlinearizable={}",

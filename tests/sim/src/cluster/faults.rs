@@ -26,6 +26,15 @@ impl Cluster {
                 if let Some(l) = self.current_leader() {
                     let side: Vec<bool> = (0..n).map(|i| i == l).collect();
                     self.net.split(&side);
+                    if self.rng.chance(0.3) {
+                        // Cut off for the rest of the phase: without
+                        // check-quorum it keeps taking proposals, and
+                        // returns with a long suffix nobody else has.
+                        for other in (0..n).filter(|&o| o != l) {
+                            self.lasting_cuts.push((l, other));
+                            self.lasting_cuts.push((other, l));
+                        }
+                    }
                 }
             }
             30..38 => {

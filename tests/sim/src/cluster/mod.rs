@@ -209,6 +209,29 @@ struct Node {
     held_down: bool,
 }
 
+/// How far a run went into the states that are hard to reach.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Depth {
+    /// Highest term any node reached.
+    pub max_term: u64,
+    /// Most durable entries one write replaced (a divergent suffix).
+    pub longest_truncation: u64,
+    /// Most entries the slowest running node had to catch up at the start
+    /// of a liveness check.
+    pub largest_lag: u64,
+}
+
+impl Depth {
+    /// The larger of each figure.
+    pub fn max(&self, other: &Depth) -> Depth {
+        Depth {
+            max_term: self.max_term.max(other.max_term),
+            longest_truncation: self.longest_truncation.max(other.longest_truncation),
+            largest_lag: self.largest_lag.max(other.largest_lag),
+        }
+    }
+}
+
 /// What a run found.
 #[derive(Debug)]
 pub struct RunResult {
@@ -226,6 +249,8 @@ pub struct RunResult {
     pub end: Micros,
     /// The seed's profile, for reports.
     pub profile: String,
+    /// How deep it went.
+    pub depth: Depth,
 }
 
 /// The simulated cluster.
@@ -256,6 +281,7 @@ pub struct Cluster {
     lasting_cuts: Vec<(usize, usize)>,
     throughput_applied: u64,
     throughput_outstanding: usize,
+    depth: Depth,
 }
 
 impl Cluster {
@@ -313,6 +339,7 @@ impl Cluster {
             lasting_cuts: Vec::new(),
             throughput_applied: 0,
             throughput_outstanding: 0,
+            depth: Depth::default(),
             profile,
             opts,
         };
@@ -424,6 +451,7 @@ impl Cluster {
             trace: self.trace,
             end: self.now,
             profile: self.profile.describe(),
+            depth: self.depth,
         }
     }
 
@@ -635,12 +663,15 @@ impl Cluster {
         }
         let (_, write) = n.writing.take().expect("checked above");
         if let Some(hs) = write.hard_state {
+            self.depth.max_term = self.depth.max_term.max(hs.term);
             if self.check {
                 safety::check_durable_hard_state(n.id, n.durable_hard_state, hs)?;
             }
             n.durable_hard_state = hs;
         }
         if let Some(first) = write.entries.first() {
+            let replaced = (n.durable_log.len() as u64).saturating_sub(first.index - 1);
+            self.depth.longest_truncation = self.depth.longest_truncation.max(replaced);
             n.durable_log.truncate(first.index as usize - 1);
             n.durable_log.extend_from_slice(&write.entries);
         }

@@ -188,7 +188,7 @@ impl Cluster {
     /// How long the running nodes may take to apply everything: the lag of
     /// the slowest over what one round trip carries, a probe per term of
     /// divergent history, and slack; all tripled.
-    fn catch_up_allowance(&self) -> Micros {
+    fn catch_up_allowance(&mut self) -> Micros {
         let up = || self.nodes.iter().filter_map(|n| n.driver.as_ref());
         let last = up().map(|d| d.raft().log().last_index()).max().unwrap_or(0);
         let applied = self
@@ -201,7 +201,9 @@ impl Cluster {
         let top_term = up().map(|d| d.raft().term()).max().unwrap_or(0);
         let low_term = up().map(|d| d.raft().log().last_term()).min().unwrap_or(0);
         let per_round = self.profile.entries_per_append() * self.profile.max_inflight as u64;
-        let rounds = last.saturating_sub(applied) / per_round + (top_term - low_term) + 20;
+        let lag = last.saturating_sub(applied);
+        let rounds = lag / per_round + (top_term - low_term) + 20;
+        self.depth.largest_lag = self.depth.largest_lag.max(lag);
         3 * rounds * self.profile.round_trip() + CATCH_UP_SLACK
     }
 
