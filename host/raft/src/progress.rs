@@ -11,8 +11,9 @@ pub enum ReplicationState {
     /// one is accepted. `paused` while that append is unanswered (a heartbeat
     /// response unpauses, so a lost probe is retried).
     ///
-    /// Also the fallback of a window that stayed full across two heartbeat
-    /// responses: its appends are taken as lost and probing restarts from
+    /// Also the fallback of a window that stayed full, with nothing
+    /// accepted, for a whole election timeout while the follower answered
+    /// heartbeats: its appends are taken as lost and probing restarts from
     /// `matched + 1`.
     Probe {
         /// An append is outstanding.
@@ -41,9 +42,8 @@ pub struct Progress {
     pub(crate) recent_active: bool,
     /// Highest ReadIndex round the follower has acknowledged in this term.
     pub(crate) read_ack: u64,
-    /// The window was full at the last heartbeat response, and nothing was
-    /// accepted since: if it still is at the next, its appends are lost.
-    full_at_heartbeat: bool,
+    /// Ticks the window has been full with nothing accepted.
+    full_ticks: u32,
 }
 
 impl Progress {
@@ -54,7 +54,7 @@ impl Progress {
             state: ReplicationState::Probe { paused: false },
             recent_active: false,
             read_ack: 0,
-            full_at_heartbeat: false,
+            full_ticks: 0,
         }
     }
 
@@ -86,7 +86,7 @@ impl Progress {
         if news {
             self.matched = index;
         }
-        self.full_at_heartbeat = false;
+        self.full_ticks = 0;
         self.next = self.next.max(index + 1);
         match &mut self.state {
             // Matched entries are durable on the follower and can only be
@@ -133,13 +133,26 @@ impl Progress {
         };
     }
 
+    /// One tick of the leader: counts how long a full window has gone
+    /// without an acceptance.
+    pub(crate) fn tick(&mut self, max_inflight: usize) {
+        match &self.state {
+            ReplicationState::Replicate { inflight } if inflight.len() >= max_inflight => {
+                self.full_ticks = self.full_ticks.saturating_add(1);
+            }
+            _ => self.full_ticks = 0,
+        }
+    }
+
     /// Heartbeat response: the follower is alive. Retries a probe
     /// (`retry_probe`, always but for a mutant). A full window is left
     /// alone, or a slow follower would be sent one more append per
-    /// heartbeat; but a window still full at the second heartbeat response
-    /// without an acceptance in between is taken as lost (nothing else would
-    /// ever be sent to find out), and probing restarts from `matched + 1`.
-    pub(crate) fn heard_from(&mut self, max_inflight: usize, retry_probe: bool) {
+    /// heartbeat. But a follower that answers heartbeats while a full window
+    /// has gone unacknowledged for `stall_ticks` lost those appends (its
+    /// acknowledgements would have come with its heartbeat answers), and
+    /// nothing else would ever be sent to find out: probing restarts from
+    /// `matched + 1`.
+    pub(crate) fn heard_from(&mut self, max_inflight: usize, retry_probe: bool, stall_ticks: u32) {
         match &mut self.state {
             ReplicationState::Probe { paused } => {
                 if retry_probe {
@@ -147,13 +160,10 @@ impl Progress {
                 }
             }
             ReplicationState::Replicate { inflight } => {
-                let full = inflight.len() >= max_inflight;
-                if full && self.full_at_heartbeat {
+                if inflight.len() >= max_inflight && self.full_ticks >= stall_ticks {
                     self.next = self.matched + 1;
                     self.state = ReplicationState::Probe { paused: false };
-                    self.full_at_heartbeat = false;
-                } else {
-                    self.full_at_heartbeat = full;
+                    self.full_ticks = 0;
                 }
             }
         }
@@ -201,10 +211,17 @@ mod tests {
         p
     }
 
+    fn tick(p: &mut Progress, ticks: u32) {
+        for _ in 0..ticks {
+            p.tick(2);
+        }
+    }
+
     #[test]
     fn heartbeat_response_leaves_a_full_window_full() {
         let mut p = full_window();
-        p.heard_from(2, true);
+        tick(&mut p, 9);
+        p.heard_from(2, true, 10);
         assert!(!p.can_send(2), "alive is not caught up");
         let ReplicationState::Replicate { inflight } = &p.state else {
             panic!("still replicating");
@@ -214,10 +231,10 @@ mod tests {
     }
 
     #[test]
-    fn window_full_at_two_heartbeat_responses_is_probed_from_the_match() {
+    fn a_window_full_for_the_stall_time_is_probed_from_the_match() {
         let mut p = full_window();
-        p.heard_from(2, true);
-        p.heard_from(2, true);
+        tick(&mut p, 10);
+        p.heard_from(2, true, 10);
         assert_eq!(p.state, ReplicationState::Probe { paused: false });
         assert_eq!(p.next, 5);
         assert_eq!(p.matched, 4);
@@ -229,18 +246,19 @@ mod tests {
     }
 
     #[test]
-    fn an_acceptance_between_heartbeat_responses_keeps_the_window() {
+    fn an_acceptance_or_room_in_the_window_restarts_the_count() {
         let mut p = full_window();
-        p.heard_from(2, true);
+        tick(&mut p, 9);
         p.accepted(7);
         p.sent(13, true);
-        p.heard_from(2, true);
+        tick(&mut p, 9);
+        p.heard_from(2, true, 10);
         assert!(matches!(p.state, ReplicationState::Replicate { .. }));
-        // A window with room in between also starts the count again.
         let mut p = full_window();
-        p.heard_from(2, true);
-        p.heard_from(3, true);
-        p.heard_from(2, true);
+        tick(&mut p, 9);
+        p.tick(3);
+        tick(&mut p, 9);
+        p.heard_from(2, true, 10);
         assert!(matches!(p.state, ReplicationState::Replicate { .. }));
     }
 
@@ -249,9 +267,9 @@ mod tests {
         let mut p = Progress::new(11);
         p.sent(12, true);
         assert!(!p.can_send(2));
-        p.heard_from(2, false);
+        p.heard_from(2, false, 10);
         assert!(!p.can_send(2), "unless told not to");
-        p.heard_from(2, true);
+        p.heard_from(2, true, 10);
         assert!(p.can_send(2));
     }
 

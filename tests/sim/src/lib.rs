@@ -72,6 +72,8 @@ impl std::fmt::Display for Failure {
 pub struct SeedReport {
     /// The seed.
     pub seed: u64,
+    /// Cluster size.
+    pub nodes: usize,
     /// Events processed.
     pub steps: u64,
     /// Operations in the checked history.
@@ -104,7 +106,7 @@ pub fn mixed_size(seed: u64) -> usize {
 
 /// Run one checked seed, including the linearizability check.
 pub fn run_seed(opts: Options) -> SeedReport {
-    let seed = opts.seed;
+    let (seed, nodes) = (opts.seed, opts.nodes);
     let result = match catch_unwind(AssertUnwindSafe(|| Cluster::new(opts).run())) {
         Ok(r) => r,
         Err(payload) => {
@@ -115,6 +117,7 @@ pub fn run_seed(opts: Options) -> SeedReport {
                 .unwrap_or_else(|| "unknown panic".into());
             return SeedReport {
                 seed,
+                nodes,
                 steps: 0,
                 operations: 0,
                 undecided: false,
@@ -128,6 +131,7 @@ pub fn run_seed(opts: Options) -> SeedReport {
     };
     let mut report = SeedReport {
         seed,
+        nodes,
         steps: result.steps,
         operations: result.history.len(),
         undecided: false,
@@ -171,7 +175,7 @@ pub fn hunt_mutant(
     });
     let f = summary.failures.first()?;
     let failure = f.failure.as_ref().expect("failures only").to_string();
-    Some((f.seed / 2, size(f.seed), failure))
+    Some((f.seed, f.nodes, failure))
 }
 
 /// Totals over many seeds.
@@ -245,6 +249,7 @@ pub fn run_seeds(
         }
     });
     let mut s = summary.into_inner().expect("workers finished");
-    s.failures.sort_by_key(|r| r.seed);
+    // Seed, then size: the order in which a hunt over both sizes runs them.
+    s.failures.sort_by_key(|r| (r.seed, r.nodes));
     s
 }

@@ -394,9 +394,26 @@ impl Safety {
     }
 }
 
-/// A message may leave only if the sender's durable state backs what it
-/// says (`durable` and `durable_len`: its durable hard state and log length).
-pub fn check_send(m: &Message, durable: HardState, durable_len: Index) -> Result<(), Violation> {
+/// What a sender has made durable, as far as a message can promise it.
+#[derive(Clone, Copy, Debug)]
+pub struct DurableView {
+    /// Its durable hard state.
+    pub hard_state: HardState,
+    /// Length of its durable log.
+    pub log_len: Index,
+    /// For an `Accepted { last_index }`: the term of its durable entry at
+    /// `last_index`, and the term the addressee holds there if it still leads
+    /// the message's term (it then still has the entries it sent).
+    pub accepted_terms: Option<(Option<Term>, Option<Term>)>,
+}
+
+/// A message may leave only if the sender's durable state backs what it says.
+pub fn check_send(m: &Message, view: DurableView) -> Result<(), Violation> {
+    let DurableView {
+        hard_state: durable,
+        log_len: durable_len,
+        accepted_terms,
+    } = view;
     let fail = |what: String| {
         violation(
             "durability",
@@ -420,6 +437,15 @@ pub fn check_send(m: &Message, durable: HardState, durable_len: Index) -> Result
             if last_index > durable_len =>
         {
             return fail(format!("only {durable_len} entries are durable"));
+        }
+        MessageBody::AppendResponse(AppendOutcome::Accepted { last_index }) => {
+            if let Some((Some(ours), Some(leaders))) = accepted_terms
+                && ours != leaders
+            {
+                return fail(format!(
+                    "its durable entry {last_index} has term {ours}, the leader's has term {leaders}"
+                ));
+            }
         }
         _ => {}
     }

@@ -8,6 +8,7 @@ fn run(seeds: u64, size: impl Fn(u64) -> usize + Sync) {
         Options::checked(size(seed), seed)
     });
     assert_eq!(summary.seeds, seeds);
+    assert_eq!(summary.undecided, 0, "every history was decided");
     assert!(
         summary.steps > seeds * 1_000,
         "runs are not trivial: {} steps",

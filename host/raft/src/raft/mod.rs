@@ -273,6 +273,14 @@ impl Raft {
         Ok(raft)
     }
 
+    /// Whether a bug is injected on purpose (only with the `mutants` feature).
+    pub(crate) fn is_mutated(&self) -> bool {
+        #[cfg(feature = "mutants")]
+        return self.cfg.mutation.is_some();
+        #[cfg(not(feature = "mutants"))]
+        false
+    }
+
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.cfg.id
@@ -340,6 +348,11 @@ impl Raft {
             return;
         }
         self.heartbeat_elapsed += 1;
+        if let State::Leader(l) = &mut self.state {
+            for pr in l.progress.values_mut() {
+                pr.tick(self.cfg.max_inflight_messages);
+            }
+        }
         if self.election_elapsed >= self.cfg.election_ticks {
             self.election_elapsed = 0;
             if self.cfg.check_quorum && !self.quorum_recently_active() {

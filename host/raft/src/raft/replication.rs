@@ -179,7 +179,11 @@ impl Raft {
         let retry_probe = true;
         #[cfg(feature = "mutants")]
         let retry_probe = retry_probe && !self.cfg.mutated(Mutation::ProbeNeverRetried);
-        pr.heard_from(self.cfg.max_inflight_messages, retry_probe);
+        pr.heard_from(
+            self.cfg.max_inflight_messages,
+            retry_probe,
+            self.cfg.election_ticks,
+        );
         if pr.matched < self.log.last_index() {
             // Even with nothing new to send: an empty append finds out
             // whether earlier ones were lost.

@@ -32,7 +32,7 @@ pub(super) struct Record {
     pub(super) op: Operation<KvInput, KvOutput>,
     /// Known not to have taken effect: left out of the checked history.
     pub(super) discard: bool,
-    /// A read issued while the cluster was stable: it must be answered.
+    /// A read issued in a quiet phase: it must be answered.
     must_answer: bool,
 }
 
@@ -163,7 +163,7 @@ impl Cluster {
                         ret: None,
                     },
                     discard: false,
-                    must_answer: !is_put && self.phase.stable(),
+                    must_answer: !is_put && self.phase.quiet(),
                 });
                 self.clients[client].pending = Some(Pending {
                     op,
@@ -276,8 +276,8 @@ impl Cluster {
             .pending
             .as_ref()
             .is_some_and(|p| p.is_put);
-        // A read issued while the cluster is stable is retried until it is
-        // answered: the quiet phase's check waits for it.
+        // A read issued in a quiet phase is retried until it is answered:
+        // the phase's check waits for it.
         let must_answer = self.history[op].must_answer;
         if must_answer || (self.phase.clients_active && self.rng.chance(RETRY)) {
             self.retry(client);

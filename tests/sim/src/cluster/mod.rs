@@ -21,8 +21,8 @@ use kythira_linearizability::kv::{KvInput, KvOutput};
 #[cfg(feature = "mutants")]
 use kythira_raft::Mutation;
 use kythira_raft::{
-    Config, Driver, Entry, EntryKind, HardState, Index, Message, NodeId, Persisted, Raft,
-    ReadState, Role, Write,
+    AppendOutcome, Config, Driver, Entry, EntryKind, HardState, Index, Message, MessageBody,
+    NodeId, Persisted, Raft, ReadState, Role, Write,
 };
 
 use crate::kv::{KvStore, PutCommand};
@@ -219,6 +219,8 @@ pub struct Depth {
     /// Most entries the slowest running node had to catch up at the start
     /// of a liveness check.
     pub largest_lag: u64,
+    /// The largest share of its deadline a liveness check used, in ‰.
+    pub tightest_deadline_permille: u64,
 }
 
 impl Depth {
@@ -228,6 +230,9 @@ impl Depth {
             max_term: self.max_term.max(other.max_term),
             longest_truncation: self.longest_truncation.max(other.longest_truncation),
             largest_lag: self.largest_lag.max(other.largest_lag),
+            tightest_deadline_permille: self
+                .tightest_deadline_permille
+                .max(other.tightest_deadline_permille),
         }
     }
 }
@@ -695,7 +700,29 @@ impl Cluster {
         let (from, to) = (m.from as usize - 1, m.to as usize - 1);
         if self.check {
             let n = &self.nodes[from];
-            safety::check_send(&m, n.durable_hard_state, n.durable_log.len() as Index)?;
+            let accepted_terms = match m.body {
+                MessageBody::AppendResponse(AppendOutcome::Accepted { last_index })
+                    if last_index > 0 =>
+                {
+                    let ours = n.durable_log.get(last_index as usize - 1).map(|e| e.term);
+                    let leaders = self.nodes[to].driver.as_ref().and_then(|d| {
+                        let r = d.raft();
+                        (r.role() == Role::Leader && r.term() == m.term)
+                            .then(|| r.log().term(last_index))
+                            .flatten()
+                    });
+                    Some((ours, leaders))
+                }
+                _ => None,
+            };
+            safety::check_send(
+                &m,
+                safety::DurableView {
+                    hard_state: n.durable_hard_state,
+                    log_len: n.durable_log.len() as Index,
+                    accepted_terms,
+                },
+            )?;
             self.maybe_crash_after(&m);
         }
         let times: Vec<u64> = self

@@ -19,7 +19,7 @@ const FAULT_PHASE: (Micros, Micros) = (500_000, 3_000_000);
 /// How long clients keep working in a quiet phase once it is stable.
 const QUIET_OPEN: Micros = 1_000_000;
 /// Slack on top of the computed catch-up time.
-const CATCH_UP_SLACK: Micros = 2_000_000;
+const CATCH_UP_SLACK: Micros = 1_000_000;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -38,11 +38,10 @@ pub(super) struct Phase {
     kind: Kind,
     /// Clients start new operations.
     pub(super) clients_active: bool,
-    /// A leader was found after the leader deadline of this quiet phase.
-    stable: bool,
     /// Operations completed in this phase.
     pub(super) completed: u64,
-    /// When the liveness check of this quiet phase fails.
+    /// When the clients stopped, and when the liveness check fails.
+    drained_at: Micros,
     deadline: Micros,
     /// The last quiet phase passed its check.
     pub(super) finished: bool,
@@ -59,9 +58,9 @@ impl Phase {
         self.kind == Kind::Fault && !self.finished
     }
 
-    /// Whether the cluster is in the stable part of a quiet phase.
-    pub(super) fn stable(&self) -> bool {
-        self.kind != Kind::Fault && self.stable
+    /// Whether a quiet phase is under way (its reads must be answered).
+    pub(super) fn quiet(&self) -> bool {
+        self.kind != Kind::Fault && !self.finished
     }
 
     fn current(&self, phase: u32, kind: Kind) -> bool {
@@ -75,7 +74,6 @@ impl Cluster {
         p.index += 1;
         p.kind = Kind::Fault;
         p.clients_active = true;
-        p.stable = false;
         p.completed = 0;
         let phase = p.index;
         // Nodes kept down through the last quiet phase come back, behind.
@@ -171,7 +169,6 @@ impl Cluster {
                 ),
             });
         }
-        self.phase.stable = true;
         Ok(())
     }
 
@@ -181,13 +178,16 @@ impl Cluster {
         }
         self.phase.kind = Kind::Draining;
         self.phase.clients_active = false;
+        self.phase.drained_at = self.now;
         self.phase.deadline = self.now + self.catch_up_allowance();
         self.schedule(self.now, Event::QuietCheck { phase });
     }
 
     /// How long the running nodes may take to apply everything: the lag of
     /// the slowest over what one round trip carries, a probe per term of
-    /// divergent history, and slack; all tripled.
+    /// divergent history and a few more round trips, half again, and slack.
+    /// Tight enough that a core replicating at a fraction of that speed
+    /// fails (`tightest_deadline_permille` reports the margin).
     fn catch_up_allowance(&mut self) -> Micros {
         let up = || self.nodes.iter().filter_map(|n| n.driver.as_ref());
         let last = up().map(|d| d.raft().log().last_index()).max().unwrap_or(0);
@@ -204,7 +204,7 @@ impl Cluster {
         let lag = last.saturating_sub(applied);
         let rounds = lag / per_round + (top_term - low_term) + 20;
         self.depth.largest_lag = self.depth.largest_lag.max(lag);
-        3 * rounds * self.profile.round_trip() + CATCH_UP_SLACK
+        3 * rounds * self.profile.round_trip() / 2 + CATCH_UP_SLACK
     }
 
     pub(super) fn quiet_check(&mut self, phase: u32) -> Result<(), Violation> {
@@ -213,6 +213,11 @@ impl Cluster {
         }
         let unmet = self.unmet_liveness();
         let Some(unmet) = unmet else {
+            let used = self.now - self.phase.drained_at;
+            let allowed = self.phase.deadline - self.phase.drained_at;
+            let permille = used * 1_000 / allowed.max(1);
+            self.depth.tightest_deadline_permille =
+                self.depth.tightest_deadline_permille.max(permille);
             if self.phase.index < self.profile.phases {
                 self.begin_fault_phase();
             } else {
