@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use kythira_raft::{
-    AppendOutcome, Bytes, HardState, MAX_TERM, Message, MessageBody, Persisted, Raft,
-    ReplicationState, RestoreError, Role, StepError, Term,
+    AppendOutcome, HardState, MAX_TERM, Message, MessageBody, Persisted, Raft, ReplicationState,
+    RestoreError, Role, StepError, Term,
 };
 
 // ---- restart ------------------------------------------------------------------
@@ -245,27 +245,7 @@ fn append_or_heartbeat_from_another_leader_of_the_term_is_refused() {
 
 /// Leader 1 of {1, 2} whose window of two appends to node 2 is full.
 fn leader_with_full_window() -> Raft {
-    let mut c = config(1, &[1, 2]);
-    c.max_entries_per_message = 3;
-    c.max_inflight_messages = 2;
-    let mut leader = Raft::new(c, Default::default()).unwrap();
-    tick_until_role_changes(&mut leader);
-    leader
-        .step(msg(2, 1, 1, MessageBody::VoteResponse { granted: true }))
-        .unwrap();
-    drain(&mut leader);
-    leader
-        .step(msg(
-            2,
-            1,
-            1,
-            MessageBody::AppendResponse(AppendOutcome::Accepted { last_index: 1 }),
-        ))
-        .unwrap();
-    drain(&mut leader);
-    for i in 0..20u8 {
-        leader.propose(Bytes::from(vec![i])).unwrap();
-    }
+    let mut leader = pipelining_leader();
     assert_eq!(appends_to_2(&mut leader), [(1, 3), (4, 3)]);
     leader
 }

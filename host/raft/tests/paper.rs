@@ -788,28 +788,7 @@ fn vote_requests_are_ignored_during_the_leader_lease() {
 /// Replication is batched and pipelined within the configured limits.
 #[test]
 fn appends_respect_batch_and_inflight_limits() {
-    let voters = [1, 2];
-    let mut c = config(1, &voters);
-    c.max_entries_per_message = 3;
-    c.max_inflight_messages = 2;
-    let mut leader = kythira_raft::Raft::new(c, Default::default()).unwrap();
-    tick_until_role_changes(&mut leader);
-    leader
-        .step(msg(2, 1, 1, MessageBody::VoteResponse { granted: true }))
-        .unwrap();
-    drain(&mut leader);
-    leader
-        .step(msg(
-            2,
-            1,
-            1,
-            MessageBody::AppendResponse(AppendOutcome::Accepted { last_index: 1 }),
-        ))
-        .unwrap();
-    drain(&mut leader);
-    for i in 0..20u8 {
-        leader.propose(Bytes::from(vec![i])).unwrap();
-    }
+    let mut leader = pipelining_leader();
     let out = drain(&mut leader);
     let sizes: Vec<_> = out
         .early

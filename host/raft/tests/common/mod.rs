@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use kythira_raft::{
-    Bytes, Config, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId, Persisted,
-    Raft, ReadState, Role, Term,
+    AppendOutcome, Bytes, Config, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId,
+    Persisted, Raft, ReadState, Role, Term,
 };
 
 pub const ELECTION: u32 = 10;
@@ -216,4 +216,31 @@ impl Network {
             .map(|e| e.term)
             .collect()
     }
+}
+
+/// Leader 1 of {1, 2} sending at most 3 entries per append with a window of
+/// 2, node 2 known to match its no-op, and 20 proposals waiting to go out.
+pub fn pipelining_leader() -> Raft {
+    let mut c = config(1, &[1, 2]);
+    c.max_entries_per_message = 3;
+    c.max_inflight_messages = 2;
+    let mut leader = Raft::new(c, Default::default()).unwrap();
+    tick_until_role_changes(&mut leader);
+    leader
+        .step(msg(2, 1, 1, MessageBody::VoteResponse { granted: true }))
+        .unwrap();
+    drain(&mut leader);
+    leader
+        .step(msg(
+            2,
+            1,
+            1,
+            MessageBody::AppendResponse(AppendOutcome::Accepted { last_index: 1 }),
+        ))
+        .unwrap();
+    drain(&mut leader);
+    for i in 0..20u8 {
+        leader.propose(Bytes::from(vec![i])).unwrap();
+    }
+    leader
 }

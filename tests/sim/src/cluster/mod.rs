@@ -628,16 +628,14 @@ impl Cluster {
                 n.writing = Some((number, write));
                 let (lo, hi) = self.profile.disk;
                 let at = self.now + self.rng.range(lo, hi);
-                self.schedule(
-                    at,
-                    Event::Persisted {
-                        node,
-                        write: number,
-                    },
-                );
+                self.schedule_persisted(node, number, at);
                 return Ok(());
             }
         }
+    }
+
+    fn schedule_persisted(&mut self, node: usize, write: u64, at: Micros) {
+        self.schedule(at, Event::Persisted { node, write });
     }
 
     fn persisted(&mut self, node: usize, number: u64) -> Result<(), Violation> {
@@ -647,13 +645,7 @@ impl Cluster {
         }
         if n.disk_stalled_until > self.now {
             let at = n.disk_stalled_until;
-            self.schedule(
-                at,
-                Event::Persisted {
-                    node,
-                    write: number,
-                },
-            );
+            self.schedule_persisted(node, number, at);
             return Ok(());
         }
         if n.disk_failed {
