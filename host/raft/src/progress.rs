@@ -147,11 +147,13 @@ impl Progress {
     /// Heartbeat response: the follower is alive. Retries a probe
     /// (`retry_probe`, always but for a mutant). A full window is left
     /// alone, or a slow follower would be sent one more append per
-    /// heartbeat. But a follower that answers heartbeats while a full window
-    /// has gone unacknowledged for `stall_ticks` lost those appends (its
-    /// acknowledgements would have come with its heartbeat answers), and
-    /// nothing else would ever be sent to find out: probing restarts from
-    /// `matched + 1`.
+    /// heartbeat. But a follower that still answers heartbeats while a full
+    /// window has gone unacknowledged for `stall_ticks` (an election timeout:
+    /// far longer than any round trip a live cluster sees) most likely lost
+    /// those appends, and nothing else would ever be sent to find out:
+    /// probing restarts from `matched + 1`. A heartbeat response cannot tell
+    /// by itself, since it may answer a heartbeat sent before the window
+    /// filled; tagging heartbeats would allow a faster rule.
     pub(crate) fn heard_from(&mut self, max_inflight: usize, retry_probe: bool, stall_ticks: u32) {
         match &mut self.state {
             ReplicationState::Probe { paused } => {
