@@ -18,6 +18,7 @@ pub const ENVELOPE_VERSION: u8 = 1;
 
 const KIND_NORMAL: u8 = 0;
 const KIND_NOOP: u8 = 1;
+const KIND_CONFIG: u8 = 2;
 const HEADER: usize = 1 + 8;
 
 /// A log entry the node cannot read back.
@@ -136,6 +137,7 @@ pub fn to_storage(e: &Entry) -> LogEntry {
     let kind = match e.kind {
         EntryKind::Normal => KIND_NORMAL,
         EntryKind::Noop => KIND_NOOP,
+        EntryKind::Config => KIND_CONFIG,
         other => unreachable!("the node writes no {other:?} entries"),
     };
     let mut buf = BytesMut::with_capacity(1 + e.data.len());
@@ -149,6 +151,7 @@ pub fn from_storage(e: LogEntry) -> Result<Entry, EntryError> {
     let kind = match e.payload.first() {
         Some(&KIND_NORMAL) => EntryKind::Normal,
         Some(&KIND_NOOP) => EntryKind::Noop,
+        Some(&KIND_CONFIG) => EntryKind::Config,
         other => {
             return Err(EntryError::UnknownKind {
                 index: e.index,
@@ -213,7 +216,7 @@ mod tests {
 
     #[test]
     fn storage_form_round_trips_and_refuses_unknown_kinds() {
-        for kind in [EntryKind::Normal, EntryKind::Noop] {
+        for kind in [EntryKind::Normal, EntryKind::Noop, EntryKind::Config] {
             let e = Entry {
                 term: 2,
                 index: 5,

@@ -147,7 +147,8 @@ impl Machines {
         for e in entries {
             assert_eq!(e.index, self.applied + 1, "entries applied out of order");
             self.applied = e.index;
-            if e.kind == EntryKind::Noop {
+            // No-ops and configuration entries are the core's own.
+            if e.kind != EntryKind::Normal {
                 continue;
             }
             let env = match Envelope::decode(e.index, &e.data) {

@@ -368,6 +368,10 @@ impl<N: Network> EventLoop<N> {
                     Err(ProposeError::NotLeader { leader }) => {
                         let _ = reply.send(Err(not_leader(leader)));
                     }
+                    // A leadership transfer under way: the client retries.
+                    Err(e @ ProposeError::Transferring { .. }) => {
+                        let _ = reply.send(Err(ApiError::Unavailable(e.to_string())));
+                    }
                 }
             }
             Command::Read {
@@ -383,6 +387,10 @@ impl<N: Network> EventLoop<N> {
                     }
                     Err(ProposeError::NotLeader { leader }) => {
                         let _ = reply.send(Err(not_leader(leader)));
+                    }
+                    // A leadership transfer under way: the client retries.
+                    Err(e @ ProposeError::Transferring { .. }) => {
+                        let _ = reply.send(Err(ApiError::Unavailable(e.to_string())));
                     }
                 }
             }

@@ -10,7 +10,10 @@ use crate::types::NodeId;
 pub struct Config {
     /// This node.
     pub id: NodeId,
-    /// Every voting member, including `id`.
+    /// The voters the cluster was bootstrapped with. Configuration entries
+    /// in the log override them. Empty for a node that joins an existing
+    /// cluster: it learns the membership from the leader's log, and neither
+    /// votes nor campaigns until the log makes it a voter.
     pub voters: Vec<NodeId>,
     /// Minimum election timeout in ticks; each timeout is drawn uniformly from
     /// `[election_ticks, 2 * election_ticks)`. Also the check-quorum period and
@@ -84,12 +87,21 @@ pub enum Mutation {
     ReadWithoutQuorum,
     /// Start ReadIndex rounds before an entry of the leader's term commits.
     ReadBeforeTermCommit,
+    /// In the joint phase, decide commits, elections and reads on the
+    /// incoming voters' majority alone.
+    JointNewMajorityOnly,
+    /// Count learners' acknowledgements and votes towards the voters'
+    /// majorities.
+    LearnerInQuorum,
+    /// Send `TimeoutNow` to a transfer's target without first bringing its
+    /// log up to date.
+    TransferWithoutCatchUp,
 }
 
 #[cfg(feature = "mutants")]
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 15] = [
+    pub const ALL: [Mutation; 18] = [
         Mutation::CommitPreviousTermByCount,
         Mutation::VoteWithoutLogCheck,
         Mutation::VoteBeforePersist,
@@ -105,6 +117,9 @@ impl Mutation {
         Mutation::MatchOnSend,
         Mutation::ReadWithoutQuorum,
         Mutation::ReadBeforeTermCommit,
+        Mutation::JointNewMajorityOnly,
+        Mutation::LearnerInQuorum,
+        Mutation::TransferWithoutCatchUp,
     ];
 
     /// Stable short name.
@@ -125,6 +140,9 @@ impl Mutation {
             Mutation::MatchOnSend => "match-on-send",
             Mutation::ReadWithoutQuorum => "read-without-quorum",
             Mutation::ReadBeforeTermCommit => "read-before-term-commit",
+            Mutation::JointNewMajorityOnly => "joint-new-majority-only",
+            Mutation::LearnerInQuorum => "learner-in-quorum",
+            Mutation::TransferWithoutCatchUp => "transfer-without-catch-up",
         }
     }
 }
@@ -160,9 +178,6 @@ impl Config {
         }
         if voters.contains(&0) {
             return Err(ConfigError::ReservedId);
-        }
-        if !voters.contains(&self.id) {
-            return Err(ConfigError::NotAVoter(self.id));
         }
         if self.heartbeat_ticks == 0 || self.heartbeat_ticks >= self.election_ticks {
             return Err(ConfigError::Timeouts {

@@ -10,7 +10,8 @@
 
 use bytes::Bytes;
 
-use crate::error::{ProposeError, StepError};
+use crate::error::{MembershipChangeError, ProposeError, StepError, TransferError};
+use crate::membership::Membership;
 use crate::message::{Message, MessageBody};
 use crate::raft::{Proposal, Raft};
 use crate::ready::ReadState;
@@ -90,6 +91,21 @@ impl Driver {
     /// Proposes a command (leader only).
     pub fn propose(&mut self, data: Bytes) -> Result<Proposal, ProposeError> {
         self.raft.propose(data)
+    }
+
+    /// Proposes a membership change (leader only); see
+    /// [`Raft::propose_membership`].
+    pub fn propose_membership(
+        &mut self,
+        target: Membership,
+    ) -> Result<Proposal, MembershipChangeError> {
+        self.raft.propose_membership(target)
+    }
+
+    /// Hands leadership to voter `to` (leader only); see
+    /// [`Raft::transfer_leadership`].
+    pub fn transfer_leadership(&mut self, to: crate::NodeId) -> Result<(), TransferError> {
+        self.raft.transfer_leadership(to)
     }
 
     /// Starts a linearizable read identified by `ctx` (leader only).
@@ -179,14 +195,15 @@ impl Driver {
 }
 
 /// Whether `m` may leave before the batch it came with is durable: a
-/// leader's appends and heartbeats (the leader counts its own entries only
-/// after the write, Raft thesis §10.2.1) and pre-vote traffic, which changes
-/// no state.
+/// leader's appends, heartbeats and `TimeoutNow` (the leader counts its own
+/// entries only after the write, Raft thesis §10.2.1) and pre-vote traffic,
+/// which changes no state.
 pub fn may_precede_persist(m: &Message) -> bool {
     matches!(
         m.body,
         MessageBody::Append { .. }
             | MessageBody::Heartbeat { .. }
+            | MessageBody::TimeoutNow
             | MessageBody::PreVote { .. }
             | MessageBody::PreVoteResponse { .. }
     )
@@ -289,6 +306,7 @@ mod tests {
             body: MessageBody::Vote {
                 last_index: 0,
                 last_term: 0,
+                transfer: false,
             },
         })
         .unwrap();

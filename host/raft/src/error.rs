@@ -1,5 +1,6 @@
 //! Errors returned by the core. None of them changes the core's state.
 
+use crate::membership::MembershipError;
 use crate::types::{Index, NodeId, Term};
 
 /// The configuration cannot be used.
@@ -11,9 +12,6 @@ pub enum ConfigError {
     /// A voter is listed twice.
     #[error("a voter is listed twice")]
     DuplicateVoter,
-    /// The node itself must be a voter.
-    #[error("node {0} is not among the voters")]
-    NotAVoter(NodeId),
     /// Heartbeats must come more often than elections.
     #[error(
         "heartbeat ({heartbeat} ticks) must be positive and below the election timeout ({election} ticks)"
@@ -68,9 +66,17 @@ pub enum RestoreError {
         /// The hard state's term.
         term: Term,
     },
-    /// The persisted vote is not a voter.
-    #[error("persisted vote for {0} who is not a voter")]
-    UnknownVote(NodeId),
+    /// The persisted vote is for node 0 ("nobody").
+    #[error("persisted vote for the reserved node id 0")]
+    ReservedVote,
+    /// A persisted configuration entry does not decode.
+    #[error("persisted configuration entry {index}: {error}")]
+    BadMembership {
+        /// Its index.
+        index: Index,
+        /// Why it does not decode.
+        error: MembershipError,
+    },
 }
 
 /// A message was refused; the core is unchanged.
@@ -84,8 +90,8 @@ pub enum StepError {
         /// This node.
         me: NodeId,
     },
-    /// The sender is not a member.
-    #[error("message from unknown node {0}")]
+    /// The sender is node 0 ("nobody") or this node itself.
+    #[error("message from impossible sender {0}")]
     UnknownSender(NodeId),
     /// The message violates the protocol's structural rules.
     #[error("malformed message from {from}: {reason}")]
@@ -106,4 +112,51 @@ pub enum ProposeError {
         /// The leader this node knows of, if any.
         leader: Option<NodeId>,
     },
+    /// Leadership is being handed to another node; retry there.
+    #[error("leadership is being transferred to {to}")]
+    Transferring {
+        /// The node becoming leader.
+        to: NodeId,
+    },
+}
+
+/// A membership change was refused; nothing was appended.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MembershipChangeError {
+    /// Only the leader changes the membership.
+    #[error("not the leader (leader hint: {leader:?})")]
+    NotLeader {
+        /// The leader this node knows of, if any.
+        leader: Option<NodeId>,
+    },
+    /// Leadership is being handed to another node; retry there.
+    #[error("leadership is being transferred to {to}")]
+    Transferring {
+        /// The node becoming leader.
+        to: NodeId,
+    },
+    /// A membership change is still under way (not committed, or in its
+    /// joint phase): one change at a time.
+    #[error("a membership change is still under way")]
+    Pending,
+    /// The requested membership is not a valid target.
+    #[error("invalid membership: {0}")]
+    Invalid(#[from] MembershipError),
+}
+
+/// A leadership transfer was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TransferError {
+    /// Only the leader can hand over leadership.
+    #[error("not the leader (leader hint: {leader:?})")]
+    NotLeader {
+        /// The leader this node knows of, if any.
+        leader: Option<NodeId>,
+    },
+    /// The target is this node.
+    #[error("node {0} leads already")]
+    AlreadyLeader(NodeId),
+    /// The target is not a voter of the incoming configuration.
+    #[error("node {0} is not a voter")]
+    NotAVoter(NodeId),
 }

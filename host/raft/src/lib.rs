@@ -10,7 +10,8 @@
 //! Implemented: elections with randomized timeouts, pre-vote and check-quorum;
 //! batched, pipelined replication with probe/replicate flow control and
 //! conflict-term backtracking; commit by quorum with the current-term rule; a
-//! no-op entry per leadership; batched ReadIndex reads.
+//! no-op entry per leadership; batched ReadIndex reads; membership changes by
+//! joint consensus with learners; leadership transfer.
 //!
 //! A driver loop for a single-node cluster:
 //!
@@ -39,8 +40,10 @@ mod config;
 mod driver;
 mod error;
 mod log;
+mod membership;
 mod message;
 mod progress;
+mod quorum;
 mod raft;
 mod read_index;
 mod ready;
@@ -52,10 +55,14 @@ pub use config::Config;
 #[cfg(feature = "mutants")]
 pub use config::Mutation;
 pub use driver::{Batch, Driver, Write, may_precede_persist};
-pub use error::{ConfigError, ProposeError, RestoreError, StepError};
+pub use error::{
+    ConfigError, MembershipChangeError, ProposeError, RestoreError, StepError, TransferError,
+};
 pub use log::RaftLog;
+pub use membership::{Membership, MembershipError};
 pub use message::{AppendOutcome, Message, MessageBody};
 pub use progress::{Progress, ReplicationState};
+pub use quorum::Voters;
 pub use raft::{Proposal, Raft, Role};
 pub use ready::{ReadState, Ready};
 pub use types::{Entry, EntryKind, HardState, Index, MAX_TERM, NodeId, Persisted, Term};

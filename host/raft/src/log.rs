@@ -28,6 +28,8 @@ pub(crate) struct Appended {
     pub(crate) last_index: Index,
     /// First index whose entry was replaced, if any was.
     pub(crate) replaced_from: Option<Index>,
+    /// First index written (replaced or new), if anything was.
+    pub(crate) written_from: Option<Index>,
 }
 
 /// Why an append from the leader was refused.
@@ -154,6 +156,7 @@ impl RaftLog {
         // off entries that a later append added.
         let conflict = entries.iter().find(|e| !self.matches(e.index, e.term));
         let mut replaced_from = None;
+        let written_from = conflict.map(|e| e.index);
         if let Some(first_new) = conflict {
             if first_new.index <= self.last_index() {
                 replaced_from = Some(first_new.index);
@@ -185,6 +188,7 @@ impl RaftLog {
         Ok(Appended {
             last_index: last_new,
             replaced_from,
+            written_from,
         })
     }
 
@@ -314,7 +318,8 @@ mod tests {
             l.try_append(0, 0, &[e(1, 1)], true, true),
             Ok(Appended {
                 last_index: 1,
-                replaced_from: None
+                replaced_from: None,
+                written_from: None,
             })
         );
         assert_eq!(terms(&l), [1, 1, 1]);
@@ -327,7 +332,8 @@ mod tests {
             l.try_append(2, 1, &[e(3, 3)], true, true),
             Ok(Appended {
                 last_index: 3,
-                replaced_from: Some(3)
+                replaced_from: Some(3),
+                written_from: Some(3),
             })
         );
         assert_eq!(terms(&l), [1, 1, 3]);

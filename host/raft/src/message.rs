@@ -36,6 +36,9 @@ pub enum MessageBody {
         last_index: Index,
         /// Term of the candidate's last entry.
         last_term: Term,
+        /// The candidate campaigns because the leader handed over to it
+        /// (`TimeoutNow`): voters set aside the leader lease (thesis §3.10).
+        transfer: bool,
     },
     /// Answer to `Vote`.
     VoteResponse {
@@ -68,6 +71,9 @@ pub enum MessageBody {
         /// The `read_round` of the heartbeat answered.
         read_round: u64,
     },
+    /// Leadership transfer (thesis §3.10): the leader, having brought the
+    /// recipient's log up to date, asks it to campaign at once.
+    TimeoutNow,
 }
 
 /// Result of an `Append` at the follower.

@@ -2,11 +2,8 @@
 //! a confirmation round is in flight share the next round, so any number of
 //! concurrent reads costs at most two rounds of heartbeats.
 
-use std::collections::BTreeMap;
-
-use crate::progress::Progress;
 use crate::ready::ReadState;
-use crate::types::{Index, NodeId};
+use crate::types::Index;
 
 #[derive(Debug, Default)]
 pub(crate) struct ReadRounds {
@@ -51,20 +48,19 @@ impl ReadRounds {
         Some(self.last_id)
     }
 
-    /// If a quorum (this node included) acknowledged the round in flight,
-    /// completes it. A follower's acknowledgement of a later round also
-    /// confirms earlier ones: it answered a heartbeat sent after they started.
+    /// If a quorum acknowledged the round in flight (`quorum_acked` answers
+    /// for a round id), completes it. A follower's acknowledgement of a later
+    /// round also confirms earlier ones: it answered a heartbeat sent after
+    /// they started.
     pub(crate) fn maybe_confirm(
         &mut self,
-        progress: &BTreeMap<NodeId, Progress>,
-        quorum: usize,
+        quorum_acked: impl Fn(u64) -> bool,
         out: &mut Vec<ReadState>,
     ) -> bool {
         let Some(round) = &self.in_flight else {
             return false;
         };
-        let acks = 1 + progress.values().filter(|p| p.read_ack >= round.id).count();
-        if acks < quorum {
+        if !quorum_acked(round.id) {
             return false;
         }
         let round = self.in_flight.take().expect("checked above");

@@ -27,6 +27,9 @@ pub enum EntryKind {
     /// Appended by every new leader so that it can commit entries of earlier
     /// terms (Raft §5.4.2) and serve reads (§6.4); carries no data.
     Noop,
+    /// A change of membership: the payload is an encoded
+    /// [`crate::Membership`], in effect from the moment it is in the log.
+    Config,
 }
 
 /// One log entry. The payload is opaque to the core.
@@ -67,7 +70,9 @@ pub struct HardState {
     pub commit: Index,
 }
 
-/// What a node recovered from its durable storage at start-up.
+/// What a node recovered from its durable storage at start-up. The
+/// membership is the bootstrap one of [`crate::Config::voters`] as changed
+/// by the configuration entries of `entries`.
 #[derive(Clone, Debug, Default)]
 pub struct Persisted {
     /// The last durable hard state.

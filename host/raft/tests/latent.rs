@@ -87,6 +87,7 @@ fn vote(term: Term, last_term: Term) -> Message {
         MessageBody::Vote {
             last_index: 1,
             last_term,
+            transfer: false,
         },
     )
 }
@@ -378,6 +379,7 @@ fn an_acknowledgement_of_replaced_entries_is_withdrawn() {
         MessageBody::Vote {
             last_index: 0,
             last_term: 0,
+            transfer: false,
         },
     ))
     .unwrap();
@@ -426,6 +428,7 @@ fn a_rejected_vote_request_does_not_reset_the_election_timer() {
     let stale_candidate = MessageBody::Vote {
         last_index: 1,
         last_term: 1,
+        transfer: false,
     };
     b.step(msg(2, 1, 5, stale_candidate)).unwrap();
     assert_eq!(

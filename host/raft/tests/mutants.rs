@@ -53,6 +53,7 @@ fn vote_request(from: NodeId, term: Term) -> Message {
         MessageBody::Vote {
             last_index: 0,
             last_term: 0,
+            transfer: false,
         },
     )
 }

@@ -69,6 +69,7 @@ fn s5_1_stale_requests_are_rejected() {
         MessageBody::Vote {
             last_index: 9,
             last_term: 2,
+            transfer: false,
         },
     ))
     .unwrap();
@@ -184,6 +185,7 @@ fn s5_2_one_vote_per_term_first_come_first_served() {
         MessageBody::Vote {
             last_index: 0,
             last_term: 0,
+            transfer: false,
         },
     ))
     .unwrap();
@@ -194,6 +196,7 @@ fn s5_2_one_vote_per_term_first_come_first_served() {
         MessageBody::Vote {
             last_index: 0,
             last_term: 0,
+            transfer: false,
         },
     ))
     .unwrap();
@@ -204,6 +207,7 @@ fn s5_2_one_vote_per_term_first_come_first_served() {
         MessageBody::Vote {
             last_index: 0,
             last_term: 0,
+            transfer: false,
         },
     ))
     .unwrap();
@@ -552,6 +556,7 @@ fn s5_4_1_votes_only_for_up_to_date_logs() {
             MessageBody::Vote {
                 last_index,
                 last_term,
+                transfer: false,
             },
         ))
         .unwrap();
@@ -753,6 +758,7 @@ fn vote_requests_are_ignored_during_the_leader_lease() {
         MessageBody::Vote {
             last_index: 9,
             last_term: 4,
+            transfer: false,
         },
     ))
     .unwrap();
@@ -775,6 +781,7 @@ fn vote_requests_are_ignored_during_the_leader_lease() {
         MessageBody::Vote {
             last_index: 9,
             last_term: 4,
+            transfer: false,
         },
     ))
     .unwrap();
@@ -866,18 +873,33 @@ fn malformed_messages_are_refused() {
         commit: 0,
     };
     assert!(r.step(msg(2, 1, 1, gap)).is_err());
-    assert!(
-        r.step(msg(
-            9,
-            1,
-            1,
-            MessageBody::Heartbeat {
-                commit: 0,
-                read_round: 0
-            }
-        ))
-        .is_err()
-    );
+    // From "nobody" or from itself. (Any other sender may be a member this
+    // node has not heard of yet.)
+    for from in [0, 1] {
+        assert!(
+            r.step(msg(
+                from,
+                1,
+                1,
+                MessageBody::Heartbeat {
+                    commit: 0,
+                    read_round: 0
+                }
+            ))
+            .is_err()
+        );
+    }
+    let bad_config = MessageBody::Append {
+        prev_index: 0,
+        prev_term: 0,
+        entries: vec![kythira_raft::Entry {
+            kind: EntryKind::Config,
+            data: Bytes::from_static(b"junk"),
+            ..entry(1, 1)
+        }],
+        commit: 0,
+    };
+    assert!(r.step(msg(2, 1, 1, bad_config)).is_err());
     assert!(
         r.step(msg(
             2,

@@ -63,9 +63,12 @@ fn refuses_inconsistent_state() {
         Err(RestoreError::TermOutOfRange { .. })
     ));
     assert!(matches!(
-        restore(hs(2, Some(9), 0), &[1, 2], 0),
-        Err(RestoreError::UnknownVote(9))
+        restore(hs(2, Some(0), 0), &[1, 2], 0),
+        Err(RestoreError::ReservedVote)
     ));
+    // A vote for a node outside the bootstrap voters is kept: the entry
+    // that made it a voter may have been truncated since.
+    assert!(restore(hs(2, Some(9), 0), &[1, 2], 0).is_ok());
     let mut gap = log_of(&[1, 1]);
     gap[1].index = 3;
     let r = Raft::new(
@@ -77,10 +80,26 @@ fn refuses_inconsistent_state() {
         },
     );
     assert!(matches!(r, Err(RestoreError::BadEntry { index: 3, .. })));
-    let mut bad = config(1, &[2, 3]);
+    let mut bad = config(1, &[2, 3, 3]);
     assert!(matches!(
         Raft::new(bad.clone(), Persisted::default()),
         Err(RestoreError::Config(_))
+    ));
+    // A node outside the bootstrap voters is a learner or joins later.
+    assert!(Raft::new(config(1, &[2, 3]), Persisted::default()).is_ok());
+    let mut bad_config = log_of(&[1, 1]);
+    bad_config[1].kind = kythira_raft::EntryKind::Config;
+    let r = Raft::new(
+        config(1, &[1, 2, 3]),
+        Persisted {
+            hard_state: hs(1, None, 0),
+            entries: bad_config,
+            applied: 0,
+        },
+    );
+    assert!(matches!(
+        r,
+        Err(RestoreError::BadMembership { index: 2, .. })
     ));
     bad.voters = vec![1, 2, 3];
     bad.heartbeat_ticks = bad.election_ticks;

@@ -26,8 +26,9 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// The frame format version this code speaks.
-pub const VERSION: u8 = 1;
+/// The frame format version this code speaks. 2: vote requests carry the
+/// leadership-transfer flag; `TimeoutNow` and configuration entries exist.
+pub const VERSION: u8 = 2;
 /// Bytes of the header.
 pub const HEADER_LEN: usize = 5;
 /// Default maximum payload: large enough for a big append batch, small enough
@@ -240,9 +241,11 @@ mod tests {
     #[tokio::test]
     async fn wrong_version_is_refused() {
         let mut bytes = frame(b"hello");
-        bytes[4] = 2;
+        bytes[4] = VERSION + 1;
         let err = read_all(&bytes, 10).await.unwrap_err();
-        assert!(matches!(err, FrameError::UnsupportedVersion { version: 2 }));
+        assert!(
+            matches!(err, FrameError::UnsupportedVersion { version } if version == VERSION + 1)
+        );
         // The version is checked before the length, so a future version's
         // large header is reported as a version problem.
         let err = read_all(&[0xff, 0xff, 0xff, 0xff, 0], 10)

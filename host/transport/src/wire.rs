@@ -61,6 +61,7 @@ enum WireBody<'a> {
     Vote {
         last_index: u64,
         last_term: u64,
+        transfer: bool,
     },
     VoteResponse {
         granted: bool,
@@ -80,6 +81,7 @@ enum WireBody<'a> {
     HeartbeatResponse {
         read_round: u64,
     },
+    TimeoutNow,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -107,12 +109,14 @@ struct WireEntry<'a> {
 enum WireKind {
     Normal,
     Noop,
+    Config,
 }
 
 fn entry_to_wire(entry: &Entry) -> Result<WireEntry<'_>, WireError> {
     let kind = match entry.kind {
         EntryKind::Normal => WireKind::Normal,
         EntryKind::Noop => WireKind::Noop,
+        EntryKind::Config => WireKind::Config,
         other => {
             return Err(WireError::UnsupportedEntryKind {
                 kind: format!("{other:?}"),
@@ -140,9 +144,11 @@ fn to_wire(message: &Message) -> Result<WireMessage<'_>, WireError> {
         MessageBody::Vote {
             last_index,
             last_term,
+            transfer,
         } => WireBody::Vote {
             last_index: *last_index,
             last_term: *last_term,
+            transfer: *transfer,
         },
         MessageBody::VoteResponse { granted } => WireBody::VoteResponse { granted: *granted },
         MessageBody::Append {
@@ -178,6 +184,7 @@ fn to_wire(message: &Message) -> Result<WireMessage<'_>, WireError> {
         MessageBody::HeartbeatResponse { read_round } => WireBody::HeartbeatResponse {
             read_round: *read_round,
         },
+        MessageBody::TimeoutNow => WireBody::TimeoutNow,
     };
     Ok(WireMessage {
         from: message.from,
@@ -221,9 +228,11 @@ pub fn decode(bytes: &Bytes) -> Result<Message, WireError> {
         WireBody::Vote {
             last_index,
             last_term,
+            transfer,
         } => MessageBody::Vote {
             last_index,
             last_term,
+            transfer,
         },
         WireBody::VoteResponse { granted } => MessageBody::VoteResponse { granted },
         WireBody::Append {
@@ -242,6 +251,7 @@ pub fn decode(bytes: &Bytes) -> Result<Message, WireError> {
                     kind: match e.kind {
                         WireKind::Normal => EntryKind::Normal,
                         WireKind::Noop => EntryKind::Noop,
+                        WireKind::Config => EntryKind::Config,
                     },
                     data: if e.data.is_empty() {
                         Bytes::new()
@@ -266,6 +276,7 @@ pub fn decode(bytes: &Bytes) -> Result<Message, WireError> {
         }),
         WireBody::Heartbeat { commit, read_round } => MessageBody::Heartbeat { commit, read_round },
         WireBody::HeartbeatResponse { read_round } => MessageBody::HeartbeatResponse { read_round },
+        WireBody::TimeoutNow => MessageBody::TimeoutNow,
     };
     Ok(Message {
         from: wire.from,
@@ -284,17 +295,13 @@ mod tests {
         (
             any::<u64>(),
             any::<u64>(),
-            any::<bool>(),
+            0..3usize,
             proptest::collection::vec(any::<u8>(), 0..64),
         )
-            .prop_map(|(term, index, noop, data)| Entry {
+            .prop_map(|(term, index, kind, data)| Entry {
                 term,
                 index,
-                kind: if noop {
-                    EntryKind::Noop
-                } else {
-                    EntryKind::Normal
-                },
+                kind: [EntryKind::Normal, EntryKind::Noop, EntryKind::Config][kind],
                 data: Bytes::from(data),
             })
     }
@@ -308,10 +315,13 @@ mod tests {
                 }
             }),
             any::<bool>().prop_map(|granted| MessageBody::PreVoteResponse { granted }),
-            (any::<u64>(), any::<u64>()).prop_map(|(last_index, last_term)| MessageBody::Vote {
-                last_index,
-                last_term
-            }),
+            (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
+                |(last_index, last_term, transfer)| MessageBody::Vote {
+                    last_index,
+                    last_term,
+                    transfer,
+                }
+            ),
             any::<bool>().prop_map(|granted| MessageBody::VoteResponse { granted }),
             (
                 any::<u64>(),
@@ -342,6 +352,7 @@ mod tests {
             (any::<u64>(), any::<u64>())
                 .prop_map(|(commit, read_round)| MessageBody::Heartbeat { commit, read_round }),
             any::<u64>().prop_map(|read_round| MessageBody::HeartbeatResponse { read_round }),
+            Just(MessageBody::TimeoutNow),
         ]
     }
 

@@ -9,7 +9,9 @@ use crate::progress::Progress;
 use crate::read_index::ReadRounds;
 use crate::types::{Entry, EntryKind, Index, MAX_TERM, NodeId, Term};
 
+use super::membership::quorum;
 use super::{Broadcast, Leadership, Raft, State, Votes};
+use crate::quorum::VoteResult;
 
 impl Raft {
     pub(super) fn in_lease(&self) -> bool {
@@ -40,6 +42,10 @@ impl Raft {
     }
 
     pub(super) fn campaign(&mut self) {
+        if !self.memberships.current().is_voter(self.cfg.id) {
+            // Learners, joining and removed nodes never campaign.
+            return;
+        }
         if self.next_term().is_none() {
             // No term left to campaign in: keep waiting for a leader of this one.
             let term = self.term;
@@ -50,9 +56,9 @@ impl Raft {
             self.leader = None;
             self.state = State::PreCandidate(Votes::default());
             self.reset_timers();
-            self.request_votes(true);
+            self.request_votes(true, false);
         } else {
-            self.campaign_for_real();
+            self.campaign_for_real(false);
         }
     }
 
@@ -61,7 +67,9 @@ impl Raft {
         self.term.checked_add(1).filter(|&t| t <= MAX_TERM)
     }
 
-    pub(super) fn campaign_for_real(&mut self) {
+    /// Campaign in the next term; `transfer` when the leader handed over to
+    /// this node (its vote requests then set the leader lease aside).
+    pub(super) fn campaign_for_real(&mut self, transfer: bool) {
         let Some(term) = self.next_term() else {
             let term = self.term;
             self.become_follower(term, None);
@@ -72,17 +80,26 @@ impl Raft {
         self.leader = None;
         self.state = State::Candidate(Votes::default());
         self.reset_timers();
-        self.request_votes(false);
+        self.request_votes(false, transfer);
     }
 
-    pub(super) fn request_votes(&mut self, pre: bool) {
+    pub(super) fn request_votes(&mut self, pre: bool, transfer: bool) {
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
         let term = if pre {
             self.next_term().expect("campaign checks for a next term")
         } else {
             self.term
         };
-        for &to in &self.peers {
+        let m = self.memberships.current();
+        let voters: Vec<NodeId> = m
+            .voters()
+            .ids()
+            .chain(m.outgoing().into_iter().flat_map(|o| o.ids()))
+            .filter(|&v| v != self.cfg.id)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for to in voters {
             let body = if pre {
                 MessageBody::PreVote {
                     last_index,
@@ -92,6 +109,7 @@ impl Raft {
                 MessageBody::Vote {
                     last_index,
                     last_term,
+                    transfer,
                 }
             };
             self.out.send(term, to, body);
@@ -166,30 +184,39 @@ impl Raft {
             votes.count_again(from, granted);
         }
         votes.record(from, granted);
-        let (yes, no) = votes.tally();
-        if yes >= self.quorum {
-            if pre {
-                self.campaign_for_real();
-            } else {
-                self.become_leader();
+        let q = quorum(&self.cfg, &self.memberships);
+        #[allow(unused_mut)]
+        let mut result = q.vote_result(|id| votes.by_voter.get(&id).copied());
+        #[cfg(feature = "mutants")]
+        if result == VoteResult::Pending
+            && votes.tally() >= self.memberships.current().voters().majority()
+        {
+            result = VoteResult::Won;
+        }
+        match result {
+            VoteResult::Won if pre => self.campaign_for_real(false),
+            VoteResult::Won => self.become_leader(),
+            VoteResult::Lost => {
+                let term = self.term;
+                self.become_follower(term, None);
             }
-        } else if no >= self.quorum {
-            let term = self.term;
-            self.become_follower(term, None);
+            VoteResult::Pending => {}
         }
     }
 
     pub(super) fn become_leader(&mut self) {
         debug_assert_eq!(self.vote, Some(self.cfg.id), "a leader voted for itself");
         let next = self.log.last_index() + 1;
+        let mut members = self.memberships.current().members();
+        members.remove(&self.cfg.id);
         self.state = State::Leader(Box::new(Leadership {
-            progress: self
-                .peers
-                .iter()
-                .map(|&p| (p, Progress::new(next)))
+            progress: members
+                .into_iter()
+                .map(|p| (p, Progress::new(next)))
                 .collect(),
             reads: ReadRounds::default(),
             broadcast: Broadcast::Entries,
+            transfer: None,
         }));
         self.leader = Some(self.cfg.id);
         self.reset_timers();
@@ -207,10 +234,12 @@ impl Raft {
         let State::Leader(l) = &mut self.state else {
             return false;
         };
-        let active = 1 + l.progress.values().filter(|p| p.recent_active).count();
+        let me = self.cfg.id;
+        let active = quorum(&self.cfg, &self.memberships)
+            .agree(|id| id == me || l.progress.get(&id).is_some_and(|p| p.recent_active));
         for p in l.progress.values_mut() {
             p.recent_active = false;
         }
-        active >= self.quorum
+        active
     }
 }

@@ -2,7 +2,9 @@
 //! and replication live in the submodules.
 
 mod election;
+mod membership;
 mod replication;
+mod transfer;
 
 use std::collections::BTreeMap;
 
@@ -13,6 +15,7 @@ use crate::config::Config;
 use crate::config::Mutation;
 use crate::error::{ProposeError, RestoreError, StepError};
 use crate::log::RaftLog;
+use crate::membership::{Membership, MembershipLog};
 use crate::message::{AppendOutcome, Message, MessageBody};
 use crate::progress::{Progress, ReplicationState};
 use crate::read_index::ReadRounds;
@@ -73,12 +76,11 @@ impl Votes {
         }
     }
 
-    fn tally(&self) -> (usize, usize) {
-        let granted = self.by_voter.values().filter(|&&g| g).count();
-        let denied = self.by_voter.len() - granted;
-        #[cfg(feature = "mutants")]
-        let granted = granted + self.repeated_grants;
-        (granted, denied)
+    /// Grants with the repeated ones counted again (the duplicate-counting
+    /// mutant's tally).
+    #[cfg(feature = "mutants")]
+    fn tally(&self) -> usize {
+        self.by_voter.values().filter(|&&g| g).count() + self.repeated_grants
     }
 }
 
@@ -89,6 +91,17 @@ struct Leadership {
     /// Proposals or a commit advance wait to be broadcast at the next `ready`,
     /// so that everything proposed in between goes out in one batch.
     broadcast: Broadcast,
+    /// A leadership transfer under way.
+    transfer: Option<Transfer>,
+}
+
+/// A leadership transfer under way (thesis §3.10).
+#[derive(Debug, Clone, Copy)]
+struct Transfer {
+    /// The voter becoming leader.
+    to: NodeId,
+    /// Ticks since it began; it is abandoned after an election timeout.
+    elapsed: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -132,7 +145,10 @@ impl Outbox {
         let early = match body {
             // Only leaders send these, and a leader's term and vote became
             // durable before it could win; entries count only once durable.
-            MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => true,
+            // `TimeoutNow` promises nothing: the target's log is what counts.
+            MessageBody::Append { .. }
+            | MessageBody::Heartbeat { .. }
+            | MessageBody::TimeoutNow => true,
             // Pre-votes change no state.
             MessageBody::PreVote { .. } | MessageBody::PreVoteResponse { .. } => true,
             #[cfg(feature = "mutants")]
@@ -169,9 +185,8 @@ impl Outbox {
 #[derive(Debug)]
 pub struct Raft {
     cfg: Config,
-    /// Other voters, sorted.
-    peers: Vec<NodeId>,
-    quorum: usize,
+    /// The membership in effect and the configuration entries behind it.
+    memberships: MembershipLog,
     term: Term,
     vote: Option<NodeId>,
     leader: Option<NodeId>,
@@ -218,6 +233,16 @@ impl Raft {
             }
             prev_term = e.term;
         }
+        let base = Membership::new(cfg.voters.iter().copied(), [])
+            .expect("validated: no reserved id, no learners");
+        let mut memberships = MembershipLog::new(base);
+        for e in entries.iter().filter(|e| e.kind == EntryKind::Config) {
+            let m = Membership::decode(&e.data).map_err(|error| RestoreError::BadMembership {
+                index: e.index,
+                error,
+            })?;
+            memberships.push(e.index, m);
+        }
         let last = entries.len() as Index;
         if hs.commit > last || applied > last {
             return Err(RestoreError::BadCommit {
@@ -230,21 +255,13 @@ impl Raft {
         // index alone is not synced: the applied index may be the later one.
         let commit = hs.commit.max(applied);
         let hs = HardState { commit, ..hs };
-        if let Some(v) = hs.vote
-            && !cfg.voters.contains(&v)
-        {
-            return Err(RestoreError::UnknownVote(v));
+        // A vote need not be for a current voter: the configuration entry
+        // that made the candidate one may have been truncated since.
+        if hs.vote == Some(0) {
+            return Err(RestoreError::ReservedVote);
         }
-        let mut peers: Vec<NodeId> = cfg
-            .voters
-            .iter()
-            .copied()
-            .filter(|&v| v != cfg.id)
-            .collect();
-        peers.sort_unstable();
         let mut raft = Self {
-            quorum: cfg.voters.len() / 2 + 1,
-            peers,
+            memberships,
             term: hs.term,
             vote: hs.vote,
             leader: None,
@@ -325,6 +342,17 @@ impl Raft {
         }
     }
 
+    /// The membership in effect: that of the last configuration entry in
+    /// the log, committed or not.
+    pub fn membership(&self) -> &Membership {
+        self.memberships.current()
+    }
+
+    /// Index of the configuration entry in effect (0: the bootstrap one).
+    pub fn membership_index(&self) -> Index {
+        self.memberships.current_index()
+    }
+
     /// Replication progress of `peer`, when leader.
     pub fn progress(&self, peer: NodeId) -> Option<&Progress> {
         match &self.state {
@@ -353,6 +381,7 @@ impl Raft {
                 pr.tick(self.cfg.max_inflight_messages);
             }
         }
+        self.tick_transfer();
         if self.election_elapsed >= self.cfg.election_ticks {
             self.election_elapsed = 0;
             if self.cfg.check_quorum && !self.quorum_recently_active() {
@@ -392,6 +421,21 @@ impl Raft {
                         .values()
                         .all(|p| p.matched < p.next && p.matched <= log.last_index())
                 );
+                let m = self.memberships.current();
+                let mut members = m.members();
+                members.remove(&self.cfg.id);
+                debug_assert!(
+                    l.progress.keys().copied().eq(members),
+                    "the leader tracks every other member and nobody else"
+                );
+                debug_assert!(
+                    m.is_voter(self.cfg.id) || self.memberships.current_index() > log.committed(),
+                    "a leader outside its configuration steps down once it commits"
+                );
+                debug_assert!(
+                    !m.is_joint() || self.memberships.current_index() >= log.committed(),
+                    "a committed joint configuration is left at once"
+                );
             }
             State::Candidate(_) => {
                 debug_assert_eq!(self.vote, Some(self.cfg.id), "a candidate voted for itself");
@@ -410,6 +454,9 @@ impl Raft {
                 leader: self.leader,
             });
         };
+        if let Some(t) = &l.transfer {
+            return Err(ProposeError::Transferring { to: t.to });
+        }
         let index = self.log.last_index() + 1;
         self.log.append(Entry {
             term: self.term,
@@ -451,12 +498,22 @@ impl Raft {
 
     fn step_inner(&mut self, m: Message) -> Result<(), StepError> {
         self.validate(&m)?;
+        let is_request = matches!(
+            m.body,
+            MessageBody::Vote { .. } | MessageBody::PreVote { .. }
+        );
+        if is_request && !self.memberships.current().is_voter(m.from) {
+            // A removed server, or one whose addition this node has not
+            // seen: ignored, term and all, so that a removed server that
+            // keeps campaigning cannot disrupt the cluster (thesis §4.2.3).
+            // Refusing a vote is always safe; the voters that do hold the
+            // configuration making it a voter can elect it.
+            return Ok(());
+        }
         if m.term > self.term {
-            let is_request = matches!(
-                m.body,
-                MessageBody::Vote { .. } | MessageBody::PreVote { .. }
-            );
-            if is_request && self.in_lease() {
+            // A candidate the leader handed over to sets the lease aside.
+            let transfer = matches!(m.body, MessageBody::Vote { transfer: true, .. });
+            if is_request && !transfer && self.in_lease() {
                 // We heard from a live leader within the minimum election
                 // timeout: a node that cannot hear it must not depose it.
                 return Ok(());
@@ -466,9 +523,9 @@ impl Raft {
                 // carries the term the sender would campaign in) is evidence
                 // of a real higher term.
                 MessageBody::PreVote { .. } | MessageBody::PreVoteResponse { granted: true } => {}
-                MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => {
-                    self.become_follower(m.term, Some(m.from))
-                }
+                MessageBody::Append { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::TimeoutNow => self.become_follower(m.term, Some(m.from)),
                 MessageBody::Vote { .. } => {
                     // Adopt the term but keep counting towards our own
                     // timeout (Raft figure 2: only a granted vote or a leader
@@ -504,6 +561,7 @@ impl Raft {
             MessageBody::Vote {
                 last_index,
                 last_term,
+                ..
             } => self.handle_vote_request(m.from, m.term, last_index, last_term, false),
             MessageBody::PreVote {
                 last_index,
@@ -541,6 +599,7 @@ impl Raft {
             MessageBody::HeartbeatResponse { read_round } => {
                 self.handle_heartbeat_response(m.from, read_round)
             }
+            MessageBody::TimeoutNow => self.handle_timeout_now(m.from),
         }
         Ok(())
     }
@@ -609,7 +668,10 @@ impl Raft {
                 me: self.cfg.id,
             });
         }
-        if self.peers.binary_search(&m.from).is_err() {
+        // Any other node may write: a leader this node does not know as a
+        // member yet (its configuration entry has not arrived), or a removed
+        // one. Whom a message may affect is decided where it is handled.
+        if m.from == 0 || m.from == self.cfg.id {
             return Err(StepError::UnknownSender(m.from));
         }
         let malformed = |reason| {
@@ -634,7 +696,8 @@ impl Raft {
             | MessageBody::VoteResponse { .. }
             | MessageBody::AppendResponse(AppendOutcome::Accepted { .. })
             | MessageBody::Heartbeat { .. }
-            | MessageBody::HeartbeatResponse { .. } => true,
+            | MessageBody::HeartbeatResponse { .. }
+            | MessageBody::TimeoutNow => true,
         };
         if m.term > MAX_TERM || !term_in_range {
             return malformed("term out of range");
@@ -658,6 +721,9 @@ impl Raft {
                 }
                 if e.term < term || e.term > m.term {
                     return malformed("append entry terms out of order");
+                }
+                if e.kind == EntryKind::Config && Membership::decode(&e.data).is_err() {
+                    return malformed("undecodable configuration entry");
                 }
                 term = e.term;
             }

@@ -9,6 +9,7 @@ use crate::message::{AppendOutcome, MessageBody};
 use crate::progress::Progress;
 use crate::types::{Entry, Index, NodeId, Term};
 
+use super::membership::quorum;
 use super::{Broadcast, Raft, State, send_append};
 
 impl Raft {
@@ -66,12 +67,16 @@ impl Raft {
             Ok(Appended {
                 last_index,
                 replaced_from,
+                written_from,
             }) => {
                 if let Some(index) = replaced_from {
                     // Acknowledgements to earlier leaders that wait for the
                     // next write describe entries that write will no longer
                     // hold: sent after it, they would be lies.
                     self.out.withdraw_acks_from(index);
+                }
+                if let Some(index) = written_from {
+                    self.follow_log_memberships(index);
                 }
                 // Only up to what this append proved to match: entries past it
                 // may still be replaced.
@@ -129,11 +134,16 @@ impl Raft {
                 reason: "answer about entries the leader never sent",
             });
         }
-        let pr = l.progress.get_mut(&from).expect("validated sender");
+        let Some(pr) = l.progress.get_mut(&from) else {
+            // Not a member (any more): nothing to track.
+            return Ok(());
+        };
         pr.recent_active = true;
         match outcome {
             AppendOutcome::Accepted { last_index } => {
-                if pr.accepted(last_index) && self.maybe_commit() {
+                let news = pr.accepted(last_index);
+                self.maybe_send_timeout_now(from);
+                if news && self.maybe_commit() {
                     return Ok(());
                 }
             }
@@ -156,7 +166,7 @@ impl Raft {
         let State::Leader(l) = &mut self.state else {
             unreachable!("still leader");
         };
-        let pr = l.progress.get_mut(&from).expect("validated sender");
+        let pr = l.progress.get_mut(&from).expect("checked above");
         send_append(
             &mut self.out,
             &self.log,
@@ -173,7 +183,9 @@ impl Raft {
         let State::Leader(l) = &mut self.state else {
             return;
         };
-        let pr = l.progress.get_mut(&from).expect("validated sender");
+        let Some(pr) = l.progress.get_mut(&from) else {
+            return;
+        };
         pr.recent_active = true;
         pr.read_ack = pr.read_ack.max(read_round);
         let retry_probe = true;
@@ -197,10 +209,7 @@ impl Raft {
                 true,
             );
         }
-        if read_round > 0
-            && l.reads
-                .maybe_confirm(&l.progress, self.quorum, &mut self.read_states)
-        {
+        if read_round > 0 && self.maybe_confirm_read() {
             self.maybe_start_read_round();
         }
     }
@@ -211,7 +220,6 @@ impl Raft {
         let State::Leader(l) = &mut self.state else {
             return false;
         };
-        let mut matched: Vec<Index> = l.progress.values().map(|p| p.matched).collect();
         // Our own entries count once durable, like a follower's.
         let own = self.log.stable();
         #[cfg(feature = "mutants")]
@@ -220,9 +228,14 @@ impl Raft {
         } else {
             own
         };
-        matched.push(own);
-        matched.sort_unstable_by(|a, b| b.cmp(a));
-        let candidate = matched[self.quorum - 1];
+        let me = self.cfg.id;
+        let candidate = quorum(&self.cfg, &self.memberships).committed_index(|id| {
+            if id == me {
+                own
+            } else {
+                l.progress.get(&id).map_or(0, |p| p.matched)
+            }
+        });
         let current_term = self.log.term(candidate) == Some(self.term);
         #[cfg(feature = "mutants")]
         let current_term = current_term || self.cfg.mutated(Mutation::CommitPreviousTermByCount);
@@ -230,6 +243,7 @@ impl Raft {
             return false;
         }
         l.broadcast = Broadcast::Commit;
+        self.after_commit();
         self.maybe_start_read_round();
         true
     }
@@ -268,6 +282,25 @@ impl Raft {
         }
     }
 
+    /// Completes the read round in flight if every voter set has a majority
+    /// (this node included, if it votes) that acknowledged it.
+    fn maybe_confirm_read(&mut self) -> bool {
+        let State::Leader(l) = &mut self.state else {
+            return false;
+        };
+        let me = self.cfg.id;
+        let q = quorum(&self.cfg, &self.memberships);
+        let progress = &l.progress;
+        let acked = |round: u64| {
+            #[cfg(feature = "mutants")]
+            if self.cfg.mutated(Mutation::ReadWithoutQuorum) {
+                return true;
+            }
+            q.agree(|id| id == me || progress.get(&id).is_some_and(|p| p.read_ack >= round))
+        };
+        l.reads.maybe_confirm(acked, &mut self.read_states)
+    }
+
     pub(super) fn maybe_start_read_round(&mut self) {
         let State::Leader(l) = &mut self.state else {
             return;
@@ -283,19 +316,13 @@ impl Raft {
         let Some(read_round) = l.reads.maybe_start(self.log.committed()) else {
             return;
         };
-        let quorum = self.quorum;
-        #[cfg(feature = "mutants")]
-        let quorum = if self.cfg.mutated(Mutation::ReadWithoutQuorum) {
-            1
-        } else {
-            quorum
-        };
-        if l.reads
-            .maybe_confirm(&l.progress, quorum, &mut self.read_states)
-        {
+        if self.maybe_confirm_read() {
             // Single voter: our own acknowledgement is a quorum.
             return self.maybe_start_read_round();
         }
+        let State::Leader(l) = &self.state else {
+            unreachable!("still leader");
+        };
         for (&to, pr) in &l.progress {
             let commit = heartbeat_commit(&self.cfg, &self.log, pr);
             self.out

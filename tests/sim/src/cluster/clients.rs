@@ -237,8 +237,12 @@ impl Cluster {
                 self.with_driver(node, |_| Ok(()))?;
                 self.drive(node)
             }
-            Err(ProposeError::NotLeader { leader }) => {
-                self.clients[client].leader_hint = leader.map(|l| l as usize - 1);
+            Err(e) => {
+                let hint = match e {
+                    ProposeError::NotLeader { leader } => leader,
+                    ProposeError::Transferring { to } => Some(to),
+                };
+                self.clients[client].leader_hint = hint.map(|l| l as usize - 1);
                 self.schedule_client(client, TICK / 2, 2 * TICK);
                 Ok(())
             }
@@ -436,6 +440,10 @@ impl Cluster {
                     }
                     Err(ProposeError::NotLeader { leader }) => {
                         pr.leader_hint = leader.map(|l| l as usize - 1);
+                        break;
+                    }
+                    Err(ProposeError::Transferring { to }) => {
+                        pr.leader_hint = Some(to as usize - 1);
                         break;
                     }
                 }

@@ -34,7 +34,8 @@ pub(super) fn mix(trace: u64, at: Micros, event: &Event) -> u64 {
                 MessageBody::Vote {
                     last_index,
                     last_term,
-                } => fold(h, &[3, *last_index, *last_term]),
+                    transfer,
+                } => fold(h, &[3, *last_index, *last_term, u64::from(*transfer)]),
                 MessageBody::VoteResponse { granted } => fold(h, &[4, u64::from(*granted)]),
                 MessageBody::Append {
                     prev_index,
@@ -60,6 +61,7 @@ pub(super) fn mix(trace: u64, at: Micros, event: &Event) -> u64 {
                     fold(h, &[8, *commit, *read_round])
                 }
                 MessageBody::HeartbeatResponse { read_round } => fold(h, &[9, *read_round]),
+                MessageBody::TimeoutNow => fold(h, &[10]),
             }
         }
         Event::Persisted { node, write } => fold(h, &[3, *node as u64, *write]),
