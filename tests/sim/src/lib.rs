@@ -197,6 +197,10 @@ pub struct Summary {
     pub depth: Depth,
     /// Seeds in which some node replaced at least 1,000 entries at once.
     pub long_truncations: u64,
+    /// Configuration entries committed, over all seeds.
+    pub membership_changes: u64,
+    /// Leadership handovers (`TimeoutNow` sent), over all seeds.
+    pub transfers: u64,
 }
 
 /// Run `count` seeds from `first` on `threads` worker threads. Each seed is
@@ -236,6 +240,8 @@ pub fn run_seeds(
                     s.undecided += u64::from(report.undecided);
                     s.depth = s.depth.max(&report.depth);
                     s.long_truncations += u64::from(report.depth.longest_truncation >= 1_000);
+                    s.membership_changes += report.depth.membership_changes;
+                    s.transfers += report.depth.transfers;
                     match &report.failure {
                         Some(f) if f.is_nonlinearizable() => s.nonlinearizable += 1,
                         Some(_) => s.violations += 1,

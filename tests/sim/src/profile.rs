@@ -62,6 +62,10 @@ pub struct Profile {
     pub crash_after_send: f64,
     /// Open-loop proposers.
     pub load: Vec<LoadSpec>,
+    /// Membership changes and leadership transfers among the fault phases'
+    /// faults, with this many spare nodes to add (they start outside the
+    /// cluster, knowing no members).
+    pub reconfigure: Option<usize>,
 }
 
 impl Profile {
@@ -119,7 +123,30 @@ impl Profile {
             phases: rng.range(1, 5) as u32,
             crash_after_send: rng.pick(&[0.0, 0.0, 0.002, 0.02]),
             load,
+            reconfigure: None,
         }
+        .with_reconfiguration(rng)
+    }
+
+    /// Draws whether the run reconfigures (half of them do), and the spare
+    /// nodes' clocks. Drawn after everything else, so the rest of a profile
+    /// does not depend on it.
+    fn with_reconfiguration(mut self, rng: &mut Rng) -> Self {
+        if rng.chance(0.5) {
+            let spares = rng.range(1, 3) as usize;
+            for _ in 0..spares {
+                let skew = rng.range(0, 2 * MAX_TICK_SKEW_PERMILLE + 1);
+                self.tick_interval
+                    .push(TICK * (1_000 - MAX_TICK_SKEW_PERMILLE + skew) / 1_000);
+            }
+            self.reconfigure = Some(spares);
+        }
+        self
+    }
+
+    /// Nodes the run starts, spares included.
+    pub fn total_nodes(&self, voters: usize) -> usize {
+        voters + self.reconfigure.unwrap_or(0)
     }
 
     /// A fault-free profile with fast disks and network, for benchmarks.
@@ -141,6 +168,7 @@ impl Profile {
             phases: 0,
             crash_after_send: 0.0,
             load: Vec::new(),
+            reconfigure: None,
         }
     }
 
@@ -173,7 +201,8 @@ impl Profile {
     pub fn describe(&self) -> String {
         format!(
             "pre_vote={} check_quorum={} election={} heartbeat={} entries/msg={} bytes/msg={} \
-             inflight={} disk={:?}us checkpoint={:?} phases={} crash_after_send={} load={:?}",
+             inflight={} disk={:?}us checkpoint={:?} phases={} crash_after_send={} load={:?} \
+             spares={:?}",
             self.pre_vote,
             self.check_quorum,
             self.election_ticks,
@@ -186,6 +215,7 @@ impl Profile {
             self.phases,
             self.crash_after_send,
             self.load.iter().map(|l| l.window).collect::<Vec<_>>(),
+            self.reconfigure,
         )
     }
 }

@@ -21,7 +21,13 @@
 //!   could collect votes from a majority (judged on durable logs, the state
 //!   that survives any crash). This is the argument behind leader
 //!   completeness (paper §5.4.3), checked before a bad election happens
-//!   rather than after;
+//!   rather than after. A candidate needs a majority of every voter set of
+//!   the membership its durable log holds (both sets in a joint phase), and
+//!   only voters of that membership campaign;
+//! * every decision has both majorities: when a leader's commit index
+//!   moves, a majority of each voter set of its membership (the old and the
+//!   new one in a joint phase; learners never count) durably holds the
+//!   newly committed entry;
 //! * durability promises, checked when a message leaves: a granted vote and
 //!   a vote request are backed by the sender's durable vote (or a durable
 //!   later term), an `Accepted { last_index }` by that many durable entries,
@@ -33,8 +39,8 @@ use std::collections::hash_map::Entry as MapEntry;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use kythira_raft::{
-    AppendOutcome, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId, Raft, Role,
-    Term,
+    AppendOutcome, Entry, EntryKind, HardState, Index, Membership, Message, MessageBody, NodeId,
+    Raft, Role, Term, Voters,
 };
 
 /// A broken invariant.
@@ -90,6 +96,21 @@ struct NodeView {
     durable_terms: Vec<Term>,
     /// Last applied index since its last restart.
     applied: Index,
+    /// The membership before any configuration entry (its bootstrap one).
+    base: Membership,
+    /// Configuration entries of its durable log, ascending.
+    durable_memberships: Vec<(Index, Membership)>,
+    /// Highest commit index seen while it led, and in which term.
+    leader_commit: (Term, Index),
+}
+
+impl NodeView {
+    /// The membership its durable log holds.
+    fn durable_membership(&self) -> &Membership {
+        self.durable_memberships
+            .last()
+            .map_or(&self.base, |(_, m)| m)
+    }
 }
 
 /// Incremental checker of every node's observable state.
@@ -109,6 +130,7 @@ pub fn entry_hash(e: &Entry) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let kind = match e.kind {
         EntryKind::Noop => 1u8,
+        EntryKind::Config => 3u8,
         _ => 2u8,
     };
     for b in std::iter::once(kind).chain(e.data.iter().copied()) {
@@ -130,11 +152,18 @@ fn violation(property: &'static str, detail: String) -> Result<(), Violation> {
 }
 
 impl Safety {
-    /// A checker for nodes `1..=nodes`.
-    pub fn new(nodes: usize) -> Self {
+    /// A checker for nodes `1..=nodes`, each starting from its bootstrap
+    /// membership (`bases[i]` for node `i + 1`).
+    pub fn new(bases: Vec<Membership>) -> Self {
         Self {
             leaders: FxMap::default(),
-            nodes: vec![NodeView::default(); nodes],
+            nodes: bases
+                .into_iter()
+                .map(|base| NodeView {
+                    base,
+                    ..NodeView::default()
+                })
+                .collect(),
             prefix_by_position: FxMap::default(),
             committed: Vec::new(),
         }
@@ -152,6 +181,7 @@ impl Safety {
             self.node(id).leader_tip = None;
             return Ok(());
         }
+        self.check_commit_quorum(raft)?;
         let term = raft.term();
         match self.leaders.entry(term) {
             MapEntry::Occupied(o) if *o.get() != id => {
@@ -227,6 +257,48 @@ impl Safety {
         self.check_commit_protected()
     }
 
+    /// A leader's new commit index is durably held by a majority of every
+    /// voter set of its membership.
+    fn check_commit_quorum(&mut self, raft: &Raft) -> Result<(), Violation> {
+        let (term, commit) = (raft.term(), raft.log().committed());
+        let seen = &mut self.node(raft.id()).leader_commit;
+        let first_sight = seen.0 != term;
+        if !first_sight && seen.1 >= commit {
+            return Ok(());
+        }
+        *seen = (term, commit);
+        if first_sight {
+            // What it committed before it led was decided by others, under
+            // the membership of the time.
+            return Ok(());
+        }
+        let Some(entry_term) = raft.log().term(commit) else {
+            return Ok(());
+        };
+        let holds = |id: NodeId| {
+            self.nodes
+                .get(id as usize - 1)
+                .and_then(|v| v.durable_terms.get(commit as usize - 1))
+                == Some(&entry_term)
+        };
+        let m = raft.membership();
+        for set in std::iter::once(m.voters()).chain(m.outgoing()) {
+            let holding = set.ids().filter(|&id| holds(id)).count();
+            if holding < set.majority() {
+                return violation(
+                    "quorum",
+                    format!(
+                        "leader {} of term {term} committed ({commit}, {entry_term}), held durably \
+                         by {holding} of voters {:?} (membership {m:?})",
+                        raft.id(),
+                        set.ids().collect::<Vec<_>>()
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// A new leader must hold every entry committed in an earlier term.
     fn check_completeness(&self, raft: &Raft) -> Result<(), Violation> {
         let log = raft.log();
@@ -263,6 +335,15 @@ impl Safety {
         let prefix = &mut view.durable_prefix;
         view.durable_terms.truncate(first.index as usize - 1);
         view.durable_terms.extend(entries.iter().map(|e| e.term));
+        view.durable_memberships
+            .retain(|&(index, _)| index < first.index);
+        for e in entries.iter().filter(|e| e.kind == EntryKind::Config) {
+            let m = Membership::decode(&e.data).map_err(|err| Violation {
+                property: "protocol",
+                detail: format!("node {node} wrote an undecodable configuration entry: {err}"),
+            })?;
+            view.durable_memberships.push((e.index, m));
+        }
         if first.index as usize > prefix.len() + 1 {
             return violation(
                 "log matching",
@@ -309,26 +390,30 @@ impl Safety {
                 v.durable_terms.len(),
             )
         };
-        let quorum = self.nodes.len() / 2 + 1;
         for (i, candidate) in self.nodes.iter().enumerate() {
+            let id = i as NodeId + 1;
             if candidate.durable_terms.get(index - 1) == Some(&term) {
                 continue;
             }
+            let m = candidate.durable_membership();
+            if !m.is_voter(id) {
+                continue;
+            }
             let (c_term, c_index) = last(candidate);
-            let voters = self
-                .nodes
-                .iter()
-                .filter(|v| {
+            let would_vote = |v: NodeId| {
+                self.nodes.get(v as usize - 1).is_some_and(|v| {
                     let (v_term, v_index) = last(v);
                     c_term > v_term || (c_term == v_term && c_index >= v_index)
                 })
-                .count();
-            if voters >= quorum {
+            };
+            let wins =
+                |set: &Voters| set.ids().filter(|&v| would_vote(v)).count() >= set.majority();
+            if wins(m.voters()) && m.outgoing().is_none_or(wins) {
                 return violation(
                     "leader completeness",
                     format!(
-                        "node {} lacks committed entry ({index}, {term}) yet {voters} nodes would vote for it",
-                        i + 1
+                        "node {id} lacks committed entry ({index}, {term}) yet a majority of \
+                         every voter set of its membership {m:?} would vote for it"
                     ),
                 );
             }

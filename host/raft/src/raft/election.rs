@@ -228,6 +228,12 @@ impl Raft {
             kind: EntryKind::Noop,
             data: Bytes::new(),
         });
+        // The joint configuration in effect may be committed already: the
+        // last leader committed C(old,new) and was gone before C(new)
+        // reached us. Only a commit would otherwise append C(new), and our
+        // commit index may already be past the joint entry, so without this
+        // the joint phase would outlive its commit until our no-op commits.
+        self.after_commit();
     }
 
     pub(super) fn quorum_recently_active(&mut self) -> bool {

@@ -67,6 +67,11 @@ impl Raft {
         if let State::Leader(l) = &mut self.state {
             l.broadcast = l.broadcast.max(Broadcast::Entries);
         }
+        // Who counts has changed: a removed laggard may have been all that
+        // held back a commit or a read round, and no acknowledgement may
+        // ever come again to re-examine them (a voter left alone).
+        self.maybe_commit();
+        self.maybe_confirm_read_after_change();
         Proposal {
             index,
             term: self.term,

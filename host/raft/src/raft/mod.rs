@@ -118,6 +118,12 @@ enum Broadcast {
 #[derive(Debug, Default)]
 struct Outbox {
     id: NodeId,
+    /// The term last made durable, as far as the core has been told. A
+    /// message of a later term waits for the write: only a leader elected
+    /// by its own vote alone (a single voter, with learners to send to) gets
+    /// to send before its new term is durable, and entries of a term that a
+    /// crash could forget must not reach anyone.
+    durable_term: Term,
     now: Vec<Message>,
     after_persist: Vec<Message>,
     #[cfg(feature = "mutants")]
@@ -166,6 +172,7 @@ impl Outbox {
             | MessageBody::AppendResponse(_)
             | MessageBody::HeartbeatResponse { .. } => false,
         };
+        let early = early && term <= self.durable_term;
         let m = Message {
             from: self.id,
             to,
@@ -273,6 +280,7 @@ impl Raft {
             rng: SplitMix64::new(cfg.seed),
             out: Outbox {
                 id: cfg.id,
+                durable_term: hs.term,
                 #[cfg(feature = "mutants")]
                 vote_before_persist: cfg.mutated(Mutation::VoteBeforePersist),
                 #[cfg(feature = "mutants")]
@@ -498,16 +506,27 @@ impl Raft {
 
     fn step_inner(&mut self, m: Message) -> Result<(), StepError> {
         self.validate(&m)?;
-        let is_request = matches!(
-            m.body,
-            MessageBody::Vote { .. } | MessageBody::PreVote { .. }
-        );
-        if is_request && !self.memberships.current().is_voter(m.from) {
-            // A removed server, or one whose addition this node has not
-            // seen: ignored, term and all, so that a removed server that
-            // keeps campaigning cannot disrupt the cluster (thesis §4.2.3).
-            // Refusing a vote is always safe; the voters that do hold the
-            // configuration making it a voter can elect it.
+        let (is_request, behind) = match m.body {
+            MessageBody::Vote {
+                last_index,
+                last_term,
+                ..
+            }
+            | MessageBody::PreVote {
+                last_index,
+                last_term,
+            } => (true, !self.log.is_up_to_date(last_index, last_term)),
+            _ => (false, false),
+        };
+        if is_request && behind && !self.memberships.current().is_voter(m.from) {
+            // A candidate this node knows no vote for, whose log is behind
+            // its own: most likely a removed server that never learned of
+            // its removal (the entry removing it is in this log). Its vote
+            // would be refused anyway; ignoring the request, term and all,
+            // keeps it from deposing leaders again and again (thesis
+            // §4.2.3). A candidate whose log is not behind may hold a
+            // configuration this node has not seen yet, so it is heard:
+            // ignoring it could leave a cluster without any electable node.
             return Ok(());
         }
         if m.term > self.term {
@@ -623,6 +642,7 @@ impl Raft {
             return None;
         }
         self.flush_broadcast();
+        self.withdraw_stale_timeout_now();
         if !self.has_ready() {
             return None;
         }
@@ -651,6 +671,7 @@ impl Raft {
             .outstanding
             .take()
             .expect("advance() without an outstanding ready()");
+        self.out.durable_term = self.handed_out.term;
         if let Some((index, term)) = last {
             self.log.stable_to(index, term);
         }

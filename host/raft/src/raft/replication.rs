@@ -301,6 +301,14 @@ impl Raft {
         l.reads.maybe_confirm(acked, &mut self.read_states)
     }
 
+    /// The membership changed: the read round in flight may be confirmed
+    /// by the new voter sets already.
+    pub(super) fn maybe_confirm_read_after_change(&mut self) {
+        if self.maybe_confirm_read() {
+            self.maybe_start_read_round();
+        }
+    }
+
     pub(super) fn maybe_start_read_round(&mut self) {
         let State::Leader(l) = &mut self.state else {
             return;

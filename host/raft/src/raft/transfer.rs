@@ -78,6 +78,36 @@ impl Raft {
         caught_up
     }
 
+    /// A `TimeoutNow` leaves the core only if its target still holds the
+    /// whole log: between the step that queued it and the `Ready` that hands
+    /// it out (a write may be outstanding for long), the transfer may have
+    /// been abandoned and new entries proposed, or the joint phase left.
+    /// A dropped one is sent again when the target catches up.
+    pub(super) fn withdraw_stale_timeout_now(&mut self) {
+        let last = self.log.last_index();
+        let current = |to: NodeId| match &self.state {
+            State::Leader(l) => {
+                l.transfer.is_some_and(|t| t.to == to)
+                    && l.progress.get(&to).is_some_and(|p| p.matched == last)
+            }
+            _ => false,
+        };
+        let keep: Vec<bool> = self
+            .out
+            .now
+            .iter()
+            .map(|m| m.body != MessageBody::TimeoutNow || current(m.to))
+            .collect();
+        let mut keep = keep.into_iter();
+        #[cfg(feature = "mutants")]
+        if self.cfg.mutated(Mutation::TransferWithoutCatchUp) {
+            return;
+        }
+        self.out
+            .now
+            .retain(|_| keep.next().expect("one flag per message"));
+    }
+
     /// One leader tick: a transfer that has not ended within an election
     /// timeout is abandoned, and proposals are accepted again.
     pub(super) fn tick_transfer(&mut self) {

@@ -120,12 +120,15 @@ fn main() -> anyhow::Result<()> {
     let d = summary.depth;
     eprintln!(
         "depth: highest term {}, longest replaced suffix {} entries (seeds replacing 1,000+: {}), \
-         largest catch-up lag {} entries, tightest liveness deadline {:.1} % used",
+         largest catch-up lag {} entries, tightest liveness deadline {:.1} % used, \
+         membership entries committed {}, handovers {}",
         d.max_term,
         d.longest_truncation,
         summary.long_truncations,
         d.largest_lag,
-        d.tightest_deadline_permille as f64 / 10.0
+        d.tightest_deadline_permille as f64 / 10.0,
+        summary.membership_changes,
+        summary.transfers
     );
     println!(
         "SIM nodes={nodes} seeds={} steps={} violations={} nonlinearizable={}",

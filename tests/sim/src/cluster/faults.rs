@@ -1,22 +1,31 @@
 //! The faults of a fault phase: partitions, one-way links (some lasting the
 //! whole phase), lossy links, crashes (some placed right after a send that
-//! promises durable state), pauses, disk stalls and failures, clock jumps.
+//! promises durable state), pauses, disk stalls and failures, clock jumps,
+//! and in reconfiguring runs membership changes and leadership transfers.
 
 use kythira_raft::{Message, MessageBody};
 
 use super::{Cluster, Event};
 use crate::network::Quality;
 use crate::profile::Micros;
+use crate::safety::Violation;
 
 /// Placed crashes are at least this far apart, so that they do not keep
 /// the cluster down for good.
 const PLACED_CRASH_GAP: Micros = 20_000;
 
 impl Cluster {
-    pub(super) fn inject_fault(&mut self) {
+    pub(super) fn inject_fault(&mut self) -> Result<(), Violation> {
         let n = self.nodes.len();
-        let roll = self.rng.range(0, 100);
+        let rolls = if self.profile.reconfigure.is_some() {
+            120
+        } else {
+            100
+        };
+        let roll = self.rng.range(0, rolls);
         match roll {
+            100..112 => return self.change_membership(),
+            112..120 => return self.transfer_leadership(),
             0..12 => self.heal_links(),
             12..22 => {
                 let side: Vec<bool> = (0..n).map(|_| self.rng.chance(0.5)).collect();
@@ -92,6 +101,7 @@ impl Cluster {
                 };
             }
         }
+        Ok(())
     }
 
     /// Reconnect every link except the ones cut for the whole phase.

@@ -11,6 +11,7 @@
 mod clients;
 mod faults;
 mod phases;
+mod reconfigure;
 mod trace;
 
 use std::cmp::Ordering;
@@ -21,8 +22,8 @@ use kythira_linearizability::kv::{KvInput, KvOutput};
 #[cfg(feature = "mutants")]
 use kythira_raft::Mutation;
 use kythira_raft::{
-    AppendOutcome, Config, Driver, Entry, EntryKind, HardState, Index, Message, MessageBody,
-    NodeId, Persisted, Raft, ReadState, Role, Write,
+    AppendOutcome, Config, Driver, Entry, EntryKind, HardState, Index, Membership, Message,
+    MessageBody, NodeId, Persisted, Raft, ReadState, Role, Write,
 };
 
 use crate::kv::{KvStore, PutCommand};
@@ -221,6 +222,10 @@ pub struct Depth {
     pub largest_lag: u64,
     /// The largest share of its deadline a liveness check used, in ‰.
     pub tightest_deadline_permille: u64,
+    /// Configuration entries committed (joint and final ones alike).
+    pub membership_changes: u64,
+    /// `TimeoutNow` messages sent by leaders handing over.
+    pub transfers: u64,
 }
 
 impl Depth {
@@ -233,6 +238,8 @@ impl Depth {
             tightest_deadline_permille: self
                 .tightest_deadline_permille
                 .max(other.tightest_deadline_permille),
+            membership_changes: self.membership_changes.max(other.membership_changes),
+            transfers: self.transfers.max(other.transfers),
         }
     }
 }
@@ -287,19 +294,21 @@ pub struct Cluster {
     throughput_applied: u64,
     throughput_outstanding: usize,
     depth: Depth,
+    /// Index of the last configuration entry applied anywhere.
+    last_config_applied: Index,
 }
 
 impl Cluster {
     /// Build the cluster for `opts`.
     pub fn new(opts: Options) -> Self {
         let mut rng = Rng::new(opts.seed);
-        let n = opts.nodes;
         let checked = matches!(opts.workload, Workload::Checked);
         let profile = if checked {
-            Profile::draw(&mut rng, n)
+            Profile::draw(&mut rng, opts.nodes)
         } else {
-            Profile::throughput(n)
+            Profile::throughput(opts.nodes)
         };
+        let n = profile.total_nodes(opts.nodes);
         let mut net = Network::new(n);
         net.delay = profile.net_delay;
         let clients = if checked { 3 } else { 1 };
@@ -331,7 +340,7 @@ impl Cluster {
                 })
                 .collect(),
             net,
-            safety: Safety::new(n),
+            safety: Safety::new((0..n).map(|i| bootstrap(&opts, i)).collect()),
             check: checked,
             clients: (0..clients).map(|c| Client::new(c as u64)).collect(),
             proposers,
@@ -345,6 +354,7 @@ impl Cluster {
             throughput_applied: 0,
             throughput_outstanding: 0,
             depth: Depth::default(),
+            last_config_applied: 0,
             profile,
             opts,
         };
@@ -360,7 +370,10 @@ impl Cluster {
     }
 
     fn config(&mut self, node: usize) -> Config {
-        let voters = (1..=self.opts.nodes as NodeId).collect::<Vec<_>>();
+        let voters = bootstrap(&self.opts, node)
+            .voters()
+            .ids()
+            .collect::<Vec<_>>();
         let mut cfg = Config::new(node as NodeId + 1, voters);
         let p = &self.profile;
         cfg.seed = self.rng.next_u64();
@@ -557,7 +570,7 @@ impl Cluster {
             Event::LoadAct { proposer } => self.load_act(proposer),
             Event::Fault { phase } => {
                 if self.phase.faulty(phase) {
-                    self.inject_fault();
+                    self.inject_fault()?;
                     let (lo, hi) = self.profile.fault_gap;
                     let at = self.now + self.rng.range(lo, hi);
                     self.schedule(at, Event::Fault { phase });
@@ -715,6 +728,10 @@ impl Cluster {
                     accepted_terms,
                 },
             )?;
+            if m.body == MessageBody::TimeoutNow {
+                self.check_transfer_target(&m)?;
+                self.depth.transfers += 1;
+            }
             self.maybe_crash_after(&m);
         }
         let times: Vec<u64> = self
@@ -734,11 +751,50 @@ impl Cluster {
         Ok(())
     }
 
+    /// A leader hands over only to a voter whose durable log holds its whole
+    /// log (unless the target already moved past the leader's term: then the
+    /// leader is deposed, and its `TimeoutNow` is ignored).
+    fn check_transfer_target(&self, m: &Message) -> Result<(), Violation> {
+        let Some(leader) = self.nodes[m.from as usize - 1].driver.as_ref() else {
+            return Ok(());
+        };
+        let log = leader.raft().log();
+        let (last, last_term) = (log.last_index(), log.last_term());
+        let target = &self.nodes[m.to as usize - 1];
+        if target.durable_hard_state.term > m.term {
+            return Ok(());
+        }
+        let held = last == 0
+            || target
+                .durable_log
+                .get(last as usize - 1)
+                .is_some_and(|e| e.term == last_term);
+        if held {
+            Ok(())
+        } else {
+            Err(Violation {
+                property: "transfer",
+                detail: format!(
+                    "leader {} of term {} handed over to {} whose durable log ({} entries) \
+                     lacks its last entry ({last}, {last_term})",
+                    m.from,
+                    m.term,
+                    m.to,
+                    target.durable_log.len()
+                ),
+            })
+        }
+    }
+
     fn apply(&mut self, node: usize, e: &Entry) -> Result<(), Violation> {
         if self.check {
             let n = &self.nodes[node];
             let term = n.driver.as_ref().map_or(0, |d| d.raft().term());
             self.safety.applied(n.id, term, e)?;
+        }
+        if e.kind == EntryKind::Config && e.index > self.last_config_applied {
+            self.last_config_applied = e.index;
+            self.depth.membership_changes += 1;
         }
         let n = &mut self.nodes[node];
         n.applied = e.index;
@@ -829,18 +885,54 @@ impl Cluster {
         eprintln!("  blocked links: {:?}", self.net);
     }
 
+    /// The leader of the highest term among leaders, if no running member
+    /// of its membership has moved to a later term. (Nodes outside it, such
+    /// as a removed one that never learned of its removal, may campaign in
+    /// ever higher terms that nobody listens to.)
     fn current_leader(&self) -> Option<usize> {
-        let max_term = self
+        let (l, raft) = self
             .nodes
             .iter()
-            .filter_map(|n| n.driver.as_ref())
-            .map(|d| d.raft().term())
-            .max()?;
-        self.nodes.iter().position(|n| {
-            n.driver.as_ref().is_some_and(|d| {
-                let r = d.raft();
-                r.role() == Role::Leader && r.term() == max_term
-            })
-        })
+            .enumerate()
+            .filter_map(|(i, n)| n.driver.as_ref().map(|d| (i, d.raft())))
+            .filter(|(_, r)| r.role() == Role::Leader)
+            .max_by_key(|(_, r)| r.term())?;
+        let members = raft.membership().members();
+        let superseded = self.nodes.iter().any(|n| {
+            members.contains(&n.id)
+                && n.driver
+                    .as_ref()
+                    .is_some_and(|d| d.raft().term() > raft.term())
+        });
+        (!superseded).then_some(l)
     }
+
+    /// The nodes that must keep up: the members of the current leader's
+    /// membership (every node, if there is no leader).
+    fn members_now(&self) -> Vec<usize> {
+        let Some(l) = self.current_leader() else {
+            return (0..self.nodes.len()).collect();
+        };
+        let raft = self.nodes[l]
+            .driver
+            .as_ref()
+            .expect("a leader is up")
+            .raft();
+        let members = raft.membership().members();
+        (0..self.nodes.len())
+            .filter(|&i| members.contains(&self.nodes[i].id))
+            .collect()
+    }
+}
+
+/// The membership node `i` boots with: the first `opts.nodes` nodes are the
+/// cluster's voters; the spares know nobody and learn the membership from
+/// the log once a leader adds them.
+fn bootstrap(opts: &Options, i: usize) -> Membership {
+    let voters: Vec<NodeId> = if i < opts.nodes {
+        (1..=opts.nodes as NodeId).collect()
+    } else {
+        Vec::new()
+    };
+    Membership::new(voters, []).expect("ids are positive and distinct")
 }

@@ -86,7 +86,10 @@ impl Cluster {
         // A minority down for a long time: this whole phase and the next
         // quiet one. With load running, it returns thousands of entries
         // behind, and (if it led) with a suffix nobody else has.
-        let n = self.nodes.len();
+        // Chosen among the voters (of the leader's membership, if there is
+        // a leader): a minority of them.
+        let voters = self.voters_now();
+        let n = voters.len();
         if n >= 3 && self.rng.chance(0.3) {
             let count = self.rng.range(1, (n as u64 - 1) / 2 + 1) as usize;
             let mut victims = Vec::new();
@@ -96,7 +99,7 @@ impl Cluster {
                 victims.push(l);
             }
             while victims.len() < count {
-                let v = self.rng.range(0, n as u64) as usize;
+                let v = self.rng.pick(&voters);
                 if !victims.contains(&v) {
                     victims.push(v);
                 }
@@ -192,8 +195,9 @@ impl Cluster {
         let up = || self.nodes.iter().filter_map(|n| n.driver.as_ref());
         let last = up().map(|d| d.raft().log().last_index()).max().unwrap_or(0);
         let applied = self
-            .nodes
-            .iter()
+            .members_now()
+            .into_iter()
+            .map(|i| &self.nodes[i])
             .filter(|n| n.driver.is_some())
             .map(|n| n.applied)
             .min()
@@ -238,15 +242,28 @@ impl Cluster {
 
     /// What the cluster has not achieved yet, if anything.
     fn unmet_liveness(&self) -> Option<String> {
-        if self.current_leader().is_none() {
+        let Some(leader) = self.current_leader() else {
             return Some("no leader".into());
-        }
+        };
         if self.phase.completed == 0 {
             return Some("no operation completed in the phase".into());
         }
+        let raft = self.nodes[leader]
+            .driver
+            .as_ref()
+            .expect("a leader is up")
+            .raft();
+        if raft.membership().is_joint() || raft.membership_index() > raft.log().committed() {
+            return Some(format!(
+                "membership change at {} not finished: {:?}",
+                raft.membership_index(),
+                raft.membership()
+            ));
+        }
         if let Some(n) = self
-            .nodes
-            .iter()
+            .members_now()
+            .into_iter()
+            .map(|i| &self.nodes[i])
             .find(|n| n.driver.is_some() && n.applied < self.acked_index)
         {
             return Some(format!(
