@@ -348,6 +348,15 @@ impl MembershipLog {
         self.entries.last().map_or(0, |(i, _)| *i)
     }
 
+    /// The membership the one in effect replaced (`None` for the base).
+    pub(crate) fn previous(&self) -> Option<&Membership> {
+        match self.entries.len() {
+            0 => None,
+            1 => Some(&self.base),
+            n => Some(&self.entries[n - 2].1),
+        }
+    }
+
     /// A configuration entry was appended at `index`.
     pub(crate) fn push(&mut self, index: Index, m: Membership) {
         debug_assert!(self.entries.last().is_none_or(|(i, _)| *i < index));

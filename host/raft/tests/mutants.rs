@@ -8,7 +8,8 @@ use std::fmt::Debug;
 
 use common::*;
 use kythira_raft::{
-    AppendOutcome, Bytes, Config, Message, MessageBody, Mutation, NodeId, Raft, Role, Term,
+    AppendOutcome, Bytes, Config, Membership, Message, MessageBody, Mutation, NodeId, Raft, Role,
+    Term,
 };
 
 /// The outcome of `scenario` without and with `m`; they must differ.
@@ -97,6 +98,20 @@ fn count_duplicate_votes() {
         r.role()
     });
     assert_eq!((clean, mutated), (Role::Candidate, Role::Leader));
+}
+
+#[test]
+fn vote_before_persist() {
+    let (clean, mutated) = differs(Mutation::VoteBeforePersist, |m| {
+        // The request brings a new term: neither it nor the vote is durable.
+        let mut r = Raft::new(cfg(1, &[1, 2, 3], m), Default::default()).unwrap();
+        r.step(vote_request(2, 1)).unwrap();
+        let rd = r.ready().unwrap();
+        let hs = rd.hard_state.expect("the term and vote are to be written");
+        assert_eq!((hs.term, hs.vote), (1, Some(2)));
+        (rd.messages.len(), rd.persisted_messages.len())
+    });
+    assert_eq!((clean, mutated), ((0, 1), (1, 0)));
 }
 
 #[test]
@@ -275,4 +290,59 @@ fn read_before_term_commit() {
             .count()
     });
     assert_eq!((clean, mutated), (0, 2));
+}
+
+#[test]
+fn joint_new_majority_only() {
+    let (clean, mutated) = differs(Mutation::JointNewMajorityOnly, |m| {
+        // Old {1, 2, 3}, new {1, 4, 5}: only the new set stores the joint entry.
+        let mut r = leader(&[1, 2, 3], m);
+        let target = Membership::new([1, 4, 5], []).unwrap();
+        let p = r.propose_membership(target).unwrap();
+        drain(&mut r);
+        for id in [4, 5] {
+            r.step(accepted(id, p.index)).unwrap();
+        }
+        drain(&mut r);
+        r.log().committed()
+    });
+    assert_eq!(
+        (clean, mutated),
+        (0, 2),
+        "the mutant commits without a majority of the old set"
+    );
+}
+
+#[test]
+fn learner_in_quorum() {
+    let (clean, mutated) = differs(Mutation::LearnerInQuorum, |m| {
+        // Voters {1, 2}, learner 3: only the leader and the learner store
+        // the configuration entry that added the learner.
+        let mut r = leader(&[1, 2], m);
+        let target = Membership::new([1, 2], [3]).unwrap();
+        let p = r.propose_membership(target).unwrap();
+        drain(&mut r);
+        r.step(accepted(3, p.index)).unwrap();
+        drain(&mut r);
+        r.log().committed()
+    });
+    assert_eq!((clean, mutated), (0, 2));
+}
+
+#[test]
+fn transfer_without_catch_up() {
+    let (clean, mutated) = differs(Mutation::TransferWithoutCatchUp, |m| {
+        // Node 2 stores the leader's no-op; node 3 stores nothing.
+        let mut r = leader(&[1, 2, 3], m);
+        r.step(accepted(2, 1)).unwrap();
+        drain(&mut r);
+        r.transfer_leadership(3).unwrap();
+        drain(&mut r)
+            .all()
+            .iter()
+            .filter(|m| m.body == MessageBody::TimeoutNow)
+            .map(|m| m.to)
+            .collect::<Vec<_>>()
+    });
+    assert_eq!((clean, mutated), (vec![], vec![3]));
 }

@@ -131,8 +131,10 @@ impl Profile {
     /// Draws whether the run reconfigures (half of them do), and the spare
     /// nodes' clocks. Drawn after everything else, so the rest of a profile
     /// does not depend on it.
+    /// Only with pre-vote or check-quorum on: without either, a removed
+    /// server can disrupt the cluster (see the core's `in_lease`).
     fn with_reconfiguration(mut self, rng: &mut Rng) -> Self {
-        if rng.chance(0.5) {
+        if rng.chance(0.5) && (self.pre_vote || self.check_quorum) {
             let spares = rng.range(1, 3) as usize;
             for _ in 0..spares {
                 let skew = rng.range(0, 2 * MAX_TICK_SKEW_PERMILLE + 1);

@@ -22,8 +22,8 @@
 //!   that survives any crash). This is the argument behind leader
 //!   completeness (paper §5.4.3), checked before a bad election happens
 //!   rather than after. A candidate needs a majority of every voter set of
-//!   the membership its durable log holds (both sets in a joint phase), and
-//!   only voters of that membership campaign;
+//!   the membership its durable log holds (both sets in a joint phase);
+//!   every node is judged a candidate, whether or not it would campaign;
 //! * every decision has both majorities: when a leader's commit index
 //!   moves, a majority of each voter set of its membership (the old and the
 //!   new one in a joint phase; learners never count) durably holds the
@@ -258,7 +258,12 @@ impl Safety {
     }
 
     /// A leader's new commit index is durably held by a majority of every
-    /// voter set of its membership.
+    /// voter set of its membership, and each joint configuration entry it
+    /// newly committed by a majority of both of that entry's sets. (The
+    /// second is what the joint phase is for; the first alone would not see
+    /// it, since a leader leaves the joint phase in the very input that
+    /// commits it, and a later decision under the new voters alone is sound
+    /// once the joint entry is committed, thesis §4.3.)
     fn check_commit_quorum(&mut self, raft: &Raft) -> Result<(), Violation> {
         let (term, commit) = (raft.term(), raft.log().committed());
         let seen = &mut self.node(raft.id()).leader_commit;
@@ -266,31 +271,48 @@ impl Safety {
         if !first_sight && seen.1 >= commit {
             return Ok(());
         }
-        *seen = (term, commit);
+        let before = std::mem::replace(seen, (term, commit)).1;
         if first_sight {
             // What it committed before it led was decided by others, under
             // the membership of the time.
             return Ok(());
         }
-        let Some(entry_term) = raft.log().term(commit) else {
+        let log = raft.log();
+        self.check_held(raft, commit, raft.membership())?;
+        for e in log.entries(before + 1, commit) {
+            if e.kind != EntryKind::Config {
+                continue;
+            }
+            let m = Membership::decode(&e.data).expect("a leader's log decodes");
+            if m.is_joint() {
+                self.check_held(raft, e.index, &m)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `raft` (a leader) decided that `index` is committed: a majority of
+    /// every voter set of `m` must durably hold it.
+    fn check_held(&self, raft: &Raft, index: Index, m: &Membership) -> Result<(), Violation> {
+        let Some(entry_term) = raft.log().term(index) else {
             return Ok(());
         };
         let holds = |id: NodeId| {
             self.nodes
                 .get(id as usize - 1)
-                .and_then(|v| v.durable_terms.get(commit as usize - 1))
+                .and_then(|v| v.durable_terms.get(index as usize - 1))
                 == Some(&entry_term)
         };
-        let m = raft.membership();
         for set in std::iter::once(m.voters()).chain(m.outgoing()) {
             let holding = set.ids().filter(|&id| holds(id)).count();
             if holding < set.majority() {
                 return violation(
                     "quorum",
                     format!(
-                        "leader {} of term {term} committed ({commit}, {entry_term}), held durably \
+                        "leader {} of term {} committed ({index}, {entry_term}), held durably \
                          by {holding} of voters {:?} (membership {m:?})",
                         raft.id(),
+                        raft.term(),
                         set.ids().collect::<Vec<_>>()
                     ),
                 );
@@ -395,10 +417,10 @@ impl Safety {
             if candidate.durable_terms.get(index - 1) == Some(&term) {
                 continue;
             }
+            // Every node counts as a candidate, even one that would not
+            // campaign: voting looks at logs alone, so none lacking a
+            // committed entry may be able to gather the votes.
             let m = candidate.durable_membership();
-            if !m.is_voter(id) {
-                continue;
-            }
             let (c_term, c_index) = last(candidate);
             let would_vote = |v: NodeId| {
                 self.nodes.get(v as usize - 1).is_some_and(|v| {

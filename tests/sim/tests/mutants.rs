@@ -58,4 +58,7 @@ hunts! {
     match_on_send => "match-on-send",
     read_without_quorum => "read-without-quorum",
     read_before_term_commit => "read-before-term-commit",
+    joint_new_majority_only => "joint-new-majority-only",
+    learner_in_quorum => "learner-in-quorum",
+    transfer_without_catch_up => "transfer-without-catch-up",
 }

@@ -14,6 +14,14 @@ use super::{Broadcast, Leadership, Raft, State, Votes};
 use crate::quorum::VoteResult;
 
 impl Raft {
+    /// Whether this node heard from a live leader within the minimum
+    /// election timeout: vote requests are then ignored, term and all
+    /// (thesis §4.2.3). Only with check-quorum, which guarantees that such a
+    /// leader still hears from a quorum (as etcd does). This, or pre-vote,
+    /// is what keeps a removed server that never learned of its removal
+    /// from disrupting the cluster through a member whose log is too far
+    /// behind to know of the removal: with both off, that member adopts the
+    /// removed server's terms and deposes leader after leader.
     pub(super) fn in_lease(&self) -> bool {
         self.cfg.check_quorum
             && self.leader.is_some()
@@ -41,8 +49,23 @@ impl Raft {
         self.reset_timers();
     }
 
+    /// Whether this node starts elections: a voter of the membership in
+    /// effect, or of the one it replaced while the new one is not known to
+    /// be committed. The second case is a leader that removed itself and
+    /// lost its quorum (or crashed) before the new configuration committed:
+    /// its log may be the only one the others' joint configuration lets win,
+    /// and if it did not campaign nobody could. Who campaigns is a matter of
+    /// liveness only; a candidate still needs a majority of every voter set
+    /// of its own membership.
+    pub(super) fn may_campaign(&self) -> bool {
+        let id = self.cfg.id;
+        self.memberships.current().is_voter(id)
+            || (self.memberships.current_index() > self.log.committed()
+                && self.memberships.previous().is_some_and(|m| m.is_voter(id)))
+    }
+
     pub(super) fn campaign(&mut self) {
-        if !self.memberships.current().is_voter(self.cfg.id) {
+        if !self.may_campaign() {
             // Learners, joining and removed nodes never campaign.
             return;
         }

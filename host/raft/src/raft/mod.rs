@@ -172,7 +172,20 @@ impl Outbox {
             | MessageBody::AppendResponse(_)
             | MessageBody::HeartbeatResponse { .. } => false,
         };
-        let early = early && term <= self.durable_term;
+        // The persist mutants exist to send before anything is durable, the
+        // term included; held back by the term, they would inject nothing
+        // whenever the message is the first of a new term.
+        #[cfg(feature = "mutants")]
+        let skips_wait = match body {
+            MessageBody::VoteResponse { .. } => self.vote_before_persist,
+            MessageBody::AppendResponse(_) | MessageBody::HeartbeatResponse { .. } => {
+                self.ack_before_persist
+            }
+            _ => false,
+        };
+        #[cfg(not(feature = "mutants"))]
+        let skips_wait = false;
+        let early = early && (term <= self.durable_term || skips_wait);
         let m = Message {
             from: self.id,
             to,

@@ -117,13 +117,19 @@ pub fn tick_until_role_changes(r: &mut Raft) {
     panic!("role never changed from {role:?}");
 }
 
+/// Decides whether a message in flight is lost.
+pub type DropRule = Box<dyn FnMut(&Message) -> bool>;
+
 /// A set of cores connected by a lossless, ordered, instantaneous network,
-/// with optional cut links.
+/// with optional cut links and an optional rule that loses chosen messages.
 pub struct Network {
     pub nodes: BTreeMap<NodeId, Raft>,
     pub applied: BTreeMap<NodeId, Vec<Entry>>,
     pub reads: BTreeMap<NodeId, Vec<ReadState>>,
+    /// Every message sent, in order, delivered or not.
+    pub trace: Vec<Message>,
     cut: BTreeSet<(NodeId, NodeId)>,
+    drop_rule: Option<DropRule>,
     queue: VecDeque<Message>,
 }
 
@@ -134,9 +140,55 @@ impl Network {
             applied: nodes.keys().map(|&id| (id, Vec::new())).collect(),
             reads: nodes.keys().map(|&id| (id, Vec::new())).collect(),
             nodes,
+            trace: Vec::new(),
             cut: BTreeSet::new(),
+            drop_rule: None,
             queue: VecDeque::new(),
         }
+    }
+
+    /// `voters` with each node's configuration adjusted by `f`.
+    pub fn with_config(voters: &[NodeId], f: impl Fn(&mut Config)) -> Self {
+        Self::new(voters.iter().map(|&id| {
+            let mut c = config(id, voters);
+            f(&mut c);
+            Raft::new(c, Persisted::default()).unwrap()
+        }))
+    }
+
+    /// Connects one more node (a joining server, say).
+    pub fn add(&mut self, r: Raft) {
+        let id = r.id();
+        self.applied.insert(id, Vec::new());
+        self.reads.insert(id, Vec::new());
+        assert!(
+            self.nodes.insert(id, r).is_none(),
+            "node {id} is there already"
+        );
+    }
+
+    /// Cuts the links between `a` and `b`, both ways.
+    pub fn cut(&mut self, a: NodeId, b: NodeId) {
+        self.cut.insert((a, b));
+        self.cut.insert((b, a));
+    }
+
+    /// Cuts every link between nodes of different groups.
+    pub fn partition(&mut self, groups: &[&[NodeId]]) {
+        for (i, g) in groups.iter().enumerate() {
+            for h in &groups[i + 1..] {
+                for &a in g.iter() {
+                    for &b in h.iter() {
+                        self.cut(a, b);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Loses every message for which `rule` says so, until `heal`.
+    pub fn drop_if(&mut self, rule: impl FnMut(&Message) -> bool + 'static) {
+        self.drop_rule = Some(Box::new(rule));
     }
 
     pub fn of_size(n: u64) -> Self {
@@ -153,20 +205,24 @@ impl Network {
         }
     }
 
+    /// Restores every link and stops losing messages.
     pub fn heal(&mut self) {
         self.cut.clear();
+        self.drop_rule = None;
     }
 
     pub fn get(&mut self, id: NodeId) -> &mut Raft {
         self.nodes.get_mut(&id).unwrap()
     }
 
-    /// Deliver messages until the network is quiet.
+    /// Deliver messages until the network is quiet. A message to a node
+    /// that is not connected is lost.
     pub fn settle(&mut self) {
         for _ in 0..100_000 {
             let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
             for id in ids {
                 let out = drain(self.nodes.get_mut(&id).unwrap());
+                self.trace.extend(out.all());
                 self.applied.get_mut(&id).unwrap().extend(out.committed);
                 self.reads.get_mut(&id).unwrap().extend(out.reads);
                 self.queue.extend(out.early);
@@ -175,11 +231,29 @@ impl Network {
             let Some(m) = self.queue.pop_front() else {
                 return;
             };
-            if !self.cut.contains(&(m.from, m.to)) {
-                self.nodes.get_mut(&m.to).unwrap().step(m).unwrap();
+            let lost = self.cut.contains(&(m.from, m.to))
+                || self.drop_rule.as_mut().is_some_and(|rule| rule(&m));
+            if !lost && let Some(to) = self.nodes.get_mut(&m.to) {
+                to.step(m).unwrap();
             }
         }
         panic!("network never settled");
+    }
+
+    /// Sends `msgs` (taken from a node's `Ready` by hand) through the
+    /// network, then settles.
+    pub fn deliver(&mut self, msgs: Vec<Message>) {
+        self.trace.extend(msgs.iter().cloned());
+        self.queue.extend(msgs);
+        self.settle();
+    }
+
+    /// Tick only `id`, `ticks` times, settling after each.
+    pub fn tick(&mut self, id: NodeId, ticks: u32) {
+        for _ in 0..ticks {
+            self.get(id).tick();
+            self.settle();
+        }
     }
 
     /// Let `id` time out and campaign, then settle.

@@ -18,14 +18,14 @@ impl Cluster {
     pub(super) fn inject_fault(&mut self) -> Result<(), Violation> {
         let n = self.nodes.len();
         let rolls = if self.profile.reconfigure.is_some() {
-            120
+            140
         } else {
             100
         };
         let roll = self.rng.range(0, rolls);
         match roll {
-            100..112 => return self.change_membership(),
-            112..120 => return self.transfer_leadership(),
+            100..130 => return self.change_membership(),
+            130..140 => return self.transfer_leadership(),
             0..12 => self.heal_links(),
             12..22 => {
                 let side: Vec<bool> = (0..n).map(|_| self.rng.chance(0.5)).collect();

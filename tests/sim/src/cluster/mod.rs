@@ -858,7 +858,8 @@ impl Cluster {
             let core = n.driver.as_ref().map(|d| {
                 let r = d.raft();
                 format!(
-                    "{:?} term {} vote {:?} leader {:?} last {} ({}) commit {} writing {}",
+                    "{:?} term {} vote {:?} leader {:?} last {} ({}) commit {} writing {} \
+                     membership {:?} at {}",
                     r.role(),
                     r.term(),
                     r.vote(),
@@ -866,7 +867,9 @@ impl Cluster {
                     r.log().last_index(),
                     r.log().last_term(),
                     r.log().committed(),
-                    d.is_writing()
+                    d.is_writing(),
+                    r.membership(),
+                    r.membership_index()
                 )
             });
             eprintln!(

@@ -45,32 +45,40 @@ impl Cluster {
             self.opts.nodes.saturating_sub(1).max(1),
             self.opts.nodes + 1,
         );
-        let roll = self.rng.range(0, 100);
-        let change = match roll {
-            0..30 if !outsiders.is_empty() => m.with_learner(self.rng.pick(&outsiders)),
-            30..50 if !learners.is_empty() && voters.len() < max_voters => {
-                m.with_promoted(self.rng.pick(&learners))
+        // Each kind of change in turn, from a random one, until one applies:
+        // a change is never skipped for want of a learner to promote.
+        let first = self.rng.range(0, 5);
+        let mut change = None;
+        for k in 0..5 {
+            change = match (first + k) % 5 {
+                0 if !outsiders.is_empty() => Some(m.with_learner(self.rng.pick(&outsiders))),
+                1 if !learners.is_empty() && voters.len() < max_voters => {
+                    Some(m.with_promoted(self.rng.pick(&learners)))
+                }
+                2 if voters.len() > min_voters => {
+                    let victim = self.pick_victim(leader_id, &voters);
+                    Some(m.without(victim))
+                }
+                3 if !learners.is_empty() && self.rng.chance(0.3) => {
+                    Some(m.without(self.rng.pick(&learners)))
+                }
+                // Replace a voter (the leader, at times) by a learner: the
+                // change whose joint phase has an old and a new majority
+                // that share the least.
+                4 if !learners.is_empty() => {
+                    let victim = self.pick_victim(leader_id, &voters);
+                    Some(
+                        m.with_promoted(self.rng.pick(&learners))
+                            .and_then(|m| m.without(victim)),
+                    )
+                }
+                _ => None,
+            };
+            if change.is_some() {
+                break;
             }
-            50..70 if voters.len() > min_voters => {
-                let victim = if self.rng.chance(0.4) {
-                    leader_id
-                } else {
-                    self.rng.pick(&voters)
-                };
-                m.without(victim)
-            }
-            70..80 if !learners.is_empty() => m.without(self.rng.pick(&learners)),
-            80..100 if !learners.is_empty() => {
-                let victim = if self.rng.chance(0.4) {
-                    leader_id
-                } else {
-                    self.rng.pick(&voters)
-                };
-                m.with_promoted(self.rng.pick(&learners))
-                    .and_then(|m| m.without(victim))
-            }
-            _ => return None,
-        };
+        }
+        let change = change?;
         let target = change.ok()?;
         // Nodes kept down through the next quiet phase must stay a minority
         // of every voter set, or the quiet phase could not make progress.
@@ -79,6 +87,15 @@ impl Cluster {
             .iter()
             .all(|set| set.ids().filter(|&v| !held(v)).count() >= set.majority());
         live.then_some(target)
+    }
+
+    /// A voter to remove: the leader itself at times.
+    fn pick_victim(&mut self, leader: NodeId, voters: &[NodeId]) -> NodeId {
+        if self.rng.chance(0.4) {
+            leader
+        } else {
+            self.rng.pick(voters)
+        }
     }
 
     /// Ask the current leader to hand leadership to a random other voter.
