@@ -34,6 +34,19 @@ pub struct Config {
     /// A leader that has not heard from a quorum within `election_ticks`
     /// steps down, and nodes ignore vote requests while they have a live leader.
     pub check_quorum: bool,
+    /// Serve [`crate::Raft::lease_read`] from the leader lease, without a
+    /// round of heartbeats (thesis §6.4.1). Needs `check_quorum`, and must be
+    /// the same on every node: a restarted node then refuses to vote for an
+    /// election timeout, since it forgot the leader it heard from.
+    ///
+    /// Assumes that the tick rates of any two nodes differ by less than
+    /// `lease_drift_ticks` in `election_ticks` (clock drift, not skew: the
+    /// lease is measured in each node's own ticks).
+    pub lease_reads: bool,
+    /// How many ticks shorter than `election_ticks` the lease is: the margin
+    /// for clock drift between nodes, plus one for tick phase. With tick
+    /// rates within ±5 % of each other, `election_ticks / 10 + 2` suffices.
+    pub lease_drift_ticks: u32,
     /// Seed of the election-timeout generator; give each node its own.
     pub seed: u64,
     /// An injected bug, for testing the tests.
@@ -96,12 +109,15 @@ pub enum Mutation {
     /// Send `TimeoutNow` to a transfer's target without first bringing its
     /// log up to date.
     TransferWithoutCatchUp,
+    /// Run the lease from the last heartbeat sent, acknowledged or not: a
+    /// deposed leader cut off from the others keeps serving lease reads.
+    LeaseWithoutQuorum,
 }
 
 #[cfg(feature = "mutants")]
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 18] = [
+    pub const ALL: [Mutation; 19] = [
         Mutation::CommitPreviousTermByCount,
         Mutation::VoteWithoutLogCheck,
         Mutation::VoteBeforePersist,
@@ -120,6 +136,7 @@ impl Mutation {
         Mutation::JointNewMajorityOnly,
         Mutation::LearnerInQuorum,
         Mutation::TransferWithoutCatchUp,
+        Mutation::LeaseWithoutQuorum,
     ];
 
     /// Stable short name.
@@ -143,6 +160,7 @@ impl Mutation {
             Mutation::JointNewMajorityOnly => "joint-new-majority-only",
             Mutation::LearnerInQuorum => "learner-in-quorum",
             Mutation::TransferWithoutCatchUp => "transfer-without-catch-up",
+            Mutation::LeaseWithoutQuorum => "lease-without-quorum",
         }
     }
 }
@@ -161,6 +179,8 @@ impl Config {
             max_inflight_messages: 64,
             pre_vote: true,
             check_quorum: true,
+            lease_reads: false,
+            lease_drift_ticks: 3,
             seed: id,
             #[cfg(feature = "mutants")]
             mutation: None,
@@ -182,6 +202,13 @@ impl Config {
         if self.heartbeat_ticks == 0 || self.heartbeat_ticks >= self.election_ticks {
             return Err(ConfigError::Timeouts {
                 heartbeat: self.heartbeat_ticks,
+                election: self.election_ticks,
+            });
+        }
+        if self.lease_reads && (!self.check_quorum || self.lease_drift_ticks >= self.election_ticks)
+        {
+            return Err(ConfigError::Lease {
+                drift: self.lease_drift_ticks,
                 election: self.election_ticks,
             });
         }

@@ -108,9 +108,16 @@ impl Driver {
         self.raft.transfer_leadership(to)
     }
 
-    /// Starts a linearizable read identified by `ctx` (leader only).
+    /// Starts a linearizable read identified by `ctx`; see
+    /// [`Raft::read_index`] (a follower forwards it to the leader).
     pub fn read_index(&mut self, ctx: u64) -> Result<(), ProposeError> {
         self.raft.read_index(ctx)
+    }
+
+    /// Starts a read served from the leader lease when it holds; see
+    /// [`Raft::lease_read`].
+    pub fn lease_read(&mut self, ctx: u64) -> Result<(), ProposeError> {
+        self.raft.lease_read(ctx)
     }
 
     /// Whether a write is outstanding.
@@ -204,6 +211,8 @@ pub fn may_precede_persist(m: &Message) -> bool {
         MessageBody::Append { .. }
             | MessageBody::Heartbeat { .. }
             | MessageBody::TimeoutNow
+            | MessageBody::ReadIndexRequest { .. }
+            | MessageBody::ReadIndexResponse { .. }
             | MessageBody::PreVote { .. }
             | MessageBody::PreVoteResponse { .. }
     )

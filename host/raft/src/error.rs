@@ -25,6 +25,17 @@ pub enum ConfigError {
     /// A message limit is zero.
     #[error("message and inflight limits must be positive")]
     ZeroLimit,
+    /// Lease reads need check-quorum and a lease shorter than an election
+    /// timeout.
+    #[error(
+        "lease reads need check_quorum and a drift margin ({drift} ticks) below the election timeout ({election} ticks)"
+    )]
+    Lease {
+        /// Configured drift margin.
+        drift: u32,
+        /// Configured election timeout.
+        election: u32,
+    },
 }
 
 /// The persisted state handed to [`crate::Raft::new`] is inconsistent.

@@ -74,6 +74,19 @@ pub enum MessageBody {
     /// Leadership transfer (thesis §3.10): the leader, having brought the
     /// recipient's log up to date, asks it to campaign at once.
     TimeoutNow,
+    /// A follower asks its leader for a read index (thesis §6.4, follower
+    /// reads).
+    ReadIndexRequest {
+        /// The follower's context for the read.
+        ctx: u64,
+    },
+    /// The leader's answer: serve the read once `index` is applied.
+    ReadIndexResponse {
+        /// The follower's context for the read.
+        ctx: u64,
+        /// The leader's commit index once it confirmed its leadership.
+        index: Index,
+    },
 }
 
 /// Result of an `Append` at the follower.

@@ -27,7 +27,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The frame format version this code speaks. 2: vote requests carry the
-/// leadership-transfer flag; `TimeoutNow` and configuration entries exist.
+/// leadership-transfer flag; `TimeoutNow`, forwarded reads and
+/// configuration entries exist.
 pub const VERSION: u8 = 2;
 /// Bytes of the header.
 pub const HEADER_LEN: usize = 5;

@@ -82,6 +82,13 @@ enum WireBody<'a> {
         read_round: u64,
     },
     TimeoutNow,
+    ReadIndexRequest {
+        ctx: u64,
+    },
+    ReadIndexResponse {
+        ctx: u64,
+        index: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -185,6 +192,11 @@ fn to_wire(message: &Message) -> Result<WireMessage<'_>, WireError> {
             read_round: *read_round,
         },
         MessageBody::TimeoutNow => WireBody::TimeoutNow,
+        MessageBody::ReadIndexRequest { ctx } => WireBody::ReadIndexRequest { ctx: *ctx },
+        MessageBody::ReadIndexResponse { ctx, index } => WireBody::ReadIndexResponse {
+            ctx: *ctx,
+            index: *index,
+        },
     };
     Ok(WireMessage {
         from: message.from,
@@ -277,6 +289,8 @@ pub fn decode(bytes: &Bytes) -> Result<Message, WireError> {
         WireBody::Heartbeat { commit, read_round } => MessageBody::Heartbeat { commit, read_round },
         WireBody::HeartbeatResponse { read_round } => MessageBody::HeartbeatResponse { read_round },
         WireBody::TimeoutNow => MessageBody::TimeoutNow,
+        WireBody::ReadIndexRequest { ctx } => MessageBody::ReadIndexRequest { ctx },
+        WireBody::ReadIndexResponse { ctx, index } => MessageBody::ReadIndexResponse { ctx, index },
     };
     Ok(Message {
         from: wire.from,
@@ -353,6 +367,9 @@ mod tests {
                 .prop_map(|(commit, read_round)| MessageBody::Heartbeat { commit, read_round }),
             any::<u64>().prop_map(|read_round| MessageBody::HeartbeatResponse { read_round }),
             Just(MessageBody::TimeoutNow),
+            any::<u64>().prop_map(|ctx| MessageBody::ReadIndexRequest { ctx }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(ctx, index)| MessageBody::ReadIndexResponse { ctx, index }),
         ]
     }
 

@@ -62,6 +62,9 @@ pub struct Profile {
     pub crash_after_send: f64,
     /// Open-loop proposers.
     pub load: Vec<LoadSpec>,
+    /// Cores serve lease reads (with check-quorum only), and clients use
+    /// them for half their reads.
+    pub lease_reads: bool,
     /// Membership changes and leadership transfers among the fault phases'
     /// faults, with this many spare nodes to add (they start outside the
     /// cluster, knowing no members).
@@ -123,9 +126,27 @@ impl Profile {
             phases: rng.range(1, 5) as u32,
             crash_after_send: rng.pick(&[0.0, 0.0, 0.002, 0.02]),
             load,
+            lease_reads: false,
             reconfigure: None,
         }
         .with_reconfiguration(rng)
+        .with_lease_reads(rng)
+    }
+
+    /// Lease reads in half the runs with check-quorum.
+    fn with_lease_reads(mut self, rng: &mut Rng) -> Self {
+        self.lease_reads = rng.chance(0.5) && self.check_quorum;
+        self
+    }
+
+    /// The lease's margin for clock drift. A lease of `E - d` ticks of the
+    /// slowest-ticking leader (1 + s of the nominal tick) must end before
+    /// `E - 1` ticks of the fastest-ticking follower (1 - s; one tick is lost
+    /// to phase): `d >= E * 2s / (1 + s) + 1`, rounded up, plus one.
+    pub fn lease_drift_ticks(&self) -> u32 {
+        let e = u64::from(self.election_ticks);
+        let skew = 2 * MAX_TICK_SKEW_PERMILLE;
+        (e * skew).div_ceil(1_000 + MAX_TICK_SKEW_PERMILLE) as u32 + 2
     }
 
     /// Draws whether the run reconfigures (half of them do), and the spare
@@ -170,6 +191,7 @@ impl Profile {
             phases: 0,
             crash_after_send: 0.0,
             load: Vec::new(),
+            lease_reads: false,
             reconfigure: None,
         }
     }
@@ -204,7 +226,7 @@ impl Profile {
         format!(
             "pre_vote={} check_quorum={} election={} heartbeat={} entries/msg={} bytes/msg={} \
              inflight={} disk={:?}us checkpoint={:?} phases={} crash_after_send={} load={:?} \
-             spares={:?}",
+             spares={:?} lease_reads={}",
             self.pre_vote,
             self.check_quorum,
             self.election_ticks,
@@ -218,6 +240,7 @@ impl Profile {
             self.crash_after_send,
             self.load.iter().map(|l| l.window).collect::<Vec<_>>(),
             self.reconfigure,
+            self.lease_reads,
         )
     }
 }

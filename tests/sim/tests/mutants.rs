@@ -61,4 +61,5 @@ hunts! {
     joint_new_majority_only => "joint-new-majority-only",
     learner_in_quorum => "learner-in-quorum",
     transfer_without_catch_up => "transfer-without-catch-up",
+    lease_without_quorum => "lease-without-quorum",
 }

@@ -38,7 +38,12 @@ impl Raft {
     pub(super) fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
         debug_assert!(term >= self.term, "terms never decrease");
         if let State::Leader(l) = &mut self.state {
-            self.dropped_reads.extend(l.reads.drain());
+            // Local reads fail now; followers' forwarded reads expire there.
+            self.dropped_reads
+                .extend(l.reads.drain().filter(|r| r.from.is_none()).map(|r| r.ctx));
+        }
+        if term != self.term || leader != self.leader {
+            self.drop_forwarded();
         }
         if term > self.term {
             self.term = term;
@@ -77,6 +82,7 @@ impl Raft {
         }
         if self.cfg.pre_vote {
             self.leader = None;
+            self.drop_forwarded();
             self.state = State::PreCandidate(Votes::default());
             self.reset_timers();
             self.request_votes(true, false);
@@ -101,6 +107,7 @@ impl Raft {
         self.term = term;
         self.vote = Some(self.cfg.id);
         self.leader = None;
+        self.drop_forwarded();
         self.state = State::Candidate(Votes::default());
         self.reset_timers();
         self.request_votes(false, transfer);
@@ -240,6 +247,7 @@ impl Raft {
             reads: ReadRounds::default(),
             broadcast: Broadcast::Entries,
             transfer: None,
+            lease_revoked: false,
         }));
         self.leader = Some(self.cfg.id);
         self.reset_timers();

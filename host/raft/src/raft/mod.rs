@@ -3,6 +3,7 @@
 
 mod election;
 mod membership;
+mod reads;
 mod replication;
 mod transfer;
 
@@ -93,6 +94,9 @@ struct Leadership {
     broadcast: Broadcast,
     /// A leadership transfer under way.
     transfer: Option<Transfer>,
+    /// A `TimeoutNow` went out in this term: its target campaigns past every
+    /// lease, so this leader's lease can no longer be trusted.
+    lease_revoked: bool,
 }
 
 /// A leadership transfer under way (thesis §3.10).
@@ -155,6 +159,8 @@ impl Outbox {
             MessageBody::Append { .. }
             | MessageBody::Heartbeat { .. }
             | MessageBody::TimeoutNow => true,
+            // Reads promise nothing about this node's own state.
+            MessageBody::ReadIndexRequest { .. } | MessageBody::ReadIndexResponse { .. } => true,
             // Pre-votes change no state.
             MessageBody::PreVote { .. } | MessageBody::PreVoteResponse { .. } => true,
             #[cfg(feature = "mutants")]
@@ -219,6 +225,15 @@ pub struct Raft {
     out: Outbox,
     read_states: Vec<ReadState>,
     dropped_reads: Vec<u64>,
+    /// Ticks since this core started: its own clock, for leases and for
+    /// expiring forwarded reads.
+    ticks: u64,
+    /// Reads forwarded to the leader, awaiting its read index: (ctx, tick).
+    forwarded: Vec<(u64, u64)>,
+    /// Until this tick vote requests are ignored: with lease reads, a
+    /// restarted node forgot the leader it heard from, whose lease may
+    /// still run.
+    quiet_until: u64,
     /// The hard state last handed out in a `Ready`.
     handed_out: HardState,
     /// The last entry of the `Ready` being handled, once one is handed out.
@@ -302,6 +317,13 @@ impl Raft {
             },
             read_states: Vec::new(),
             dropped_reads: Vec::new(),
+            ticks: 0,
+            forwarded: Vec::new(),
+            quiet_until: if cfg.lease_reads {
+                u64::from(cfg.election_ticks)
+            } else {
+                0
+            },
             handed_out: hs,
             outstanding: None,
             cfg,
@@ -389,6 +411,8 @@ impl Raft {
     }
 
     fn tick_inner(&mut self) {
+        self.ticks += 1;
+        self.expire_forwarded();
         self.election_elapsed = self.election_elapsed.saturating_add(1);
         if !matches!(self.state, State::Leader(_)) {
             if self.election_elapsed >= self.randomized_timeout {
@@ -492,20 +516,6 @@ impl Raft {
         })
     }
 
-    /// Request a linearizable read identified by `ctx`. It appears in
-    /// `Ready::read_states` once a quorum confirmed this node's leadership
-    /// (or in `Ready::dropped_reads` if it loses leadership first).
-    pub fn read_index(&mut self, ctx: u64) -> Result<(), ProposeError> {
-        let State::Leader(l) = &mut self.state else {
-            return Err(ProposeError::NotLeader {
-                leader: self.leader,
-            });
-        };
-        l.reads.request(ctx);
-        self.maybe_start_read_round();
-        Ok(())
-    }
-
     /// Feed a message from the network. An `Err` reports a message that
     /// breaks the protocol: a malformed one (a term past [`MAX_TERM`], an
     /// append or heartbeat from a second leader of our term, ...) changes
@@ -545,7 +555,7 @@ impl Raft {
         if m.term > self.term {
             // A candidate the leader handed over to sets the lease aside.
             let transfer = matches!(m.body, MessageBody::Vote { transfer: true, .. });
-            if is_request && !transfer && self.in_lease() {
+            if is_request && !transfer && (self.in_lease() || self.ticks < self.quiet_until) {
                 // We heard from a live leader within the minimum election
                 // timeout: a node that cannot hear it must not depose it.
                 return Ok(());
@@ -557,7 +567,10 @@ impl Raft {
                 MessageBody::PreVote { .. } | MessageBody::PreVoteResponse { granted: true } => {}
                 MessageBody::Append { .. }
                 | MessageBody::Heartbeat { .. }
-                | MessageBody::TimeoutNow => self.become_follower(m.term, Some(m.from)),
+                | MessageBody::TimeoutNow
+                | MessageBody::ReadIndexResponse { .. } => {
+                    self.become_follower(m.term, Some(m.from))
+                }
                 MessageBody::Vote { .. } => {
                     // Adopt the term but keep counting towards our own
                     // timeout (Raft figure 2: only a granted vote or a leader
@@ -632,6 +645,10 @@ impl Raft {
                 self.handle_heartbeat_response(m.from, read_round)
             }
             MessageBody::TimeoutNow => self.handle_timeout_now(m.from),
+            MessageBody::ReadIndexRequest { ctx } => self.handle_read_request(m.from, ctx),
+            MessageBody::ReadIndexResponse { ctx, index } => {
+                self.handle_read_response(m.from, ctx, index)
+            }
         }
         Ok(())
     }
@@ -731,7 +748,9 @@ impl Raft {
             | MessageBody::AppendResponse(AppendOutcome::Accepted { .. })
             | MessageBody::Heartbeat { .. }
             | MessageBody::HeartbeatResponse { .. }
-            | MessageBody::TimeoutNow => true,
+            | MessageBody::TimeoutNow
+            | MessageBody::ReadIndexRequest { .. }
+            | MessageBody::ReadIndexResponse { .. } => true,
         };
         if m.term > MAX_TERM || !term_in_range {
             return malformed("term out of range");

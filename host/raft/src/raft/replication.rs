@@ -274,7 +274,7 @@ impl Raft {
         let State::Leader(l) = &mut self.state else {
             return;
         };
-        let read_round = l.reads.current();
+        let read_round = l.reads.next_round(self.ticks, self.cfg.lease_reads);
         for (&to, pr) in &l.progress {
             let commit = heartbeat_commit(&self.cfg, &self.log, pr);
             self.out
@@ -284,21 +284,35 @@ impl Raft {
 
     /// Completes the read round in flight if every voter set has a majority
     /// (this node included, if it votes) that acknowledged it.
-    fn maybe_confirm_read(&mut self) -> bool {
+    pub(super) fn maybe_confirm_read(&mut self) -> bool {
         let State::Leader(l) = &mut self.state else {
             return false;
         };
         let me = self.cfg.id;
         let q = quorum(&self.cfg, &self.memberships);
         let progress = &l.progress;
+        let latest = l.reads.latest();
+        // The newest round a majority of every voter set acknowledged (this
+        // node acknowledges its own rounds as it sends them).
+        let acked_round = q.committed_index(|id| {
+            if id == me {
+                latest
+            } else {
+                progress.get(&id).map_or(0, |p| p.read_ack)
+            }
+        });
+        l.reads.quorum_acked(acked_round);
         let acked = |round: u64| {
             #[cfg(feature = "mutants")]
             if self.cfg.mutated(Mutation::ReadWithoutQuorum) {
                 return true;
             }
-            q.agree(|id| id == me || progress.get(&id).is_some_and(|p| p.read_ack >= round))
+            acked_round >= round
         };
-        l.reads.maybe_confirm(acked, &mut self.read_states)
+        let mut confirmed = Vec::new();
+        let done = l.reads.maybe_confirm(acked, &mut confirmed);
+        self.answer_reads(confirmed);
+        done
     }
 
     /// The membership changed: the read round in flight may be confirmed
@@ -321,7 +335,10 @@ impl Raft {
         if !term_committed {
             return;
         }
-        let Some(read_round) = l.reads.maybe_start(self.log.committed()) else {
+        let Some(read_round) =
+            l.reads
+                .maybe_start(self.log.committed(), self.ticks, self.cfg.lease_reads)
+        else {
             return;
         };
         if self.maybe_confirm_read() {

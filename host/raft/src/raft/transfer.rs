@@ -33,6 +33,7 @@ impl Raft {
         l.transfer = Some(Transfer { to, elapsed: 0 });
         #[cfg(feature = "mutants")]
         if self.cfg.mutated(Mutation::TransferWithoutCatchUp) {
+            l.lease_revoked = true;
             self.out.send(self.term, to, MessageBody::TimeoutNow);
             return Ok(());
         }
@@ -65,7 +66,7 @@ impl Raft {
     /// Sends `TimeoutNow` if `to` is the transfer's target and durably holds
     /// this leader's whole log. Returns whether it did.
     pub(super) fn maybe_send_timeout_now(&mut self, to: NodeId) -> bool {
-        let State::Leader(l) = &self.state else {
+        let State::Leader(l) = &mut self.state else {
             return false;
         };
         let caught_up = l.transfer.is_some_and(|t| t.to == to)
@@ -73,6 +74,7 @@ impl Raft {
                 .get(&to)
                 .is_some_and(|p| p.matched == self.log.last_index());
         if caught_up {
+            l.lease_revoked = true;
             self.out.send(self.term, to, MessageBody::TimeoutNow);
         }
         caught_up

@@ -182,7 +182,22 @@ impl Cluster {
     /// Send the pending operation's next attempt to the node the client
     /// believes leads.
     fn attempt(&mut self, client: usize) -> Result<(), Violation> {
-        let node = self.node_for(self.clients[client].leader_hint);
+        let is_put = self.clients[client]
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.is_put);
+        // A third of the reads go to any node: a follower forwards them to
+        // its leader (follower reads).
+        let hint = if !is_put && self.rng.chance(0.3) {
+            None
+        } else {
+            self.clients[client].leader_hint
+        };
+        let node = self.node_for(hint);
+        let lease = self.profile.lease_reads && self.rng.chance(0.5);
+        if self.nodes[node].paused_until <= self.now {
+            self.pay_owed_ticks(node)?;
+        }
         let until = self.nodes[node].paused_until;
         if until > self.now {
             // The request sits in the paused node's socket buffer.
@@ -208,6 +223,8 @@ impl Cluster {
             }
             .encode();
             driver.propose(data).map(|proposal| Some(proposal.index))
+        } else if lease {
+            driver.lease_read(read_ctx(op, attempt)).map(|()| None)
         } else {
             driver.read_index(read_ctx(op, attempt)).map(|()| None)
         };

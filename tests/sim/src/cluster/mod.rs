@@ -206,6 +206,9 @@ struct Node {
     disk_failed: bool,
     /// Ticks the node's clock skipped: the next tick delivers them at once.
     missed_ticks: u32,
+    /// Ticks that passed while the node was paused, delivered before it
+    /// handles anything else (with lease reads).
+    owed_ticks: u32,
     /// Kept down through the next quiet phase on purpose.
     held_down: bool,
 }
@@ -336,6 +339,7 @@ impl Cluster {
                     disk_stalled_until: 0,
                     disk_failed: false,
                     missed_ticks: 0,
+                    owed_ticks: 0,
                     held_down: false,
                 })
                 .collect(),
@@ -384,6 +388,8 @@ impl Cluster {
         cfg.max_entries_per_message = p.max_entries;
         cfg.max_bytes_per_message = p.max_bytes;
         cfg.max_inflight_messages = p.max_inflight;
+        cfg.lease_reads = p.lease_reads;
+        cfg.lease_drift_ticks = p.lease_drift_ticks();
         #[cfg(feature = "mutants")]
         {
             cfg.mutation = self.opts.mutation;
@@ -412,6 +418,7 @@ impl Cluster {
         n.disk_stalled_until = 0;
         n.disk_failed = false;
         n.missed_ticks = 0;
+        n.owed_ticks = 0;
         n.held_down = false;
         self.safety.restarted(n.id, applied);
         let incarnation = n.incarnation;
@@ -515,6 +522,7 @@ impl Cluster {
                 self.schedule(until, event);
                 return Ok(());
             }
+            self.pay_owed_ticks(node)?;
         }
         match event {
             Event::Tick { node, incarnation } => {
@@ -588,6 +596,18 @@ impl Cluster {
             }
             Event::QuietCheck { phase } => self.quiet_check(phase),
         }
+    }
+
+    /// Deliver the ticks that passed while the node was paused.
+    fn pay_owed_ticks(&mut self, node: usize) -> Result<(), Violation> {
+        for _ in 0..std::mem::take(&mut self.nodes[node].owed_ticks) {
+            self.with_driver(node, |d| {
+                d.tick();
+                Ok(())
+            })?;
+            self.drive(node)?;
+        }
+        Ok(())
     }
 
     /// Run `f` on the node's driver (if up) and check the invariants of its

@@ -62,6 +62,8 @@ pub(super) fn mix(trace: u64, at: Micros, event: &Event) -> u64 {
                 }
                 MessageBody::HeartbeatResponse { read_round } => fold(h, &[9, *read_round]),
                 MessageBody::TimeoutNow => fold(h, &[10]),
+                MessageBody::ReadIndexRequest { ctx } => fold(h, &[11, *ctx]),
+                MessageBody::ReadIndexResponse { ctx, index } => fold(h, &[12, *ctx, *index]),
             }
         }
         Event::Persisted { node, write } => fold(h, &[3, *node as u64, *write]),
