@@ -68,6 +68,7 @@ pub fn recover(store: &FjallStore) -> Result<Recovered, NodeError> {
     }
     Ok(Recovered {
         persisted: Persisted {
+            snapshot: None,
             hard_state: HardState {
                 term: hs.term,
                 vote: hs.vote,
@@ -119,6 +120,14 @@ impl Disk {
 
     /// Queues a write without waiting for it.
     pub fn write(&self, w: Write) -> Result<(), NodeError> {
+        // The daemon never compacts its log and its peer codec carries no
+        // snapshot, so no core of it can accept one: stop rather than go on
+        // without the state it stands for.
+        if w.snapshot.is_some() {
+            return Err(NodeError::Stopped(
+                "the core accepted a snapshot, which this node cannot install",
+            ));
+        }
         let hs = w.hard_state.map(|hs| kythira_storage::HardState {
             term: hs.term,
             vote: hs.vote,

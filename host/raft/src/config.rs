@@ -112,12 +112,15 @@ pub enum Mutation {
     /// Run the lease from the last heartbeat sent, acknowledged or not: a
     /// deposed leader cut off from the others keeps serving lease reads.
     LeaseWithoutQuorum,
+    /// Install a received snapshot even when this node has already
+    /// committed (and applied) past it.
+    SnapshotOverCommitted,
 }
 
 #[cfg(feature = "mutants")]
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 19] = [
+    pub const ALL: [Mutation; 20] = [
         Mutation::CommitPreviousTermByCount,
         Mutation::VoteWithoutLogCheck,
         Mutation::VoteBeforePersist,
@@ -137,6 +140,7 @@ impl Mutation {
         Mutation::LearnerInQuorum,
         Mutation::TransferWithoutCatchUp,
         Mutation::LeaseWithoutQuorum,
+        Mutation::SnapshotOverCommitted,
     ];
 
     /// Stable short name.
@@ -161,6 +165,7 @@ impl Mutation {
             Mutation::LearnerInQuorum => "learner-in-quorum",
             Mutation::TransferWithoutCatchUp => "transfer-without-catch-up",
             Mutation::LeaseWithoutQuorum => "lease-without-quorum",
+            Mutation::SnapshotOverCommitted => "snapshot-over-committed",
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::membership::Membership;
 use crate::message::{Message, MessageBody};
 use crate::raft::{Proposal, Raft};
 use crate::ready::ReadState;
+use crate::types::SnapshotMeta;
 use crate::types::{Entry, HardState};
 
 /// What the caller must do for one `Ready`.
@@ -35,10 +36,14 @@ pub struct Batch {
     pub dropped_reads: Vec<u64>,
 }
 
-/// A durable write: the hard state (if it changed) and entries replacing
-/// every stored entry from `entries[0].index` on, written atomically.
+/// A durable write: first the received snapshot to install (if any: its
+/// data replaces the state machine and the whole log), then the hard state
+/// (if it changed) and entries replacing every stored entry from
+/// `entries[0].index` on, written atomically.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Write {
+    /// A received snapshot to install first.
+    pub snapshot: Option<SnapshotMeta>,
     /// New hard state, if it changed.
     pub hard_state: Option<HardState>,
     /// Contiguous entries.
@@ -152,6 +157,7 @@ impl Driver {
         // entries behind a second fsync per round. The next write with
         // entries or a new term or vote carries the latest commit index.
         let must_sync = !rd.entries.is_empty()
+            || rd.snapshot.is_some()
             || rd
                 .hard_state
                 .is_some_and(|hs| hs.term != self.durable.term || hs.vote != self.durable.vote);
@@ -170,6 +176,7 @@ impl Driver {
             };
             self.writing = hard_state;
             Some(Write {
+                snapshot: rd.snapshot,
                 hard_state,
                 entries: rd.entries,
             })
@@ -211,6 +218,7 @@ pub fn may_precede_persist(m: &Message) -> bool {
         MessageBody::Append { .. }
             | MessageBody::Heartbeat { .. }
             | MessageBody::TimeoutNow
+            | MessageBody::Snapshot { .. }
             | MessageBody::ReadIndexRequest { .. }
             | MessageBody::ReadIndexResponse { .. }
             | MessageBody::PreVote { .. }

@@ -77,6 +77,10 @@ pub enum RestoreError {
         /// The hard state's term.
         term: Term,
     },
+    /// The persisted snapshot is of a later term than the hard state, at
+    /// index 0, or without voters.
+    #[error("persisted snapshot is inconsistent with the hard state")]
+    BadSnapshot,
     /// The persisted vote is for node 0 ("nobody").
     #[error("persisted vote for the reserved node id 0")]
     ReservedVote,
@@ -153,6 +157,27 @@ pub enum MembershipChangeError {
     /// The requested membership is not a valid target.
     #[error("invalid membership: {0}")]
     Invalid(#[from] MembershipError),
+}
+
+/// A snapshot or compaction was refused; nothing changed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CompactError {
+    /// The index is not both applied and above the latest snapshot.
+    #[error("no snapshot at {index}: the latest is at {snapshot}, applied is {applied}")]
+    OutOfRange {
+        /// Index asked for.
+        index: Index,
+        /// The latest snapshot's index.
+        snapshot: Index,
+        /// Highest index handed out for application.
+        applied: Index,
+    },
+    /// The metadata is not the log's at that index.
+    #[error("snapshot metadata at {index} does not match the log")]
+    Mismatch {
+        /// Index of the snapshot.
+        index: Index,
+    },
 }
 
 /// A leadership transfer was refused.

@@ -56,7 +56,8 @@ pub use config::Config;
 pub use config::Mutation;
 pub use driver::{Batch, Driver, Write, may_precede_persist};
 pub use error::{
-    ConfigError, MembershipChangeError, ProposeError, RestoreError, StepError, TransferError,
+    CompactError, ConfigError, MembershipChangeError, ProposeError, RestoreError, StepError,
+    TransferError,
 };
 pub use log::RaftLog;
 pub use membership::{Membership, MembershipError};
@@ -65,4 +66,6 @@ pub use progress::{Progress, ReplicationState};
 pub use quorum::Voters;
 pub use raft::{Proposal, Raft, Role};
 pub use ready::{ReadState, Ready};
-pub use types::{Entry, EntryKind, HardState, Index, MAX_TERM, NodeId, Persisted, Term};
+pub use types::{
+    Entry, EntryKind, HardState, Index, MAX_TERM, NodeId, Persisted, SnapshotMeta, Term,
+};

@@ -5,9 +5,9 @@ use crate::types::{Entry, Index, Term};
 
 /// The log as the core sees it.
 ///
-/// Indices `offset + 1 ..= last_index()` are held in memory. `offset` is 0
-/// until log compaction exists; it is kept so that compaction only has to
-/// move it (the term at `offset` is remembered for the consistency check).
+/// Indices `offset + 1 ..= last_index()` are held in memory; `offset` is the
+/// index of the latest snapshot (0 without one), whose term is remembered for
+/// the consistency check. Everything up to `offset` is committed and applied.
 #[derive(Clone, Debug)]
 pub struct RaftLog {
     offset: Index,
@@ -42,11 +42,17 @@ pub(crate) enum AppendRefusal {
 }
 
 impl RaftLog {
-    pub(crate) fn restore(entries: Vec<Entry>, committed: Index, applied: Index) -> Self {
-        let stable = entries.len() as Index;
+    pub(crate) fn restore(
+        snapshot: (Index, Term),
+        entries: Vec<Entry>,
+        committed: Index,
+        applied: Index,
+    ) -> Self {
+        let (offset, offset_term) = snapshot;
+        let stable = offset + entries.len() as Index;
         Self {
-            offset: 0,
-            offset_term: 0,
+            offset,
+            offset_term,
             entries,
             stable,
             committed,
@@ -54,7 +60,54 @@ impl RaftLog {
         }
     }
 
-    /// Index of the first entry held (1 until compaction exists).
+    /// Index of the latest snapshot: entries up to it are compacted away.
+    pub fn snapshot_index(&self) -> Index {
+        self.offset
+    }
+
+    /// Drop the entries up to `index`, which a durable snapshot now covers.
+    pub(crate) fn compact_to(&mut self, index: Index) {
+        assert!(
+            index > self.offset && index <= self.applied && index <= self.stable,
+            "compaction to {index} outside ({}, min(applied {}, stable {})]",
+            self.offset,
+            self.applied,
+            self.stable
+        );
+        let term = self.term(index).expect("held");
+        self.entries.drain(..(index - self.offset) as usize);
+        self.offset = index;
+        self.offset_term = term;
+    }
+
+    /// Replace the whole log by a received snapshot ending at (`index`,
+    /// `term`): it is committed, and applied once installed.
+    pub(crate) fn reset_to_snapshot(&mut self, index: Index, term: Term) {
+        assert!(
+            index > self.committed,
+            "a snapshot never replaces committed entries"
+        );
+        self.entries.clear();
+        self.offset = index;
+        self.offset_term = term;
+        self.stable = index;
+        self.committed = index;
+        self.applied = index;
+    }
+
+    /// [`RaftLog::reset_to_snapshot`] without its check: only for the mutant
+    /// that installs snapshots over committed entries.
+    #[cfg(feature = "mutants")]
+    pub(crate) fn force_reset_to_snapshot(&mut self, index: Index, term: Term) {
+        self.entries.clear();
+        self.offset = index;
+        self.offset_term = term;
+        self.stable = index;
+        self.committed = index;
+        self.applied = index;
+    }
+
+    /// Index of the first entry held (the snapshot's index + 1).
     pub fn first_index(&self) -> Index {
         self.offset + 1
     }
@@ -194,6 +247,7 @@ impl RaftLog {
 
     fn truncate_from(&mut self, index: Index) {
         assert!(index > self.committed, "never truncate committed entries");
+        debug_assert!(index > self.offset, "compacted entries are committed");
         debug_assert!(index > self.offset);
         self.entries.truncate((index - self.offset - 1) as usize);
         self.stable = self.stable.min(index - 1);
@@ -294,6 +348,7 @@ mod tests {
 
     fn log(terms: &[Term]) -> RaftLog {
         RaftLog::restore(
+            (0, 0),
             terms
                 .iter()
                 .enumerate()
@@ -369,4 +424,56 @@ mod tests {
     }
 
     use crate::types::ENTRY_OVERHEAD;
+}
+
+#[cfg(test)]
+mod compaction_tests {
+    use super::*;
+    use crate::types::EntryKind;
+
+    fn e(index: Index, term: Term) -> Entry {
+        Entry {
+            term,
+            index,
+            kind: EntryKind::Normal,
+            data: Default::default(),
+        }
+    }
+
+    #[test]
+    fn compaction_keeps_the_term_at_the_snapshot() {
+        let mut l = RaftLog::restore((0, 0), (1..=5).map(|i| e(i, 1 + i / 3)).collect(), 4, 4);
+        l.compact_to(3);
+        assert_eq!(l.first_index(), 4);
+        assert_eq!(
+            l.term(3),
+            Some(2),
+            "the snapshot's term answers the consistency check"
+        );
+        assert_eq!(l.term(2), None);
+        assert!(l.get(3).is_none());
+        assert_eq!(l.entries(1, 5).len(), 2);
+        assert_eq!(l.last_index(), 5);
+        assert_eq!(
+            l.find_conflict_by_term(5, 1),
+            (2, 0),
+            "below the snapshot: unknown"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn unapplied_entries_are_never_compacted() {
+        let mut l = RaftLog::restore((0, 0), (1..=5).map(|i| e(i, 1)).collect(), 4, 2);
+        l.compact_to(3);
+    }
+
+    #[test]
+    fn a_snapshot_replaces_the_log() {
+        let mut l = RaftLog::restore((0, 0), (1..=5).map(|i| e(i, 1)).collect(), 2, 2);
+        l.reset_to_snapshot(9, 3);
+        assert_eq!((l.last_index(), l.last_term()), (9, 3));
+        assert_eq!((l.committed(), l.applied(), l.stable()), (9, 9, 9));
+        assert!(l.unstable().is_empty());
+    }
 }

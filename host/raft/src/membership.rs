@@ -323,8 +323,8 @@ impl Membership {
 /// membership back to the one before.
 #[derive(Clone, Debug)]
 pub(crate) struct MembershipLog {
-    /// The membership before the first configuration entry held (from the
-    /// bootstrap configuration).
+    /// The membership before the first configuration entry held: the
+    /// latest snapshot's, or the bootstrap configuration's.
     base: Membership,
     /// Configuration entries in the log, ascending by index.
     entries: Vec<(Index, Membership)>,
@@ -361,6 +361,22 @@ impl MembershipLog {
     pub(crate) fn push(&mut self, index: Index, m: Membership) {
         debug_assert!(self.entries.last().is_none_or(|(i, _)| *i < index));
         self.entries.push((index, m));
+    }
+
+    /// The membership in effect at `index` (at or after the base).
+    pub(crate) fn at(&self, index: Index) -> &Membership {
+        self.entries
+            .iter()
+            .rev()
+            .find(|(i, _)| *i <= index)
+            .map_or(&self.base, |(_, m)| m)
+    }
+
+    /// The log was compacted up to `index`: the membership there becomes
+    /// the base.
+    pub(crate) fn compact_to(&mut self, index: Index) {
+        self.base = self.at(index).clone();
+        self.entries.retain(|(i, _)| *i > index);
     }
 
     /// Entries from `index` on were removed from the log.
@@ -457,5 +473,12 @@ mod tests {
         log.truncate_from(5);
         assert_eq!(log.current(), &v(&[1, 2, 3]));
         assert_eq!(log.current_index(), 0);
+        log.push(5, v(&[1, 2]));
+        log.push(9, v(&[1]));
+        assert_eq!(log.at(7), &v(&[1, 2]));
+        log.compact_to(7);
+        assert_eq!(log.at(7), &v(&[1, 2]));
+        assert_eq!(log.current(), &v(&[1]));
+        assert_eq!(log.previous(), Some(&v(&[1, 2])));
     }
 }

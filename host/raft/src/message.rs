@@ -1,6 +1,6 @@
 //! Messages exchanged between cores.
 
-use crate::types::{Entry, Index, NodeId, Term};
+use crate::types::{Entry, Index, NodeId, SnapshotMeta, Term};
 
 /// A message from one core to another. The driver carries it unchanged.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +74,14 @@ pub enum MessageBody {
     /// Leadership transfer (thesis §3.10): the leader, having brought the
     /// recipient's log up to date, asks it to campaign at once.
     TimeoutNow,
+    /// InstallSnapshot (Raft §7): the follower's next entry is compacted
+    /// away. The driver streams the snapshot's data alongside and delivers
+    /// this message to the follower's core once the data is complete and
+    /// verified; the core sees only the metadata.
+    Snapshot {
+        /// What the snapshot stands for.
+        meta: SnapshotMeta,
+    },
     /// A follower asks its leader for a read index (thesis §6.4, follower
     /// reads).
     ReadIndexRequest {

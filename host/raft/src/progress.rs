@@ -27,6 +27,14 @@ pub enum ReplicationState {
         /// Last index of each unacknowledged append, oldest first.
         inflight: VecDeque<Index>,
     },
+    /// The follower's next entry is compacted away: the snapshot at `index`
+    /// is being sent, and nothing else until the driver reports on it (or a
+    /// whole election timeout passes with the follower answering heartbeats
+    /// and nothing accepted: the report was lost).
+    Snapshot {
+        /// The snapshot's last index.
+        index: Index,
+    },
 }
 
 /// Replication progress of one follower.
@@ -63,13 +71,35 @@ impl Progress {
         match &self.state {
             ReplicationState::Probe { paused } => !paused,
             ReplicationState::Replicate { inflight } => inflight.len() < max_inflight,
+            ReplicationState::Snapshot { .. } => false,
         }
+    }
+
+    /// The snapshot at `index` is being sent.
+    pub(crate) fn become_snapshot(&mut self, index: Index) {
+        self.full_ticks = 0;
+        self.state = ReplicationState::Snapshot { index };
+    }
+
+    /// The driver reported on the snapshot at `index`: probe after it if it
+    /// was delivered (the follower's acceptance moves it to replicate), or
+    /// from the match again if not.
+    pub(crate) fn snapshot_done(&mut self, index: Index, delivered: bool) {
+        self.next = if delivered {
+            index + 1
+        } else {
+            self.matched + 1
+        };
+        self.state = ReplicationState::Probe { paused: false };
     }
 
     /// Record that an append ending at `last` was sent (`entries` non-empty).
     pub(crate) fn sent(&mut self, last: Index, had_entries: bool) {
         match &mut self.state {
             ReplicationState::Probe { paused } => *paused = true,
+            ReplicationState::Snapshot { .. } => {
+                debug_assert!(false, "nothing is sent while a snapshot is");
+            }
             ReplicationState::Replicate { inflight } => {
                 if had_entries {
                     debug_assert!(inflight.back().is_none_or(|&b| b < last));
@@ -91,8 +121,11 @@ impl Progress {
         match &mut self.state {
             // Matched entries are durable on the follower and can only be
             // replaced by a leader of a later term, so any acceptance gives a
-            // reliable starting point for pipelining.
-            ReplicationState::Probe { .. } => self.become_replicate(),
+            // reliable starting point for pipelining. (A follower that
+            // accepted installs the snapshot, or already had its entries.)
+            ReplicationState::Probe { .. } | ReplicationState::Snapshot { .. } => {
+                self.become_replicate()
+            }
             ReplicationState::Replicate { inflight } => {
                 while inflight.front().is_some_and(|&f| f <= index) {
                     inflight.pop_front();
@@ -107,6 +140,8 @@ impl Progress {
     /// Returns whether the rejection was current (not a stale duplicate).
     pub(crate) fn rejected(&mut self, rejected: Index, hint: Index) -> bool {
         match &self.state {
+            // An answer to an append sent before the snapshot: stale.
+            ReplicationState::Snapshot { .. } => false,
             ReplicationState::Replicate { .. } => {
                 if rejected <= self.matched {
                     return false;
@@ -140,6 +175,9 @@ impl Progress {
             ReplicationState::Replicate { inflight } if inflight.len() >= max_inflight => {
                 self.full_ticks = self.full_ticks.saturating_add(1);
             }
+            ReplicationState::Snapshot { .. } => {
+                self.full_ticks = self.full_ticks.saturating_add(1);
+            }
             _ => self.full_ticks = 0,
         }
     }
@@ -163,6 +201,13 @@ impl Progress {
             }
             ReplicationState::Replicate { inflight } => {
                 if inflight.len() >= max_inflight && self.full_ticks >= stall_ticks {
+                    self.next = self.matched + 1;
+                    self.state = ReplicationState::Probe { paused: false };
+                    self.full_ticks = 0;
+                }
+            }
+            ReplicationState::Snapshot { .. } => {
+                if self.full_ticks >= stall_ticks {
                     self.next = self.matched + 1;
                     self.state = ReplicationState::Probe { paused: false };
                     self.full_ticks = 0;

@@ -1,7 +1,7 @@
 //! The batch of work the core hands to its driver.
 
 use crate::message::Message;
-use crate::types::{Entry, HardState, Index};
+use crate::types::{Entry, HardState, Index, SnapshotMeta};
 
 /// Work for the driver, produced by [`crate::Raft::ready`].
 ///
@@ -12,9 +12,11 @@ use crate::types::{Entry, HardState, Index};
 ///    *they* persist it, and the leader counts its own copy only after step 4,
 ///    so the leader may write its log in parallel with replication, Raft
 ///    thesis §10.2.1) and `PreVote` traffic (which changes no state);
-/// 2. durably write `hard_state` (if present) and `entries`, atomically, with
-///    `entries` replacing every stored entry at index `>= entries[0].index`
-///    (fsync before step 3);
+/// 2. durably install `snapshot` (if present: the received snapshot's data
+///    replaces the state machine and the whole log, which then starts after
+///    `snapshot.index`), then write `hard_state` (if present) and `entries`,
+///    atomically, with `entries` replacing every stored entry at index
+///    `>= entries[0].index` (fsync before step 3);
 /// 3. only then send `persisted_messages`: votes, vote requests and every
 ///    acknowledgement, which promise that the term, vote or entries they
 ///    describe survive a crash;
@@ -28,6 +30,8 @@ use crate::types::{Entry, HardState, Index};
 #[derive(Debug, Default)]
 #[must_use = "a Ready must be persisted, sent and applied, then acknowledged with advance()"]
 pub struct Ready {
+    /// A received snapshot to install before the entries and hard state.
+    pub snapshot: Option<SnapshotMeta>,
     /// New hard state to persist, if it changed.
     pub hard_state: Option<HardState>,
     /// Entries to persist, contiguous, replacing any stored suffix from the first.

@@ -70,14 +70,32 @@ pub struct HardState {
     pub commit: Index,
 }
 
+/// What a snapshot of the state machine stands for: every entry up to
+/// `index`, and the membership in effect there. The core sees only this; the
+/// driver keeps and moves the data.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SnapshotMeta {
+    /// Last entry the snapshot covers.
+    pub index: Index,
+    /// Its term.
+    pub term: Term,
+    /// The membership in effect at `index`.
+    pub membership: crate::Membership,
+}
+
 /// What a node recovered from its durable storage at start-up. The
-/// membership is the bootstrap one of [`crate::Config::voters`] as changed
-/// by the configuration entries of `entries`.
+/// membership is the snapshot's (or, without one, the bootstrap one of
+/// [`crate::Config::voters`]) as changed by the configuration entries of
+/// `entries`.
 #[derive(Clone, Debug, Default)]
 pub struct Persisted {
     /// The last durable hard state.
     pub hard_state: HardState,
-    /// The durable log, contiguous from index 1.
+    /// The latest durable snapshot, if the log was ever compacted or a
+    /// snapshot installed. The state machine starts from it.
+    pub snapshot: Option<SnapshotMeta>,
+    /// The durable log, contiguous from the snapshot's index + 1 (from 1
+    /// without a snapshot).
     pub entries: Vec<Entry>,
     /// Highest index the driver's state machine has already applied durably;
     /// entries after it are handed out again. `0` for an in-memory state machine.
@@ -85,5 +103,7 @@ pub struct Persisted {
     /// It may be above `hard_state.commit` (a commit index alone is not
     /// synced): only committed entries are applied, so the core restores the
     /// commit index as the larger of the two. It must not pass the log.
+    /// Below the snapshot's index it is taken as the snapshot's index (the
+    /// state machine starts from the snapshot).
     pub applied: Index,
 }

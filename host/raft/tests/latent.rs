@@ -16,6 +16,7 @@ use kythira_raft::{
 #[test]
 fn restart_with_applied_above_the_persisted_commit() {
     let persisted = Persisted {
+        snapshot: None,
         hard_state: HardState {
             term: 2,
             vote: None,
@@ -50,6 +51,7 @@ fn restart_still_refuses_applied_or_commit_past_the_log() {
         Raft::new(
             config(1, &[1, 2, 3]),
             Persisted {
+                snapshot: None,
                 hard_state: HardState {
                     term: 2,
                     vote: None,
@@ -182,6 +184,7 @@ fn restart_refuses_a_term_past_the_largest() {
         Raft::new(
             config(1, &[1, 2, 3]),
             Persisted {
+                snapshot: None,
                 hard_state: HardState {
                     term,
                     vote: None,

@@ -697,6 +697,7 @@ fn a_restart_restores_the_membership_from_the_log() {
     assert_eq!(configs.len(), 5, "learner, joint, new, joint, new");
     let restart = |id: NodeId, voters: &[NodeId], upto: Index| {
         let persisted = Persisted {
+            snapshot: None,
             hard_state: HardState {
                 commit: hs.commit.min(upto),
                 ..hs

@@ -8,8 +8,8 @@ use std::fmt::Debug;
 
 use common::*;
 use kythira_raft::{
-    AppendOutcome, Bytes, Config, Membership, Message, MessageBody, Mutation, NodeId, Raft, Role,
-    Term,
+    AppendOutcome, Bytes, Config, Membership, Message, MessageBody, Mutation, NodeId, Raft,
+    ReadState, Role, Term,
 };
 
 /// The outcome of `scenario` without and with `m`; they must differ.
@@ -345,4 +345,55 @@ fn transfer_without_catch_up() {
             .collect::<Vec<_>>()
     });
     assert_eq!((clean, mutated), (vec![], vec![3]));
+}
+
+#[test]
+fn lease_without_quorum() {
+    let (clean, mutated) = differs(Mutation::LeaseWithoutQuorum, |m| {
+        // Leader 1 of {1, 2, 3} with lease reads; its no-op committed, and
+        // node 2 acknowledged the first round of heartbeats. Then the leader
+        // is cut off: it keeps sending rounds that nobody answers.
+        let mut c = cfg(1, &[1, 2, 3], m);
+        c.check_quorum = true;
+        c.lease_reads = true;
+        c.lease_drift_ticks = 3;
+        let mut r = Raft::new(c, Default::default()).unwrap();
+        tick_until_role_changes(&mut r);
+        r.step(msg(2, 1, 1, MessageBody::VoteResponse { granted: true }))
+            .unwrap();
+        drain(&mut r);
+        r.step(accepted(2, 1)).unwrap();
+        drain(&mut r);
+        r.tick();
+        let round = drain(&mut r)
+            .all()
+            .iter()
+            .find_map(|m| match m.body {
+                MessageBody::Heartbeat { read_round, .. } => Some(read_round),
+                _ => None,
+            })
+            .expect("a round of heartbeats");
+        r.step(msg(
+            2,
+            1,
+            1,
+            MessageBody::HeartbeatResponse { read_round: round },
+        ))
+        .unwrap();
+        drain(&mut r);
+        assert!(r.lease_holds());
+        // The acknowledged lease runs out (check-quorum has not struck yet).
+        for _ in 0..ELECTION - 3 {
+            r.tick();
+            drain(&mut r);
+        }
+        assert_eq!(r.role(), Role::Leader);
+        r.lease_read(7).unwrap();
+        drain(&mut r).reads
+    });
+    assert_eq!(
+        (clean, mutated),
+        (vec![], vec![ReadState { index: 1, ctx: 7 }]),
+        "the mutant serves at once from a lease nobody acknowledged"
+    );
 }

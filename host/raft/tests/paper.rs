@@ -671,9 +671,14 @@ fn read_index_is_confirmed_by_a_quorum_and_batched() {
         (7..20).collect::<Vec<_>>()
     );
     assert!(reads.iter().all(|r| r.index == 2));
+    // A follower forwards the read to its leader (follower reads).
+    net.get(2).read_index(1).unwrap();
+    let forwarded = drain(net.get(2));
     assert!(
-        net.get(2).read_index(1).is_err(),
-        "only the leader serves ReadIndex"
+        forwarded
+            .early
+            .iter()
+            .any(|m| m.to == 1 && m.body == MessageBody::ReadIndexRequest { ctx: 1 })
     );
 }
 

@@ -10,6 +10,7 @@ fn restore(hard_state: HardState, terms: &[u64], applied: u64) -> Result<Raft, R
     Raft::new(
         config(1, &[1, 2, 3]),
         Persisted {
+            snapshot: None,
             hard_state,
             entries: log_of(terms),
             applied,
@@ -74,6 +75,7 @@ fn refuses_inconsistent_state() {
     let r = Raft::new(
         config(1, &[1, 2, 3]),
         Persisted {
+            snapshot: None,
             hard_state: hs(1, None, 0),
             entries: gap,
             applied: 0,
@@ -92,6 +94,7 @@ fn refuses_inconsistent_state() {
     let r = Raft::new(
         config(1, &[1, 2, 3]),
         Persisted {
+            snapshot: None,
             hard_state: hs(1, None, 0),
             entries: bad_config,
             applied: 0,

@@ -25,6 +25,14 @@ pub enum WireError {
         /// `Debug` of the kind.
         kind: String,
     },
+    /// A message this version of the wire format cannot carry: a snapshot
+    /// travels with its data on a stream of its own, which the daemon does
+    /// not open yet (it never compacts its log).
+    #[error("{kind} messages have no wire encoding")]
+    UnsupportedMessage {
+        /// Which message.
+        kind: &'static str,
+    },
     /// postcard failed to encode.
     #[error("encode: {0}")]
     Encode(postcard::Error),
@@ -192,6 +200,9 @@ fn to_wire(message: &Message) -> Result<WireMessage<'_>, WireError> {
             read_round: *read_round,
         },
         MessageBody::TimeoutNow => WireBody::TimeoutNow,
+        MessageBody::Snapshot { .. } => {
+            return Err(WireError::UnsupportedMessage { kind: "snapshot" });
+        }
         MessageBody::ReadIndexRequest { ctx } => WireBody::ReadIndexRequest { ctx: *ctx },
         MessageBody::ReadIndexResponse { ctx, index } => WireBody::ReadIndexResponse {
             ctx: *ctx,

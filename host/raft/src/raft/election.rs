@@ -23,9 +23,9 @@ impl Raft {
     /// behind to know of the removal: with both off, that member adopts the
     /// removed server's terms and deposes leader after leader.
     pub(super) fn in_lease(&self) -> bool {
-        self.cfg.check_quorum
-            && self.leader.is_some()
-            && self.election_elapsed < self.cfg.election_ticks
+        let leading = matches!(self.state, State::Leader(_))
+            && self.election_elapsed < self.cfg.election_ticks;
+        self.cfg.check_quorum && (self.ticks < self.lease_until || leading)
     }
 
     pub(super) fn reset_timers(&mut self) {

@@ -5,6 +5,7 @@ mod election;
 mod membership;
 mod reads;
 mod replication;
+mod snapshot;
 mod transfer;
 
 use std::collections::BTreeMap;
@@ -22,7 +23,9 @@ use crate::progress::{Progress, ReplicationState};
 use crate::read_index::ReadRounds;
 use crate::ready::{ReadState, Ready};
 use crate::rng::SplitMix64;
-use crate::types::{Entry, EntryKind, HardState, Index, MAX_TERM, NodeId, Persisted, Term};
+use crate::types::{
+    Entry, EntryKind, HardState, Index, MAX_TERM, NodeId, Persisted, SnapshotMeta, Term,
+};
 
 /// The role a node plays in its current term.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -158,6 +161,7 @@ impl Outbox {
             // `TimeoutNow` promises nothing: the target's log is what counts.
             MessageBody::Append { .. }
             | MessageBody::Heartbeat { .. }
+            | MessageBody::Snapshot { .. }
             | MessageBody::TimeoutNow => true,
             // Reads promise nothing about this node's own state.
             MessageBody::ReadIndexRequest { .. } | MessageBody::ReadIndexResponse { .. } => true,
@@ -230,10 +234,18 @@ pub struct Raft {
     ticks: u64,
     /// Reads forwarded to the leader, awaiting its read index: (ctx, tick).
     forwarded: Vec<(u64, u64)>,
+    /// Until this tick vote requests are ignored (with check-quorum): an
+    /// election timeout after this node last heard from a leader.
+    lease_until: u64,
     /// Until this tick vote requests are ignored: with lease reads, a
     /// restarted node forgot the leader it heard from, whose lease may
     /// still run.
     quiet_until: u64,
+    /// The latest snapshot (taken here or installed): what a follower whose
+    /// next entry is compacted away is sent.
+    snapshot: Option<SnapshotMeta>,
+    /// A received snapshot accepted, to be installed with the next `Ready`.
+    pending_install: Option<SnapshotMeta>,
     /// The hard state last handed out in a `Ready`.
     handed_out: HardState,
     /// The last entry of the `Ready` being handled, once one is handed out.
@@ -246,15 +258,22 @@ impl Raft {
         cfg.validate()?;
         let Persisted {
             hard_state: hs,
+            snapshot,
             entries,
             applied,
         } = persisted;
         if hs.term > MAX_TERM {
             return Err(RestoreError::TermOutOfRange { term: hs.term });
         }
-        let mut prev_term = 0;
+        let (first, mut prev_term) = snapshot.as_ref().map_or((1, 0), |s| (s.index + 1, s.term));
+        if snapshot
+            .as_ref()
+            .is_some_and(|s| s.term > hs.term || s.index == 0 || s.membership.voters().is_empty())
+        {
+            return Err(RestoreError::BadSnapshot);
+        }
         for (i, e) in entries.iter().enumerate() {
-            if e.index != i as Index + 1 || e.term < prev_term || e.term == 0 {
+            if e.index != first + i as Index || e.term < prev_term || e.term == 0 {
                 return Err(RestoreError::BadEntry {
                     index: e.index,
                     term: e.term,
@@ -268,8 +287,11 @@ impl Raft {
             }
             prev_term = e.term;
         }
-        let base = Membership::new(cfg.voters.iter().copied(), [])
-            .expect("validated: no reserved id, no learners");
+        let base = match &snapshot {
+            Some(s) => s.membership.clone(),
+            None => Membership::new(cfg.voters.iter().copied(), [])
+                .expect("validated: no reserved id, no learners"),
+        };
         let mut memberships = MembershipLog::new(base);
         for e in entries.iter().filter(|e| e.kind == EntryKind::Config) {
             let m = Membership::decode(&e.data).map_err(|error| RestoreError::BadMembership {
@@ -278,7 +300,7 @@ impl Raft {
             })?;
             memberships.push(e.index, m);
         }
-        let last = entries.len() as Index;
+        let last = first - 1 + entries.len() as Index;
         if hs.commit > last || applied > last {
             return Err(RestoreError::BadCommit {
                 commit: hs.commit,
@@ -286,6 +308,8 @@ impl Raft {
                 last,
             });
         }
+        // The state machine starts from the snapshot at least.
+        let applied = applied.max(first - 1);
         // The state machine applies only committed entries, and a commit
         // index alone is not synced: the applied index may be the later one.
         let commit = hs.commit.max(applied);
@@ -301,7 +325,14 @@ impl Raft {
             vote: hs.vote,
             leader: None,
             state: State::Follower,
-            log: RaftLog::restore(entries, commit, applied),
+            log: RaftLog::restore(
+                snapshot.as_ref().map_or((0, 0), |s| (s.index, s.term)),
+                entries,
+                commit,
+                applied,
+            ),
+            snapshot,
+            pending_install: None,
             election_elapsed: 0,
             heartbeat_elapsed: 0,
             randomized_timeout: 0,
@@ -318,6 +349,7 @@ impl Raft {
             read_states: Vec::new(),
             dropped_reads: Vec::new(),
             ticks: 0,
+            lease_until: 0,
             forwarded: Vec::new(),
             quiet_until: if cfg.lease_reads {
                 u64::from(cfg.election_ticks)
@@ -567,6 +599,7 @@ impl Raft {
                 MessageBody::PreVote { .. } | MessageBody::PreVoteResponse { granted: true } => {}
                 MessageBody::Append { .. }
                 | MessageBody::Heartbeat { .. }
+                | MessageBody::Snapshot { .. }
                 | MessageBody::TimeoutNow
                 | MessageBody::ReadIndexResponse { .. } => {
                     self.become_follower(m.term, Some(m.from))
@@ -596,6 +629,14 @@ impl Raft {
                     self.term,
                     m.from,
                     MessageBody::PreVoteResponse { granted: false },
+                ),
+                // "Reply false if term < currentTerm" (figure 2): the answer
+                // carries the newer term, which a candidate that no node
+                // of a higher term ever writes to has no other way to learn.
+                MessageBody::Vote { .. } => self.out.send(
+                    self.term,
+                    m.from,
+                    MessageBody::VoteResponse { granted: false },
                 ),
                 _ => {}
             }
@@ -645,6 +686,10 @@ impl Raft {
                 self.handle_heartbeat_response(m.from, read_round)
             }
             MessageBody::TimeoutNow => self.handle_timeout_now(m.from),
+            MessageBody::Snapshot { meta } => {
+                self.hear_from_leader(m.from)?;
+                self.handle_snapshot(m.from, meta);
+            }
             MessageBody::ReadIndexRequest { ctx } => self.handle_read_request(m.from, ctx),
             MessageBody::ReadIndexResponse { ctx, index } => {
                 self.handle_read_response(m.from, ctx, index)
@@ -657,6 +702,7 @@ impl Raft {
     pub fn has_ready(&self) -> bool {
         self.outstanding.is_none()
             && (!self.out.now.is_empty()
+                || self.pending_install.is_some()
                 || !self.out.after_persist.is_empty()
                 || !self.log.unstable().is_empty()
                 || self.hard_state() != self.handed_out
@@ -682,6 +728,7 @@ impl Raft {
         let entries = self.log.unstable().to_vec();
         self.outstanding = Some(entries.last().map(|e| (e.index, e.term)));
         Some(Ready {
+            snapshot: self.pending_install.take(),
             hard_state,
             entries,
             messages: std::mem::take(&mut self.out.now),
@@ -751,6 +798,12 @@ impl Raft {
             | MessageBody::TimeoutNow
             | MessageBody::ReadIndexRequest { .. }
             | MessageBody::ReadIndexResponse { .. } => true,
+            MessageBody::Snapshot { meta } => {
+                if meta.index == 0 || meta.membership.voters().is_empty() {
+                    return malformed("snapshot at index 0 or without voters");
+                }
+                meta.term <= m.term
+            }
         };
         if m.term > MAX_TERM || !term_in_range {
             return malformed("term out of range");
@@ -788,9 +841,11 @@ impl Raft {
 /// Send `to` the next entries its progress allows, as many messages as the
 /// inflight window takes. An empty append is sent only if `allow_empty` (to
 /// carry a commit index or detect lost appends) or to probe.
+#[allow(clippy::too_many_arguments)]
 fn send_append(
     out: &mut Outbox,
     log: &RaftLog,
+    snapshot: Option<&SnapshotMeta>,
     cfg: &Config,
     term: Term,
     to: NodeId,
@@ -799,6 +854,22 @@ fn send_append(
 ) {
     let mut allow_empty = allow_empty;
     while pr.can_send(cfg.max_inflight_messages) {
+        let prev_index = pr.next - 1;
+        let Some(prev_term) = log.term(prev_index) else {
+            // The follower's next entry is compacted away: it needs the
+            // snapshot, which the driver streams alongside this message.
+            let snapshot = snapshot.expect("a compacted log has a snapshot");
+            debug_assert!(prev_index < snapshot.index);
+            pr.become_snapshot(snapshot.index);
+            out.send(
+                term,
+                to,
+                MessageBody::Snapshot {
+                    meta: snapshot.clone(),
+                },
+            );
+            return;
+        };
         let entries = log.slice_for_message(
             pr.next,
             cfg.max_entries_per_message,
@@ -809,12 +880,6 @@ fn send_append(
             return;
         }
         allow_empty = false;
-        let prev_index = pr.next - 1;
-        let Some(prev_term) = log.term(prev_index) else {
-            // Only reachable once compaction exists: the follower needs a snapshot.
-            debug_assert!(false, "entry {prev_index} missing without compaction");
-            return;
-        };
         let last = prev_index + entries.len() as Index;
         let empty = entries.is_empty();
         pr.sent(last, !empty);

@@ -95,6 +95,11 @@ impl Raft {
         let State::Leader(l) = &mut self.state else {
             return;
         };
+        // A node outside the membership gets no entries, so it could never
+        // apply up to the read index: its read expires there instead.
+        if !l.progress.contains_key(&from) {
+            return;
+        }
         l.reads.request(ReadRequest {
             ctx,
             from: Some(from),

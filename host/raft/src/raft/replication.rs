@@ -33,6 +33,11 @@ impl Raft {
         }
         self.leader = Some(from);
         self.election_elapsed = 0;
+        // The promise a follower makes to the leader it just heard from: no
+        // vote for anyone else for an election timeout. It is kept whatever
+        // term the node adopts meanwhile (a stale answer of a later term
+        // must not release it), or a lease read could miss a write.
+        self.lease_until = self.ticks + u64::from(self.cfg.election_ticks);
         Ok(())
     }
 
@@ -170,6 +175,7 @@ impl Raft {
         send_append(
             &mut self.out,
             &self.log,
+            self.snapshot.as_ref(),
             &self.cfg,
             self.term,
             from,
@@ -202,6 +208,7 @@ impl Raft {
             send_append(
                 &mut self.out,
                 &self.log,
+                self.snapshot.as_ref(),
                 &self.cfg,
                 self.term,
                 from,
@@ -261,6 +268,7 @@ impl Raft {
             send_append(
                 &mut self.out,
                 &self.log,
+                self.snapshot.as_ref(),
                 &self.cfg,
                 self.term,
                 to,

@@ -45,6 +45,7 @@ impl Raft {
             send_append(
                 &mut self.out,
                 &self.log,
+                self.snapshot.as_ref(),
                 &self.cfg,
                 self.term,
                 to,

@@ -46,6 +46,7 @@ pub fn node(id: NodeId, voters: &[NodeId]) -> Raft {
 
 pub fn node_with(cfg: Config, term: Term, terms: &[Term]) -> Raft {
     let persisted = Persisted {
+        snapshot: None,
         hard_state: HardState {
             term,
             vote: None,

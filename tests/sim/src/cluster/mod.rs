@@ -125,6 +125,8 @@ enum Event {
     },
     CheckLeader {
         phase: u32,
+        /// The second look, after a leader seen stepping down at the first.
+        again: bool,
     },
     /// Clients stop starting operations; the liveness check begins.
     Drain {
@@ -403,6 +405,7 @@ impl Cluster {
         let n = &mut self.nodes[node];
         let (applied, kv) = n.checkpoint.clone().unwrap_or_default();
         let persisted = Persisted {
+            snapshot: None,
             hard_state: n.durable_hard_state,
             entries: n.durable_log.clone(),
             applied,
@@ -589,7 +592,7 @@ impl Cluster {
                 self.begin_quiet_phase(phase);
                 Ok(())
             }
-            Event::CheckLeader { phase } => self.check_leader(phase),
+            Event::CheckLeader { phase, again } => self.check_leader(phase, again),
             Event::Drain { phase } => {
                 self.drain(phase);
                 Ok(())

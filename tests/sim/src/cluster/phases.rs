@@ -155,12 +155,25 @@ impl Cluster {
             }
         }
         let deadline = self.profile.leader_deadline();
-        self.schedule(self.now + deadline, Event::CheckLeader { phase });
+        self.schedule(
+            self.now + deadline,
+            Event::CheckLeader {
+                phase,
+                again: false,
+            },
+        );
         self.schedule(self.now + deadline + QUIET_OPEN, Event::Drain { phase });
     }
 
-    pub(super) fn check_leader(&mut self, phase: u32) -> Result<(), Violation> {
+    pub(super) fn check_leader(&mut self, phase: u32, again: bool) -> Result<(), Violation> {
         if !self.phase.current(phase, Kind::Quiet) {
+            return Ok(());
+        }
+        if self.current_leader().is_none() && !again && self.profile.reconfigure.is_some() {
+            // A leader that removed itself steps down once the change
+            // commits, however quiet the network: one more election is due.
+            let grace = 4 * u64::from(self.profile.election_ticks) * self.profile.slowest_tick();
+            self.schedule(self.now + grace, Event::CheckLeader { phase, again: true });
             return Ok(());
         }
         if self.current_leader().is_none() {

@@ -62,6 +62,7 @@ pub(super) fn mix(trace: u64, at: Micros, event: &Event) -> u64 {
                 }
                 MessageBody::HeartbeatResponse { read_round } => fold(h, &[9, *read_round]),
                 MessageBody::TimeoutNow => fold(h, &[10]),
+                MessageBody::Snapshot { meta } => fold(h, &[13, meta.index, meta.term]),
                 MessageBody::ReadIndexRequest { ctx } => fold(h, &[11, *ctx]),
                 MessageBody::ReadIndexResponse { ctx, index } => fold(h, &[12, *ctx, *index]),
             }
@@ -78,7 +79,7 @@ pub(super) fn mix(trace: u64, at: Micros, event: &Event) -> u64 {
         Event::LoadAct { proposer } => fold(h, &[8, *proposer as u64]),
         Event::Fault { phase } => fold(h, &[9, u64::from(*phase)]),
         Event::Heal { phase } => fold(h, &[10, u64::from(*phase)]),
-        Event::CheckLeader { phase } => fold(h, &[11, u64::from(*phase)]),
+        Event::CheckLeader { phase, again } => fold(h, &[11, u64::from(*phase), u64::from(*again)]),
         Event::Drain { phase } => fold(h, &[12, u64::from(*phase)]),
         Event::QuietCheck { phase } => fold(h, &[13, u64::from(*phase)]),
     }
