@@ -10,7 +10,7 @@
 
 use bytes::Bytes;
 
-use crate::error::{MembershipChangeError, ProposeError, StepError, TransferError};
+use crate::error::{CompactError, MembershipChangeError, ProposeError, StepError, TransferError};
 use crate::membership::Membership;
 use crate::message::{Message, MessageBody};
 use crate::raft::{Proposal, Raft};
@@ -117,6 +117,23 @@ impl Driver {
     /// [`Raft::read_index`] (a follower forwards it to the leader).
     pub fn read_index(&mut self, ctx: u64) -> Result<(), ProposeError> {
         self.raft.read_index(ctx)
+    }
+
+    /// What a snapshot at `index` stands for; see [`Raft::snapshot_meta`].
+    pub fn snapshot_meta(&self, index: crate::Index) -> Result<SnapshotMeta, CompactError> {
+        self.raft.snapshot_meta(index)
+    }
+
+    /// The snapshot `meta` is durable: compact the log behind it; see
+    /// [`Raft::compact`].
+    pub fn compact(&mut self, meta: SnapshotMeta) -> Result<(), CompactError> {
+        self.raft.compact(meta)
+    }
+
+    /// The snapshot for `to` was delivered, or not; see
+    /// [`Raft::report_snapshot`].
+    pub fn report_snapshot(&mut self, to: crate::NodeId, delivered: bool) {
+        self.raft.report_snapshot(to, delivered);
     }
 
     /// Starts a read served from the leader lease when it holds; see

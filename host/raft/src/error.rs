@@ -172,6 +172,12 @@ pub enum CompactError {
         /// Highest index handed out for application.
         applied: Index,
     },
+    /// This node does not know the membership at that index.
+    #[error("the membership at {index} is not known here")]
+    UnknownMembership {
+        /// Index of the snapshot.
+        index: Index,
+    },
     /// The metadata is not the log's at that index.
     #[error("snapshot metadata at {index} does not match the log")]
     Mismatch {

@@ -19,17 +19,23 @@
 //! use kythira_raft::{Bytes, Config, EntryKind, Persisted, Raft, Role};
 //!
 //! let mut raft = Raft::new(Config::new(1, [1]), Persisted::default()).unwrap();
+//! let mut applied = Vec::new();
+//! let mut drive = |raft: &mut Raft| {
+//!     while let Some(ready) = raft.ready() {
+//!         // 1. send ready.messages; 2. write ready.hard_state and
+//!         //    ready.entries and fsync; 3. send ready.persisted_messages;
+//!         // 4. apply:
+//!         applied.extend(ready.committed_entries);
+//!         raft.advance();
+//!     }
+//! };
+//! // A lone voter leads once its vote for itself is durable.
 //! while raft.role() != Role::Leader {
 //!     raft.tick();
+//!     drive(&mut raft);
 //! }
 //! raft.propose(Bytes::from_static(b"hello")).unwrap();
-//! let mut applied = Vec::new();
-//! while let Some(ready) = raft.ready() {
-//!     // 1. send ready.messages; 2. write ready.hard_state and ready.entries
-//!     //    and fsync; 3. send ready.persisted_messages; 4. apply:
-//!     applied.extend(ready.committed_entries);
-//!     raft.advance();
-//! }
+//! drive(&mut raft);
 //! let kinds: Vec<_> = applied.iter().map(|e| e.kind).collect();
 //! assert_eq!(kinds, [EntryKind::Noop, EntryKind::Normal]);
 //! ```

@@ -123,8 +123,16 @@ impl Progress {
             // replaced by a leader of a later term, so any acceptance gives a
             // reliable starting point for pipelining. (A follower that
             // accepted installs the snapshot, or already had its entries.)
-            ReplicationState::Probe { .. } | ReplicationState::Snapshot { .. } => {
-                self.become_replicate()
+            ReplicationState::Probe { .. } => self.become_replicate(),
+            // Only an acceptance reaching the snapshot ends its transfer. A
+            // lower one (a late answer to an append sent before it) leaves
+            // the follower needing entries that are compacted away:
+            // replicating from its match would send the snapshot a second
+            // time while the first is still being streamed.
+            ReplicationState::Snapshot { index: pending } => {
+                if index >= *pending {
+                    self.become_replicate();
+                }
             }
             ReplicationState::Replicate { inflight } => {
                 while inflight.front().is_some_and(|&f| f <= index) {

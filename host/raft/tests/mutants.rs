@@ -9,7 +9,7 @@ use std::fmt::Debug;
 use common::*;
 use kythira_raft::{
     AppendOutcome, Bytes, Config, Membership, Message, MessageBody, Mutation, NodeId, Raft,
-    ReadState, Role, Term,
+    ReadState, Role, SnapshotMeta, Term,
 };
 
 /// The outcome of `scenario` without and with `m`; they must differ.
@@ -395,5 +395,57 @@ fn lease_without_quorum() {
         (clean, mutated),
         (vec![], vec![ReadState { index: 1, ctx: 7 }]),
         "the mutant serves at once from a lease nobody acknowledged"
+    );
+}
+
+#[test]
+fn snapshot_over_committed() {
+    let (clean, mutated) = differs(Mutation::SnapshotOverCommitted, |m| {
+        // Node 2 committed and applied up to 4 of its five entries; a late
+        // snapshot of leader 1 at 3 (a prefix of its log) arrives.
+        let mut r = node_with(cfg(2, &[1, 2, 3], m), 2, &[1, 1, 2, 2, 2]);
+        r.step(msg(
+            1,
+            2,
+            2,
+            MessageBody::Append {
+                prev_index: 5,
+                prev_term: 2,
+                entries: vec![],
+                commit: 4,
+            },
+        ))
+        .unwrap();
+        assert_eq!(drain(&mut r).committed.len(), 4);
+        let meta = SnapshotMeta {
+            index: 3,
+            term: 2,
+            membership: Membership::new([1, 2, 3], []).unwrap(),
+        };
+        r.step(msg(1, 2, 2, MessageBody::Snapshot { meta }))
+            .unwrap();
+        let out = drain(&mut r);
+        let acked: Vec<_> = out
+            .all()
+            .iter()
+            .filter_map(|m| match m.body {
+                MessageBody::AppendResponse(AppendOutcome::Accepted { last_index }) => {
+                    Some(last_index)
+                }
+                _ => None,
+            })
+            .collect();
+        (
+            out.snapshots.len(),
+            r.log().last_index(),
+            r.log().committed(),
+            acked,
+        )
+    });
+    assert_eq!(clean, (0, 5, 4, vec![4]), "stale: answered with the commit");
+    assert_eq!(
+        mutated,
+        (1, 3, 3, vec![3]),
+        "the mutant installs it, dropping committed entries it acknowledged"
     );
 }

@@ -201,6 +201,10 @@ pub struct Summary {
     pub membership_changes: u64,
     /// Leadership handovers (`TimeoutNow` sent), over all seeds.
     pub transfers: u64,
+    /// Log compactions and snapshot installs, over all seeds.
+    pub compactions: u64,
+    /// Snapshots installed by followers, over all seeds.
+    pub installs: u64,
 }
 
 /// Run `count` seeds from `first` on `threads` worker threads. Each seed is
@@ -242,6 +246,8 @@ pub fn run_seeds(
                     s.long_truncations += u64::from(report.depth.longest_truncation >= 1_000);
                     s.membership_changes += report.depth.membership_changes;
                     s.transfers += report.depth.transfers;
+                    s.compactions += report.depth.compactions;
+                    s.installs += report.depth.installs;
                     match &report.failure {
                         Some(f) if f.is_nonlinearizable() => s.nonlinearizable += 1,
                         Some(_) => s.violations += 1,

@@ -62,6 +62,9 @@ pub struct Profile {
     pub crash_after_send: f64,
     /// Open-loop proposers.
     pub load: Vec<LoadSpec>,
+    /// Checkpoints are snapshots: the log is compacted behind half of them,
+    /// and followers too far behind are sent one.
+    pub compaction: bool,
     /// Cores serve lease reads (with check-quorum only), and clients use
     /// them for half their reads.
     pub lease_reads: bool,
@@ -128,9 +131,17 @@ impl Profile {
             load,
             lease_reads: false,
             reconfigure: None,
+            compaction: false,
         }
         .with_reconfiguration(rng)
         .with_lease_reads(rng)
+        .with_compaction(rng)
+    }
+
+    /// Compaction in half the runs that checkpoint.
+    fn with_compaction(mut self, rng: &mut Rng) -> Self {
+        self.compaction = rng.chance(0.5) && self.checkpoint_every.is_some();
+        self
     }
 
     /// Lease reads in half the runs with check-quorum.
@@ -193,6 +204,7 @@ impl Profile {
             load: Vec::new(),
             lease_reads: false,
             reconfigure: None,
+            compaction: false,
         }
     }
 
@@ -226,7 +238,7 @@ impl Profile {
         format!(
             "pre_vote={} check_quorum={} election={} heartbeat={} entries/msg={} bytes/msg={} \
              inflight={} disk={:?}us checkpoint={:?} phases={} crash_after_send={} load={:?} \
-             spares={:?} lease_reads={}",
+             spares={:?} lease_reads={} compaction={}",
             self.pre_vote,
             self.check_quorum,
             self.election_ticks,
@@ -241,6 +253,7 @@ impl Profile {
             self.load.iter().map(|l| l.window).collect::<Vec<_>>(),
             self.reconfigure,
             self.lease_reads,
+            self.compaction,
         )
     }
 }

@@ -40,7 +40,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use kythira_raft::{
     AppendOutcome, Entry, EntryKind, HardState, Index, Membership, Message, MessageBody, NodeId,
-    Raft, Role, Term, Voters,
+    Raft, Role, SnapshotMeta, Term, Voters,
 };
 
 /// A broken invariant.
@@ -123,6 +123,8 @@ pub struct Safety {
     /// Entries known to be committed, index i at i - 1: the longest commit
     /// index any node ever reported.
     committed: Vec<Committed>,
+    /// Prefix hash of the committed log, index i at i - 1.
+    committed_prefix: Vec<u64>,
 }
 
 /// Content hash of an entry (FNV-1a over kind and payload).
@@ -166,6 +168,7 @@ impl Safety {
                 .collect(),
             prefix_by_position: FxMap::default(),
             committed: Vec::new(),
+            committed_prefix: Vec::new(),
         }
     }
 
@@ -248,7 +251,7 @@ impl Safety {
             let e = log
                 .get(index)
                 .expect("a node holds the entries it reports committed");
-            self.committed.push(Committed {
+            self.push_committed(Committed {
                 term: e.term,
                 hash: entry_hash(e),
                 committed_by: raft.term(),
@@ -330,8 +333,14 @@ impl Safety {
             }
             let (term, hash) = (a.term, a.hash);
             let index = i as Index + 1;
+            let snapshot = log.snapshot_index();
+            if index < snapshot {
+                // Covered by its snapshot, checked at the snapshot's index.
+                continue;
+            }
             match log.get(index) {
                 Some(e) if e.term == term && entry_hash(e) == hash => {}
+                None if index == snapshot && log.term(index) == Some(term) => {}
                 other => {
                     return violation(
                         "leader completeness",
@@ -443,6 +452,56 @@ impl Safety {
         Ok(())
     }
 
+    fn push_committed(&mut self, c: Committed) {
+        let prev = self.committed_prefix.last().copied().unwrap_or(0);
+        self.committed_prefix.push(chain(prev, c.term, c.hash));
+        self.committed.push(c);
+    }
+
+    /// `node` installed a snapshot received from a leader: it must be news
+    /// (past everything the node applied) and covers only committed
+    /// entries. Its durable log is now the committed prefix up to it.
+    pub fn installed(&mut self, node: NodeId, meta: &SnapshotMeta) -> Result<(), Violation> {
+        let index = meta.index;
+        let view = &self.nodes[node as usize - 1];
+        if index <= view.applied {
+            return violation(
+                "snapshot",
+                format!(
+                    "node {node} installed a snapshot at {index} over applied entries (applied {})",
+                    view.applied
+                ),
+            );
+        }
+        let Some(c) = self.committed.get(index as usize - 1) else {
+            return violation(
+                "snapshot",
+                format!(
+                    "node {node} installed a snapshot at {index} past every commit ({})",
+                    self.committed.len()
+                ),
+            );
+        };
+        if c.term != meta.term {
+            return violation(
+                "snapshot",
+                format!(
+                    "node {node} installed a snapshot at ({index}, {}) where ({index}, {}) was committed",
+                    meta.term, c.term
+                ),
+            );
+        }
+        let view = &mut self.nodes[node as usize - 1];
+        view.durable_terms = self.committed[..index as usize]
+            .iter()
+            .map(|c| c.term)
+            .collect();
+        view.durable_prefix = self.committed_prefix[..index as usize].to_vec();
+        view.durable_memberships = vec![(index, meta.membership.clone())];
+        view.applied = index;
+        Ok(())
+    }
+
     /// `node` lost its volatile state; it resumes applying after `applied`
     /// (its state machine's checkpoint, or 0).
     pub fn restarted(&mut self, node: NodeId, applied: Index) {
@@ -485,7 +544,7 @@ impl Safety {
                         ),
                     );
                 }
-                self.committed.push(Committed {
+                self.push_committed(Committed {
                     term: e.term,
                     hash,
                     committed_by: node_term,

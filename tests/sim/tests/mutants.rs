@@ -62,4 +62,5 @@ hunts! {
     learner_in_quorum => "learner-in-quorum",
     transfer_without_catch_up => "transfer-without-catch-up",
     lease_without_quorum => "lease-without-quorum",
+    snapshot_over_committed => "snapshot-over-committed",
 }

@@ -144,8 +144,30 @@ impl Raft {
             };
             self.out.send(term, to, body);
         }
-        // Our own vote; may already decide a single-node election.
-        self.handle_vote_response(self.cfg.id, term, true, pre);
+        if pre {
+            // A pre-vote promises nothing: ours counts at once.
+            self.handle_vote_response(self.cfg.id, term, true, true);
+        } else if let State::Candidate(votes) = &mut self.state {
+            // Our own vote is recorded, but it decides nothing until it is
+            // durable: a lone voter that led before its vote reached the
+            // disk could, after a crash, vote for another candidate in the
+            // same term. (Anyone else's vote answers a request that left
+            // only once ours was durable, so only a lone voter waits.)
+            votes.record(self.cfg.id, true);
+            self.own_vote_pending = true;
+        }
+    }
+
+    /// The write holding this candidate's vote for itself is durable: the
+    /// election is decided on it if it decides alone.
+    pub(super) fn count_own_vote_if_durable(&mut self) {
+        let durable =
+            self.handed_out.term == self.term && self.handed_out.vote == Some(self.cfg.id);
+        if self.own_vote_pending && durable && matches!(self.state, State::Candidate(_)) {
+            self.own_vote_pending = false;
+            let term = self.term;
+            self.handle_vote_response(self.cfg.id, term, true, false);
+        }
     }
 
     pub(super) fn handle_vote_request(

@@ -234,6 +234,9 @@ pub struct Raft {
     ticks: u64,
     /// Reads forwarded to the leader, awaiting its read index: (ctx, tick).
     forwarded: Vec<(u64, u64)>,
+    /// A candidate's vote for itself waits for the write that makes it
+    /// durable before it counts.
+    own_vote_pending: bool,
     /// Until this tick vote requests are ignored (with check-quorum): an
     /// election timeout after this node last heard from a leader.
     lease_until: u64,
@@ -349,6 +352,7 @@ impl Raft {
             read_states: Vec::new(),
             dropped_reads: Vec::new(),
             ticks: 0,
+            own_vote_pending: false,
             lease_until: 0,
             forwarded: Vec::new(),
             quiet_until: if cfg.lease_reads {
@@ -752,6 +756,7 @@ impl Raft {
         if let Some((index, term)) = last {
             self.log.stable_to(index, term);
         }
+        self.count_own_vote_if_durable();
         if matches!(self.state, State::Leader(_)) {
             // Our own copy now counts towards the quorum.
             self.maybe_commit();

@@ -26,6 +26,13 @@ impl Raft {
                 self.maybe_start_read_round();
                 Ok(())
             }
+            // A node outside its own membership gets no entries from the
+            // leader (which ignores its requests): the caller is sent there.
+            State::Follower if !self.memberships.current().contains(self.cfg.id) => {
+                Err(ProposeError::NotLeader {
+                    leader: self.leader,
+                })
+            }
             State::Follower => match self.leader {
                 Some(leader) => {
                     self.forwarded.push((ctx, self.ticks));

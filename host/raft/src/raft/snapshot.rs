@@ -28,12 +28,19 @@ impl Raft {
                 applied: log.applied(),
             });
         }
+        let membership = self.memberships.at(index).clone();
+        if membership.voters().is_empty() {
+            // A node that joined knowing no members learns them from the
+            // configuration entry that added it: before that entry, it
+            // cannot say who the members were.
+            return Err(CompactError::UnknownMembership { index });
+        }
         Ok(SnapshotMeta {
             index,
             term: log
                 .term(index)
                 .expect("held: above the snapshot, below the end"),
-            membership: self.memberships.at(index).clone(),
+            membership,
         })
     }
 
@@ -81,16 +88,20 @@ impl Raft {
         let index = meta.index;
         #[cfg(not(feature = "mutants"))]
         let install_over_committed = false;
+        // The mutant installs any snapshot past its own below the commit
+        // index. (Not only one that disagrees with the log there: committed
+        // entries agree with every leader's, so in a correct cluster such a
+        // snapshot never comes and the mutant would inject nothing.)
         #[cfg(feature = "mutants")]
         let install_over_committed = self.cfg.mutated(Mutation::SnapshotOverCommitted)
             && index > self.log.snapshot_index()
-            && !self.log.matches(index, meta.term);
+            && index <= self.log.committed();
         if index <= self.log.committed() && !install_over_committed {
             let last_index = self.log.committed();
             self.accept(from, last_index);
             return;
         }
-        if self.log.matches(index, meta.term) {
+        if self.log.matches(index, meta.term) && !install_over_committed {
             self.log.commit_to(index);
             self.accept(from, index);
             return;

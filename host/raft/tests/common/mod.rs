@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use kythira_raft::{
     AppendOutcome, Bytes, Config, Entry, EntryKind, HardState, Index, Message, MessageBody, NodeId,
-    Persisted, Raft, ReadState, Role, Term,
+    Persisted, Raft, ReadState, Role, SnapshotMeta, Term,
 };
 
 pub const ELECTION: u32 = 10;
@@ -33,11 +33,23 @@ pub fn entry(index: Index, term: Term) -> Entry {
 
 /// Entries 1.. with the given terms.
 pub fn log_of(terms: &[Term]) -> Vec<Entry> {
+    log_from(1, terms)
+}
+
+/// Entries `first..` with the given terms (a log suffix after a snapshot).
+pub fn log_from(first: Index, terms: &[Term]) -> Vec<Entry> {
     terms
         .iter()
         .enumerate()
-        .map(|(i, &t)| entry(i as Index + 1, t))
+        .map(|(i, &t)| entry(first + i as Index, t))
         .collect()
+}
+
+/// Snapshot `r` at `index` (applied) and compact its log behind it.
+pub fn compact_at(r: &mut Raft, index: Index) -> SnapshotMeta {
+    let meta = r.snapshot_meta(index).unwrap();
+    r.compact(meta.clone()).unwrap();
+    meta
 }
 
 pub fn node(id: NodeId, voters: &[NodeId]) -> Raft {
@@ -70,6 +82,8 @@ pub struct Output {
     pub dropped_reads: Vec<u64>,
     pub hard_states: Vec<HardState>,
     pub persisted: Vec<Entry>,
+    /// Received snapshots to install, in order.
+    pub snapshots: Vec<SnapshotMeta>,
 }
 
 impl Output {
@@ -92,6 +106,7 @@ pub fn drain(r: &mut Raft) -> Output {
         out.dropped_reads.extend(rd.dropped_reads);
         out.hard_states.extend(rd.hard_state);
         out.persisted.extend(rd.entries);
+        out.snapshots.extend(rd.snapshot);
         r.advance();
     }
     out
@@ -127,10 +142,16 @@ pub struct Network {
     pub nodes: BTreeMap<NodeId, Raft>,
     pub applied: BTreeMap<NodeId, Vec<Entry>>,
     pub reads: BTreeMap<NodeId, Vec<ReadState>>,
+    /// Received snapshots each node installed (its state machine restarts
+    /// from each: `applied` goes on with the entries after it).
+    pub installed: BTreeMap<NodeId, Vec<SnapshotMeta>>,
     /// Every message sent, in order, delivered or not.
     pub trace: Vec<Message>,
+    /// Messages kept back by the hold rule, in order, until `release_held`.
+    pub held: Vec<Message>,
     cut: BTreeSet<(NodeId, NodeId)>,
     drop_rule: Option<DropRule>,
+    hold_rule: Option<DropRule>,
     queue: VecDeque<Message>,
 }
 
@@ -140,10 +161,13 @@ impl Network {
         Self {
             applied: nodes.keys().map(|&id| (id, Vec::new())).collect(),
             reads: nodes.keys().map(|&id| (id, Vec::new())).collect(),
+            installed: nodes.keys().map(|&id| (id, Vec::new())).collect(),
             nodes,
             trace: Vec::new(),
+            held: Vec::new(),
             cut: BTreeSet::new(),
             drop_rule: None,
+            hold_rule: None,
             queue: VecDeque::new(),
         }
     }
@@ -162,6 +186,7 @@ impl Network {
         let id = r.id();
         self.applied.insert(id, Vec::new());
         self.reads.insert(id, Vec::new());
+        self.installed.insert(id, Vec::new());
         assert!(
             self.nodes.insert(id, r).is_none(),
             "node {id} is there already"
@@ -206,6 +231,20 @@ impl Network {
         }
     }
 
+    /// Keeps back every message for which `rule` says so (in `held`), until
+    /// `release_held`.
+    pub fn hold_if(&mut self, rule: impl FnMut(&Message) -> bool + 'static) {
+        self.hold_rule = Some(Box::new(rule));
+    }
+
+    /// Stops holding messages back and delivers those held, then settles.
+    pub fn release_held(&mut self) {
+        self.hold_rule = None;
+        let held = std::mem::take(&mut self.held);
+        self.queue.extend(held);
+        self.settle();
+    }
+
     /// Restores every link and stops losing messages.
     pub fn heal(&mut self) {
         self.cut.clear();
@@ -226,6 +265,7 @@ impl Network {
                 self.trace.extend(out.all());
                 self.applied.get_mut(&id).unwrap().extend(out.committed);
                 self.reads.get_mut(&id).unwrap().extend(out.reads);
+                self.installed.get_mut(&id).unwrap().extend(out.snapshots);
                 self.queue.extend(out.early);
                 self.queue.extend(out.after_persist);
             }
@@ -234,6 +274,10 @@ impl Network {
             };
             let lost = self.cut.contains(&(m.from, m.to))
                 || self.drop_rule.as_mut().is_some_and(|rule| rule(&m));
+            if !lost && self.hold_rule.as_mut().is_some_and(|rule| rule(&m)) {
+                self.held.push(m);
+                continue;
+            }
             if !lost && let Some(to) = self.nodes.get_mut(&m.to) {
                 to.step(m).unwrap();
             }

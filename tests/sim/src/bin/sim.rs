@@ -121,14 +121,16 @@ fn main() -> anyhow::Result<()> {
     eprintln!(
         "depth: highest term {}, longest replaced suffix {} entries (seeds replacing 1,000+: {}), \
          largest catch-up lag {} entries, tightest liveness deadline {:.1} % used, \
-         membership entries committed {}, handovers {}",
+         membership entries committed {}, handovers {}, compactions {}, snapshots installed {}",
         d.max_term,
         d.longest_truncation,
         summary.long_truncations,
         d.largest_lag,
         d.tightest_deadline_permille as f64 / 10.0,
         summary.membership_changes,
-        summary.transfers
+        summary.transfers,
+        summary.compactions,
+        summary.installs
     );
     println!(
         "SIM nodes={nodes} seeds={} steps={} violations={} nonlinearizable={}",

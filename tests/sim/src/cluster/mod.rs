@@ -9,6 +9,7 @@
 //! ([`clients`]), the faults ([`faults`]) and the phases ([`phases`]).
 
 mod clients;
+mod durable;
 mod faults;
 mod phases;
 mod reconfigure;
@@ -22,8 +23,8 @@ use kythira_linearizability::kv::{KvInput, KvOutput};
 #[cfg(feature = "mutants")]
 use kythira_raft::Mutation;
 use kythira_raft::{
-    AppendOutcome, Config, Driver, Entry, EntryKind, HardState, Index, Membership, Message,
-    MessageBody, NodeId, Persisted, Raft, ReadState, Role, Write,
+    AppendOutcome, CompactError, Config, Driver, Entry, EntryKind, HardState, Index, Membership,
+    Message, MessageBody, NodeId, Persisted, Raft, ReadState, Role, SnapshotMeta, Write,
 };
 
 use crate::kv::{KvStore, PutCommand};
@@ -31,6 +32,7 @@ use crate::network::Network;
 use crate::profile::{Micros, Profile};
 use crate::rng::Rng;
 use crate::safety::{self, Safety, Violation};
+use durable::DurableLog;
 
 use clients::{Client, Proposer};
 use phases::Phase;
@@ -89,8 +91,17 @@ enum Event {
         node: usize,
         incarnation: u64,
     },
-    // Boxed: messages are large and the queue moves events around.
-    Deliver(Box<Message>),
+    // Boxed: messages are large and the queue moves events around. A
+    // snapshot message travels with the snapshot's data.
+    Deliver(Box<Message>, Option<Box<KvStore>>),
+    /// The sending of a snapshot to `to` ended (`delivered` or lost): the
+    /// leader's driver reports it to its core.
+    SnapshotReport {
+        leader: usize,
+        incarnation: u64,
+        to: NodeId,
+        delivered: bool,
+    },
     /// The disk finished write number `write` of the node.
     Persisted {
         node: usize,
@@ -184,7 +195,10 @@ struct Node {
     driver: Option<Driver>,
     incarnation: u64,
     durable_hard_state: HardState,
-    durable_log: Vec<Entry>,
+    durable_log: DurableLog,
+    /// Snapshots received from leaders, one of which is installed when a
+    /// write of the core's says so.
+    received_snapshots: Vec<(SnapshotMeta, KvStore)>,
     /// The state machine's durable checkpoint: applied index and state.
     checkpoint: Option<(Index, KvStore)>,
     /// The write the disk has not finished, with its number: lost if the
@@ -231,6 +245,10 @@ pub struct Depth {
     pub membership_changes: u64,
     /// `TimeoutNow` messages sent by leaders handing over.
     pub transfers: u64,
+    /// Log compactions behind a snapshot.
+    pub compactions: u64,
+    /// Snapshots installed by followers.
+    pub installs: u64,
 }
 
 impl Depth {
@@ -245,6 +263,8 @@ impl Depth {
                 .max(other.tightest_deadline_permille),
             membership_changes: self.membership_changes.max(other.membership_changes),
             transfers: self.transfers.max(other.transfers),
+            compactions: self.compactions.max(other.compactions),
+            installs: self.installs.max(other.installs),
         }
     }
 }
@@ -329,7 +349,8 @@ impl Cluster {
                     driver: None,
                     incarnation: 0,
                     durable_hard_state: HardState::default(),
-                    durable_log: Vec::new(),
+                    durable_log: DurableLog::default(),
+                    received_snapshots: Vec::new(),
                     checkpoint: None,
                     writing: None,
                     writes: 0,
@@ -405,9 +426,9 @@ impl Cluster {
         let n = &mut self.nodes[node];
         let (applied, kv) = n.checkpoint.clone().unwrap_or_default();
         let persisted = Persisted {
-            snapshot: None,
+            snapshot: n.durable_log.snapshot.as_ref().map(|(m, _)| m.clone()),
             hard_state: n.durable_hard_state,
-            entries: n.durable_log.clone(),
+            entries: n.durable_log.entries.clone(),
             applied,
         };
         let raft = Raft::new(cfg, persisted).expect("the simulator's durable state is consistent");
@@ -417,6 +438,7 @@ impl Cluster {
         n.reads.clear();
         n.proposals.clear();
         n.writing = None;
+        n.received_snapshots.clear();
         n.paused_until = 0;
         n.disk_stalled_until = 0;
         n.disk_failed = false;
@@ -515,7 +537,7 @@ impl Cluster {
     fn handle(&mut self, event: Event) -> Result<(), Violation> {
         let target = match &event {
             Event::Tick { node, .. } | Event::Persisted { node, .. } => Some(*node),
-            Event::Deliver(m) => Some(m.to as usize - 1),
+            Event::Deliver(m, _) => Some(m.to as usize - 1),
             _ => None,
         };
         if let Some(node) = target {
@@ -544,9 +566,27 @@ impl Cluster {
                 self.schedule(at, Event::Tick { node, incarnation });
                 Ok(())
             }
-            Event::Deliver(m) => {
+            Event::Deliver(m, data) => {
                 let (from, to) = (m.from as usize - 1, m.to as usize - 1);
-                if !self.net.connected(from, to) {
+                let connected = self.net.connected(from, to);
+                if let (MessageBody::Snapshot { meta }, Some(data)) = (&m.body, data) {
+                    let incarnation = self.nodes[from].incarnation;
+                    self.schedule(
+                        self.now,
+                        Event::SnapshotReport {
+                            leader: from,
+                            incarnation,
+                            to: m.to,
+                            delivered: connected,
+                        },
+                    );
+                    if connected && self.nodes[to].driver.is_some() {
+                        self.nodes[to]
+                            .received_snapshots
+                            .push((meta.clone(), *data));
+                    }
+                }
+                if !connected {
                     // The partition formed while the message was in flight.
                     return Ok(());
                 }
@@ -559,6 +599,21 @@ impl Cluster {
                 self.drive(to)
             }
             Event::Persisted { node, write } => self.persisted(node, write),
+            Event::SnapshotReport {
+                leader,
+                incarnation,
+                to,
+                delivered,
+            } => {
+                if self.nodes[leader].incarnation != incarnation {
+                    return Ok(());
+                }
+                self.with_driver(leader, |d| {
+                    d.report_snapshot(to, delivered);
+                    Ok(())
+                })?;
+                self.drive(leader)
+            }
             Event::Restart { node, incarnation } => {
                 let n = &self.nodes[node];
                 if n.driver.is_none() && n.incarnation == incarnation && !n.held_down {
@@ -695,6 +750,26 @@ impl Cluster {
             return Ok(());
         }
         let (_, write) = n.writing.take().expect("checked above");
+        if let Some(meta) = &write.snapshot {
+            // The received snapshot first: it replaces the state machine
+            // and the whole log, then come the entries and hard state.
+            let at = n
+                .received_snapshots
+                .iter()
+                .position(|(m, _)| m == meta)
+                .expect("the core installs only a snapshot delivered to it");
+            let (received, state) = n.received_snapshots.swap_remove(at);
+            n.received_snapshots
+                .retain(|(m, _)| m.index > received.index);
+            n.durable_log.install(received, state.clone());
+            n.checkpoint = Some((meta.index, state.clone()));
+            n.kv = state;
+            n.applied = meta.index;
+            self.depth.installs += 1;
+            if self.check {
+                self.safety.installed(n.id, meta)?;
+            }
+        }
         if let Some(hs) = write.hard_state {
             self.depth.max_term = self.depth.max_term.max(hs.term);
             if self.check {
@@ -702,12 +777,8 @@ impl Cluster {
             }
             n.durable_hard_state = hs;
         }
-        if let Some(first) = write.entries.first() {
-            let replaced = (n.durable_log.len() as u64).saturating_sub(first.index - 1);
-            self.depth.longest_truncation = self.depth.longest_truncation.max(replaced);
-            n.durable_log.truncate(first.index as usize - 1);
-            n.durable_log.extend_from_slice(&write.entries);
-        }
+        let replaced = n.durable_log.write(&write.entries);
+        self.depth.longest_truncation = self.depth.longest_truncation.max(replaced);
         if self.check {
             self.safety.persisted(n.id, &write.entries)?;
         }
@@ -720,6 +791,8 @@ impl Cluster {
         for m in released {
             self.send(m)?;
         }
+        // Reads waiting for entries a snapshot covered may be served now.
+        self.serve_reads(node)?;
         self.with_driver(node, |_| Ok(()))?;
         self.drive(node)
     }
@@ -732,7 +805,7 @@ impl Cluster {
                 MessageBody::AppendResponse(AppendOutcome::Accepted { last_index })
                     if last_index > 0 =>
                 {
-                    let ours = n.durable_log.get(last_index as usize - 1).map(|e| e.term);
+                    let ours = n.durable_log.term(last_index);
                     let leaders = self.nodes[to].driver.as_ref().and_then(|d| {
                         let r = d.raft();
                         (r.role() == Role::Leader && r.term() == m.term)
@@ -747,7 +820,7 @@ impl Cluster {
                 &m,
                 safety::DurableView {
                     hard_state: n.durable_hard_state,
-                    log_len: n.durable_log.len() as Index,
+                    log_len: n.durable_log.last_index(),
                     accepted_terms,
                 },
             )?;
@@ -757,19 +830,39 @@ impl Cluster {
             }
             self.maybe_crash_after(&m);
         }
+        // A snapshot goes with the sender's latest snapshot data.
+        let data = match &m.body {
+            MessageBody::Snapshot { meta } => {
+                let (held, state) = self.nodes[from]
+                    .durable_log
+                    .snapshot
+                    .as_ref()
+                    .expect("a core sends only a snapshot its node holds");
+                assert_eq!(held, meta, "the core sends the latest snapshot");
+                Some(Box::new(state.clone()))
+            }
+            _ => None,
+        };
         let times: Vec<u64> = self
             .net
             .deliveries(self.now, from, to, &mut self.rng)
             .collect();
-        match times.as_slice() {
-            [] => {}
-            [t] => self.schedule(*t, Event::Deliver(Box::new(m))),
-            [t, rest @ ..] => {
-                for &e in rest {
-                    self.schedule(e, Event::Deliver(Box::new(m.clone())));
-                }
-                self.schedule(*t, Event::Deliver(Box::new(m)));
-            }
+        if times.is_empty() && data.is_some() {
+            // Lost: the stream breaks, and the sender learns it.
+            let incarnation = self.nodes[from].incarnation;
+            let at = self.now + self.profile.round_trip();
+            self.schedule(
+                at,
+                Event::SnapshotReport {
+                    leader: from,
+                    incarnation,
+                    to: m.to,
+                    delivered: false,
+                },
+            );
+        }
+        for &t in &times {
+            self.schedule(t, Event::Deliver(Box::new(m.clone()), data.clone()));
         }
         Ok(())
     }
@@ -787,11 +880,7 @@ impl Cluster {
         if target.durable_hard_state.term > m.term {
             return Ok(());
         }
-        let held = last == 0
-            || target
-                .durable_log
-                .get(last as usize - 1)
-                .is_some_and(|e| e.term == last_term);
+        let held = last == 0 || target.durable_log.term(last) == Some(last_term);
         if held {
             Ok(())
         } else {
@@ -803,7 +892,7 @@ impl Cluster {
                     m.from,
                     m.term,
                     m.to,
-                    target.durable_log.len()
+                    target.durable_log.last_index()
                 ),
             })
         }
@@ -841,6 +930,29 @@ impl Cluster {
         {
             // Durable at once: the state machine's own fsync.
             n.checkpoint = Some((e.index, n.kv.clone()));
+            if self.profile.compaction && self.rng.chance(0.5) {
+                // The checkpoint is the snapshot: the log behind it goes.
+                let driver = n.driver.as_mut().expect("applying node is up");
+                match driver.snapshot_meta(e.index) {
+                    Ok(meta) => {
+                        driver.compact(meta.clone()).map_err(|err| Violation {
+                            property: "snapshot",
+                            detail: format!("node {} cannot compact to {}: {err}", n.id, e.index),
+                        })?;
+                        n.durable_log.compact(meta, n.kv.clone());
+                        self.depth.compactions += 1;
+                    }
+                    // A node that joined does not know the members before
+                    // the entry that added it: no snapshot there.
+                    Err(CompactError::UnknownMembership { .. }) => {}
+                    Err(err) => {
+                        return Err(Violation {
+                            property: "snapshot",
+                            detail: format!("node {} cannot snapshot at {}: {err}", n.id, e.index),
+                        });
+                    }
+                }
+            }
         }
         if let Workload::Throughput { .. } = self.opts.workload {
             if cmd.is_some()
@@ -901,7 +1013,7 @@ impl Cluster {
                 core.unwrap_or_else(|| "down".into()),
                 n.applied,
                 n.durable_hard_state,
-                n.durable_log.len(),
+                n.durable_log.last_index(),
                 n.paused_until,
                 n.disk_stalled_until,
                 n.disk_failed,

@@ -23,7 +23,7 @@ pub(super) fn mix(trace: u64, at: Micros, event: &Event) -> u64 {
     let h = step(trace, at);
     match event {
         Event::Tick { node, incarnation } => fold(h, &[1, *node as u64, *incarnation]),
-        Event::Deliver(m) => {
+        Event::Deliver(m, _) => {
             let h = fold(h, &[2, m.from, m.to, m.term]);
             match &m.body {
                 MessageBody::PreVote {
@@ -68,6 +68,15 @@ pub(super) fn mix(trace: u64, at: Micros, event: &Event) -> u64 {
             }
         }
         Event::Persisted { node, write } => fold(h, &[3, *node as u64, *write]),
+        Event::SnapshotReport {
+            leader,
+            incarnation,
+            to,
+            delivered,
+        } => fold(
+            h,
+            &[14, *leader as u64, *incarnation, *to, u64::from(*delivered)],
+        ),
         Event::Restart { node, incarnation } => fold(h, &[4, *node as u64, *incarnation]),
         Event::Crash { node, incarnation } => fold(h, &[5, *node as u64, *incarnation]),
         Event::ClientAct { client } => fold(h, &[6, *client as u64]),
