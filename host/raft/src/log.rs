@@ -87,6 +87,10 @@ impl RaftLog {
             index > self.committed,
             "a snapshot never replaces committed entries"
         );
+        self.replace_with_snapshot(index, term);
+    }
+
+    fn replace_with_snapshot(&mut self, index: Index, term: Term) {
         self.entries.clear();
         self.offset = index;
         self.offset_term = term;
@@ -99,12 +103,7 @@ impl RaftLog {
     /// that installs snapshots over committed entries.
     #[cfg(feature = "mutants")]
     pub(crate) fn force_reset_to_snapshot(&mut self, index: Index, term: Term) {
-        self.entries.clear();
-        self.offset = index;
-        self.offset_term = term;
-        self.stable = index;
-        self.committed = index;
-        self.applied = index;
+        self.replace_with_snapshot(index, term);
     }
 
     /// Index of the first entry held (the snapshot's index + 1).
