@@ -44,7 +44,8 @@ pub struct Config {
     /// lease is measured in each node's own ticks).
     pub lease_reads: bool,
     /// How many ticks shorter than `election_ticks` the lease is: the margin
-    /// for clock drift between nodes, plus one for tick phase. With tick
+    /// for clock drift between nodes, plus one for tick phase (so at least
+    /// one). With tick
     /// rates within ±5 % of each other, `election_ticks / 10 + 2` suffices.
     pub lease_drift_ticks: u32,
     /// Seed of the election-timeout generator; give each node its own.
@@ -210,7 +211,10 @@ impl Config {
                 election: self.election_ticks,
             });
         }
-        if self.lease_reads && (!self.check_quorum || self.lease_drift_ticks >= self.election_ticks)
+        if self.lease_reads
+            && (!self.check_quorum
+                || self.lease_drift_ticks == 0
+                || self.lease_drift_ticks >= self.election_ticks)
         {
             return Err(ConfigError::Lease {
                 drift: self.lease_drift_ticks,

@@ -147,26 +147,26 @@ impl Driver {
         self.held.is_some()
     }
 
-    /// The next batch of actions, or `None` if there is nothing to do or a
-    /// write is still outstanding. A batch without a write is complete as
-    /// soon as it is returned: call `poll` again until it returns `None` or a
-    /// batch with a write.
+    /// The next batch of actions, or `None` if there is nothing to do. A
+    /// batch without a write is complete as soon as it is returned: call
+    /// `poll` again until it returns `None` or a batch with a write. While a
+    /// write is outstanding, batches carry only messages that may precede it
+    /// (a leader's appends and heartbeats, heartbeat answers, pre-votes,
+    /// reads): replication and leadership go on during a long fsync.
     pub fn poll(&mut self) -> Option<Batch> {
         if self.held.is_some() {
-            return None;
+            let send = self.raft.take_early_messages();
+            if send.is_empty() {
+                return None;
+            }
+            self.check_early(&send);
+            return Some(Batch {
+                send,
+                ..Batch::default()
+            });
         }
         let rd = self.raft.ready()?;
-        // Checked whenever no bug is injected on purpose (the `mutants`
-        // feature is on in every workspace test build, through the
-        // simulator's dev-dependency, so it must not switch this off).
-        if !self.raft.is_mutated() {
-            for m in &rd.messages {
-                assert!(
-                    may_precede_persist(m),
-                    "the core put a message that promises durable state before the write: {m:?}"
-                );
-            }
-        }
+        self.check_early(&rd.messages);
         let mut send = rd.messages;
         // A new commit index alone is not worth an fsync: persisting it only
         // saves a restarted node from relearning it from the leader (the core
@@ -207,6 +207,21 @@ impl Driver {
         })
     }
 
+    /// Messages about to leave before a write: only kinds that may.
+    /// Checked whenever no bug is injected on purpose (the `mutants` feature
+    /// is on in every workspace test build, through the simulator's
+    /// dev-dependency, so it must not switch this off).
+    fn check_early(&self, messages: &[Message]) {
+        if !self.raft.is_mutated() {
+            for m in messages {
+                assert!(
+                    may_precede_persist(m),
+                    "the core put a message that promises durable state before the write: {m:?}"
+                );
+            }
+        }
+    }
+
     /// The outstanding write is durable. Returns the messages that waited
     /// for it (votes and acknowledgements), to be sent now.
     ///
@@ -234,6 +249,7 @@ pub fn may_precede_persist(m: &Message) -> bool {
         m.body,
         MessageBody::Append { .. }
             | MessageBody::Heartbeat { .. }
+            | MessageBody::HeartbeatResponse { .. }
             | MessageBody::TimeoutNow
             | MessageBody::Snapshot { .. }
             | MessageBody::ReadIndexRequest { .. }
@@ -277,6 +293,65 @@ mod tests {
         let b = d.poll().unwrap();
         assert_eq!(b.apply.last().unwrap().data, Bytes::from_static(b"x"));
         assert_eq!(b.write.unwrap().entries[0].data, Bytes::from_static(b"y"));
+    }
+
+    #[test]
+    fn replication_and_heartbeat_answers_go_on_during_a_write() {
+        // Node 2 of {1, 2} is writing the leader's first entry when a
+        // heartbeat of the same (durable) term arrives: its answer leaves at
+        // once, not after the write.
+        let mut d = Driver::new(Raft::new(Config::new(2, [1, 2]), Persisted::default()).unwrap());
+        let hb = |commit| Message {
+            from: 1,
+            to: 2,
+            term: 1,
+            body: MessageBody::Heartbeat {
+                commit,
+                read_round: 7,
+            },
+        };
+        d.step(hb(0)).unwrap();
+        let b = d.poll().unwrap();
+        assert!(b.write.is_some(), "the new term is written");
+        assert!(d.poll().is_none(), "the answer waits for the term");
+        d.persisted();
+        while d.poll().is_some() {}
+        d.step(Message {
+            from: 1,
+            to: 2,
+            term: 1,
+            body: MessageBody::Append {
+                prev_index: 0,
+                prev_term: 0,
+                entries: vec![Entry {
+                    term: 1,
+                    index: 1,
+                    kind: crate::EntryKind::Noop,
+                    data: Bytes::new(),
+                }],
+                commit: 0,
+            },
+        })
+        .unwrap();
+        assert!(d.poll().unwrap().write.is_some());
+        d.step(hb(0)).unwrap();
+        let b = d.poll().expect("the answer need not wait for the entries");
+        assert!(b.write.is_none() && b.apply.is_empty());
+        assert!(matches!(
+            b.send.as_slice(),
+            [Message {
+                body: MessageBody::HeartbeatResponse { read_round: 7 },
+                ..
+            }]
+        ));
+        // The acknowledgement of the entry still waits for its write.
+        assert!(matches!(
+            d.persisted().as_slice(),
+            [Message {
+                body: MessageBody::AppendResponse(_),
+                ..
+            }]
+        ));
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub enum ConfigError {
     /// Lease reads need check-quorum and a lease shorter than an election
     /// timeout.
     #[error(
-        "lease reads need check_quorum and a drift margin ({drift} ticks) below the election timeout ({election} ticks)"
+        "lease reads need check_quorum and a drift margin ({drift} ticks) of at least one tick, below the election timeout ({election} ticks)"
     )]
     Lease {
         /// Configured drift margin.

@@ -529,8 +529,8 @@ fn the_lease_ends_before_another_leader_is_elected() {
 // ---- configuration ---------------------------------------------------------
 
 /// Lease reads need check-quorum (without it a follower votes while it
-/// still hears from its leader) and a drift margin below the election
-/// timeout (or the lease would be empty).
+/// still hears from its leader) and a drift margin of at least the one tick
+/// of phase and below the election timeout (or the lease would be empty).
 #[test]
 fn lease_configuration_is_validated() {
     let make = |lease_reads: bool, check_quorum: bool, drift: u32| {
@@ -551,7 +551,8 @@ fn lease_configuration_is_validated() {
     assert_eq!(make(true, true, ELECTION), refused(ELECTION));
     assert_eq!(make(true, true, ELECTION + 1), refused(ELECTION + 1));
     assert_eq!(make(true, true, ELECTION - 1), Ok(()));
-    assert_eq!(make(true, true, 0), Ok(()));
+    assert_eq!(make(true, true, 0), refused(0), "no room for tick phase");
+    assert_eq!(make(true, true, 1), Ok(()));
     assert_eq!(make(false, false, ELECTION + 1), Ok(()), "lease reads off");
     assert_eq!(make(false, true, ELECTION), Ok(()));
 }

@@ -183,8 +183,9 @@ impl Profile {
         voters + self.reconfigure.unwrap_or(0)
     }
 
-    /// A fault-free profile with fast disks and network, for benchmarks.
-    pub fn throughput(nodes: usize) -> Self {
+    /// A fault-free profile with a fast network and writes of `disk` µs,
+    /// for benchmarks.
+    pub fn throughput(nodes: usize, disk: Micros) -> Self {
         Self {
             pre_vote: true,
             check_quorum: true,
@@ -193,7 +194,7 @@ impl Profile {
             max_entries: 256,
             max_bytes: 1 << 20,
             max_inflight: 64,
-            disk: (100, 101),
+            disk: (disk, disk + 1),
             net_delay: (100, 101),
             fault_gap: (1, 2),
             restart_gap: (1, 2),

@@ -165,22 +165,20 @@ impl Outbox {
             | MessageBody::TimeoutNow => true,
             // Reads promise nothing about this node's own state.
             MessageBody::ReadIndexRequest { .. } | MessageBody::ReadIndexResponse { .. } => true,
+            // A heartbeat's answer promises only the term (checked below),
+            // not entries: it need not wait for a write of entries.
+            MessageBody::HeartbeatResponse { .. } => true,
             // Pre-votes change no state.
             MessageBody::PreVote { .. } | MessageBody::PreVoteResponse { .. } => true,
             #[cfg(feature = "mutants")]
             MessageBody::VoteResponse { .. } if self.vote_before_persist => true,
             #[cfg(feature = "mutants")]
-            MessageBody::AppendResponse(_) | MessageBody::HeartbeatResponse { .. }
-                if self.ack_before_persist =>
-            {
-                true
-            }
+            MessageBody::AppendResponse(_) if self.ack_before_persist => true,
             // A vote, a vote request (which carries our own vote) and every
             // acknowledgement promise durable state.
             MessageBody::Vote { .. }
             | MessageBody::VoteResponse { .. }
-            | MessageBody::AppendResponse(_)
-            | MessageBody::HeartbeatResponse { .. } => false,
+            | MessageBody::AppendResponse(_) => false,
         };
         // The persist mutants exist to send before anything is durable, the
         // term included; held back by the term, they would inject nothing
@@ -588,14 +586,22 @@ impl Raft {
             // ignoring it could leave a cluster without any electable node.
             return Ok(());
         }
+        // A candidate the leader handed over to sets the lease aside.
+        let transfer = matches!(m.body, MessageBody::Vote { transfer: true, .. });
+        if is_request
+            && !transfer
+            && m.term >= self.term
+            && (self.in_lease() || self.ticks < self.quiet_until)
+        {
+            // We heard from a live leader within the minimum election
+            // timeout: a node that cannot hear it must not depose it. Of the
+            // same term too: a stale answer of a later term may have made
+            // this node adopt that term and forget its leader and vote, and
+            // the promise holds all the same. (A request of an older term is
+            // answered below: it tells a lagging candidate the term.)
+            return Ok(());
+        }
         if m.term > self.term {
-            // A candidate the leader handed over to sets the lease aside.
-            let transfer = matches!(m.body, MessageBody::Vote { transfer: true, .. });
-            if is_request && !transfer && (self.in_lease() || self.ticks < self.quiet_until) {
-                // We heard from a live leader within the minimum election
-                // timeout: a node that cannot hear it must not depose it.
-                return Ok(());
-            }
             match m.body {
                 // Neither a pre-vote request nor a granted pre-vote (which
                 // carries the term the sender would campaign in) is evidence
@@ -714,6 +720,16 @@ impl Raft {
                 || !self.read_states.is_empty()
                 || !self.dropped_reads.is_empty()
                 || matches!(&self.state, State::Leader(l) if l.broadcast != Broadcast::None))
+    }
+
+    /// The messages that may leave now, even while a `Ready`'s write is
+    /// outstanding: those that promise nothing a write holds (the kinds of
+    /// [`Ready::messages`]). A leader keeps replicating, and a follower keeps
+    /// answering heartbeats, during a long fsync.
+    pub fn take_early_messages(&mut self) -> Vec<Message> {
+        self.flush_broadcast();
+        self.withdraw_stale_timeout_now();
+        std::mem::take(&mut self.out.now)
     }
 
     /// The next batch of work, if any and if the previous one was advanced.

@@ -195,8 +195,8 @@ impl Cluster {
         };
         let node = self.node_for(hint);
         let lease = self.profile.lease_reads && self.rng.chance(0.5);
-        if self.nodes[node].paused_until <= self.now {
-            self.pay_owed_ticks(node)?;
+        if self.nodes[node].paused_until <= self.now && self.nodes[node].driver.is_some() {
+            self.deliver_due_ticks(node)?;
         }
         let until = self.nodes[node].paused_until;
         if until > self.now {

@@ -75,20 +75,10 @@ impl Cluster {
             63..70 => {
                 let node = self.leader_or_any(0.5);
                 let pause = self.rng.range(50_000, 800_000);
-                let interval = self.profile.tick_interval[node];
-                let lease_reads = self.profile.lease_reads;
+                // Its clock runs on: the ticks that come due meanwhile are
+                // delivered when it resumes (see `next_tick_due`).
                 let n = &mut self.nodes[node];
-                let until = n.paused_until.max(self.now + pause);
-                if lease_reads {
-                    // A paused process's clock runs on: the ticks it missed
-                    // are delivered before anything else once it resumes, as
-                    // a driver on a monotonic clock would. (A lease measured
-                    // on a clock that stops while paused would outlive the
-                    // followers' promise.)
-                    let missed = (until - n.paused_until.max(self.now)) / interval;
-                    n.owed_ticks += missed as u32;
-                }
-                n.paused_until = until;
+                n.paused_until = n.paused_until.max(self.now + pause);
             }
             70..76 => {
                 let node = self.leader_or_any(0.3);

@@ -52,7 +52,18 @@ pub enum Workload {
         window: usize,
         /// Proposals to apply.
         total: u64,
+        /// Time of one disk write (fsync included), µs.
+        disk: Micros,
     },
+}
+
+impl Workload {
+    fn disk(&self) -> Micros {
+        match self {
+            Workload::Throughput { disk, .. } => *disk,
+            Workload::Checked => 100,
+        }
+    }
 }
 
 /// Parameters of one run.
@@ -222,9 +233,12 @@ struct Node {
     disk_failed: bool,
     /// Ticks the node's clock skipped: the next tick delivers them at once.
     missed_ticks: u32,
-    /// Ticks that passed while the node was paused, delivered before it
-    /// handles anything else (with lease reads).
-    owed_ticks: u32,
+    /// When its clock's next tick is due. Ticks that came due while the
+    /// node was paused are delivered before it handles anything else, as a
+    /// driver on a monotonic clock would deliver them (a lease measured on
+    /// a clock that stopped while paused would outlive the followers'
+    /// promise).
+    next_tick_due: Micros,
     /// Kept down through the next quiet phase on purpose.
     held_down: bool,
 }
@@ -331,7 +345,7 @@ impl Cluster {
         let profile = if checked {
             Profile::draw(&mut rng, opts.nodes)
         } else {
-            Profile::throughput(opts.nodes)
+            Profile::throughput(opts.nodes, opts.workload.disk())
         };
         let n = profile.total_nodes(opts.nodes);
         let mut net = Network::new(n);
@@ -362,7 +376,7 @@ impl Cluster {
                     disk_stalled_until: 0,
                     disk_failed: false,
                     missed_ticks: 0,
-                    owed_ticks: 0,
+                    next_tick_due: 0,
                     held_down: false,
                 })
                 .collect(),
@@ -443,11 +457,11 @@ impl Cluster {
         n.disk_stalled_until = 0;
         n.disk_failed = false;
         n.missed_ticks = 0;
-        n.owed_ticks = 0;
         n.held_down = false;
         self.safety.restarted(n.id, applied);
         let incarnation = n.incarnation;
         let at = self.now + self.rng.range(1, TICK);
+        self.nodes[node].next_tick_due = at;
         self.schedule(at, Event::Tick { node, incarnation });
     }
 
@@ -547,22 +561,24 @@ impl Cluster {
                 self.schedule(until, event);
                 return Ok(());
             }
-            self.pay_owed_ticks(node)?;
+            if self.nodes[node].driver.is_some() {
+                self.deliver_due_ticks(node)?;
+            }
         }
         match event {
             Event::Tick { node, incarnation } => {
                 if self.nodes[node].incarnation != incarnation {
                     return Ok(());
                 }
-                let ticks = 1 + std::mem::take(&mut self.nodes[node].missed_ticks);
-                for _ in 0..ticks {
+                // A clock jump: ticks delivered at once on top.
+                for _ in 0..std::mem::take(&mut self.nodes[node].missed_ticks) {
                     self.with_driver(node, |d| {
                         d.tick();
                         Ok(())
                     })?;
                     self.drive(node)?;
                 }
-                let at = self.now + self.profile.tick_interval[node];
+                let at = self.nodes[node].next_tick_due;
                 self.schedule(at, Event::Tick { node, incarnation });
                 Ok(())
             }
@@ -656,9 +672,12 @@ impl Cluster {
         }
     }
 
-    /// Deliver the ticks that passed while the node was paused.
-    fn pay_owed_ticks(&mut self, node: usize) -> Result<(), Violation> {
-        for _ in 0..std::mem::take(&mut self.nodes[node].owed_ticks) {
+    /// Deliver every tick of the node's clock that has come due (more than
+    /// one after a pause), keeping the clock's phase.
+    fn deliver_due_ticks(&mut self, node: usize) -> Result<(), Violation> {
+        let interval = self.profile.tick_interval[node];
+        while self.nodes[node].next_tick_due <= self.now && self.nodes[node].driver.is_some() {
+            self.nodes[node].next_tick_due += interval;
             self.with_driver(node, |d| {
                 d.tick();
                 Ok(())
