@@ -240,7 +240,8 @@ impl Raft {
         #[allow(unused_mut)]
         let mut result = q.vote_result(|id| votes.by_voter.get(&id).copied());
         #[cfg(feature = "mutants")]
-        if result == VoteResult::Pending
+        if self.cfg.mutated(Mutation::CountDuplicateVotes)
+            && result == VoteResult::Pending
             && votes.tally() >= self.memberships.current().voters().majority()
         {
             result = VoteResult::Won;
