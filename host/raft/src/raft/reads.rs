@@ -71,6 +71,17 @@ impl Raft {
         if self.maybe_confirm_read() {
             self.maybe_start_read_round();
         }
+        self.lease_valid()
+    }
+
+    /// Whether this node leads under a lease that still runs, as of the
+    /// acknowledgements already counted (a query: [`Raft::lease_holds`]
+    /// counts them first). While it holds, no other node can lead a later
+    /// term.
+    pub fn lease_valid(&self) -> bool {
+        if !self.cfg.lease_reads || !self.term_committed() {
+            return false;
+        }
         let State::Leader(l) = &self.state else {
             return false;
         };
