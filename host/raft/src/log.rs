@@ -423,21 +423,6 @@ mod tests {
     }
 
     use crate::types::ENTRY_OVERHEAD;
-}
-
-#[cfg(test)]
-mod compaction_tests {
-    use super::*;
-    use crate::types::EntryKind;
-
-    fn e(index: Index, term: Term) -> Entry {
-        Entry {
-            term,
-            index,
-            kind: EntryKind::Normal,
-            data: Default::default(),
-        }
-    }
 
     #[test]
     fn compaction_keeps_the_term_at_the_snapshot() {
