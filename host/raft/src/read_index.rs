@@ -48,6 +48,11 @@ impl ReadRounds {
         self.waiting.push(req);
     }
 
+    /// Reads waiting for the next round.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
     /// The newest round, to put on heartbeats (0: none yet).
     pub(crate) fn latest(&self) -> u64 {
         self.last_id

@@ -823,6 +823,10 @@ impl Raft {
                 if meta.index == 0 || meta.membership.voters().is_empty() {
                     return malformed("snapshot at index 0 or without voters");
                 }
+                // Half the range, as for terms: every `index + 1` stays in range.
+                if meta.index > MAX_TERM {
+                    return malformed("snapshot index out of range");
+                }
                 meta.term <= m.term
             }
         };

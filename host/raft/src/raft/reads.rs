@@ -11,6 +11,9 @@ use crate::types::{Index, NodeId};
 
 use super::{Raft, State};
 
+/// Most forwarded reads a leader keeps waiting for its next round.
+const MAX_WAITING_FORWARDED: usize = 65_536;
+
 impl Raft {
     /// Request a linearizable read identified by `ctx`. It appears in
     /// `Ready::read_states` once this node's leadership is confirmed by a
@@ -116,6 +119,12 @@ impl Raft {
         // A node outside the membership gets no entries, so it could never
         // apply up to the read index: its read expires there instead.
         if !l.progress.contains_key(&from) {
+            return;
+        }
+        // Bounded: while a round cannot complete (no quorum, no entry of this
+        // term committed yet) a follower could otherwise grow the list without
+        // end. A read refused here expires on the follower.
+        if l.reads.waiting() >= MAX_WAITING_FORWARDED {
             return;
         }
         l.reads.request(ReadRequest {
