@@ -2,10 +2,12 @@
 //! store's writer thread, which makes each [`Write`] durable while the event
 //! loop goes on.
 //!
-//! The core hands out one write at a time and keeps accepting proposals
-//! while it is on disk, so the next write carries everything proposed
-//! meanwhile: group commit falls out of the `Ready`/`advance` protocol, one
-//! fsync per batch however many clients wrote.
+//! The core hands out several writes before the first is durable (the
+//! driver bounds how many); the writer thread takes every write queued
+//! behind a busy disk into its next atomic batch and fsync, and reports each
+//! one in order. Group commit thus happens twice: proposals made during a
+//! write join the next batch, and batches queued during an fsync share the
+//! next one.
 
 use std::sync::Arc;
 

@@ -408,7 +408,7 @@ impl<N: Network> EventLoop<N> {
         Ok(())
     }
 
-    /// Carries out every batch the core has, up to the next write.
+    /// Carries out every batch the core has.
     fn drain(&mut self) -> Result<(), NodeError> {
         while let Some(b) = self.driver.poll() {
             for m in b.send {
@@ -438,8 +438,9 @@ impl<N: Network> EventLoop<N> {
                         self.last_timestamp_ms = self.last_timestamp_ms.max(ts);
                     }
                 }
+                // The writer thread makes writes durable in the order
+                // handed out; the driver bounds how many are outstanding.
                 self.disk.write(w)?;
-                break;
             }
         }
         let leader = self.driver.raft().role() == Role::Leader;

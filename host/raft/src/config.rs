@@ -28,6 +28,10 @@ pub struct Config {
     pub max_bytes_per_message: usize,
     /// Most unacknowledged `Append`s per follower in the replicate state.
     pub max_inflight_messages: usize,
+    /// Most writes outstanding at once in the [`crate::Driver`]: while one
+    /// is being made durable the next may already be handed out, and they
+    /// are acknowledged in order. One means each write waits for the last.
+    pub max_outstanding_writes: usize,
     /// Run a pre-vote round before incrementing the term (thesis §9.6), so a
     /// node rejoining from a partition does not disrupt a working leader.
     pub pre_vote: bool,
@@ -183,6 +187,7 @@ impl Config {
             max_entries_per_message: 256,
             max_bytes_per_message: 1 << 20,
             max_inflight_messages: 64,
+            max_outstanding_writes: 64,
             pre_vote: true,
             check_quorum: true,
             lease_reads: false,
@@ -224,6 +229,7 @@ impl Config {
         if self.max_entries_per_message == 0
             || self.max_bytes_per_message == 0
             || self.max_inflight_messages == 0
+            || self.max_outstanding_writes == 0
         {
             return Err(ConfigError::ZeroLimit);
         }

@@ -4,9 +4,12 @@
 //! [`Driver`] wraps a [`Raft`] and turns each `Ready` into a [`Batch`] of
 //! actions. It performs no I/O either: the caller sends, writes and applies,
 //! and reports a finished write with [`Driver::persisted`], which releases the
-//! messages that had to wait for it. Because the driver hides
+//! messages that had to wait for it. Several writes may be outstanding at
+//! once; they are made durable and reported in order. Because the driver hides
 //! [`Raft::ready`] and [`Raft::advance`], a caller cannot advance before the
 //! write is durable or send an acknowledgement too early.
+
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 
@@ -25,7 +28,9 @@ pub struct Batch {
     /// Messages that may leave now, before `write` is durable.
     pub send: Vec<Message>,
     /// State to make durable (fsync), then report with [`Driver::persisted`].
-    /// While it is outstanding the driver hands out no further batch.
+    /// Several writes may be outstanding at once (up to
+    /// [`crate::Config::max_outstanding_writes`]): they must become durable
+    /// in the order handed out, and are reported in that order.
     pub write: Option<Write>,
     /// Committed entries to apply, in log order. They are durable already,
     /// so applying may overlap with `write`.
@@ -53,28 +58,40 @@ pub struct Write {
 // A write is handed out only for entries or a new term or vote; a new commit
 // index rides along with the next such write (see `Driver::poll`).
 
-/// A [`Raft`] together with the bookkeeping of its outstanding write.
+/// A [`Raft`] together with the bookkeeping of its outstanding writes.
 #[derive(Debug)]
 pub struct Driver {
     raft: Raft,
-    /// Messages held back until the outstanding write is durable; `Some`
-    /// exactly while a write is outstanding.
-    held: Option<Vec<Message>>,
-    /// The hard state of the outstanding write.
-    writing: Option<HardState>,
-    /// The last hard state made durable.
-    durable: HardState,
+    /// Every `Ready` handed out and not yet advanced, oldest first.
+    pending: VecDeque<Pending>,
+    /// Writes among `pending`.
+    writes: usize,
+    /// The hard state of the last write handed out (or the durable one if
+    /// none was): what the next `Ready`'s hard state is compared with.
+    written: HardState,
+}
+
+/// One `Ready` the core handed out that is not yet advanced.
+#[derive(Debug)]
+struct Pending {
+    /// Whether it was handed out as a write. One that needed none but came
+    /// after a write is advanced together with that write, since its
+    /// messages may promise what that write holds (an acknowledgement of
+    /// entries being written).
+    is_write: bool,
+    /// Messages held back until it is durable.
+    held: Vec<Message>,
 }
 
 impl Driver {
     /// Drives `raft`.
     pub fn new(raft: Raft) -> Self {
-        let durable = raft.hard_state();
+        let written = raft.hard_state();
         Self {
             raft,
-            held: None,
-            writing: None,
-            durable,
+            pending: VecDeque::new(),
+            writes: 0,
+            written,
         }
     }
 
@@ -144,17 +161,23 @@ impl Driver {
 
     /// Whether a write is outstanding.
     pub fn is_writing(&self) -> bool {
-        self.held.is_some()
+        self.writes > 0
     }
 
-    /// The next batch of actions, or `None` if there is nothing to do. A
-    /// batch without a write is complete as soon as it is returned: call
-    /// `poll` again until it returns `None` or a batch with a write. While a
-    /// write is outstanding, batches carry only messages that may precede it
-    /// (a leader's appends and heartbeats, heartbeat answers, pre-votes,
+    /// How many writes are outstanding.
+    pub fn outstanding_writes(&self) -> usize {
+        self.writes
+    }
+
+    /// The next batch of actions, or `None` if there is nothing to do. Call
+    /// `poll` again until it returns `None`: each batch is complete as soon
+    /// as it is returned, but for its write, which the caller makes durable
+    /// while polling on. Once `max_outstanding_writes` writes are
+    /// outstanding, batches carry only messages that may precede them (a
+    /// leader's appends and heartbeats, heartbeat answers, pre-votes,
     /// reads): replication and leadership go on during a long fsync.
     pub fn poll(&mut self) -> Option<Batch> {
-        if self.held.is_some() {
+        if self.writes >= self.raft.config().max_outstanding_writes {
             let send = self.raft.take_early_messages();
             if send.is_empty() {
                 return None;
@@ -177,21 +200,34 @@ impl Driver {
             || rd.snapshot.is_some()
             || rd
                 .hard_state
-                .is_some_and(|hs| hs.term != self.durable.term || hs.vote != self.durable.vote);
+                .is_some_and(|hs| hs.term != self.written.term || hs.vote != self.written.vote);
         let write = if !must_sync {
-            // Nothing to make durable: what was held back may leave now.
-            send.extend(rd.persisted_messages);
-            self.raft.advance();
+            if self.pending.is_empty() {
+                // Nothing to make durable: what was held back may leave now.
+                send.extend(rd.persisted_messages);
+                self.raft.advance();
+            } else {
+                self.pending.push_back(Pending {
+                    is_write: false,
+                    held: rd.persisted_messages,
+                });
+            }
             None
         } else {
-            self.held = Some(rd.persisted_messages);
             let current = self.raft.hard_state();
             let hard_state = match rd.hard_state {
                 // The commit index handed out earlier without a write.
-                None if current.commit > self.durable.commit => Some(current),
+                None if current.commit > self.written.commit => Some(current),
                 hs => hs,
             };
-            self.writing = hard_state;
+            if let Some(hs) = hard_state {
+                self.written = hs;
+            }
+            self.pending.push_back(Pending {
+                is_write: true,
+                held: rd.persisted_messages,
+            });
+            self.writes += 1;
             Some(Write {
                 snapshot: rd.snapshot,
                 hard_state,
@@ -222,21 +258,28 @@ impl Driver {
         }
     }
 
-    /// The outstanding write is durable. Returns the messages that waited
-    /// for it (votes and acknowledgements), to be sent now.
+    /// The oldest outstanding write is durable. Returns the messages that
+    /// waited for it (votes and acknowledgements), to be sent now.
     ///
     /// # Panics
     /// If no write is outstanding: a driver bug.
     pub fn persisted(&mut self) -> Vec<Message> {
-        let held = self
-            .held
-            .take()
+        let first = self
+            .pending
+            .pop_front()
             .expect("persisted() without an outstanding write");
-        if let Some(hs) = self.writing.take() {
-            self.durable = hs;
-        }
+        assert!(first.is_write, "batches without a write wait behind one");
+        self.writes -= 1;
         self.raft.advance();
-        held
+        let mut released = first.held;
+        // The batches that needed no write but waited behind this one.
+        while self.pending.front().is_some_and(|p| !p.is_write) {
+            let p = self.pending.pop_front().expect("checked");
+            self.raft.advance();
+            released.extend(p.held);
+        }
+        debug_assert_eq!(self.pending.len(), self.raft.outstanding_readies());
+        released
     }
 }
 
@@ -264,8 +307,10 @@ mod tests {
     use super::*;
     use crate::{Config, Persisted, Role};
 
-    fn leader_of_one() -> Driver {
-        let mut d = Driver::new(Raft::new(Config::new(1, [1]), Persisted::default()).unwrap());
+    fn leader_of_one(max_outstanding_writes: usize) -> Driver {
+        let mut cfg = Config::new(1, [1]);
+        cfg.max_outstanding_writes = max_outstanding_writes;
+        let mut d = Driver::new(Raft::new(cfg, Persisted::default()).unwrap());
         while d.raft().role() != Role::Leader {
             d.tick();
             while let Some(b) = d.poll() {
@@ -278,8 +323,8 @@ mod tests {
     }
 
     #[test]
-    fn no_batch_while_a_write_is_outstanding() {
-        let mut d = leader_of_one();
+    fn with_one_outstanding_write_the_next_waits() {
+        let mut d = leader_of_one(1);
         d.propose(Bytes::from_static(b"x")).unwrap();
         let b = d.poll().expect("the proposal needs a write");
         let w = b.write.expect("entries to persist");
@@ -293,6 +338,87 @@ mod tests {
         let b = d.poll().unwrap();
         assert_eq!(b.apply.last().unwrap().data, Bytes::from_static(b"x"));
         assert_eq!(b.write.unwrap().entries[0].data, Bytes::from_static(b"y"));
+    }
+
+    #[test]
+    fn writes_overlap_and_are_acknowledged_in_order() {
+        let mut d = leader_of_one(2);
+        let entries = |w: Option<Write>| -> Vec<Bytes> {
+            w.expect("a write")
+                .entries
+                .into_iter()
+                .map(|e| e.data)
+                .collect()
+        };
+        d.propose(Bytes::from_static(b"x")).unwrap();
+        let first = entries(d.poll().unwrap().write);
+        d.propose(Bytes::from_static(b"y")).unwrap();
+        let second = entries(d.poll().unwrap().write);
+        assert_eq!(
+            (first, second),
+            (vec![b"x".as_ref().into()], vec![b"y".as_ref().into()])
+        );
+        assert_eq!(d.outstanding_writes(), 2);
+        d.propose(Bytes::from_static(b"z")).unwrap();
+        assert!(d.poll().is_none(), "two writes are the most outstanding");
+        // Neither commits before its write is durable, and `x` before `y`.
+        d.persisted();
+        let b = d.poll().unwrap();
+        let applied: Vec<_> = b.apply.iter().map(|e| e.data.clone()).collect();
+        assert_eq!(applied, vec![Bytes::from_static(b"x")]);
+        assert_eq!(entries(b.write), vec![Bytes::from_static(b"z")]);
+        d.persisted();
+        d.persisted();
+        let b = d.poll().unwrap();
+        let applied: Vec<_> = b.apply.iter().map(|e| e.data.clone()).collect();
+        assert_eq!(
+            applied,
+            vec![Bytes::from_static(b"y"), Bytes::from_static(b"z")]
+        );
+        assert!(!d.is_writing());
+    }
+
+    #[test]
+    fn an_acknowledgement_in_a_batch_without_a_write_waits_for_the_write_before() {
+        // Node 2 of {1, 2} is writing entry 1 when the same append arrives
+        // again: nothing new to write, but the repeated acknowledgement
+        // claims entry 1, so it waits for the write that holds it.
+        let mut d = Driver::new(Raft::new(Config::new(2, [1, 2]), Persisted::default()).unwrap());
+        let append = Message {
+            from: 1,
+            to: 2,
+            term: 1,
+            body: MessageBody::Append {
+                prev_index: 0,
+                prev_term: 0,
+                entries: vec![Entry {
+                    term: 1,
+                    index: 1,
+                    kind: crate::EntryKind::Noop,
+                    data: Bytes::new(),
+                }],
+                commit: 0,
+            },
+        };
+        d.step(append.clone()).unwrap();
+        assert!(d.poll().unwrap().write.is_some());
+        d.step(append).unwrap();
+        let b = d
+            .poll()
+            .expect("the repeated append is answered in a batch");
+        assert!(b.write.is_none() && b.send.is_empty(), "{b:?}");
+        assert!(d.poll().is_none());
+        let released = d.persisted();
+        assert_eq!(
+            released.len(),
+            2,
+            "both answers, after the write: {released:?}"
+        );
+        assert!(released.iter().all(|m| matches!(
+            m.body,
+            MessageBody::AppendResponse(crate::AppendOutcome::Accepted { last_index: 1 })
+        )));
+        assert!(!d.is_writing());
     }
 
     #[test]
@@ -400,7 +526,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "without an outstanding write")]
     fn persisted_without_a_write_is_a_bug() {
-        let mut d = leader_of_one();
+        let mut d = leader_of_one(1);
         let _ = d.persisted();
     }
 

@@ -23,7 +23,7 @@ pub enum ConfigError {
         election: u32,
     },
     /// A message limit is zero.
-    #[error("message and inflight limits must be positive")]
+    #[error("message, inflight and outstanding-write limits must be positive")]
     ZeroLimit,
     /// Lease reads need check-quorum and a lease shorter than an election
     /// timeout.

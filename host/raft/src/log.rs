@@ -1,5 +1,5 @@
-//! The core's in-memory view of the log: a durable prefix and an unstable
-//! suffix that the driver has not yet persisted.
+//! The core's in-memory view of the log: a durable prefix, then entries
+//! handed to the driver for writing, then entries not yet handed out.
 
 use crate::types::{Entry, Index, Term};
 
@@ -15,6 +15,10 @@ pub struct RaftLog {
     entries: Vec<Entry>,
     /// Entries up to here are durable (as far as the core has been told).
     stable: Index,
+    /// Entries up to here were handed to the driver to write (`>= stable`):
+    /// several writes may be outstanding, and each carries only entries
+    /// after the previous one's.
+    handed: Index,
     /// Highest index known to be committed.
     committed: Index,
     /// Highest index handed to the driver for application.
@@ -55,6 +59,7 @@ impl RaftLog {
             offset_term,
             entries,
             stable,
+            handed: stable,
             committed,
             applied,
         }
@@ -95,6 +100,7 @@ impl RaftLog {
         self.offset = index;
         self.offset_term = term;
         self.stable = index;
+        self.handed = index;
         self.committed = index;
         self.applied = index;
     }
@@ -221,6 +227,7 @@ impl RaftLog {
                     // Everything from the first overwritten entry on is
                     // rewritten, the kept old suffix included.
                     self.stable = self.stable.min(first_new.index - 1);
+                    self.handed = self.handed.min(first_new.index - 1);
                 }
             }
             let skip = (first_new.index - prev_index - 1) as usize;
@@ -249,7 +256,10 @@ impl RaftLog {
         debug_assert!(index > self.offset, "compacted entries are committed");
         debug_assert!(index > self.offset);
         self.entries.truncate((index - self.offset - 1) as usize);
+        // The replacements are written by a later write, which replaces
+        // whatever an outstanding one stores from `index` on.
         self.stable = self.stable.min(index - 1);
+        self.handed = self.handed.min(index - 1);
     }
 
     /// The largest index `<= index` whose term is `<= term`, with its term:
@@ -281,14 +291,29 @@ impl RaftLog {
     }
 
     /// Entries not yet handed to the driver for persistence.
-    pub(crate) fn unstable(&self) -> &[Entry] {
-        self.entries(self.stable + 1, self.last_index())
+    pub(crate) fn unhanded(&self) -> &[Entry] {
+        self.entries(self.handed + 1, self.last_index())
+    }
+
+    /// Hands out every entry not yet handed out (for one write); returns them.
+    pub(crate) fn hand_out(&mut self) -> Vec<Entry> {
+        let out = self.unhanded().to_vec();
+        self.handed = self.last_index();
+        out
+    }
+
+    /// Highest index handed to the driver for writing.
+    pub fn handed(&self) -> Index {
+        self.handed
     }
 
     /// The driver made entries up to (`index`, `term`) durable. Ignored when
-    /// the entry was replaced in the meantime: the replacement is still unstable.
+    /// the entry was replaced in the meantime (everything past `handed` was
+    /// rewritten after that write was handed out): the replacement is
+    /// written by a later write. When (`index`, `term`) is still in the log
+    /// up to `handed`, every entry up to it is the one written (Log Matching).
     pub(crate) fn stable_to(&mut self, index: Index, term: Term) {
-        if index > self.stable && self.matches(index, term) {
+        if index > self.stable && index <= self.handed && self.matches(index, term) {
             self.stable = index;
         }
     }
@@ -453,11 +478,36 @@ mod tests {
     }
 
     #[test]
+    fn an_outstanding_write_of_replaced_entries_makes_nothing_durable() {
+        // Entries 3..=5 of term 1 are handed out for a write; before it is
+        // durable, a leader of term 2 replaces them from 4 on.
+        let mut l = RaftLog::restore((0, 0), (1..=2).map(|i| e(i, 1)).collect(), 2, 2);
+        for i in 3..=5 {
+            l.append(e(i, 1));
+        }
+        assert_eq!(l.hand_out().len(), 3);
+        assert!(l.unhanded().is_empty());
+        l.try_append(3, 1, &[e(4, 2)], true, true).unwrap();
+        assert_eq!(
+            (l.stable(), l.handed()),
+            (2, 3),
+            "4 and 5 must be written again"
+        );
+        assert_eq!(l.unhanded(), &[e(4, 2)]);
+        // The first write's last entry is gone: it vouches for nothing.
+        l.stable_to(5, 1);
+        assert_eq!(l.stable(), 2);
+        assert_eq!(l.hand_out(), vec![e(4, 2)]);
+        l.stable_to(4, 2);
+        assert_eq!(l.stable(), 4);
+    }
+
+    #[test]
     fn a_snapshot_replaces_the_log() {
         let mut l = RaftLog::restore((0, 0), (1..=5).map(|i| e(i, 1)).collect(), 2, 2);
         l.reset_to_snapshot(9, 3);
         assert_eq!((l.last_index(), l.last_term()), (9, 3));
         assert_eq!((l.committed(), l.applied(), l.stable()), (9, 9, 9));
-        assert!(l.unstable().is_empty());
+        assert!(l.unhanded().is_empty());
     }
 }

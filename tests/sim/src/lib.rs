@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use kythira_linearizability::{Verdict, check_history, kv::KvModel};
 
 pub use cluster::{Cluster, Depth, Options, Workload};
+pub use profile::DiskQueue;
 pub use safety::Violation;
 
 /// Search budget of the linearizability checker per history.

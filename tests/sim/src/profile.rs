@@ -25,6 +25,21 @@ pub struct LoadSpec {
     pub total: u64,
 }
 
+/// How a node's disk serves writes handed to it while it is busy. Either
+/// way writes complete in the order handed out, and a crash loses every one
+/// not yet complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskQueue {
+    /// One write at a time, and the writes queued behind a busy disk are
+    /// made durable together by the next one: a writer thread that syncs
+    /// one journal, as the daemon's does.
+    Serial,
+    /// Writes in flight together, each taking its own latency: a device
+    /// with a deep queue and writes that sync themselves (`O_DSYNC`), or a
+    /// network volume whose latency is mostly the round trip.
+    Pipelined,
+}
+
 /// The per-seed parameters of a run.
 #[derive(Clone, Debug)]
 pub struct Profile {
@@ -44,6 +59,10 @@ pub struct Profile {
     pub max_inflight: usize,
     /// Disk write latency range, µs.
     pub disk: (Micros, Micros),
+    /// How the disk serves overlapping writes.
+    pub disk_queue: DiskQueue,
+    /// Writes a core's driver may have outstanding at once.
+    pub max_outstanding_writes: usize,
     /// One-way network delay range, µs.
     pub net_delay: (Micros, Micros),
     /// Time between faults, µs.
@@ -132,10 +151,25 @@ impl Profile {
             lease_reads: false,
             reconfigure: None,
             compaction: false,
+            disk_queue: DiskQueue::Serial,
+            max_outstanding_writes: 1,
         }
         .with_reconfiguration(rng)
         .with_lease_reads(rng)
         .with_compaction(rng)
+        .with_overlapping_writes(rng)
+    }
+
+    /// Draws how many writes overlap and how the disk serves them. Drawn
+    /// last, so the rest of a profile does not depend on it.
+    fn with_overlapping_writes(mut self, rng: &mut Rng) -> Self {
+        self.max_outstanding_writes = rng.pick(&[1, 2, 8, 64]);
+        self.disk_queue = if rng.chance(0.5) {
+            DiskQueue::Serial
+        } else {
+            DiskQueue::Pipelined
+        };
+        self
     }
 
     /// Compaction in half the runs that checkpoint.
@@ -184,8 +218,9 @@ impl Profile {
     }
 
     /// A fault-free profile with a fast network and writes of `disk` µs,
-    /// for benchmarks.
-    pub fn throughput(nodes: usize, disk: Micros) -> Self {
+    /// up to `outstanding` at once on a disk that serves them as `queue`
+    /// says, for benchmarks.
+    pub fn throughput(nodes: usize, disk: Micros, outstanding: usize, queue: DiskQueue) -> Self {
         Self {
             pre_vote: true,
             check_quorum: true,
@@ -206,6 +241,8 @@ impl Profile {
             lease_reads: false,
             reconfigure: None,
             compaction: false,
+            disk_queue: queue,
+            max_outstanding_writes: outstanding,
         }
     }
 
@@ -231,14 +268,23 @@ impl Profile {
     /// One replication round trip at worst on a healthy network: there and
     /// back, a follower's write, and a tick for the sender to notice.
     pub fn round_trip(&self) -> Micros {
-        2 * self.net_delay.1 + self.disk.1 + self.slowest_tick()
+        2 * self.net_delay.1 + self.longest_write() + self.slowest_tick()
+    }
+
+    /// The longest a write can take from hand-out to durable on a healthy
+    /// disk: a serial disk may first finish the write it is busy with.
+    pub fn longest_write(&self) -> Micros {
+        match self.disk_queue {
+            DiskQueue::Serial => 2 * self.disk.1,
+            DiskQueue::Pipelined => self.disk.1,
+        }
     }
 
     /// Line for failure reports.
     pub fn describe(&self) -> String {
         format!(
             "pre_vote={} check_quorum={} election={} heartbeat={} entries/msg={} bytes/msg={} \
-             inflight={} disk={:?}us checkpoint={:?} phases={} crash_after_send={} load={:?} \
+             inflight={} disk={:?}us {:?}x{} checkpoint={:?} phases={} crash_after_send={} load={:?} \
              spares={:?} lease_reads={} compaction={}",
             self.pre_vote,
             self.check_quorum,
@@ -248,6 +294,8 @@ impl Profile {
             self.max_bytes,
             self.max_inflight,
             self.disk,
+            self.disk_queue,
+            self.max_outstanding_writes,
             self.checkpoint_every,
             self.phases,
             self.crash_after_send,

@@ -161,8 +161,7 @@ impl Raft {
     /// The write holding this candidate's vote for itself is durable: the
     /// election is decided on it if it decides alone.
     pub(super) fn count_own_vote_if_durable(&mut self) {
-        let durable =
-            self.handed_out.term == self.term && self.handed_out.vote == Some(self.cfg.id);
+        let durable = self.durable.term == self.term && self.durable.vote == Some(self.cfg.id);
         if self.own_vote_pending && durable && matches!(self.state, State::Candidate(_)) {
             self.own_vote_pending = false;
             let term = self.term;

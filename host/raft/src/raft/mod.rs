@@ -8,7 +8,7 @@ mod replication;
 mod snapshot;
 mod transfer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 
@@ -249,8 +249,20 @@ pub struct Raft {
     pending_install: Option<SnapshotMeta>,
     /// The hard state last handed out in a `Ready`.
     handed_out: HardState,
-    /// The last entry of the `Ready` being handled, once one is handed out.
-    outstanding: Option<Option<(Index, Term)>>,
+    /// The hard state of the last `Ready` advanced: durable.
+    durable: HardState,
+    /// The `Ready`s handed out and not yet advanced, oldest first: their
+    /// writes become durable in this order.
+    outstanding: VecDeque<InFlight>,
+}
+
+/// What one handed-out `Ready` makes durable once advanced.
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    /// Its last entry, if it carried any.
+    last: Option<(Index, Term)>,
+    /// The hard state as of its hand-out.
+    hard_state: HardState,
 }
 
 impl Raft {
@@ -359,7 +371,8 @@ impl Raft {
                 0
             },
             handed_out: hs,
-            outstanding: None,
+            durable: hs,
+            outstanding: VecDeque::new(),
             cfg,
         };
         raft.reset_timers();
@@ -373,6 +386,11 @@ impl Raft {
         return self.cfg.mutation.is_some();
         #[cfg(not(feature = "mutants"))]
         false
+    }
+
+    /// How this core was configured.
+    pub fn config(&self) -> &Config {
+        &self.cfg
     }
 
     /// This node's id.
@@ -490,7 +508,10 @@ impl Raft {
             log.applied() <= log.committed().min(log.stable()),
             "applied uncommitted or non-durable entries"
         );
-        debug_assert!(log.stable() <= log.last_index(), "stable past the log");
+        debug_assert!(
+            log.stable() <= log.handed() && log.handed() <= log.last_index(),
+            "stable past the entries handed out, or those past the log"
+        );
         match &self.state {
             State::Leader(l) => {
                 debug_assert_eq!(self.leader, Some(self.cfg.id));
@@ -710,16 +731,15 @@ impl Raft {
 
     /// Whether `ready` would return a batch.
     pub fn has_ready(&self) -> bool {
-        self.outstanding.is_none()
-            && (!self.out.now.is_empty()
-                || self.pending_install.is_some()
-                || !self.out.after_persist.is_empty()
-                || !self.log.unstable().is_empty()
-                || self.hard_state() != self.handed_out
-                || self.log.has_committed_to_apply()
-                || !self.read_states.is_empty()
-                || !self.dropped_reads.is_empty()
-                || matches!(&self.state, State::Leader(l) if l.broadcast != Broadcast::None))
+        !self.out.now.is_empty()
+            || self.pending_install.is_some()
+            || !self.out.after_persist.is_empty()
+            || !self.log.unhanded().is_empty()
+            || self.hard_state() != self.handed_out
+            || self.log.has_committed_to_apply()
+            || !self.read_states.is_empty()
+            || !self.dropped_reads.is_empty()
+            || matches!(&self.state, State::Leader(l) if l.broadcast != Broadcast::None)
     }
 
     /// The messages that may leave now, even while a `Ready`'s write is
@@ -732,11 +752,10 @@ impl Raft {
         std::mem::take(&mut self.out.now)
     }
 
-    /// The next batch of work, if any and if the previous one was advanced.
+    /// The next batch of work, if any. Several may be outstanding at once
+    /// (the driver bounds how many): each carries only entries after the
+    /// previous one's, and they are advanced in the order handed out.
     pub fn ready(&mut self) -> Option<Ready> {
-        if self.outstanding.is_some() {
-            return None;
-        }
         self.flush_broadcast();
         self.withdraw_stale_timeout_now();
         if !self.has_ready() {
@@ -745,8 +764,11 @@ impl Raft {
         let hs = self.hard_state();
         let hard_state = (hs != self.handed_out).then_some(hs);
         self.handed_out = hs;
-        let entries = self.log.unstable().to_vec();
-        self.outstanding = Some(entries.last().map(|e| (e.index, e.term)));
+        let entries = self.log.hand_out();
+        self.outstanding.push_back(InFlight {
+            last: entries.last().map(|e| (e.index, e.term)),
+            hard_state: hs,
+        });
         Some(Ready {
             snapshot: self.pending_install.take(),
             hard_state,
@@ -759,17 +781,19 @@ impl Raft {
         })
     }
 
-    /// The last `Ready`'s entries and hard state are durable.
+    /// The oldest outstanding `Ready`'s entries and hard state are durable
+    /// (and so are those of every `Ready` handed out before it).
     ///
     /// # Panics
     /// If no `Ready` is outstanding (a driver bug).
     pub fn advance(&mut self) {
-        let last = self
+        let done = self
             .outstanding
-            .take()
+            .pop_front()
             .expect("advance() without an outstanding ready()");
-        self.out.durable_term = self.handed_out.term;
-        if let Some((index, term)) = last {
+        self.durable = done.hard_state;
+        self.out.durable_term = done.hard_state.term;
+        if let Some((index, term)) = done.last {
             self.log.stable_to(index, term);
         }
         self.count_own_vote_if_durable();
@@ -778,6 +802,11 @@ impl Raft {
             self.maybe_commit();
         }
         self.debug_check_invariants();
+    }
+
+    /// How many `Ready`s are handed out and not yet advanced.
+    pub fn outstanding_readies(&self) -> usize {
+        self.outstanding.len()
     }
 
     fn validate(&self, m: &Message) -> Result<(), StepError> {

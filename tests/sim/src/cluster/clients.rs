@@ -134,8 +134,8 @@ impl Cluster {
     }
 
     pub(super) fn client_act(&mut self, client: usize) -> Result<(), Violation> {
-        if let Workload::Throughput { window, .. } = self.opts.workload {
-            return self.throughput_act(client, window);
+        if let Workload::Throughput { window, pace, .. } = self.opts.workload {
+            return self.throughput_act(client, window, pace);
         }
         match &self.clients[client].pending {
             Some(p) if p.outstanding => return Ok(()),
@@ -512,7 +512,12 @@ impl Cluster {
         }
     }
 
-    fn throughput_act(&mut self, client: usize, window: usize) -> Result<(), Violation> {
+    fn throughput_act(
+        &mut self,
+        client: usize,
+        window: usize,
+        pace: Option<usize>,
+    ) -> Result<(), Violation> {
         let leader = self.nodes.iter().position(|n| {
             n.driver
                 .as_ref()
@@ -520,7 +525,9 @@ impl Cluster {
         });
         if let Some(l) = leader {
             let driver = self.nodes[l].driver.as_mut().expect("leader is up");
-            while self.throughput_outstanding < window {
+            let mut budget = pace.unwrap_or(usize::MAX);
+            while self.throughput_outstanding < window && budget > 0 {
+                budget -= 1;
                 let op = self.throughput_applied + self.throughput_outstanding as u64;
                 let data = PutCommand {
                     op,
@@ -532,6 +539,7 @@ impl Cluster {
                     break;
                 }
                 self.throughput_outstanding += 1;
+                self.throughput_proposed.push_back(self.now);
             }
             self.drive(l)?;
         }

@@ -128,7 +128,7 @@ impl Cluster {
     fn crash_victim(&mut self) -> Option<usize> {
         let n = self.nodes.len();
         let writing: Vec<usize> = (0..n)
-            .filter(|&i| self.nodes[i].writing.is_some())
+            .filter(|&i| !self.nodes[i].writing.is_empty())
             .collect();
         let up: Vec<usize> = (0..n).filter(|&i| self.nodes[i].driver.is_some()).collect();
         let leader = self.current_leader();

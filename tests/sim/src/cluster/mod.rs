@@ -16,7 +16,7 @@ mod reconfigure;
 mod trace;
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use kythira_linearizability::Operation;
 use kythira_linearizability::kv::{KvInput, KvOutput};
@@ -29,7 +29,7 @@ use kythira_raft::{
 
 use crate::kv::{KvStore, PutCommand};
 use crate::network::Network;
-use crate::profile::{Micros, Profile};
+use crate::profile::{DiskQueue, Micros, Profile};
 use crate::rng::Rng;
 use crate::safety::{self, Safety, Violation};
 use durable::DurableLog;
@@ -50,20 +50,19 @@ pub enum Workload {
     Throughput {
         /// Outstanding proposals.
         window: usize,
+        /// `Some(k)`: open loop instead, `k` proposals every 100 µs (still
+        /// at most `window` outstanding), so that they arrive throughout
+        /// each write rather than all at once.
+        pace: Option<usize>,
         /// Proposals to apply.
         total: u64,
         /// Time of one disk write (fsync included), µs.
         disk: Micros,
+        /// Writes each node may have outstanding at once.
+        outstanding: usize,
+        /// How the disks serve overlapping writes.
+        queue: DiskQueue,
     },
-}
-
-impl Workload {
-    fn disk(&self) -> Micros {
-        match self {
-            Workload::Throughput { disk, .. } => *disk,
-            Workload::Checked => 100,
-        }
-    }
 }
 
 /// Parameters of one run.
@@ -212,10 +211,13 @@ struct Node {
     received_snapshots: Vec<(SnapshotMeta, KvStore)>,
     /// The state machine's durable checkpoint: applied index and state.
     checkpoint: Option<(Index, KvStore)>,
-    /// The write the disk has not finished, with its number: lost if the
-    /// node crashes first, together with the messages the driver holds back
-    /// until it is durable.
-    writing: Option<(u64, Write)>,
+    /// The writes the disk has not finished, oldest first, with their
+    /// numbers: lost if the node crashes first, together with the messages
+    /// the driver holds back until they are durable.
+    writing: VecDeque<(u64, Write)>,
+    /// Start and end of the disk's last scheduled operation: a serial disk
+    /// adds a write handed out before that operation starts to it.
+    disk_op: (Micros, Micros),
     /// Writes handed to the disk so far (numbers completions).
     writes: u64,
     kv: KvStore,
@@ -294,6 +296,11 @@ pub struct RunResult {
     pub history: Vec<Operation<KvInput, KvOutput>>,
     /// Entries applied on the leader (throughput workload only).
     pub applied: u64,
+    /// Virtual time the first of them was applied: rates are measured from
+    /// there, not from the start, which is mostly the first election.
+    pub first_applied: Micros,
+    /// Median virtual time from proposal to apply on the leader, µs.
+    pub median_latency: Micros,
     /// Hash of every event handled, in order.
     pub trace: u64,
     /// Virtual time at the end.
@@ -331,7 +338,12 @@ pub struct Cluster {
     /// heals in between.
     lasting_cuts: Vec<(usize, usize)>,
     throughput_applied: u64,
+    throughput_first_applied: Micros,
     throughput_outstanding: usize,
+    /// When each outstanding throughput proposal was made, oldest first
+    /// (they apply in order: the throughput workload has no faults).
+    throughput_proposed: VecDeque<Micros>,
+    throughput_latencies: Vec<Micros>,
     depth: Depth,
     /// Index of the last configuration entry applied anywhere.
     last_config_applied: Index,
@@ -342,10 +354,14 @@ impl Cluster {
     pub fn new(opts: Options) -> Self {
         let mut rng = Rng::new(opts.seed);
         let checked = matches!(opts.workload, Workload::Checked);
-        let profile = if checked {
-            Profile::draw(&mut rng, opts.nodes)
-        } else {
-            Profile::throughput(opts.nodes, opts.workload.disk())
+        let profile = match opts.workload {
+            Workload::Checked => Profile::draw(&mut rng, opts.nodes),
+            Workload::Throughput {
+                disk,
+                outstanding,
+                queue,
+                ..
+            } => Profile::throughput(opts.nodes, disk, outstanding, queue),
         };
         let n = profile.total_nodes(opts.nodes);
         let mut net = Network::new(n);
@@ -366,7 +382,8 @@ impl Cluster {
                     durable_log: DurableLog::default(),
                     received_snapshots: Vec::new(),
                     checkpoint: None,
-                    writing: None,
+                    writing: VecDeque::new(),
+                    disk_op: (0, 0),
                     writes: 0,
                     kv: KvStore::default(),
                     applied: 0,
@@ -393,6 +410,9 @@ impl Cluster {
             next_placed_crash: 0,
             lasting_cuts: Vec::new(),
             throughput_applied: 0,
+            throughput_first_applied: 0,
+            throughput_proposed: VecDeque::new(),
+            throughput_latencies: Vec::new(),
             throughput_outstanding: 0,
             depth: Depth::default(),
             last_config_applied: 0,
@@ -425,6 +445,7 @@ impl Cluster {
         cfg.max_entries_per_message = p.max_entries;
         cfg.max_bytes_per_message = p.max_bytes;
         cfg.max_inflight_messages = p.max_inflight;
+        cfg.max_outstanding_writes = p.max_outstanding_writes;
         cfg.lease_reads = p.lease_reads;
         cfg.lease_drift_ticks = p.lease_drift_ticks();
         #[cfg(feature = "mutants")]
@@ -451,7 +472,8 @@ impl Cluster {
         n.applied = applied;
         n.reads.clear();
         n.proposals.clear();
-        n.writing = None;
+        n.writing.clear();
+        n.disk_op = (0, 0);
         n.received_snapshots.clear();
         n.paused_until = 0;
         n.disk_stalled_until = 0;
@@ -472,7 +494,7 @@ impl Cluster {
             return;
         }
         n.driver = None;
-        n.writing = None;
+        n.writing.clear();
         n.incarnation += 1;
         n.reads.clear();
         n.proposals.clear();
@@ -512,6 +534,12 @@ impl Cluster {
             violation,
             history,
             applied: self.throughput_applied,
+            first_applied: self.throughput_first_applied,
+            median_latency: {
+                let mut l = std::mem::take(&mut self.throughput_latencies);
+                l.sort_unstable();
+                l.get(l.len() / 2).copied().unwrap_or(0)
+            },
             trace: self.trace,
             end: self.now,
             profile: self.profile.describe(),
@@ -771,14 +799,31 @@ impl Cluster {
             // advanced it already).
             self.with_driver(node, |_| Ok(()))?;
             if let Some(write) = batch.write {
+                let (lo, hi) = self.profile.disk;
+                let latency = self.rng.range(lo, hi);
+                let now = self.now;
+                let queue = self.profile.disk_queue;
                 let n = &mut self.nodes[node];
                 n.writes += 1;
                 let number = n.writes;
-                n.writing = Some((number, write));
-                let (lo, hi) = self.profile.disk;
-                let at = self.now + self.rng.range(lo, hi);
+                n.writing.push_back((number, write));
+                let (start, end) = n.disk_op;
+                let at = match queue {
+                    // Still queued: made durable by the operation that waits.
+                    DiskQueue::Serial if now < start => end,
+                    DiskQueue::Serial => {
+                        let start = now.max(end);
+                        n.disk_op = (start, start + latency);
+                        start + latency
+                    }
+                    // In order: never before the write handed out before it.
+                    DiskQueue::Pipelined => {
+                        let at = (now + latency).max(end);
+                        n.disk_op = (now, at);
+                        at
+                    }
+                };
                 self.schedule_persisted(node, number, at);
-                return Ok(());
             }
         }
     }
@@ -787,9 +832,12 @@ impl Cluster {
         self.schedule(at, Event::Persisted { node, write });
     }
 
+    /// Write `number` of `node` is done, and with it every write handed
+    /// out before it (the disk completes them in order).
     fn persisted(&mut self, node: usize, number: u64) -> Result<(), Violation> {
         let n = &mut self.nodes[node];
-        if n.writing.as_ref().is_none_or(|(w, _)| *w != number) {
+        // Stale: lost in a crash, or completed with a later one.
+        if n.writing.front().is_none_or(|(w, _)| *w > number) {
             return Ok(());
         }
         if n.disk_stalled_until > self.now {
@@ -798,16 +846,29 @@ impl Cluster {
             return Ok(());
         }
         if n.disk_failed {
-            // The write is refused and lost. The daemon stops the node; a
-            // node that keeps running is stuck behind it until restarted,
-            // still ticking and receiving.
-            n.writing = None;
+            // The write is refused and lost, and every one queued behind it.
+            // The daemon stops the node; a node that keeps running is stuck
+            // behind them until restarted, still ticking and receiving.
+            n.writing.clear();
             if self.rng.chance(0.5) {
                 self.crash(node);
             }
             return Ok(());
         }
-        let (_, write) = n.writing.take().expect("checked above");
+        while self.nodes[node]
+            .writing
+            .front()
+            .is_some_and(|(w, _)| *w <= number)
+        {
+            self.persist_first(node)?;
+        }
+        self.drive(node)
+    }
+
+    /// Makes the oldest outstanding write of `node` durable.
+    fn persist_first(&mut self, node: usize) -> Result<(), Violation> {
+        let n = &mut self.nodes[node];
+        let (_, write) = n.writing.pop_front().expect("checked above");
         if let Some(meta) = &write.snapshot {
             // The received snapshot first: it replaces the state machine
             // and the whole log, then come the entries and hard state.
@@ -851,8 +912,7 @@ impl Cluster {
         }
         // Reads waiting for entries a snapshot covered may be served now.
         self.serve_reads(node)?;
-        self.with_driver(node, |_| Ok(()))?;
-        self.drive(node)
+        self.with_driver(node, |_| Ok(()))
     }
 
     fn send(&mut self, m: Message) -> Result<(), Violation> {
@@ -1018,8 +1078,14 @@ impl Cluster {
                     .as_ref()
                     .is_some_and(|d| d.raft().role() == Role::Leader)
             {
+                if self.throughput_applied == 0 {
+                    self.throughput_first_applied = self.now;
+                }
                 self.throughput_applied += 1;
                 self.throughput_outstanding = self.throughput_outstanding.saturating_sub(1);
+                if let Some(at) = self.throughput_proposed.pop_front() {
+                    self.throughput_latencies.push(self.now - at);
+                }
             }
             return Ok(());
         }

@@ -142,7 +142,7 @@ impl Cluster {
             let n = &mut self.nodes[node];
             if n.disk_stalled_until > self.now {
                 n.disk_stalled_until = self.now;
-                if let Some((write, _)) = n.writing {
+                if let Some(&(write, _)) = n.writing.back() {
                     self.schedule(self.now, Event::Persisted { node, write });
                 }
             }
