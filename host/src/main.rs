@@ -9,6 +9,7 @@ mod http;
 mod plugin_demo;
 mod serve;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -57,10 +58,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `RUST_LOG` decides (e.g. `RUST_LOG=kythira_node=debug,info`). Without
-    // it a daemon logs its state transitions (info), while the other
-    // commands keep stderr for their one-line errors.
+    // it a daemon logs its state transitions (info) but not the storage
+    // engine's housekeeping, while the other commands keep stderr for their
+    // one-line errors.
     let default = match cli.command {
-        Command::Serve { .. } => "info",
+        Command::Serve { .. } => "info,fjall=warn,lsm_tree=warn",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -69,6 +71,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
+        // Colours for a terminal only: a daemon's stderr usually goes to a file.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

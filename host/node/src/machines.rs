@@ -363,6 +363,7 @@ impl Machines {
                     Ok(m) => m,
                     Err(e) => return refuse(local_failure_stops(e, index).to_string()),
                 };
+                self.metrics.machine_deployed(name);
                 self.machines.insert(
                     name.to_string(),
                     Deployed {

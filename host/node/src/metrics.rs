@@ -384,6 +384,17 @@ impl Metrics {
         self.replication_lag.remove(&PeerLabel { peer });
     }
 
+    /// Machine `machine` runs: its series start at zero, so that a
+    /// machine that has applied nothing yet shows as such.
+    pub fn machine_deployed(&self, machine: &str) {
+        let label = MachineLabel {
+            machine: machine.to_string(),
+        };
+        drop(self.machine_applies.get_or_create(&label));
+        drop(self.machine_fuel.get_or_create(&label));
+        drop(self.machine_apply_seconds.get_or_create(&label));
+    }
+
     /// One run of `commands` applied by `machine` with `fuel` in `took`.
     pub fn machine_applied(&self, machine: &str, commands: u64, fuel: u64, took: Duration) {
         let label = MachineLabel {
@@ -467,7 +478,12 @@ mod tests {
         m.machine_applied("kv", 3, 1200, Duration::from_millis(2));
         m.machine_applied("kv", 2, 800, Duration::from_millis(1));
         m.write_entries.observe(5.0);
+        m.machine_deployed("counter");
         let text = m.encode();
+        assert_eq!(
+            value(&text, r#"kythira_machine_applies_total{machine="counter"}"#),
+            Some(0.0)
+        );
         assert_eq!(
             value(&text, r#"kythira_raft_role{role="leader"}"#),
             Some(1.0)
