@@ -723,7 +723,10 @@ impl NodeHandle {
     async fn propose(&self, op: Op) -> Reply {
         let (reply, rx) = oneshot::channel();
         if let Err(e) = self.send(Command::Propose { op, reply }) {
-            self.metrics().proposal_failed(ProposalFailure::Overloaded);
+            // A closed queue is a node shutting down, not an overload.
+            if !self.commands.is_closed() {
+                self.metrics().proposal_failed(ProposalFailure::Overloaded);
+            }
             return Err(e);
         }
         match tokio::time::timeout(self.cfg.request_timeout, rx).await {
