@@ -74,7 +74,8 @@ impl Connection {
 
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
-    /// Show every endpoint's view of the cluster.
+    /// Show every endpoint's view of the cluster: one row per node with its
+    /// role, term, leader, indexes and how far it is behind the leader.
     Status,
     /// Deploy (or upgrade) a state machine's code.
     Deploy {
@@ -121,26 +122,25 @@ pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Status => {
             let mut statuses = Vec::new();
             for ep in &conn.endpoints {
-                statuses.push((ep, client.status_of(*ep).await));
+                let status = client.status_of(*ep).await.map_err(|e| e.to_string());
+                statuses.push((*ep, status));
             }
+            let leader_commit = leader_commit(&statuses);
             if conn.json {
                 let all: Vec<serde_json::Value> = statuses
                     .iter()
                     .map(|(ep, s)| match s {
-                        Ok(s) => serde_json::json!({"endpoint": ep.to_string(), "status": s}),
-                        Err(e) => {
-                            serde_json::json!({"endpoint": ep.to_string(), "error": e.to_string()})
-                        }
+                        Ok(s) => serde_json::json!({
+                            "endpoint": ep.to_string(),
+                            "status": s,
+                            "lag": leader_commit.map(|c| c.saturating_sub(s.applied)),
+                        }),
+                        Err(e) => serde_json::json!({"endpoint": ep.to_string(), "error": e}),
                     })
                     .collect();
                 println!("{}", serde_json::to_string(&all)?);
             } else {
-                for (ep, s) in &statuses {
-                    match s {
-                        Ok(s) => println!("{}", status_line(ep, s)),
-                        Err(e) => println!("{ep}: unreachable: {e}"),
-                    }
-                }
+                print!("{}", status_table(&statuses));
             }
             if statuses.iter().all(|(_, s)| s.is_err()) {
                 anyhow::bail!("no endpoint answered");
@@ -221,20 +221,171 @@ fn json_text(output: &Payload) -> String {
     }
 }
 
-fn status_line(ep: &SocketAddr, s: &NodeStatus) -> String {
-    let leader = s.leader.map_or("none".to_string(), |l| l.to_string());
-    let machines: Vec<String> = s
-        .machines
+/// The commit index of the leader among the answers (the one of the
+/// highest term, should an old leader not have heard of its successor yet).
+fn leader_commit(statuses: &[(SocketAddr, Result<NodeStatus, String>)]) -> Option<u64> {
+    statuses
         .iter()
-        .map(|m| format!("{}@{}", m.name, &m.sha256[..12.min(m.sha256.len())]))
+        .filter_map(|(_, s)| s.as_ref().ok())
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| s.term)
+        .map(|s| s.commit)
+}
+
+/// One row per endpoint, columns aligned. `LAG` is how many entries the
+/// node's applied index trails the leader's commit index (`-` when no
+/// leader answered).
+fn status_table(statuses: &[(SocketAddr, Result<NodeStatus, String>)]) -> String {
+    const HEADER: [&str; 10] = [
+        "ENDPOINT", "ID", "ROLE", "TERM", "LEADER", "LAST", "COMMIT", "APPLIED", "LAG", "MACHINES",
+    ];
+    let leader_commit = leader_commit(statuses);
+    let rows: Vec<Vec<String>> = statuses
+        .iter()
+        .map(|(ep, s)| match s {
+            Ok(s) => {
+                let machines: Vec<String> = s
+                    .machines
+                    .iter()
+                    .map(|m| format!("{}@{}", m.name, &m.sha256[..12.min(m.sha256.len())]))
+                    .collect();
+                vec![
+                    ep.to_string(),
+                    s.id.to_string(),
+                    s.role.clone(),
+                    s.term.to_string(),
+                    s.leader.map_or("none".to_string(), |l| l.to_string()),
+                    s.last_index.to_string(),
+                    s.commit.to_string(),
+                    s.applied.to_string(),
+                    leader_commit
+                        .map_or("-".to_string(), |c| c.saturating_sub(s.applied).to_string()),
+                    if machines.is_empty() {
+                        "-".to_string()
+                    } else {
+                        machines.join(",")
+                    },
+                ]
+            }
+            Err(e) => vec![ep.to_string(), format!("unreachable: {e}")],
+        })
         .collect();
-    format!(
-        "{ep}: node {} {} term {} leader {leader} commit {} applied {} machines [{}]",
-        s.id,
-        s.role,
-        s.term,
-        s.commit,
-        s.applied,
-        machines.join(", ")
-    )
+    // Widths from the complete rows only: an error message runs on.
+    let mut widths = HEADER.map(str::len);
+    for row in rows.iter().filter(|r| r.len() == HEADER.len()) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    widths[0] = rows.iter().map(|r| r[0].len()).fold(widths[0], usize::max);
+    let line = |cells: &[String]| {
+        let last = cells.len() - 1;
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(&HEADER.map(String::from));
+    for row in &rows {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kythira_api::MachineStatus;
+
+    fn node(id: u64, role: &str, term: u64, commit: u64, applied: u64) -> NodeStatus {
+        NodeStatus {
+            id,
+            role: role.into(),
+            term,
+            leader: Some(2),
+            leader_addr: None,
+            last_index: commit + 1,
+            commit,
+            applied,
+            machines: vec![MachineStatus {
+                name: "kv".into(),
+                sha256: "5a7a81c0ffee0123456789".into(),
+                deployed_at: 2,
+            }],
+            sessions: 0,
+            protocol: 1,
+        }
+    }
+
+    fn ep(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn one_aligned_row_per_endpoint_with_its_lag_behind_the_leader() {
+        let statuses = vec![
+            (ep(7001), Ok(node(1, "follower", 3, 118, 110))),
+            (ep(7002), Ok(node(2, "leader", 3, 120, 120))),
+            (ep(7003), Err("connection refused".to_string())),
+        ];
+        let table = status_table(&statuses);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        let cells = |l: &str| l.split_whitespace().map(String::from).collect::<Vec<_>>();
+        assert_eq!(
+            cells(lines[0]),
+            [
+                "ENDPOINT", "ID", "ROLE", "TERM", "LEADER", "LAST", "COMMIT", "APPLIED", "LAG",
+                "MACHINES"
+            ]
+        );
+        assert_eq!(
+            cells(lines[1]),
+            [
+                "127.0.0.1:7001",
+                "1",
+                "follower",
+                "3",
+                "2",
+                "119",
+                "118",
+                "110",
+                "10",
+                "kv@5a7a81c0ffee"
+            ]
+        );
+        assert_eq!(cells(lines[2])[8], "0", "{table}");
+        assert_eq!(lines[3], "127.0.0.1:7003  unreachable: connection refused");
+        // Columns line up: every field starts where its header does.
+        let at = |l: &str, word: &str| l.find(word).unwrap();
+        assert_eq!(at(lines[0], "APPLIED"), at(lines[1], "110"));
+        assert_eq!(at(lines[0], "ROLE"), at(lines[2], "leader"));
+    }
+
+    #[test]
+    fn the_newest_leader_sets_the_lag_and_none_leaves_it_unknown() {
+        let statuses = vec![
+            (ep(7001), Ok(node(1, "leader", 2, 50, 50))),
+            (ep(7002), Ok(node(2, "leader", 3, 80, 79))),
+        ];
+        assert_eq!(leader_commit(&statuses), Some(80));
+        let table = status_table(&statuses);
+        assert_eq!(
+            table.lines().nth(1).unwrap().split_whitespace().nth(8),
+            Some("30")
+        );
+        let statuses = vec![(ep(7001), Ok(node(1, "candidate", 4, 50, 50)))];
+        assert_eq!(leader_commit(&statuses), None);
+        let table = status_table(&statuses);
+        assert_eq!(
+            table.lines().nth(1).unwrap().split_whitespace().nth(8),
+            Some("-")
+        );
+    }
 }

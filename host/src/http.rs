@@ -188,6 +188,7 @@ fn router(node: NodeHandle) -> Router {
     let max_component = node.config().max_component_bytes;
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/sessions", post(register_session))
         .route(
@@ -355,10 +356,50 @@ fn unexpected(resp: &ApiResponse) -> HttpError {
     )
 }
 
-async fn health(State(state): State<AppState>) -> Result<Response, HttpError> {
-    let s = state.node.status().await?;
-    let body = json!({"status": "ok", "id": s.id, "role": s.role, "leader": s.leader});
-    Ok(json_response(StatusCode::OK, body.to_string()))
+/// 200 when the node knows a leader and its state machines keep up with
+/// the log, 503 with the reason otherwise (`kythira_node::health`). Any
+/// certificate of the cluster: load balancers and orchestrators ask it.
+async fn health(State(state): State<AppState>) -> Response {
+    let report = match state.node.health().await {
+        Ok(report) => report,
+        Err(e) => {
+            let body = json!({"status": "unavailable", "reason": e.to_string()});
+            return json_response(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
+        }
+    };
+    let mut body = json!({
+        "status": "ok",
+        "id": report.id,
+        "role": report.role,
+        "term": report.term,
+        "leader": report.leader,
+        "commit": report.commit,
+        "applied": report.applied,
+    });
+    match report.problem {
+        None => json_response(StatusCode::OK, body.to_string()),
+        Some(reason) => {
+            body["status"] = json!("unavailable");
+            body["reason"] = json!(reason);
+            json_response(StatusCode::SERVICE_UNAVAILABLE, body.to_string())
+        }
+    }
+}
+
+/// The node's metrics in the Prometheus text format, for a scraper with a
+/// client certificate of the cluster (either role).
+async fn metrics(
+    State(state): State<AppState>,
+    Extension(peer): Extension<Peer>,
+) -> Result<Response, HttpError> {
+    peer.caller()?;
+    let text = state.node.metrics().encode();
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, kythira_node::metrics::CONTENT_TYPE)],
+        text,
+    )
+        .into_response())
 }
 
 async fn status(

@@ -9,6 +9,7 @@ mod http;
 mod plugin_demo;
 mod serve;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -55,14 +56,24 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `RUST_LOG` decides (e.g. `RUST_LOG=kythira_node=debug,info`). Without
+    // it a daemon logs its state transitions (info) but not the storage
+    // engine's housekeeping, while the other commands keep stderr for their
+    // one-line errors.
+    let default = match cli.command {
+        Command::Serve { .. } => "info,fjall=warn,lsm_tree=warn",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
+        // Colours for a terminal only: a daemon's stderr usually goes to a file.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
+use std::time::Instant;
 
 use bytes::Bytes;
 use kythira_api::{ApiError, MachineStatus, Reply};
@@ -19,6 +20,7 @@ use kythira_raft::Entry;
 use tokio::sync::oneshot;
 
 use crate::machines::{Machines, PluginInfo};
+use crate::metrics::{Metrics, ProposalFailure};
 
 /// Work for the applier, in log order.
 pub enum Work {
@@ -59,6 +61,8 @@ pub struct Shared {
     pub machines: Mutex<Vec<MachineStatus>>,
     /// Their code, for JSON translation.
     pub plugins: Mutex<BTreeMap<String, PluginInfo>>,
+    /// The node's metrics, which the applier and the machines update too.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Sends work to the applier thread.
@@ -94,11 +98,18 @@ impl Applier {
                 for w in queue {
                     match w {
                         Work::Apply(entries) => {
+                            let started = Instant::now();
                             let answers = machines.apply(&entries);
+                            let metrics = &shared.metrics;
+                            metrics
+                                .apply_seconds
+                                .observe(started.elapsed().as_secs_f64());
                             shared.applied.store(machines.applied(), Ordering::Release);
+                            metrics.applied_index.set(machines.applied());
                             shared
                                 .sessions
                                 .store(machines.sessions() as u64, Ordering::Relaxed);
+                            metrics.sessions.set(machines.sessions() as u64);
                             let mut answers = answers.into_iter().peekable();
                             let mut changed_code = false;
                             for e in &entries {
@@ -115,7 +126,7 @@ impl Applier {
                                 let outcome = match answer {
                                     Some(a) if a.term == term => a.reply,
                                     // Another leader's entry took the slot.
-                                    _ => Err(ApiError::Outcome),
+                                    _ => lost(metrics),
                                 };
                                 let _ = reply.send(outcome);
                             }
@@ -126,7 +137,7 @@ impl Applier {
                         }
                         Work::Wait { index, term, reply } => {
                             if index <= machines.applied() {
-                                let _ = reply.send(Err(ApiError::Outcome));
+                                let _ = reply.send(lost(&shared.metrics));
                             } else {
                                 waiters.insert(index, (term, reply));
                             }
@@ -147,7 +158,7 @@ impl Applier {
                         }
                         Work::Abandon => {
                             for (_, (_, reply)) in waiters.drain() {
-                                let _ = reply.send(Err(ApiError::Outcome));
+                                let _ = reply.send(lost(&shared.metrics));
                             }
                         }
                     }
@@ -162,6 +173,12 @@ impl Applier {
             .send(w)
             .map_err(|_| crate::NodeError::Stopped("the applier stopped"))
     }
+}
+
+/// The answer to a proposal whose fate this node cannot know.
+fn lost(metrics: &Metrics) -> Reply {
+    metrics.proposal_failed(ProposalFailure::Lost);
+    Err(ApiError::Outcome)
 }
 
 fn publish(machines: &Machines, shared: &Shared) {

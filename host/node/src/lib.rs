@@ -16,6 +16,10 @@
 //! machines, deploys of their code, and session registrations, each with the
 //! leader's timestamp. [`machines`] turns them into replicated state, and
 //! [`sessions`] makes commands exactly-once.
+//!
+//! All three report to one [`metrics::Metrics`]; the event loop also logs
+//! the core's state transitions, and [`health`] says whether the node is
+//! fit to serve.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -23,10 +27,15 @@ pub mod applier;
 pub mod disk;
 mod edge;
 pub mod entry;
+pub mod health;
 pub mod machines;
+pub mod metrics;
 pub mod node;
+mod observer;
 pub mod sessions;
 
+pub use health::HealthReport;
+pub use metrics::Metrics;
 pub use node::{Caller, Leadership, Network, Node, NodeConfig, NodeHandle};
 
 /// Why a node cannot start or had to stop.

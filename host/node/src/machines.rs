@@ -8,6 +8,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use kythira_api::{ApiError, DeployLimits, MachineStatus, Payload, Reply, Response, SessionSeq};
@@ -18,6 +20,7 @@ use kythira_runtime::{
 use sha2::{Digest, Sha256};
 
 use crate::entry::{Envelope, Op};
+use crate::metrics::Metrics;
 use crate::sessions::{Admit, Sessions};
 
 /// The answer to one committed entry, for whoever waits on it.
@@ -59,6 +62,7 @@ pub struct Machines {
     applied: u64,
     last_timestamp_ms: u64,
     cache_dir: Option<std::path::PathBuf>,
+    metrics: Arc<Metrics>,
 }
 
 /// Largest machine count one runtime's instance pool is sized for.
@@ -91,7 +95,14 @@ impl Machines {
             applied: 0,
             last_timestamp_ms: 0,
             cache_dir,
+            metrics: Arc::default(),
         }
+    }
+
+    /// Reports applies, fuel and time per machine to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Highest index applied.
@@ -270,8 +281,12 @@ impl Machines {
             .expect("commands join a run only for deployed machines");
         let batch: Vec<(ApplyContext, &[u8])> =
             pending.iter().map(|p| (p.ctx, &p.command[..])).collect();
+        let started = Instant::now();
         let outcomes = d.machine.apply_batch(&batch);
         assert_eq!(outcomes.len(), pending.len(), "one outcome per command");
+        let fuel = outcomes.iter().map(|o| o.fuel_used).sum();
+        self.metrics
+            .machine_applied(&name, pending.len() as u64, fuel, started.elapsed());
         for (p, outcome) in pending.iter().zip(outcomes) {
             let reply = match outcome.result {
                 Ok(output) => Ok(Response::Applied {
@@ -348,6 +363,7 @@ impl Machines {
                     Ok(m) => m,
                     Err(e) => return refuse(local_failure_stops(e, index).to_string()),
                 };
+                self.metrics.machine_deployed(name);
                 self.machines.insert(
                     name.to_string(),
                     Deployed {

@@ -23,7 +23,10 @@ use crate::applier::{Applier, Shared, Work};
 use crate::disk::{self, Disk};
 use crate::edge::Translate;
 use crate::entry::{self, Envelope, Op};
+use crate::health::{HealthInput, HealthReport};
 use crate::machines::{self, Machines};
+use crate::metrics::{Metrics, ProposalFailure, role_name};
+use crate::observer::Observer;
 
 /// Where a node's messages to its peers go. Sending never blocks: a full or
 /// broken link drops the message, which Raft tolerates.
@@ -113,6 +116,7 @@ struct RaftStatus {
     leader: Option<NodeId>,
     last_index: u64,
     commit: u64,
+    apply_stalled: Duration,
 }
 
 /// A running node: its handle, and the task of its event loop.
@@ -165,7 +169,8 @@ impl Node {
         let disk = Disk::new(store, done_tx);
         let shared = Arc::new(Shared::default());
         let cache = Some(cfg.data_dir.join("compiled"));
-        let (applier, applier_gone) = Applier::start(Machines::new(cache), shared.clone())?;
+        let machines = Machines::new(cache).with_metrics(shared.metrics.clone());
+        let (applier, applier_gone) = Applier::start(machines, shared.clone())?;
         let applier_handle = applier.clone();
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
         let cfg = Arc::new(cfg);
@@ -174,7 +179,9 @@ impl Node {
             term: raft.term(),
             leader: raft.leader(),
         });
+        let obs = Observer::new(shared.metrics.clone(), &raft);
         let event_loop = EventLoop {
+            obs,
             shared: shared.clone(),
             leadership: leadership_tx,
             driver: Driver::new(raft),
@@ -243,6 +250,8 @@ struct EventLoop<N> {
     max_entry_bytes: usize,
     /// What the applier publishes; its applied index gives backpressure.
     shared: Arc<Shared>,
+    /// Metrics and logged transitions.
+    obs: Observer,
 }
 
 /// Most committed entries the applier may be behind before new proposals
@@ -272,7 +281,10 @@ impl<N: Network> EventLoop<N> {
         let mut network_open = true;
         loop {
             tokio::select! {
-                _ = ticker.tick() => self.driver.tick(),
+                _ = ticker.tick() => {
+                    self.driver.tick();
+                    self.obs.tick(self.driver.raft(), self.shared.applied.load(Ordering::Acquire));
+                }
                 _ = &mut applier_gone => {
                     return Err(NodeError::Stopped("the applier stopped (see its error above)"));
                 }
@@ -304,6 +316,7 @@ impl<N: Network> EventLoop<N> {
                 d = done.recv() => {
                     match d {
                         Some(Ok(())) => {
+                            self.obs.write_done();
                             for m in self.driver.persisted() {
                                 self.net.send(m);
                             }
@@ -341,6 +354,8 @@ impl<N: Network> EventLoop<N> {
                 // Only a leader refuses for lag: a follower answers NotLeader.
                 let leads = self.driver.raft().role() == Role::Leader;
                 if leads && committed.saturating_sub(applied) > MAX_APPLY_LAG {
+                    self.metrics()
+                        .proposal_failed(ProposalFailure::Backpressure);
                     let _ = reply.send(Err(ApiError::Unavailable(format!(
                         "the state machines are {} entries behind the log; retry shortly",
                         committed - applied
@@ -349,6 +364,7 @@ impl<N: Network> EventLoop<N> {
                 }
                 let data = Envelope::encode(ts, &op);
                 if data.len() > self.max_entry_bytes {
+                    self.metrics().proposal_failed(ProposalFailure::TooLarge);
                     let _ = reply.send(Err(ApiError::BadRequest(format!(
                         "the entry would be {} bytes, more than the {} a log entry may hold",
                         data.len(),
@@ -358,6 +374,7 @@ impl<N: Network> EventLoop<N> {
                 }
                 match self.driver.propose(data) {
                     Ok(p) => {
+                        self.metrics().proposals.inc();
                         self.last_timestamp_ms = ts;
                         self.applier.send(Work::Wait {
                             index: p.index,
@@ -366,10 +383,13 @@ impl<N: Network> EventLoop<N> {
                         })?;
                     }
                     Err(ProposeError::NotLeader { leader }) => {
+                        self.metrics().proposal_failed(ProposalFailure::NotLeader);
                         let _ = reply.send(Err(not_leader(leader)));
                     }
                     // A leadership transfer under way: the client retries.
                     Err(e @ ProposeError::Transferring { .. }) => {
+                        self.metrics()
+                            .proposal_failed(ProposalFailure::Transferring);
                         let _ = reply.send(Err(ApiError::Unavailable(e.to_string())));
                     }
                 }
@@ -402,6 +422,7 @@ impl<N: Network> EventLoop<N> {
                     leader: raft.leader(),
                     last_index: raft.log().last_index(),
                     commit: raft.log().committed(),
+                    apply_stalled: self.obs.apply_stalled(),
                 });
             }
         }
@@ -440,6 +461,7 @@ impl<N: Network> EventLoop<N> {
                 }
                 // The writer thread makes writes durable in the order
                 // handed out; the driver bounds how many are outstanding.
+                self.obs.write_started(&w);
                 self.disk.write(w)?;
             }
         }
@@ -465,7 +487,12 @@ impl<N: Network> EventLoop<N> {
             *seen = now;
             changed
         });
+        self.obs.after_pass(self.driver.raft());
         Ok(())
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
     }
 }
 
@@ -482,6 +509,45 @@ fn now_ms() -> u64 {
 impl NodeHandle {
     pub(crate) fn shared(&self) -> &Shared {
         &self.shared
+    }
+
+    /// This node's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Whether this node is fit to serve, and why not (see [`crate::health`]).
+    /// A node whose event loop does not answer within the request timeout
+    /// is not.
+    pub async fn health(&self) -> Result<HealthReport, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Status { reply })?;
+        let raft = match tokio::time::timeout(self.cfg.request_timeout, rx).await {
+            Ok(answer) => answer.map_err(|_| stopped())?,
+            Err(_) => {
+                return Err(ApiError::Unavailable(format!(
+                    "the event loop did not answer within {:?}",
+                    self.cfg.request_timeout
+                )));
+            }
+        };
+        let applied = self.shared.applied.load(Ordering::Acquire);
+        let problem = crate::health::problem(&HealthInput {
+            leader: raft.leader,
+            commit: raft.commit,
+            applied,
+            apply_stalled: raft.apply_stalled,
+            max_apply_stall: self.cfg.request_timeout,
+        });
+        Ok(HealthReport {
+            id: self.cfg.id,
+            role: role_name(raft.role),
+            term: raft.term,
+            leader: raft.leader,
+            commit: raft.commit,
+            applied,
+            problem,
+        })
     }
 
     /// Leadership as this node sees it; `changed()` wakes on every change.
@@ -510,6 +576,9 @@ impl NodeHandle {
             // even have the plugin for; the event loop checks again.
             let seen = *self.leadership.borrow();
             if seen.role != Role::Leader {
+                if request.is_write() {
+                    self.metrics().proposal_failed(ProposalFailure::NotLeader);
+                }
                 return Err(self.with_leader_addr(not_leader(seen.leader)));
             }
         }
@@ -654,13 +723,22 @@ impl NodeHandle {
 
     async fn propose(&self, op: Op) -> Reply {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Propose { op, reply })?;
+        if let Err(e) = self.send(Command::Propose { op, reply }) {
+            // A closed queue is a node shutting down, not an overload.
+            if !self.commands.is_closed() {
+                self.metrics().proposal_failed(ProposalFailure::Overloaded);
+            }
+            return Err(e);
+        }
         match tokio::time::timeout(self.cfg.request_timeout, rx).await {
             Ok(Ok(reply)) => reply,
             // Queued, so perhaps proposed: the node stopped before it could
             // tell. Only a session makes a retry safe.
             Ok(Err(_)) => Err(ApiError::Outcome),
-            Err(_) => Err(ApiError::Timeout),
+            Err(_) => {
+                self.metrics().proposal_failed(ProposalFailure::Timeout);
+                Err(ApiError::Timeout)
+            }
         }
     }
 
@@ -728,15 +806,6 @@ impl NodeHandle {
 
 fn stopped() -> ApiError {
     ApiError::Unavailable("the node is shutting down".into())
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Leader => "leader",
-        Role::Follower => "follower",
-        Role::Candidate => "candidate",
-        Role::PreCandidate => "pre-candidate",
-    }
 }
 
 /// Machine names appear in URLs and on the command line.

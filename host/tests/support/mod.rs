@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod https;
+
 use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
