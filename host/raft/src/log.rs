@@ -15,10 +15,16 @@ pub struct RaftLog {
     entries: Vec<Entry>,
     /// Entries up to here are durable (as far as the core has been told).
     stable: Index,
-    /// Entries up to here were handed to the driver to write (`>= stable`):
-    /// several writes may be outstanding, and each carries only entries
-    /// after the previous one's.
+    /// Entries up to here were handed to the driver to write (`>= stable`).
+    /// Several writes may be outstanding; they are applied in order, each
+    /// replacing what is stored from its first index on.
     handed: Index,
+    /// Counts the times entries were replaced or the log reset to a
+    /// snapshot. A write handed out before the latest such change vouches
+    /// for nothing when it completes: its last entry may have been replaced
+    /// and then appended again, identical, by a later write still
+    /// outstanding, while one in between stored something else.
+    rewrites: u64,
     /// Highest index known to be committed.
     committed: Index,
     /// Highest index handed to the driver for application.
@@ -60,6 +66,7 @@ impl RaftLog {
             entries,
             stable,
             handed: stable,
+            rewrites: 0,
             committed,
             applied,
         }
@@ -101,6 +108,7 @@ impl RaftLog {
         self.offset_term = term;
         self.stable = index;
         self.handed = index;
+        self.rewrites += 1;
         self.committed = index;
         self.applied = index;
     }
@@ -228,6 +236,7 @@ impl RaftLog {
                     // rewritten, the kept old suffix included.
                     self.stable = self.stable.min(first_new.index - 1);
                     self.handed = self.handed.min(first_new.index - 1);
+                    self.rewrites += 1;
                 }
             }
             let skip = (first_new.index - prev_index - 1) as usize;
@@ -260,6 +269,7 @@ impl RaftLog {
         // whatever an outstanding one stores from `index` on.
         self.stable = self.stable.min(index - 1);
         self.handed = self.handed.min(index - 1);
+        self.rewrites += 1;
     }
 
     /// The largest index `<= index` whose term is `<= term`, with its term:
@@ -307,13 +317,22 @@ impl RaftLog {
         self.handed
     }
 
-    /// The driver made entries up to (`index`, `term`) durable. Ignored when
-    /// the entry was replaced in the meantime (everything past `handed` was
-    /// rewritten after that write was handed out): the replacement is
-    /// written by a later write. When (`index`, `term`) is still in the log
-    /// up to `handed`, every entry up to it is the one written (Log Matching).
-    pub(crate) fn stable_to(&mut self, index: Index, term: Term) {
-        if index > self.stable && index <= self.handed && self.matches(index, term) {
+    /// How many times entries were replaced or the log reset: a write
+    /// records it when handed out (see [`RaftLog::stable_to`]).
+    pub(crate) fn rewrites(&self) -> u64 {
+        self.rewrites
+    }
+
+    /// A write handed out when [`RaftLog::rewrites`] was `rewrites`, whose
+    /// last entry was (`index`, `term`), is durable, and so is every write
+    /// handed out before it. Its entries count as durable only if nothing
+    /// was replaced since it was handed out: then the log up to `index` is
+    /// exactly what the writes up to it stored. Otherwise the write that
+    /// carries the replacements marks them (it also covers the entries
+    /// before them, which earlier writes stored).
+    pub(crate) fn stable_to(&mut self, index: Index, term: Term, rewrites: u64) {
+        if rewrites == self.rewrites && index > self.stable {
+            debug_assert!(index <= self.handed && self.matches(index, term));
             self.stable = index;
         }
     }
@@ -485,21 +504,48 @@ mod tests {
         for i in 3..=5 {
             l.append(e(i, 1));
         }
+        let first = l.rewrites();
         assert_eq!(l.hand_out().len(), 3);
         assert!(l.unhanded().is_empty());
         l.try_append(3, 1, &[e(4, 2)], true, true).unwrap();
         assert_eq!(
             (l.stable(), l.handed()),
             (2, 3),
-            "4 and 5 must be written again"
+            "4 and 5 are written again"
         );
         assert_eq!(l.unhanded(), &[e(4, 2)]);
-        // The first write's last entry is gone: it vouches for nothing.
-        l.stable_to(5, 1);
+        // The first write's entries were replaced since: it vouches for nothing.
+        l.stable_to(5, 1, first);
         assert_eq!(l.stable(), 2);
+        let second = l.rewrites();
         assert_eq!(l.hand_out(), vec![e(4, 2)]);
-        l.stable_to(4, 2);
+        l.stable_to(4, 2, second);
         assert_eq!(l.stable(), 4);
+    }
+
+    #[test]
+    fn an_entry_replaced_and_appended_again_is_not_durable_through_the_first_write() {
+        // Entries 2..=3 of term 1 go out in a write (W1); a leader of term 2
+        // replaces them (W2); a leader of term 3 brings back entries 2..=3 of
+        // term 1 (W3). When W1 completes, the log again ends in (3, 1), but
+        // W2 will overwrite those indexes on disk before W3 restores them.
+        let mut l = RaftLog::restore((0, 0), vec![e(1, 1)], 1, 1);
+        l.append(e(2, 1));
+        l.append(e(3, 1));
+        let w1 = l.rewrites();
+        l.hand_out();
+        l.try_append(1, 1, &[e(2, 2), e(3, 2)], true, true).unwrap();
+        let w2 = l.rewrites();
+        l.hand_out();
+        l.try_append(1, 1, &[e(2, 1), e(3, 1)], true, true).unwrap();
+        let w3 = l.rewrites();
+        l.hand_out();
+        l.stable_to(3, 1, w1);
+        assert_eq!(l.stable(), 1, "W1 vouches for nothing after a rewrite");
+        l.stable_to(3, 2, w2);
+        assert_eq!(l.stable(), 1);
+        l.stable_to(3, 1, w3);
+        assert_eq!(l.stable(), 3);
     }
 
     #[test]

@@ -16,17 +16,22 @@ use crate::types::{Entry, HardState, Index, SnapshotMeta};
 ///    replaces the state machine and the whole log, which then starts after
 ///    `snapshot.index`), then write `hard_state` (if present) and `entries`,
 ///    atomically, with `entries` replacing every stored entry at index
-///    `>= entries[0].index` (fsync before step 3);
-/// 3. only then send `persisted_messages`: votes, vote requests and every
+///    `>= entries[0].index` (fsync before step 3), after every `Ready`
+///    handed out before it;
+/// 3. only then, once this `Ready` and every one handed out before it are
+///    durable, send `persisted_messages`: votes, vote requests and every
 ///    acknowledgement, which promise that the term, vote or entries they
-///    describe survive a crash;
+///    describe survive a crash (a `Ready` with nothing to write may still
+///    carry an acknowledgement of entries an earlier one is writing);
 /// 4. apply `committed_entries` in order (they are already durable locally,
 ///    so this may overlap with step 2), serve `read_states` once the applied
 ///    index reaches their `index`, fail the reads in `dropped_reads`, and call
-///    [`crate::Raft::advance`] after step 2 is durable.
+///    [`crate::Raft::advance`] after step 2 is durable, once per `Ready`, in
+///    the order they were handed out.
 ///
-/// The core may be stepped and ticked while a `Ready` is being handled, but
-/// hands out the next one only after `advance`.
+/// The core may be stepped and ticked while a `Ready` is being handled, and
+/// hands out further ones before the first is advanced; [`crate::Driver`]
+/// keeps these rules and bounds how many are outstanding.
 #[derive(Debug, Default)]
 #[must_use = "a Ready must be persisted, sent and applied, then acknowledged with advance()"]
 pub struct Ready {

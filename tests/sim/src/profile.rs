@@ -34,9 +34,11 @@ pub enum DiskQueue {
     /// made durable together by the next one: a writer thread that syncs
     /// one journal, as the daemon's does.
     Serial,
-    /// Writes in flight together, each taking its own latency: a device
-    /// with a deep queue and writes that sync themselves (`O_DSYNC`), or a
-    /// network volume whose latency is mostly the round trip.
+    /// Writes in flight together, each taking its own latency but
+    /// completing in order: a network volume whose latency is mostly the
+    /// round trip, or a device with a deep queue behind a writer that keeps
+    /// completions in order (a log needs that order; devices alone do not
+    /// promise it). The daemon's writer does not do this.
     Pipelined,
 }
 

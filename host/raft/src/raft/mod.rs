@@ -261,6 +261,8 @@ pub struct Raft {
 struct InFlight {
     /// Its last entry, if it carried any.
     last: Option<(Index, Term)>,
+    /// The log's rewrite count when it was handed out.
+    rewrites: u64,
     /// The hard state as of its hand-out.
     hard_state: HardState,
 }
@@ -753,8 +755,10 @@ impl Raft {
     }
 
     /// The next batch of work, if any. Several may be outstanding at once
-    /// (the driver bounds how many): each carries only entries after the
-    /// previous one's, and they are advanced in the order handed out.
+    /// (the driver bounds how many): each carries the entries not yet handed
+    /// out (after a truncation, that includes indexes an earlier one holds:
+    /// writes are applied in order, each replacing from its first index),
+    /// and they are advanced in the order handed out.
     pub fn ready(&mut self) -> Option<Ready> {
         self.flush_broadcast();
         self.withdraw_stale_timeout_now();
@@ -764,9 +768,11 @@ impl Raft {
         let hs = self.hard_state();
         let hard_state = (hs != self.handed_out).then_some(hs);
         self.handed_out = hs;
+        let rewrites = self.log.rewrites();
         let entries = self.log.hand_out();
         self.outstanding.push_back(InFlight {
             last: entries.last().map(|e| (e.index, e.term)),
+            rewrites,
             hard_state: hs,
         });
         Some(Ready {
@@ -794,7 +800,7 @@ impl Raft {
         self.durable = done.hard_state;
         self.out.durable_term = done.hard_state.term;
         if let Some((index, term)) = done.last {
-            self.log.stable_to(index, term);
+            self.log.stable_to(index, term, done.rewrites);
         }
         self.count_own_vote_if_durable();
         if matches!(self.state, State::Leader(_)) {

@@ -541,6 +541,10 @@ impl Cluster {
                 self.throughput_outstanding += 1;
                 self.throughput_proposed.push_back(self.now);
             }
+            // An open loop that hit its window no longer offers its pace.
+            if pace.is_some() && budget > 0 && self.throughput_outstanding >= window {
+                self.throughput_saturated = true;
+            }
             self.drive(l)?;
         }
         self.schedule(self.now + 100, Event::ClientAct { client });

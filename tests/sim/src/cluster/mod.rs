@@ -301,6 +301,9 @@ pub struct RunResult {
     pub first_applied: Micros,
     /// Median virtual time from proposal to apply on the leader, µs.
     pub median_latency: Micros,
+    /// An open loop had its whole window outstanding and could not keep
+    /// its pace: its latency then measures the queue, not the writes.
+    pub saturated: bool,
     /// Hash of every event handled, in order.
     pub trace: u64,
     /// Virtual time at the end.
@@ -344,6 +347,7 @@ pub struct Cluster {
     /// (they apply in order: the throughput workload has no faults).
     throughput_proposed: VecDeque<Micros>,
     throughput_latencies: Vec<Micros>,
+    throughput_saturated: bool,
     depth: Depth,
     /// Index of the last configuration entry applied anywhere.
     last_config_applied: Index,
@@ -413,6 +417,7 @@ impl Cluster {
             throughput_first_applied: 0,
             throughput_proposed: VecDeque::new(),
             throughput_latencies: Vec::new(),
+            throughput_saturated: false,
             throughput_outstanding: 0,
             depth: Depth::default(),
             last_config_applied: 0,
@@ -535,6 +540,7 @@ impl Cluster {
             history,
             applied: self.throughput_applied,
             first_applied: self.throughput_first_applied,
+            saturated: self.throughput_saturated,
             median_latency: {
                 let mut l = std::mem::take(&mut self.throughput_latencies);
                 l.sort_unstable();
@@ -722,11 +728,31 @@ impl Cluster {
         node: usize,
         f: impl FnOnce(&mut Driver) -> Result<(), Violation>,
     ) -> Result<(), Violation> {
-        let Some(driver) = self.nodes[node].driver.as_mut() else {
+        let n = &mut self.nodes[node];
+        let Some(driver) = n.driver.as_mut() else {
             return Ok(());
         };
         f(driver)?;
         if self.check {
+            // What the core counts as durable is on the disk: its last
+            // stable entry is the disk's entry there (Log Matching then
+            // vouches for the rest). A core that overstates it could apply,
+            // compact or acknowledge entries a crash loses.
+            let log = driver.raft().log();
+            let stable = log.stable();
+            let disk = &n.durable_log;
+            if stable > log.snapshot_index() && disk.term(stable) != log.term(stable) {
+                return Err(Violation {
+                    property: "durability",
+                    detail: format!(
+                        "node {} counts entries up to {stable} (term {:?}) as durable, but its \
+                         disk holds term {:?} there",
+                        node + 1,
+                        log.term(stable),
+                        disk.term(stable)
+                    ),
+                });
+            }
             self.safety.observe(driver.raft())?;
             if self.profile.lease_reads {
                 self.check_leases()?;
@@ -772,8 +798,8 @@ impl Cluster {
     }
 
     /// Carry out the node's batches: the network, disk and state machine
-    /// take the actions the driver hands out, until it has nothing more or
-    /// waits for a write.
+    /// take the actions the driver hands out, until it has nothing more (or
+    /// only writes it may not hand out before earlier ones complete).
     fn drive(&mut self, node: usize) -> Result<(), Violation> {
         loop {
             let Some(driver) = self.nodes[node].driver.as_mut() else {
