@@ -242,6 +242,30 @@ impl LocalCluster {
         }
     }
 
+    /// Asks node `id` to stop with SIGTERM, as an operator or a service
+    /// manager would, and waits for it to exit (up to `within`, then it is
+    /// killed). Returns its exit status, `None` if it had to be killed.
+    pub fn terminate(&mut self, id: u64, within: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.nodes.get_mut(&id).and_then(|n| n.child.take())?;
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+        // SAFETY: `kill` has no memory effects; the pid is our own child,
+        // not yet reaped, so it cannot name another process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(within) {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                // SAFETY: as above; the waiting thread has not reaped it.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = rx.recv();
+                None
+            }
+        }
+    }
+
     /// Whether node `id` runs.
     pub fn is_running(&self, id: u64) -> bool {
         self.nodes.get(&id).is_some_and(|n| n.child.is_some())

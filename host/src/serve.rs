@@ -131,15 +131,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg.id, cfg.peer, cfg.client
         ),
     }
+    let mut task = node.task;
+    let ended = |r: Result<Result<(), kythira_node::NodeError>, tokio::task::JoinError>| match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::Error::from(e).context("the node stopped")),
+        Err(e) => Err(anyhow::anyhow!("the node's task failed: {e}")),
+    };
     let stopped = tokio::select! {
-        r = node.task => match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::Error::from(e).context("the node stopped")),
-            Err(e) => Err(anyhow::anyhow!("the node's task failed: {e}")),
-        },
+        r = &mut task => ended(r),
         _ = shutdown_signal() => {
-            tracing::info!("shutting down");
-            Ok(())
+            // Bounded: answering what was accepted takes at most a request
+            // timeout, a handover two election timeouts; a node that cannot
+            // finish in that time stops anyway (its writes are durable as
+            // they complete, so nothing acknowledged is lost).
+            let election = cfg.tick * 2 * cfg.election_ticks;
+            let bound = cfg.request_timeout + 3 * election;
+            tracing::info!("stop requested (SIGTERM or Ctrl-C)");
+            match tokio::time::timeout(bound, node.handle.shutdown()).await {
+                Ok(Ok(Some(to))) => tracing::info!(to, "leadership handed over"),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::warn!("stopping: {e}"),
+                Err(_) => tracing::warn!("not stopped cleanly within {bound:?}; stopping anyway"),
+            }
+            match tokio::time::timeout(election, &mut task).await {
+                Ok(r) => ended(r),
+                Err(_) => Ok(()),
+            }
         }
     };
     client_endpoint.close();

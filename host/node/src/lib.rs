@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod node;
 mod observer;
 pub mod sessions;
+mod shutdown;
 
 pub use health::HealthReport;
 pub use metrics::Metrics;

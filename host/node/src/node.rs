@@ -27,6 +27,7 @@ use crate::health::{HealthInput, HealthReport};
 use crate::machines::{self, Machines};
 use crate::metrics::{Metrics, ProposalFailure, role_name};
 use crate::observer::Observer;
+use crate::shutdown::{Leaving, Next};
 
 /// Where a node's messages to its peers go. Sending never blocks: a full or
 /// broken link drops the message, which Raft tolerates.
@@ -95,6 +96,11 @@ enum Command {
     },
     Status {
         reply: oneshot::Sender<RaftStatus>,
+    },
+    /// Stop taking requests, hand leadership over, flush, then stop the
+    /// loop; answered with the voter leadership was handed to, if any.
+    Shutdown {
+        reply: oneshot::Sender<Option<NodeId>>,
     },
 }
 
@@ -182,6 +188,9 @@ impl Node {
         let obs = Observer::new(shared.metrics.clone(), &raft);
         let event_loop = EventLoop {
             obs,
+            leaving: None,
+            election_timeout: cfg.tick * 2 * cfg.election_ticks,
+            request_timeout: cfg.request_timeout,
             shared: shared.clone(),
             leadership: leadership_tx,
             driver: Driver::new(raft),
@@ -252,6 +261,11 @@ struct EventLoop<N> {
     shared: Arc<Shared>,
     /// Metrics and logged transitions.
     obs: Observer,
+    /// Set once a stop is asked for, with whom to tell when it is done.
+    leaving: Option<(Leaving, oneshot::Sender<Option<NodeId>>)>,
+    /// One election timeout at most: how long a handover may take.
+    election_timeout: Duration,
+    request_timeout: Duration,
 }
 
 /// Most committed entries the applier may be behind before new proposals
@@ -327,6 +341,39 @@ impl<N: Network> EventLoop<N> {
                 }
             }
             self.drain()?;
+            if self.leave()? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Carries a stop forward; true once the loop may end.
+    fn leave(&mut self) -> Result<bool, NodeError> {
+        let Some((leaving, _)) = &mut self.leaving else {
+            return Ok(false);
+        };
+        let applied = self.shared.applied.load(Ordering::Acquire);
+        let now = std::time::Instant::now();
+        match leaving.next(self.driver.raft(), applied, self.driver.is_writing(), now) {
+            Next::Wait => Ok(false),
+            Next::Transfer(to) => {
+                leaving.transfer = Some((to, now));
+                match self.driver.transfer_leadership(to) {
+                    Ok(()) => tracing::info!(to, "handing leadership over before stopping"),
+                    Err(e) => tracing::warn!(to, "cannot hand leadership over: {e}"),
+                }
+                self.drain()?;
+                Ok(false)
+            }
+            Next::Stop => {
+                let (leaving, reply) = self.leaving.take().expect("checked above");
+                let handed_to = leaving
+                    .transfer
+                    .map(|(to, _)| to)
+                    .filter(|_| self.driver.raft().role() != Role::Leader);
+                let _ = reply.send(handed_to);
+                Ok(true)
+            }
         }
     }
 
@@ -338,6 +385,20 @@ impl<N: Network> EventLoop<N> {
     }
 
     fn command(&mut self, c: Command) -> Result<(), NodeError> {
+        if self.leaving.is_some() {
+            // Refused before they reach the core, so a retry elsewhere is safe.
+            match c {
+                Command::Propose { reply, .. } => {
+                    let _ = reply.send(Err(stopped()));
+                    return Ok(());
+                }
+                Command::Read { reply, .. } => {
+                    let _ = reply.send(Err(stopped()));
+                    return Ok(());
+                }
+                Command::Status { .. } | Command::Shutdown { .. } => {}
+            }
+        }
         match c {
             Command::Propose { op, reply } => {
                 // Leader time never goes back along the log, even if this
@@ -412,6 +473,20 @@ impl<N: Network> EventLoop<N> {
                     Err(e @ ProposeError::Transferring { .. }) => {
                         let _ = reply.send(Err(ApiError::Unavailable(e.to_string())));
                     }
+                }
+            }
+            Command::Shutdown { reply } => {
+                if self.leaving.is_none() {
+                    tracing::info!("stopping: no new requests; handing over and flushing");
+                    self.leaving = Some((
+                        Leaving {
+                            since: std::time::Instant::now(),
+                            transfer: None,
+                            drain_for: self.request_timeout,
+                            transfer_for: self.election_timeout,
+                        },
+                        reply,
+                    ));
                 }
             }
             Command::Status { reply } => {
@@ -509,6 +584,20 @@ fn now_ms() -> u64 {
 impl NodeHandle {
     pub(crate) fn shared(&self) -> &Shared {
         &self.shared
+    }
+
+    /// Stops the node cleanly: no new requests, what a leader accepted is
+    /// answered, leadership goes to the voter furthest along, outstanding
+    /// log writes finish; then the event loop ends. Returns the voter
+    /// leadership was handed to, if it was.
+    pub async fn shutdown(&self) -> Result<Option<NodeId>, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        // Past a full queue: a stop must not be refused as an overload.
+        self.commands
+            .send(Command::Shutdown { reply })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())
     }
 
     /// This node's metrics.
