@@ -48,8 +48,11 @@ fn slow_ticking_cluster() -> TestCluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_of_the_leader_hands_over_and_loses_nothing() {
     let mut c = slow_ticking_cluster();
-    deploy(&c, "counter");
     let admin = client(&c, "admin");
+    // The first election alone takes 10 to 20 s here: wait for it (the
+    // client's deadline is a minute) before the CLI's 30 s deploy.
+    leader(&admin, &c).await;
+    deploy(&c, "counter");
     let old = leader(&admin, &c).await;
     let old_term = admin.status_of(c.addr(old)).await.unwrap().term;
 
