@@ -53,6 +53,8 @@ fn config(id: u64, dir: &std::path::Path) -> NodeConfig {
         id,
         voters: vec![1, 2, 3],
         client_addrs: BTreeMap::new(),
+        peer_addrs: BTreeMap::new(),
+        lease_reads: true,
         data_dir: dir.to_path_buf(),
         tick: Duration::from_millis(20),
         election_ticks: 10,
