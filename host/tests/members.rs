@@ -8,7 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use kythira::local::Options;
+use kythira::local::{LocalCluster, Options};
 use kythira_api::{Consistency, Members, Payload};
 use kythira_client::{Client, ClientConfig};
 use kythira_transport::tls::Tls;
@@ -32,12 +32,30 @@ fn roles(m: &Members) -> Vec<(u64, String)> {
     m.members.iter().map(|s| (s.id, s.role.clone())).collect()
 }
 
-use kythira::local::LocalCluster;
+/// Client `who` whose attempts may wait a minute: a deploy answers once the
+/// plugin is compiled (seconds in a debug build on a busy machine), and a
+/// membership change or transfer once it has taken effect.
+fn patient(c: &LocalCluster, who: &str) -> kythira_client::Client {
+    let tls = kythira_transport::tls::Tls::load(&c.client_files(who)).unwrap();
+    let mut cfg = kythira_client::ClientConfig::new(c.endpoints(), tls);
+    cfg.deadline = std::time::Duration::from_secs(120);
+    cfg.attempt_timeout = std::time::Duration::from_secs(60);
+    kythira_client::Client::new(cfg).unwrap()
+}
+
+/// Deploys the kv plugin as machine `kv`.
+async fn deploy_kv(c: &LocalCluster) {
+    let component = std::fs::read(plugin("kv")).unwrap();
+    patient(c, "admin")
+        .deploy("kv", component.into(), kythira_api::DeployLimits::default())
+        .await
+        .expect("deploy kv");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_is_promoted_and_members_are_removed() {
     let mut c = start(Options::default());
-    deploy(&c, "kv");
+    deploy_kv(&c).await;
     cli_ok(&c, "app", &["apply", "kv", &put("before", "1")]);
     let m = members(&c);
     assert_eq!(

@@ -93,9 +93,19 @@ async fn state(client: &Client) -> BTreeMap<Vec<u8>, Vec<u8>> {
 fn operator(c: &support::TestCluster) -> Client {
     let tls = kythira_transport::tls::Tls::load(&c.client_files("admin")).unwrap();
     let mut cfg = kythira_client::ClientConfig::new(c.endpoints(), tls);
-    cfg.deadline = Duration::from_secs(60);
+    cfg.deadline = Duration::from_secs(120);
     cfg.attempt_timeout = Duration::from_secs(60);
     Client::new(cfg).unwrap()
+}
+
+/// Deploys the kv plugin as machine `kv`; the answer comes once it is
+/// compiled (seconds in a debug build on a busy machine).
+async fn deploy_kv(c: &support::TestCluster) {
+    let component = std::fs::read(plugin("kv")).unwrap();
+    operator(c)
+        .deploy("kv", component.into(), kythira_api::DeployLimits::default())
+        .await
+        .expect("deploy kv");
 }
 
 /// What the writers saw: each acknowledged (key, value).
@@ -170,7 +180,7 @@ impl Writers {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconfiguration_under_load_loses_nothing() {
     let mut c = start(Options::default());
-    deploy(&c, "kv");
+    deploy_kv(&c).await;
     let admin = operator(&c);
     let writers = Writers::start(&c, 8);
     writers.progress(40).await;
