@@ -334,13 +334,16 @@ impl MemberCommand {
     }
 }
 
+/// Where a step's completion is reported.
+type Done = oneshot::Sender<Result<(), ApiError>>;
+
 struct Settling {
     id: NodeId,
     index: u64,
     started: u64,
     /// Tick at which the member was first seen holding the entry.
     held_since: Option<u64>,
-    reply: oneshot::Sender<Result<(), ApiError>>,
+    reply: Done,
 }
 
 struct Transferring {
@@ -358,8 +361,8 @@ pub(super) struct MemberState {
     request_timeout: Duration,
     /// Ticks since start, for the settle waits.
     ticks: u64,
-    reconfiguring: Vec<(Proposal, oneshot::Sender<Result<(), ApiError>>)>,
-    catching_up: Vec<(NodeId, Instant, oneshot::Sender<Result<(), ApiError>>)>,
+    reconfiguring: Vec<(Proposal, Done)>,
+    catching_up: Vec<(NodeId, Instant, Done)>,
     settling: Vec<Settling>,
     transfer: Option<Transferring>,
     /// What the network was last told, and the membership it came from.
