@@ -156,8 +156,9 @@ pub struct NodeHandle {
     applier: Applier,
     shared: Arc<Shared>,
     cfg: Arc<NodeConfig>,
-    /// The membership or leadership change this node is carrying out.
-    changes: Arc<members::ChangeLock>,
+    /// The membership or leadership change this node is carrying out, and
+    /// whether it was removed.
+    changes: Arc<members::Operations>,
 }
 
 /// JSON translations at once, no more than the instance slots the runtime
@@ -197,6 +198,7 @@ impl Node {
         let applier_handle = applier.clone();
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
         let cfg = Arc::new(cfg);
+        let ops = Arc::new(members::Operations::default());
         let (leadership_tx, leadership) = watch::channel(Leadership {
             role: raft.role(),
             term: raft.term(),
@@ -215,7 +217,7 @@ impl Node {
             was_leader: false,
             session_ttl_ms: cfg.session_ttl.as_millis() as u64,
             max_entry_bytes: cfg.max_entry_bytes,
-            members: members::MemberState::new(&cfg, shared.addresses.subscribe()),
+            members: members::MemberState::new(&cfg, shared.addresses.subscribe(), ops.clone()),
         };
         let task =
             tokio::spawn(event_loop.run(cfg.tick, inbound, command_rx, done_rx, applier_gone));
@@ -227,7 +229,7 @@ impl Node {
                 applier: applier_handle,
                 shared,
                 cfg,
-                changes: Arc::default(),
+                changes: ops,
             },
             task,
         })
@@ -301,6 +303,9 @@ impl<N: Network> EventLoop<N> {
         let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         self.drain()?;
+        if let Some(index) = self.members.removed_at {
+            return self.serve_removed(index, commands).await;
+        }
         let mut network_open = true;
         loop {
             tokio::select! {

@@ -32,7 +32,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kythira_api::{ApiError, MemberStatus, Members, Reply, Request, Response};
@@ -44,8 +46,9 @@ use super::{Command, EventLoop, Network, NodeHandle, not_leader};
 use crate::addresses::{self, AddressBook, Addresses};
 use crate::entry::Op;
 
-/// A learner whose log is within this many entries of the leader's is
-/// caught up: under load the leader's log moves on while the learner
+/// A learner is caught up once it holds every entry committed when its
+/// promotion was asked for, and its log is within this many entries of the
+/// leader's: under load the leader's log moves on while the learner
 /// acknowledges, so equality would be too strict, and a few appends' worth
 /// of lag is made up within a round trip or two once it votes.
 pub const CAUGHT_UP_LAG: u64 = 256;
@@ -259,25 +262,35 @@ pub(crate) fn plan(
     }
 }
 
-/// The one change a node carries out at a time.
+/// What the handles and the event loop share about operations: the one
+/// change this node carries out at a time, and whether it was removed.
 #[derive(Default)]
-pub(crate) struct ChangeLock(Mutex<Option<String>>);
+pub(crate) struct Operations {
+    change: Mutex<Option<String>>,
+    /// Log index of the entry that removed this node; 0 while a member.
+    removed_at: AtomicU64,
+}
 
-pub(crate) struct ChangeGuard<'a>(&'a ChangeLock);
+pub(crate) struct ChangeGuard<'a>(&'a Operations);
 
 impl Drop for ChangeGuard<'_> {
     fn drop(&mut self) {
-        *self.0.0.lock().expect("lock") = None;
+        *self.0.change.lock().expect("lock") = None;
     }
 }
 
-impl ChangeLock {
+impl Operations {
+    /// The log index at which this node was removed, if it was.
+    pub(crate) fn removed_at(&self) -> Option<u64> {
+        Some(self.removed_at.load(Ordering::Acquire)).filter(|i| *i > 0)
+    }
+
     fn begin(
         &self,
         what: String,
         refusal: fn(String) -> ApiError,
     ) -> Result<ChangeGuard<'_>, ApiError> {
-        let mut current = self.0.lock().expect("lock");
+        let mut current = self.change.lock().expect("lock");
         if let Some(other) = current.as_ref() {
             return Err(refusal(format!(
                 "{other} is under way; one change at a time"
@@ -299,17 +312,17 @@ pub(super) enum MemberCommand {
     },
     Reconfigure {
         change: Reconfig,
-        reply: oneshot::Sender<Result<(), ApiError>>,
+        reply: Done,
     },
     CatchUp {
         id: NodeId,
         deadline: Instant,
-        reply: oneshot::Sender<Result<(), ApiError>>,
+        reply: Done,
     },
     Settle {
         id: NodeId,
         index: u64,
-        reply: oneshot::Sender<Result<(), ApiError>>,
+        reply: Done,
     },
     /// Transfer leadership to `to`, or to the best voter if `None`; answers
     /// with the new leader and its term.
@@ -337,6 +350,14 @@ impl MemberCommand {
 /// Where a step's completion is reported.
 type Done = oneshot::Sender<Result<(), ApiError>>;
 
+struct CatchingUp {
+    id: NodeId,
+    /// The commit index when the promotion was asked for.
+    committed: u64,
+    deadline: Instant,
+    reply: Done,
+}
+
 struct Settling {
     id: NodeId,
     index: u64,
@@ -352,9 +373,36 @@ struct Transferring {
     reply: oneshot::Sender<Result<(NodeId, u64), ApiError>>,
 }
 
+/// The file in the data directory that records this node's removal. The
+/// commit index is not synced on its own, so after a restart the log alone
+/// may not say that the entry removing this node is committed, and nobody
+/// will tell it any more.
+const REMOVED_FILE: &str = "removed";
+
+/// Records durably that this node was removed at log index `index`.
+pub(crate) fn record_removal(dir: &Path, index: u64) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = dir.join(format!("{REMOVED_FILE}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{index}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(REMOVED_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The removal [`record_removal`] recorded under `dir`, if any.
+pub(crate) fn recorded_removal(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join(REMOVED_FILE)).ok()?;
+    text.trim().parse().ok()
+}
+
 /// The event loop's part: waiters for steps, the peer set it last gave the
 /// network, and whether this node was removed.
 pub(super) struct MemberState {
+    ops: std::sync::Arc<Operations>,
+    data_dir: PathBuf,
     configured: BTreeMap<NodeId, Addresses>,
     heartbeat_ticks: u64,
     election_ticks: u64,
@@ -362,7 +410,7 @@ pub(super) struct MemberState {
     /// Ticks since start, for the settle waits.
     ticks: u64,
     reconfiguring: Vec<(Proposal, Done)>,
-    catching_up: Vec<(NodeId, Instant, Done)>,
+    catching_up: Vec<CatchingUp>,
     settling: Vec<Settling>,
     transfer: Option<Transferring>,
     /// What the network was last told, and the membership it came from.
@@ -376,8 +424,15 @@ impl MemberState {
     pub(super) fn new(
         cfg: &super::NodeConfig,
         addresses: tokio::sync::watch::Receiver<AddressBook>,
+        ops: std::sync::Arc<Operations>,
     ) -> Self {
+        let removed_at = recorded_removal(&cfg.data_dir);
+        if let Some(index) = removed_at {
+            ops.removed_at.store(index, Ordering::Release);
+        }
         Self {
+            ops,
+            data_dir: cfg.data_dir.clone(),
             configured: configured(cfg),
             heartbeat_ticks: u64::from(cfg.heartbeat_ticks),
             election_ticks: u64::from(cfg.election_ticks),
@@ -389,7 +444,7 @@ impl MemberState {
             transfer: None,
             peers: None,
             addresses,
-            removed_at: None,
+            removed_at,
         }
     }
 }
@@ -479,7 +534,15 @@ impl<N: Network> EventLoop<N> {
                 id,
                 deadline,
                 reply,
-            } => self.members.catching_up.push((id, deadline, reply)),
+            } => {
+                let committed = self.driver.raft().log().committed();
+                self.members.catching_up.push(CatchingUp {
+                    id,
+                    committed,
+                    deadline,
+                    reply,
+                });
+            }
             MemberCommand::Settle { id, index, reply } => {
                 self.members.settling.push(Settling {
                     id,
@@ -631,7 +694,12 @@ impl<N: Network> EventLoop<N> {
 
         let mut i = 0;
         while i < self.members.catching_up.len() {
-            let (id, deadline, _) = self.members.catching_up[i];
+            let CatchingUp {
+                id,
+                committed,
+                deadline,
+                ..
+            } = self.members.catching_up[i];
             let outcome = if !leads {
                 Some(Err(not_leader(hint)))
             } else if !raft.membership().is_learner(id) {
@@ -640,7 +708,7 @@ impl<N: Network> EventLoop<N> {
                 let last = raft.log().last_index();
                 let matched = raft.progress(id).map_or(0, |p| p.matched);
                 let lag = last.saturating_sub(matched);
-                if lag <= CAUGHT_UP_LAG {
+                if matched >= committed && lag <= CAUGHT_UP_LAG {
                     Some(Ok(()))
                 } else if now >= deadline {
                     Some(Err(refuse(format!(
@@ -654,8 +722,8 @@ impl<N: Network> EventLoop<N> {
             };
             match outcome {
                 Some(o) => {
-                    let (_, _, reply) = self.members.catching_up.swap_remove(i);
-                    let _ = reply.send(o);
+                    let c = self.members.catching_up.swap_remove(i);
+                    let _ = c.reply.send(o);
                 }
                 None => i += 1,
             }
@@ -770,6 +838,14 @@ impl<N: Network> EventLoop<N> {
             .removed_at(self.driver.raft().id());
         self.refresh_peers();
         if let Some(index) = removed {
+            if let Err(e) = record_removal(&self.members.data_dir, index) {
+                tracing::error!(
+                    "cannot record this node's removal in {}: {e}; after a restart it may wait \
+                     for a leader forever instead of saying it was removed",
+                    self.members.data_dir.display()
+                );
+            }
+            self.members.ops.removed_at.store(index, Ordering::Release);
             self.members.removed_at = Some(index);
         }
     }
@@ -812,8 +888,8 @@ impl<N: Network> EventLoop<N> {
         for (_, reply) in self.members.reconfiguring.drain(..) {
             let _ = reply.send(Err(e.clone()));
         }
-        for (_, _, reply) in self.members.catching_up.drain(..) {
-            let _ = reply.send(Err(e.clone()));
+        for c in self.members.catching_up.drain(..) {
+            let _ = c.reply.send(Err(e.clone()));
         }
         for s in self.members.settling.drain(..) {
             let _ = s.reply.send(Err(e.clone()));
@@ -938,7 +1014,7 @@ impl NodeHandle {
 
     /// The log index at which this node was removed, if it was.
     pub(super) fn removed_at(&self) -> Option<u64> {
-        self.shared().addresses.borrow().removed_at(self.cfg.id)
+        self.changes.removed_at()
     }
 }
 
@@ -1060,8 +1136,16 @@ mod tests {
     }
 
     #[test]
+    fn a_removal_is_recorded_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(recorded_removal(dir.path()), None);
+        record_removal(dir.path(), 812).unwrap();
+        assert_eq!(recorded_removal(dir.path()), Some(812));
+    }
+
+    #[test]
     fn one_change_at_a_time() {
-        let lock = ChangeLock::default();
+        let lock = Operations::default();
         let first = lock.begin("promoting node 4".into(), refuse).unwrap();
         match lock.begin("removing node 2".into(), refuse) {
             Err(ApiError::Membership(why)) => {
