@@ -965,6 +965,11 @@ async fn read_loop(
             let bytes: Bytes = match frame::read_frame(&mut stream, max_frame).await {
                 Ok(Some(bytes)) => bytes,
                 Ok(None) => break,
+                // The connection ended (the peer stopped, restarted or
+                // forgot us): nothing malformed arrived.
+                Err(e @ frame::FrameError::Io(_)) => {
+                    return Ended::Failed(format!("connection: {e}"));
+                }
                 Err(e) => {
                     bump(&counters.decode_errors, 1);
                     warn!(node = us, peer, error = %e, "malformed frame from peer; closing connection");
