@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
-use kythira_api::{Consistency, DeployLimits, NodeStatus, Payload};
+use kythira_api::{Consistency, DeployLimits, Members, NodeStatus, Payload};
 use kythira_client::{Client, ClientConfig};
 use kythira_transport::tls::{Tls, TlsFiles};
 
@@ -60,6 +60,12 @@ pub struct Connection {
 impl Connection {
     /// A client for these endpoints and certificates.
     pub fn client(&self) -> anyhow::Result<Client> {
+        self.client_waiting(self.timeout.min(Duration::from_secs(5)))
+    }
+
+    /// A client whose every attempt may wait `attempt`: a membership change
+    /// or a transfer is answered only once it has taken effect.
+    fn client_waiting(&self, attempt: Duration) -> anyhow::Result<Client> {
         let tls = Tls::load(&TlsFiles {
             ca: self.cacert.clone(),
             cert: self.cert.clone(),
@@ -67,9 +73,51 @@ impl Connection {
         })?;
         let mut cfg = ClientConfig::new(self.endpoints.clone(), tls);
         cfg.deadline = self.timeout;
-        cfg.attempt_timeout = self.timeout.min(Duration::from_secs(5));
+        cfg.attempt_timeout = attempt;
         Ok(Client::new(cfg)?)
     }
+}
+
+/// `query --consistency`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadMode {
+    /// Confirmed with a quorum (ReadIndex); any node serves it.
+    Linearizable,
+    /// From the leader lease, without a round of heartbeats; the leader serves it.
+    Lease,
+    /// Whatever the node asked has applied.
+    Stale,
+}
+
+/// `kythira members …`.
+#[derive(Debug, Subcommand)]
+pub enum MembersCommand {
+    /// List the members as the leader sees them: role, addresses, lag.
+    List,
+    /// Add a node that was started with `join = true` as a learner: it
+    /// receives the log but does not vote. Its addresses are replicated.
+    AddLearner {
+        /// The new node's id (the one in its certificate).
+        id: u64,
+        /// Its peer (Raft) address, ip:port.
+        #[arg(long)]
+        peer: SocketAddr,
+        /// Its client address, ip:port.
+        #[arg(long)]
+        client: SocketAddr,
+    },
+    /// Make a learner a voter once it has caught up (waits up to the
+    /// nodes' request timeout, then refuses with its lag).
+    Promote {
+        /// The learner's id.
+        id: u64,
+    },
+    /// Remove a voter or learner; it stops serving. Removing the leader
+    /// hands leadership to another voter first.
+    Remove {
+        /// The member's id.
+        id: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,15 +157,39 @@ pub enum ClientCommand {
         machine: String,
         /// The query, e.g. '{"get":{"key":"a"}}' for kv.
         query: String,
-        /// Answer from the node contacted, without asking the leader (may be stale).
+        /// How fresh the answer must be: `linearizable` (confirmed with a
+        /// quorum; any node answers), `lease` (the leader answers from its
+        /// lease, without a round of heartbeats) or `stale` (the node asked
+        /// answers from what it has applied).
+        #[arg(
+            long,
+            value_enum,
+            default_value = "linearizable",
+            conflicts_with = "stale"
+        )]
+        consistency: ReadMode,
+        /// Same as `--consistency stale`.
         #[arg(long)]
         stale: bool,
+    },
+    /// List, add, promote or remove members.
+    #[command(subcommand)]
+    Members(MembersCommand),
+    /// Hand leadership to a caught-up voter; answers once it leads.
+    Transfer {
+        /// The voter's id.
+        id: u64,
     },
 }
 
 /// Runs a client command, printing its result.
 pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
-    let client = conn.client()?;
+    let client = match cmd {
+        ClientCommand::Members(_) | ClientCommand::Transfer { .. } => {
+            conn.client_waiting(conn.timeout)?
+        }
+        _ => conn.client()?,
+    };
     match cmd {
         ClientCommand::Status => {
             let mut statuses = Vec::new();
@@ -191,12 +263,13 @@ pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Query {
             machine,
             query,
+            consistency,
             stale,
         } => {
-            let consistency = if stale {
-                Consistency::Stale
-            } else {
-                Consistency::Linearizable
+            let consistency = match (stale, consistency) {
+                (true, _) | (_, ReadMode::Stale) => Consistency::Stale,
+                (false, ReadMode::Lease) => Consistency::Lease,
+                (false, ReadMode::Linearizable) => Consistency::Linearizable,
             };
             let output = client
                 .query(&machine, Payload::Json(query), consistency)
@@ -208,8 +281,59 @@ pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
                 println!("{output}");
             }
         }
+        ClientCommand::Members(cmd) => {
+            let members = match cmd {
+                MembersCommand::List => client.members().await?,
+                MembersCommand::AddLearner {
+                    id,
+                    peer,
+                    client: addr,
+                } => client.add_learner(id, peer, addr).await?,
+                MembersCommand::Promote { id } => client.promote(id).await?,
+                MembersCommand::Remove { id } => client.remove_member(id).await?,
+            };
+            if conn.json {
+                println!("{}", serde_json::to_string(&members)?);
+            } else {
+                print!("{}", members_table(&members));
+            }
+        }
+        ClientCommand::Transfer { id } => {
+            let (leader, term) = client.transfer_leadership(id).await?;
+            if conn.json {
+                println!("{}", serde_json::json!({"leader": leader, "term": term}));
+            } else {
+                println!("node {leader} leads term {term}");
+            }
+        }
     }
     Ok(())
+}
+
+/// One line per member, the leader's view.
+fn members_table(m: &Members) -> String {
+    let mut out = format!(
+        "leader {} term {} configuration at index {}{}{}\n",
+        m.leader,
+        m.term,
+        m.config_index,
+        if m.committed { "" } else { " (not committed)" },
+        if m.joint { " (joint)" } else { "" },
+    );
+    for s in &m.members {
+        let addr = |a: &Option<String>| a.clone().unwrap_or_else(|| "unknown".into());
+        out.push_str(&format!(
+            "node {} {} peer {} client {} matched {} lag {}{}\n",
+            s.id,
+            s.role,
+            addr(&s.peer),
+            addr(&s.client),
+            s.matched,
+            s.lag,
+            if s.id == m.leader { " (leader)" } else { "" },
+        ));
+    }
+    out
 }
 
 /// An answer as JSON text: the plugin's JSON, or, if it could not be

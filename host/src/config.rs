@@ -32,9 +32,18 @@ pub struct File {
     pub data_dir: PathBuf,
     /// Address of the HTTP/JSON API, if it is served.
     pub http: Option<SocketAddr>,
+    /// This node joins a running cluster: it starts knowing no voters,
+    /// receives the log as a learner once an operator adds it (`kythira
+    /// members add-learner`), and learns the membership from the log. Keep
+    /// it set on later starts.
+    #[serde(default)]
+    pub join: bool,
     /// Certificates.
     pub tls: TlsSection,
-    /// Every voter, this node included: `id = { peer = "ip:port", client = "ip:port" }`.
+    /// The voters the cluster was founded with, this node included:
+    /// `id = { peer = "ip:port", client = "ip:port" }`. Never edited
+    /// afterwards: members added or removed later are in the log. A node
+    /// that joins lists itself and the members it joins.
     pub members: BTreeMap<String, Member>,
     /// Consensus timing.
     #[serde(default)]
@@ -77,6 +86,10 @@ pub struct RaftSection {
     pub election_ticks: u32,
     /// Heartbeat interval in ticks.
     pub heartbeat_ticks: u32,
+    /// Serve `--consistency lease` reads from the leader lease, without a
+    /// round of heartbeats. Must be the same on every node; assumes the
+    /// nodes' clocks tick at rates within 5 % of each other.
+    pub lease_reads: bool,
 }
 
 impl Default for RaftSection {
@@ -85,6 +98,7 @@ impl Default for RaftSection {
             tick_ms: 100,
             election_ticks: 10,
             heartbeat_ticks: 2,
+            lease_reads: true,
         }
     }
 }
@@ -130,6 +144,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub tls: TlsFiles,
     pub members: BTreeMap<u64, Member>,
+    pub join: bool,
+    pub lease_reads: bool,
     pub default_limits: kythira_api::DeployLimits,
     pub tick: Duration,
     pub election_ticks: u32,
@@ -179,6 +195,13 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
             members.keys().collect::<Vec<_>>()
         )));
     };
+    if file.join && members.len() < 2 {
+        bail!(in_file(
+            "join = true, but members lists no node to join: list the members of the running \
+             cluster beside this node"
+                .into()
+        ));
+    }
     let mut seen = std::collections::HashMap::new();
     for (id, m) in &members {
         for addr in [m.peer, m.client] {
@@ -254,6 +277,8 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
             key: rel(&file.tls.key),
         },
         members,
+        join: file.join,
+        lease_reads: r.lease_reads,
         tick: Duration::from_millis(r.tick_ms),
         election_ticks: r.election_ticks,
         heartbeat_ticks: r.heartbeat_ticks,
@@ -334,6 +359,28 @@ key = "certs/node-2-key.pem"
         assert!(e.contains("used twice"), "{e}");
         let e = err(&format!("{GOOD}\n[limits]\napply_fuel = 10\n"));
         assert!(e.contains("apply fuel"), "{e}");
+    }
+
+    #[test]
+    fn a_joining_node_lists_itself_and_whom_it_joins() {
+        let c = parse(GOOD, Path::new("node.toml")).unwrap();
+        assert!(!c.join, "founding by default");
+        assert!(c.lease_reads, "lease reads on by default");
+        let joining = GOOD.replace("id = 2\n", "id = 2\njoin = true\n");
+        let c = parse(&joining, Path::new("node.toml")).unwrap();
+        assert!(c.join);
+        assert_eq!(c.members.len(), 3);
+        let alone = joining
+            .lines()
+            .filter(|l| !l.starts_with("1 =") && !l.starts_with("3 ="))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let e = err(&alone);
+        assert!(e.contains("no node to join"), "{e}");
+        let e = err(&GOOD.replace("id = 2\n", "id = 2\njoin = \"yes\"\n"));
+        assert!(e.contains("node.toml:3"), "{e}");
+        let off = format!("{GOOD}\n[raft]\nlease_reads = false\n");
+        assert!(!parse(&off, Path::new("node.toml")).unwrap().lease_reads);
     }
 
     #[test]

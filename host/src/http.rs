@@ -259,6 +259,8 @@ impl From<ApiError> for HttpError {
             ApiError::Plugin(_) => (StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed"),
             ApiError::SessionExpired(_) => (StatusCode::GONE, "session_expired"),
             ApiError::Unauthorized(_) => (StatusCode::FORBIDDEN, "unauthorized"),
+            ApiError::Membership(_) => (StatusCode::CONFLICT, "membership_refused"),
+            ApiError::Transfer(_) => (StatusCode::CONFLICT, "transfer_failed"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

@@ -57,6 +57,8 @@ pub struct LocalCluster {
     dir: PathBuf,
     nodes: BTreeMap<u64, Proc>,
     start_timeout: Duration,
+    tick_ms: u64,
+    http: bool,
     keep: bool,
 }
 
@@ -92,70 +94,119 @@ impl LocalCluster {
             .with_context(|| format!("cannot create {}", certs.display()))?;
         let ca = Ca::generate()?;
         ca.write(&certs.join("ca.pem"), &certs.join("ca-key.pem"))?;
-        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
         for (name, role) in [("admin", Role::Admin), ("app", Role::Client)] {
             ca.issue(&Identity::client(name, role)?, &[])?.write(
                 &certs.join(format!("{name}.pem")),
                 &certs.join(format!("{name}-key.pem")),
             )?;
         }
-        let n = opts.nodes as usize;
-        let quic = free_ports(2 * n, true)?;
-        let http = if opts.http {
-            free_ports(n, false)?
-        } else {
-            Vec::new()
+        let mut cluster = Self {
+            exe: exe.to_path_buf(),
+            dir: dir.to_path_buf(),
+            nodes: BTreeMap::new(),
+            start_timeout: opts.start_timeout,
+            tick_ms: opts.tick_ms,
+            http: opts.http,
+            keep: false,
         };
-        let addr = |i: usize| SocketAddr::new(ip, quic[i]);
-        let peer = |i: usize| SocketAddr::new(ip, quic[n + i]);
-        let members: String = (0..n)
-            .map(|i| {
+        for id in 1..=opts.nodes {
+            cluster.prepare(&ca, id)?;
+        }
+        for id in 1..=opts.nodes {
+            cluster.write_config(id, false)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Ports and a certificate for node `id`.
+    fn prepare(&mut self, ca: &Ca, id: u64) -> anyhow::Result<()> {
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let certs = self.dir.join("certs");
+        ca.issue(&Identity::Node(id), &[ip])?.write(
+            &certs.join(format!("node-{id}.pem")),
+            &certs.join(format!("node-{id}-key.pem")),
+        )?;
+        // Ports are released before the node binds them, so the OS may hand
+        // one out again: skip those another node of the cluster has.
+        let taken: Vec<u16> = self
+            .nodes
+            .values()
+            .flat_map(|p| [Some(p.addr), Some(p.peer), p.http])
+            .flatten()
+            .map(|a| a.port())
+            .collect();
+        let quic = loop {
+            let ports = free_ports(2, true)?;
+            if ports.iter().all(|p| !taken.contains(p)) {
+                break ports;
+            }
+        };
+        let http = if self.http {
+            let port = loop {
+                let port = free_ports(1, false)?[0];
+                if !taken.contains(&port) && !quic.contains(&port) {
+                    break port;
+                }
+            };
+            Some(SocketAddr::new(ip, port))
+        } else {
+            None
+        };
+        self.nodes.insert(
+            id,
+            Proc {
+                addr: SocketAddr::new(ip, quic[0]),
+                peer: SocketAddr::new(ip, quic[1]),
+                http,
+                config: self.dir.join(format!("node-{id}.toml")),
+                child: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Writes node `id`'s configuration, listing every node prepared so far.
+    fn write_config(&self, id: u64, join: bool) -> anyhow::Result<()> {
+        let members: String = self
+            .nodes
+            .iter()
+            .map(|(id, p)| {
                 format!(
-                    "{} = {{ peer = \"{}\", client = \"{}\" }}\n",
-                    i + 1,
-                    peer(i),
-                    addr(i)
+                    "{id} = {{ peer = \"{}\", client = \"{}\" }}\n",
+                    p.peer, p.addr
                 )
             })
             .collect();
-        let mut nodes = BTreeMap::new();
-        for i in 0..n {
-            let id = i as u64 + 1;
-            ca.issue(&Identity::Node(id), &[ip])?.write(
-                &certs.join(format!("node-{id}.pem")),
-                &certs.join(format!("node-{id}-key.pem")),
-            )?;
-            let http_addr = http.get(i).map(|p| SocketAddr::new(ip, *p));
-            let http_line = http_addr.map_or(String::new(), |a| format!("http = \"{a}\"\n"));
-            let config = dir.join(format!("node-{id}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "id = {id}\ndata_dir = \"data/node-{id}\"\n{http_line}\n\
-                     [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node-{id}.pem\"\nkey = \"certs/node-{id}-key.pem\"\n\n\
-                     [members]\n{members}\n\
-                     [raft]\ntick_ms = {}\nelection_ticks = 10\nheartbeat_ticks = 2\n",
-                    opts.tick_ms
-                ),
-            )?;
-            nodes.insert(
-                id,
-                Proc {
-                    addr: addr(i),
-                    peer: peer(i),
-                    http: http_addr,
-                    config,
-                    child: None,
-                },
-            );
-        }
-        Ok(Self {
-            exe: exe.to_path_buf(),
-            dir: dir.to_path_buf(),
-            nodes,
-            start_timeout: opts.start_timeout,
-            keep: false,
-        })
+        let node = &self.nodes[&id];
+        let http_line = node
+            .http
+            .map_or(String::new(), |a| format!("http = \"{a}\"\n"));
+        let join_line = if join { "join = true\n" } else { "" };
+        std::fs::write(
+            &node.config,
+            format!(
+                "id = {id}\ndata_dir = \"data/node-{id}\"\n{http_line}{join_line}\n\
+                 [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node-{id}.pem\"\nkey = \"certs/node-{id}-key.pem\"\n\n\
+                 [members]\n{members}\n\
+                 [raft]\ntick_ms = {}\nelection_ticks = 10\nheartbeat_ticks = 2\n",
+                self.tick_ms
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// Prepares a new node, with the next free id, to join the running
+    /// cluster: a certificate, ports, and a configuration with `join =
+    /// true` that lists every node of this cluster (the log tells it which
+    /// were removed). Starts nothing: [`LocalCluster::start`] does, and
+    /// `kythira members add-learner` makes it a member.
+    pub fn add_node(&mut self) -> anyhow::Result<u64> {
+        let certs = self.dir.join("certs");
+        let ca = Ca::read(&certs.join("ca.pem"), &certs.join("ca-key.pem"))?;
+        let id = self.nodes.keys().next_back().map_or(1, |last| last + 1);
+        self.prepare(&ca, id)?;
+        self.write_config(id, true)?;
+        Ok(id)
     }
 
     /// Starts every node that is not running, and waits until each serves.

@@ -24,6 +24,12 @@ impl Network for Peers {
             tracing::trace!("not sent: {e}");
         }
     }
+
+    fn set_peers(&self, peers: &BTreeMap<u64, std::net::SocketAddr>) {
+        if let Err(e) = self.0.set_peers(peers) {
+            tracing::warn!("peer set not updated: {e}");
+        }
+    }
 }
 
 /// What a certificate allows on the client port: nothing for a node's.
@@ -82,12 +88,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let node = Node::start(
         NodeConfig {
             id: cfg.id,
-            voters: cfg.members.keys().copied().collect(),
+            // A joining node learns the voters from the log.
+            voters: if cfg.join {
+                Vec::new()
+            } else {
+                cfg.members.keys().copied().collect()
+            },
             client_addrs: cfg
                 .members
                 .iter()
                 .map(|(id, m)| (*id, m.client.to_string()))
                 .collect(),
+            peer_addrs: cfg.members.iter().map(|(id, m)| (*id, m.peer)).collect(),
+            lease_reads: cfg.lease_reads,
             data_dir: cfg.data_dir.clone(),
             tick: cfg.tick,
             election_ticks: cfg.election_ticks,

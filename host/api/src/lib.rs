@@ -55,6 +55,12 @@ pub enum Consistency {
     /// (ReadIndex) and serves the query once it applied up to that point.
     #[default]
     Linearizable,
+    /// Served by the leader from its lease (Raft thesis §6.4.1): no round of
+    /// heartbeats while a quorum acknowledged it within an election timeout,
+    /// less a margin for clock drift. Linearizable as long as the nodes'
+    /// clocks run at about the same rate. Leader only: a follower answers
+    /// [`ApiError::NotLeader`].
+    Lease,
     /// Whatever the node that receives the query has applied; may be stale.
     Stale,
 }
@@ -104,23 +110,83 @@ pub enum Request {
     RegisterSession,
     /// Describe the node and what it knows of the cluster.
     Status,
+    /// The cluster's members as the leader sees them.
+    Members,
+    /// Add node `id` as a learner: it receives the log but does not vote.
+    /// Its addresses are replicated, so every member can reach it.
+    AddLearner {
+        /// The new node's id (its certificate's).
+        id: u64,
+        /// Its peer address, `ip:port`.
+        peer: String,
+        /// Its client address, `ip:port`.
+        client: String,
+    },
+    /// Make learner `id` a voter, once it has caught up with the leader.
+    Promote {
+        /// The learner.
+        id: u64,
+    },
+    /// Remove node `id`, voter or learner; it stops serving.
+    RemoveMember {
+        /// The member.
+        id: u64,
+    },
+    /// Hand leadership to voter `to`.
+    TransferLeadership {
+        /// The voter to lead.
+        to: u64,
+    },
     /// Answered at once by the connection's handler, without touching the
     /// node: a round trip of the client protocol alone.
     Ping,
 }
 
 impl Request {
-    /// Whether only an administrator may send this request.
+    /// Whether only an administrator may send this request: code, the
+    /// membership and the leadership are the operators'; data is the
+    /// applications'.
     pub fn needs_admin(&self) -> bool {
-        matches!(self, Request::Deploy { .. })
+        self.admin_action().is_some()
+    }
+
+    /// What an administrator's request does, for a refusal to name.
+    pub fn admin_action(&self) -> Option<&'static str> {
+        match self {
+            Request::Deploy { .. } => Some("deploying code"),
+            Request::AddLearner { .. } | Request::Promote { .. } | Request::RemoveMember { .. } => {
+                Some("changing the membership")
+            }
+            Request::TransferLeadership { .. } => Some("transferring leadership"),
+            Request::Apply { .. }
+            | Request::Query { .. }
+            | Request::RegisterSession
+            | Request::Status
+            | Request::Members
+            | Request::Ping => None,
+        }
     }
 
     /// Whether the request changes replicated state (and so must reach the leader).
     pub fn is_write(&self) -> bool {
         matches!(
             self,
-            Request::Apply { .. } | Request::Deploy { .. } | Request::RegisterSession
+            Request::Apply { .. }
+                | Request::Deploy { .. }
+                | Request::RegisterSession
+                | Request::AddLearner { .. }
+                | Request::Promote { .. }
+                | Request::RemoveMember { .. }
         )
+    }
+
+    /// Whether only the leader answers it (a follower redirects).
+    pub fn needs_leader(&self) -> bool {
+        match self {
+            Request::Query { consistency, .. } => *consistency == Consistency::Lease,
+            Request::Members | Request::TransferLeadership { .. } => true,
+            other => other.is_write(),
+        }
     }
 }
 
@@ -153,6 +219,15 @@ pub enum Response {
     },
     /// The node's status.
     Status(NodeStatus),
+    /// The members, after a change or when listed.
+    Members(Members),
+    /// Leadership moved to `leader`, which leads `term`.
+    Transferred {
+        /// The new leader.
+        leader: u64,
+        /// Its term.
+        term: u64,
+    },
     /// The answer to `Ping`.
     Pong,
 }
@@ -182,6 +257,41 @@ pub struct NodeStatus {
     pub sessions: u64,
     /// Protocol version the node speaks.
     pub protocol: u32,
+}
+
+/// The cluster's membership as the leader sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Members {
+    /// The leader answering.
+    pub leader: u64,
+    /// Its term.
+    pub term: u64,
+    /// Log index of the configuration in effect (0: the bootstrap one).
+    pub config_index: u64,
+    /// Whether that configuration is committed.
+    pub committed: bool,
+    /// Whether a change of voters is half way (the joint configuration).
+    pub joint: bool,
+    /// Every member, by id.
+    pub members: Vec<MemberStatus>,
+}
+
+/// One member of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Its id.
+    pub id: u64,
+    /// `voter`, `learner`, or `outgoing` (a voter being removed, in the
+    /// joint configuration).
+    pub role: String,
+    /// Its peer address, if known.
+    pub peer: Option<String>,
+    /// Its client address, if known.
+    pub client: Option<String>,
+    /// Highest log index known to be on its disk.
+    pub matched: u64,
+    /// Entries it is behind the leader's log.
+    pub lag: u64,
 }
 
 /// One deployed state machine.
@@ -233,6 +343,14 @@ pub enum ApiError {
     /// The caller's certificate does not allow this request.
     #[error("unauthorized: {0}")]
     Unauthorized(String),
+    /// The membership change was refused (an unknown or existing id, the
+    /// last voter, a learner not caught up, another change under way) or
+    /// did not complete; nothing changed unless the text says so.
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    /// Leadership did not move to the node asked for, and why.
+    #[error("leadership transfer failed: {0}")]
+    Transfer(String),
     /// The node is overloaded or shutting down; retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -279,5 +397,66 @@ impl fmt::Display for Payload {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_membership_and_leadership_are_for_administrators() {
+        let admin = [
+            Request::Deploy {
+                machine: "kv".into(),
+                component: Bytes::new(),
+                limits: DeployLimits::default(),
+            },
+            Request::AddLearner {
+                id: 4,
+                peer: "127.0.0.1:1".into(),
+                client: "127.0.0.1:2".into(),
+            },
+            Request::Promote { id: 4 },
+            Request::RemoveMember { id: 4 },
+            Request::TransferLeadership { to: 2 },
+        ];
+        for r in &admin {
+            assert!(r.needs_admin(), "{r:?}");
+        }
+        let anyone = [
+            Request::Apply {
+                machine: "kv".into(),
+                command: Payload::Json("{}".into()),
+                session: None,
+            },
+            Request::Query {
+                machine: "kv".into(),
+                query: Payload::Json("{}".into()),
+                consistency: Consistency::Lease,
+            },
+            Request::RegisterSession,
+            Request::Status,
+            Request::Members,
+            Request::Ping,
+        ];
+        for r in &anyone {
+            assert!(!r.needs_admin(), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn followers_serve_linearizable_and_stale_reads_but_not_lease_reads() {
+        let query = |consistency| Request::Query {
+            machine: "kv".into(),
+            query: Payload::Json("{}".into()),
+            consistency,
+        };
+        assert!(!query(Consistency::Linearizable).needs_leader());
+        assert!(!query(Consistency::Stale).needs_leader());
+        assert!(query(Consistency::Lease).needs_leader());
+        assert!(Request::Members.needs_leader());
+        assert!(Request::Promote { id: 2 }.needs_leader());
+        assert!(!Request::Status.needs_leader());
     }
 }

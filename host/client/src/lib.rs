@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kythira_api::{
-    ApiError, Consistency, DeployLimits, NodeStatus, Payload, Reply, Request, Response, SessionSeq,
+    ApiError, Consistency, DeployLimits, Members, NodeStatus, Payload, Reply, Request, Response,
+    SessionSeq,
 };
 use kythira_transport::rpc::{RpcClient, RpcError};
 use kythira_transport::tls::Tls;
@@ -126,7 +127,9 @@ impl Client {
         applied(self.request(&req, false).await?)
     }
 
-    /// Runs a query; `Linearizable` goes to the leader.
+    /// Runs a query. Any node serves `Linearizable` (a follower confirms
+    /// with the leader first) and `Stale` reads; `Lease` reads go to the
+    /// leader.
     pub async fn query(
         &self,
         machine: &str,
@@ -160,6 +163,55 @@ impl Client {
         // Deploying the same bytes twice leaves the same code: safe to retry.
         match self.request(&req, true).await? {
             Response::Deployed { index, sha256 } => Ok((index, sha256)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The cluster's members as the leader sees them.
+    pub async fn members(&self) -> Result<Members, ClientError> {
+        members(self.request(&Request::Members, true).await?)
+    }
+
+    /// Adds node `id`, listening at `peer` (Raft) and `client`, as a
+    /// learner; needs an admin certificate. Answers once its configuration
+    /// entry is committed. Not retried once it may have been carried out
+    /// (asking again would be refused: the node is a member already).
+    pub async fn add_learner(
+        &self,
+        id: u64,
+        peer: SocketAddr,
+        client: SocketAddr,
+    ) -> Result<Members, ClientError> {
+        let req = Request::AddLearner {
+            id,
+            peer: peer.to_string(),
+            client: client.to_string(),
+        };
+        members(self.request(&req, false).await?)
+    }
+
+    /// Makes learner `id` a voter once it has caught up with the leader;
+    /// needs an admin certificate. Answers once the final configuration is
+    /// committed, or refuses with the learner's lag.
+    pub async fn promote(&self, id: u64) -> Result<Members, ClientError> {
+        members(self.request(&Request::Promote { id }, false).await?)
+    }
+
+    /// Removes member `id`, which stops serving; needs an admin
+    /// certificate. Removing the leader moves leadership first.
+    pub async fn remove_member(&self, id: u64) -> Result<Members, ClientError> {
+        members(self.request(&Request::RemoveMember { id }, false).await?)
+    }
+
+    /// Hands leadership to voter `to`; answers once it leads, with its
+    /// term. Needs an admin certificate. Asking again is harmless, so it is
+    /// retried like a read.
+    pub async fn transfer_leadership(&self, to: u64) -> Result<(u64, u64), ClientError> {
+        match self
+            .request(&Request::TransferLeadership { to }, true)
+            .await?
+        {
+            Response::Transferred { leader, term } => Ok((leader, term)),
             other => Err(unexpected(&other)),
         }
     }
@@ -422,6 +474,13 @@ impl Session<'_> {
         // command would return this one's cached answer.
         self.next += 1;
         applied(result?)
+    }
+}
+
+fn members(resp: Response) -> Result<Members, ClientError> {
+    match resp {
+        Response::Members(m) => Ok(m),
+        other => Err(unexpected(&other)),
     }
 }
 

@@ -19,6 +19,7 @@ use kythira_api::{ApiError, MachineStatus, Reply};
 use kythira_raft::Entry;
 use tokio::sync::oneshot;
 
+use crate::addresses::AddressBook;
 use crate::machines::{Machines, PluginInfo};
 use crate::metrics::{Metrics, ProposalFailure};
 
@@ -39,7 +40,7 @@ pub enum Work {
     Read {
         /// Applied index the answer must reflect.
         index: u64,
-        /// Machine name.
+        /// Machine name; empty for a barrier, answered with no bytes.
         machine: String,
         /// The query, in the plugin's encoding.
         query: Bytes,
@@ -63,6 +64,9 @@ pub struct Shared {
     pub plugins: Mutex<BTreeMap<String, PluginInfo>>,
     /// The node's metrics, which the applier and the machines update too.
     pub metrics: Arc<Metrics>,
+    /// The members' addresses as applied; the event loop watches it to
+    /// reach new members and to learn that this node was removed.
+    pub addresses: tokio::sync::watch::Sender<AddressBook>,
 }
 
 /// Sends work to the applier thread.
@@ -133,6 +137,13 @@ impl Applier {
                             if changed_code {
                                 publish(&machines, &shared);
                             }
+                            shared.addresses.send_if_modified(|book| {
+                                let changed = book != machines.addresses();
+                                if changed {
+                                    *book = machines.addresses().clone();
+                                }
+                                changed
+                            });
                             serve_reads(&mut machines, &mut reads);
                         }
                         Work::Wait { index, term, reply } => {
@@ -198,7 +209,14 @@ fn serve_reads(machines: &mut Machines, reads: &mut Vec<Read>) {
     while i < reads.len() {
         if reads[i].index <= applied {
             let r = reads.swap_remove(i);
-            let _ = r.reply.send(machines.query(&r.machine, &r.query));
+            // No machine is named "": such a read is a barrier, answered
+            // once everything up to its index is applied.
+            let answer = if r.machine.is_empty() {
+                Ok(Bytes::new())
+            } else {
+                machines.query(&r.machine, &r.query)
+            };
+            let _ = r.reply.send(answer);
         } else {
             i += 1;
         }

@@ -81,6 +81,25 @@ pub enum Op {
         /// Log time after which an idle session expires, in milliseconds.
         ttl_ms: u64,
     },
+    /// Record where node `id` listens. The core's configuration entries
+    /// carry ids only; this makes the addresses replicated state, so every
+    /// replica (and a restarted one, by replay) can dial a new member and
+    /// name it in redirects.
+    SetAddress {
+        /// The node.
+        id: u64,
+        /// Its peer address.
+        peer: std::net::SocketAddr,
+        /// Its client address.
+        client: std::net::SocketAddr,
+    },
+    /// Node `id` is being removed from the cluster. The node itself stops
+    /// once it applies this entry; the others forget it once the core's
+    /// configuration no longer holds it. Its id is never given out again.
+    RemoveMember {
+        /// The node.
+        id: u64,
+    },
 }
 
 /// A decoded `Normal` entry.
@@ -192,6 +211,23 @@ mod tests {
                 op
             }
         );
+    }
+
+    #[test]
+    fn membership_ops_round_trip() {
+        for op in [
+            Op::SetAddress {
+                id: 4,
+                peer: "127.0.0.1:7104".parse().unwrap(),
+                client: "[::1]:7004".parse().unwrap(),
+            },
+            Op::RemoveMember { id: 3 },
+        ] {
+            assert_eq!(
+                Envelope::decode(2, &Envelope::encode(9, &op)).unwrap().op,
+                op
+            );
+        }
     }
 
     #[test]

@@ -23,6 +23,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
+pub mod addresses;
 pub mod applier;
 pub mod disk;
 mod edge;

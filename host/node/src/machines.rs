@@ -19,6 +19,7 @@ use kythira_runtime::{
 };
 use sha2::{Digest, Sha256};
 
+use crate::addresses::{AddressBook, Addresses};
 use crate::entry::{Envelope, Op};
 use crate::metrics::Metrics;
 use crate::sessions::{Admit, Sessions};
@@ -59,6 +60,8 @@ pub struct Machines {
     /// One runtime per distinct set of limits (limits are per engine).
     runtimes: Vec<(Limits, Runtime)>,
     sessions: Sessions<Reply>,
+    /// Members' addresses, replicated state like the sessions.
+    addresses: AddressBook,
     applied: u64,
     last_timestamp_ms: u64,
     cache_dir: Option<std::path::PathBuf>,
@@ -92,6 +95,7 @@ impl Machines {
             machines: BTreeMap::new(),
             runtimes: Vec::new(),
             sessions: Sessions::default(),
+            addresses: AddressBook::default(),
             applied: 0,
             last_timestamp_ms: 0,
             cache_dir,
@@ -113,6 +117,11 @@ impl Machines {
     /// Number of open sessions.
     pub fn sessions(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// The members' addresses, as the log has them so far.
+    pub fn addresses(&self) -> &AddressBook {
+        &self.addresses
     }
 
     /// The deployed machines.
@@ -254,6 +263,19 @@ impl Machines {
                     self.flush(&mut run, &mut in_run, &mut answers);
                     self.sessions.register(e.index, ttl_ms, now);
                     answers.push(answer(e, Ok(Response::Session { id: e.index })));
+                }
+                // Addresses touch no machine: the run goes on around them.
+                Op::SetAddress { id, peer, client } => {
+                    let reply = self
+                        .addresses
+                        .set(id, Addresses { peer, client })
+                        .map(|()| recorded(e.index))
+                        .map_err(|err| ApiError::Membership(err.to_string()));
+                    answers.push(answer(e, reply));
+                }
+                Op::RemoveMember { id } => {
+                    self.addresses.remove(id, e.index);
+                    answers.push(answer(e, Ok(recorded(e.index))));
                 }
             }
         }
@@ -422,6 +444,14 @@ pub fn resolve(limits: DeployLimits) -> Limits {
             .memory_bytes
             .map_or(d.memory_bytes, |m| usize::try_from(m).unwrap_or(usize::MAX)),
         ..d
+    }
+}
+
+/// The answer to an entry the node keeps for itself: only its index matters.
+fn recorded(index: u64) -> Response {
+    Response::Applied {
+        index,
+        output: Payload::Bytes(Bytes::new()),
     }
 }
 

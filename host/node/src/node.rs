@@ -1,6 +1,9 @@
 //! The event loop that owns the core, and the handle clients talk to.
 
+mod members;
+
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -19,6 +22,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::NodeError;
+use crate::access;
 use crate::applier::{Applier, Shared, Work};
 use crate::disk::{self, Disk};
 use crate::edge::Translate;
@@ -34,6 +38,12 @@ use crate::shutdown::{Leaving, Next};
 pub trait Network: Send + Sync + 'static {
     /// Sends `m` to `m.to`.
     fn send(&self, m: Message);
+
+    /// The peers to keep connections with, as the membership and the
+    /// replicated addresses say; called whenever they change. Peers not in
+    /// `peers` are to be forgotten (and refused). A network without
+    /// addresses (in-process tests) ignores it.
+    fn set_peers(&self, _peers: &BTreeMap<NodeId, SocketAddr>) {}
 }
 
 /// How a node runs.
@@ -41,10 +51,19 @@ pub trait Network: Send + Sync + 'static {
 pub struct NodeConfig {
     /// This node's id.
     pub id: NodeId,
-    /// Every voter's id, this node's included.
+    /// The voters the cluster was founded with, this node's included; empty
+    /// for a node that joins a running cluster (it learns the membership
+    /// from the log). Never changed afterwards: configuration entries in the
+    /// log say who the members are now.
     pub voters: Vec<NodeId>,
-    /// Client addresses of the voters, named in `NotLeader` answers.
+    /// Client addresses from the configuration file, named in `NotLeader`
+    /// answers when the log has none for that node.
     pub client_addrs: BTreeMap<NodeId, String>,
+    /// Peer addresses from the configuration file, for the nodes the log
+    /// has no address for.
+    pub peer_addrs: BTreeMap<NodeId, SocketAddr>,
+    /// Serve lease reads from the leader lease (needs every node to agree).
+    pub lease_reads: bool,
     /// Where the log lives.
     pub data_dir: PathBuf,
     /// One tick of the core's logical clock.
@@ -92,6 +111,8 @@ enum Command {
     Read {
         machine: String,
         query: Bytes,
+        /// From the leader lease rather than a round of heartbeats.
+        lease: bool,
         reply: oneshot::Sender<Result<Bytes, ApiError>>,
     },
     Status {
@@ -102,6 +123,7 @@ enum Command {
     Shutdown {
         reply: oneshot::Sender<Option<NodeId>>,
     },
+    Members(members::MemberCommand),
 }
 
 /// What the event loop last saw of the core's leadership, published so that
@@ -144,6 +166,9 @@ pub struct NodeHandle {
     applier: Applier,
     shared: Arc<Shared>,
     cfg: Arc<NodeConfig>,
+    /// The membership or leadership change this node is carrying out, and
+    /// whether it was removed.
+    changes: Arc<members::Operations>,
 }
 
 /// JSON translations at once, no more than the instance slots the runtime
@@ -169,6 +194,10 @@ impl Node {
         core.election_ticks = cfg.election_ticks;
         core.heartbeat_ticks = cfg.heartbeat_ticks;
         core.seed = cfg.seed;
+        core.lease_reads = cfg.lease_reads;
+        // Tick rates within ±5 % of each other, plus a tick of phase: the
+        // core's documented bound.
+        core.lease_drift_ticks = cfg.election_ticks / 10 + 2;
         let raft = Raft::new(core, recovered.persisted)
             .map_err(|e| NodeError::Corrupt(format!("the stored state does not restore: {e}")))?;
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -180,6 +209,7 @@ impl Node {
         let applier_handle = applier.clone();
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
         let cfg = Arc::new(cfg);
+        let ops = Arc::new(members::Operations::default());
         let (leadership_tx, leadership) = watch::channel(Leadership {
             role: raft.role(),
             term: raft.term(),
@@ -203,6 +233,7 @@ impl Node {
             was_leader: false,
             session_ttl_ms: cfg.session_ttl.as_millis() as u64,
             max_entry_bytes: cfg.max_entry_bytes,
+            members: members::MemberState::new(&cfg, shared.addresses.subscribe(), ops.clone()),
         };
         let task =
             tokio::spawn(event_loop.run(cfg.tick, inbound, command_rx, done_rx, applier_gone));
@@ -214,6 +245,7 @@ impl Node {
                 applier: applier_handle,
                 shared,
                 cfg,
+                changes: ops,
             },
             task,
         })
@@ -225,9 +257,9 @@ fn validate(cfg: &NodeConfig) -> Result<(), NodeError> {
     if cfg.id == 0 {
         return bad("node id 0 is reserved".into());
     }
-    if !cfg.voters.contains(&cfg.id) {
+    if !cfg.voters.is_empty() && !cfg.voters.contains(&cfg.id) {
         return bad(format!(
-            "node {} is not among the voters {:?}",
+            "node {} is not among the voters {:?} (a node that joins a cluster starts with none)",
             cfg.id, cfg.voters
         ));
     }
@@ -266,6 +298,8 @@ struct EventLoop<N> {
     /// One election timeout at most: how long a handover may take.
     election_timeout: Duration,
     request_timeout: Duration,
+    /// Membership changes and transfers under way, the peer set.
+    members: members::MemberState,
 }
 
 /// Most committed entries the applier may be behind before new proposals
@@ -292,13 +326,18 @@ impl<N: Network> EventLoop<N> {
         let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         self.drain()?;
+        if let Some(index) = self.members.removed_at {
+            return self.serve_removed(index, commands).await;
+        }
         let mut network_open = true;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
                     self.driver.tick();
                     self.obs.tick(self.driver.raft(), self.shared.applied.load(Ordering::Acquire));
+                    self.members_tick();
                 }
+                Ok(()) = self.members.addresses.changed() => self.addresses_changed(),
                 _ = &mut applier_gone => {
                     return Err(NodeError::Stopped("the applier stopped (see its error above)"));
                 }
@@ -341,6 +380,9 @@ impl<N: Network> EventLoop<N> {
                 }
             }
             self.drain()?;
+            if let Some(index) = self.members.removed_at {
+                return self.serve_removed(index, commands).await;
+            }
             if self.leave()? {
                 return Ok(());
             }
@@ -394,6 +436,10 @@ impl<N: Network> EventLoop<N> {
                 }
                 Command::Read { reply, .. } => {
                     let _ = reply.send(Err(stopped()));
+                    return Ok(());
+                }
+                Command::Members(m) => {
+                    m.refuse(stopped());
                     return Ok(());
                 }
                 Command::Status { .. } | Command::Shutdown { .. } => {}
@@ -458,11 +504,22 @@ impl<N: Network> EventLoop<N> {
             Command::Read {
                 machine,
                 query,
+                lease,
                 reply,
             } => {
                 let ctx = self.next_read;
                 self.next_read += 1;
-                match self.driver.read_index(ctx) {
+                let raft = self.driver.raft();
+                let started = match (lease, raft.role()) {
+                    (false, _) => self.driver.read_index(ctx),
+                    (true, Role::Leader) => self.driver.lease_read(ctx),
+                    // A follower's core would forward it as a ReadIndex:
+                    // lease reads are the leader's, send the client there.
+                    (true, _) => Err(ProposeError::NotLeader {
+                        leader: raft.leader(),
+                    }),
+                };
+                match started {
                     Ok(()) => {
                         self.reads.insert(ctx, (machine, query, reply));
                     }
@@ -500,6 +557,7 @@ impl<N: Network> EventLoop<N> {
                     apply_stalled: self.obs.apply_stalled(),
                 });
             }
+            Command::Members(c) => self.member_command(c),
         }
         Ok(())
     }
@@ -563,6 +621,7 @@ impl<N: Network> EventLoop<N> {
             changed
         });
         self.obs.after_pass(self.driver.raft());
+        self.advance_members();
         Ok(())
     }
 
@@ -651,16 +710,15 @@ impl NodeHandle {
 
     /// Answers one client request.
     pub async fn call(&self, caller: Caller, request: Request) -> Reply {
-        if request.needs_admin() && caller != Caller::Admin {
-            return Err(ApiError::Unauthorized(
-                "deploying code needs an admin certificate".into(),
-            ));
+        access::authorize(caller, &request)?;
+        if let Some(index) = self.removed_at()
+            && !matches!(request, Request::Status)
+        {
+            return Err(members::removed_error(self.cfg.id, index));
         }
-        let needs_leader = match &request {
-            Request::Query { consistency, .. } => *consistency == Consistency::Linearizable,
-            other => other.is_write(),
-        };
-        if needs_leader {
+        // Followers serve linearizable and stale reads themselves, so read
+        // load spreads over every node.
+        if request.needs_leader() {
             // Answer at once rather than translate JSON a follower may not
             // even have the plugin for; the event loop checks again.
             let seen = *self.leadership.borrow();
@@ -722,8 +780,22 @@ impl NodeHandle {
                 consistency,
             } => {
                 let json = query.is_json();
+                let unknown = || {
+                    !self
+                        .shared
+                        .plugins
+                        .lock()
+                        .expect("lock")
+                        .contains_key(&machine)
+                };
+                if json && consistency != Consistency::Stale && unknown() {
+                    // A lagging node may not have applied the deploy yet:
+                    // once it has applied up to a read index, it knows
+                    // whether the machine exists.
+                    self.query(String::new(), Bytes::new(), consistency).await?;
+                }
                 let query = self.to_bytes(&machine, query, Translate::Query).await?;
-                let output = self.query(&machine, query, consistency).await?;
+                let output = self.query(machine.clone(), query, consistency).await?;
                 let output = if json {
                     self.to_json(&machine, Payload::Bytes(output), Translate::QueryResponse)
                         .await?
@@ -783,6 +855,11 @@ impl NodeHandle {
             Request::RegisterSession => self.propose(Op::RegisterSession { ttl_ms: 0 }).await,
             Request::Status => self.status().await.map(Response::Status),
             Request::Ping => Ok(Response::Pong),
+            Request::Members
+            | Request::AddLearner { .. }
+            | Request::Promote { .. }
+            | Request::RemoveMember { .. }
+            | Request::TransferLeadership { .. } => self.operate(request).await,
         };
         reply.map_err(|e| self.with_leader_addr(e))
     }
@@ -792,12 +869,14 @@ impl NodeHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Status { reply })?;
         let raft = rx.await.map_err(|_| stopped())?;
-        let leader_addr = raft
-            .leader
-            .and_then(|id| self.cfg.client_addrs.get(&id).cloned());
+        let leader_addr = raft.leader.and_then(|id| self.client_addr(id));
+        let role = match self.removed_at() {
+            Some(_) => "removed",
+            None => role_name(raft.role),
+        };
         Ok(NodeStatus {
             id: self.cfg.id,
-            role: role_name(raft.role).to_string(),
+            role: role.to_string(),
             term: raft.term,
             leader: raft.leader,
             leader_addr,
@@ -831,20 +910,23 @@ impl NodeHandle {
         }
     }
 
+    /// Runs `query` against `machine`; an empty machine name is a
+    /// barrier, answered once this node applied up to a read index.
     async fn query(
         &self,
-        machine: &str,
+        machine: String,
         query: Bytes,
         consistency: Consistency,
     ) -> Result<Bytes, ApiError> {
         let (reply, rx) = oneshot::channel();
         match consistency {
-            Consistency::Linearizable => self.send(Command::Read {
-                machine: machine.to_string(),
+            Consistency::Linearizable | Consistency::Lease => self.send(Command::Read {
+                machine,
                 query,
+                lease: consistency == Consistency::Lease,
                 reply,
             })?,
-            Consistency::Stale => self.shared_read(machine, query, reply)?,
+            Consistency::Stale => self.shared_read(&machine, query, reply)?,
         }
         match tokio::time::timeout(self.cfg.request_timeout, rx).await {
             Ok(Ok(reply)) => reply,
@@ -886,7 +968,7 @@ impl NodeHandle {
                 addr: None,
             } => ApiError::NotLeader {
                 leader: Some(id),
-                addr: self.cfg.client_addrs.get(&id).cloned(),
+                addr: self.client_addr(id),
             },
             e => e,
         }

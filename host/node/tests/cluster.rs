@@ -53,11 +53,15 @@ fn config(id: u64, dir: &std::path::Path) -> NodeConfig {
         id,
         voters: vec![1, 2, 3],
         client_addrs: BTreeMap::new(),
+        peer_addrs: BTreeMap::new(),
+        lease_reads: true,
         data_dir: dir.to_path_buf(),
         tick: Duration::from_millis(20),
         election_ticks: 10,
         heartbeat_ticks: 2,
-        request_timeout: Duration::from_secs(30),
+        // A deploy answers once the plugin is compiled: in a debug build on
+        // a busy 2-core machine, that alone can take half a minute.
+        request_timeout: Duration::from_secs(120),
         session_ttl: Duration::from_secs(600),
         max_component_bytes: 14 << 20,
         max_entry_bytes: 15 << 20,
@@ -88,10 +92,13 @@ impl Cluster {
         self.nodes.insert(id, node);
     }
 
-    fn stop(&mut self, id: u64) {
+    /// Stops node `id` and waits until its task is gone, and with it the
+    /// open log (a restart before that would find the store locked).
+    async fn stop(&mut self, id: u64) {
         self.net.links.lock().unwrap().remove(&id);
         let node = self.nodes.remove(&id).unwrap();
         node.task.abort();
+        let _ = node.task.await;
     }
 
     fn handle(&self, id: u64) -> &NodeHandle {
@@ -216,7 +223,7 @@ async fn replicates_reads_and_survives_a_restart() {
 
     // Restart every node: the log on disk brings the state back.
     for id in 1..=3 {
-        c.stop(id);
+        c.stop(id).await;
     }
     for id in 1..=3 {
         c.start(id);

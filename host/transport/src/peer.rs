@@ -24,10 +24,15 @@
 //!   logged; the dialing side reconnects after a backoff.
 //! - Reconnection uses [`Backoff::delay`], a pure function, with jitter from
 //!   a per-peer generator seeded by the standard library's random state.
+//! - **The peer set changes at run time** ([`PeerNet::set_peer`],
+//!   [`PeerNet::remove_peer`], [`PeerNet::set_peers`]), as the cluster's
+//!   membership does. Accepting consults the set as it is at that moment; a
+//!   forgotten peer's driver ends and closes its connection.
 //!
 //! One driver task per peer owns the connection, the outbound queue's
 //! receiver and the backoff state; [`PeerNet`] handles are clones that only
-//! queue. Dropping the last handle stops every driver.
+//! queue. Dropping a peer's handle (forgetting it, or dropping the last
+//! [`PeerNet`]) stops its driver.
 
 use std::collections::BTreeMap;
 use std::collections::hash_map::RandomState;
@@ -36,7 +41,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -99,10 +104,11 @@ impl Backoff {
 pub struct PeerConfig {
     /// Our node id (at least 1); must be the id in our certificate.
     pub id: u64,
-    /// The other members and their addresses, excluding ourselves.
+    /// The other members and their addresses, excluding ourselves, at
+    /// start; [`PeerNet::set_peer`] and [`PeerNet::remove_peer`] change them.
     pub peers: BTreeMap<u64, SocketAddr>,
     /// Capacity of each peer's outbound queue. The inbound channel holds
-    /// `queue_len` messages per peer.
+    /// `queue_len` messages per peer of the starting set (at least one).
     pub queue_len: usize,
     /// Largest frame accepted or sent; keep the core's message byte limit
     /// well below it.
@@ -177,6 +183,16 @@ pub enum PeerError {
     /// Building the dialing configuration failed.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// A peer added at run time has an id that cannot be a peer.
+    #[error("node {id} cannot be a peer of node {us}: {reason}")]
+    InvalidPeer {
+        /// The id given.
+        id: u64,
+        /// Our id.
+        us: u64,
+        /// Why not.
+        reason: &'static str,
+    },
 }
 
 /// Why [`PeerNet::send`] did not queue a message. Each case is also counted.
@@ -365,42 +381,104 @@ impl Slot {
     }
 }
 
+/// The only sender of a peer's queue: dropping it ends the peer's driver,
+/// which closes the connection as a shutdown.
 struct PeerHandle {
+    addr: SocketAddr,
     queue: mpsc::Sender<Message>,
     counters: Arc<Counters>,
     slot: Arc<Slot>,
     connected: Arc<watch::Sender<bool>>,
+    task: AbortHandle,
+}
+
+/// What starting a peer's driver needs, kept for peers added later.
+struct Spawner {
+    endpoint: quinn::Endpoint,
+    dial_config: quinn::ClientConfig,
+    inbound: mpsc::Sender<Message>,
+    queue_len: usize,
+    max_frame: usize,
+    backoff: Backoff,
+    seeds: RandomState,
+    runtime: tokio::runtime::Handle,
 }
 
 pub(crate) struct Shared {
     id: u64,
-    peers: BTreeMap<u64, PeerHandle>,
+    /// Read on every send and accept, written only when the membership
+    /// changes; never held across an await.
+    peers: RwLock<BTreeMap<u64, PeerHandle>>,
     refused: AtomicU64,
-    tasks: Mutex<Vec<AbortHandle>>,
+    spawner: Mutex<Spawner>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        for task in self
-            .tasks
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            task.abort();
+        let peers = self.peers.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (_, peer) in std::mem::take(peers) {
+            peer.task.abort();
         }
     }
 }
 
 impl Shared {
+    fn peers(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, PeerHandle>> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn peers_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, PeerHandle>> {
+        self.peers.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// An authenticated connection on the peer ALPN arrived.
     pub(crate) fn accept(&self, identity: &Identity, conn: quinn::Connection) {
-        match accept_decision(self.id, |id| self.peers.contains_key(&id), identity) {
+        let peers = self.peers();
+        match accept_decision(self.id, |id| peers.contains_key(&id), identity) {
             Ok(id) => {
                 debug!(peer = id, remote = %conn.remote_address(), "peer connection accepted");
-                self.peers[&id].slot.put(conn);
+                peers[&id].slot.put(conn);
             }
-            Err(refusal) => self.refuse(&conn, &refusal),
+            Err(refusal) => {
+                drop(peers);
+                self.refuse(&conn, &refusal)
+            }
+        }
+    }
+
+    /// Starts the driver of peer `peer` at `addr`.
+    fn spawn(&self, peer: u64, addr: SocketAddr) -> PeerHandle {
+        let s = self.spawner.lock().unwrap_or_else(|e| e.into_inner());
+        let (queue_tx, queue_rx) = mpsc::channel(s.queue_len);
+        let counters = Arc::new(Counters::default());
+        let slot = Arc::new(Slot::default());
+        let connected = Arc::new(watch::Sender::new(false));
+        let mut hasher = s.seeds.build_hasher();
+        hasher.write_u64(peer);
+        let driver = Driver {
+            us: self.id,
+            peer,
+            addr,
+            dials: self.id < peer,
+            endpoint: s.endpoint.clone(),
+            dial_config: s.dial_config.clone(),
+            queue: queue_rx,
+            inbound: s.inbound.clone(),
+            counters: counters.clone(),
+            slot: slot.clone(),
+            connected: connected.clone(),
+            backoff: s.backoff,
+            rng: SplitMix64(hasher.finish()),
+            max_frame: s.max_frame,
+        };
+        let task = s.runtime.spawn(driver.run()).abort_handle();
+        PeerHandle {
+            addr,
+            queue: queue_tx,
+            counters,
+            slot,
+            connected,
+            task,
         }
     }
 
@@ -421,7 +499,7 @@ impl fmt::Debug for PeerNet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PeerNet")
             .field("id", &self.shared.id)
-            .field("peers", &self.shared.peers.keys().collect::<Vec<_>>())
+            .field("peers", &self.shared.peers().keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -444,49 +522,25 @@ impl PeerNet {
         }
         let inbound_len = config.queue_len.saturating_mul(config.peers.len().max(1));
         let (inbound_tx, inbound_rx) = mpsc::channel(inbound_len);
-        let seeds = RandomState::new();
-        let mut peers = BTreeMap::new();
-        let mut tasks = Vec::new();
-        for (&peer, &addr) in &config.peers {
-            let (queue_tx, queue_rx) = mpsc::channel(config.queue_len);
-            let counters = Arc::new(Counters::default());
-            let slot = Arc::new(Slot::default());
-            let connected = Arc::new(watch::Sender::new(false));
-            let mut hasher = seeds.build_hasher();
-            hasher.write_u64(peer);
-            let driver = Driver {
-                us: config.id,
-                peer,
-                addr,
-                dials: config.id < peer,
-                endpoint: endpoint.clone(),
-                dial_config: dial_config.clone(),
-                queue: queue_rx,
-                inbound: inbound_tx.clone(),
-                counters: counters.clone(),
-                slot: slot.clone(),
-                connected: connected.clone(),
-                backoff: config.backoff,
-                rng: SplitMix64(hasher.finish()),
-                max_frame: config.max_frame,
-            };
-            tasks.push(tokio::spawn(driver.run()).abort_handle());
-            peers.insert(
-                peer,
-                PeerHandle {
-                    queue: queue_tx,
-                    counters,
-                    slot,
-                    connected,
-                },
-            );
-        }
         let shared = Arc::new(Shared {
             id: config.id,
-            peers,
+            peers: RwLock::new(BTreeMap::new()),
             refused: AtomicU64::new(0),
-            tasks: Mutex::new(tasks),
+            spawner: Mutex::new(Spawner {
+                endpoint,
+                dial_config,
+                inbound: inbound_tx,
+                queue_len: config.queue_len,
+                max_frame: config.max_frame,
+                backoff: config.backoff,
+                seeds: RandomState::new(),
+                runtime: tokio::runtime::Handle::current(),
+            }),
         });
+        for (&peer, &addr) in &config.peers {
+            let handle = shared.spawn(peer, addr);
+            shared.peers_mut().insert(peer, handle);
+        }
         Ok((PeerNet { shared }, inbound_rx))
     }
 
@@ -509,7 +563,8 @@ impl PeerNet {
             });
         }
         let to = message.to;
-        let Some(peer) = self.shared.peers.get(&to) else {
+        let peers = self.shared.peers();
+        let Some(peer) = peers.get(&to) else {
             return Err(SendError::UnknownPeer { to });
         };
         match peer.queue.try_send(message) {
@@ -528,11 +583,87 @@ impl PeerNet {
     /// Waits until a connection to `peer` is up; `false` if `peer` is not a
     /// member. Meant for start-up and tests; Raft itself needs no such wait.
     pub async fn wait_connected(&self, peer: u64) -> bool {
-        let Some(handle) = self.shared.peers.get(&peer) else {
+        let Some(mut rx) = self
+            .shared
+            .peers()
+            .get(&peer)
+            .map(|h| h.connected.subscribe())
+        else {
             return false;
         };
-        let mut rx = handle.connected.subscribe();
         rx.wait_for(|up| *up).await.is_ok()
+    }
+
+    /// Adds peer `id` at `addr`, or moves it there: a moved peer's
+    /// connection is closed and made again. Returns whether anything
+    /// changed. May be called from any thread: drivers are spawned on the
+    /// runtime the network started on.
+    pub fn set_peer(&self, id: u64, addr: SocketAddr) -> Result<bool, PeerError> {
+        let us = self.shared.id;
+        let invalid = |reason| PeerError::InvalidPeer { id, us, reason };
+        if id == 0 {
+            return Err(invalid("node id 0 is reserved"));
+        }
+        if id == us {
+            return Err(invalid("it is this node"));
+        }
+        if self.shared.peers().get(&id).is_some_and(|h| h.addr == addr) {
+            return Ok(false);
+        }
+        // Spawned outside the write lock: the driver may start at once and
+        // nothing it does needs the set, but holding the lock no longer
+        // than an insert keeps sends from waiting.
+        let handle = self.shared.spawn(id, addr);
+        let old = self.shared.peers_mut().insert(id, handle);
+        match old {
+            Some(old) => info!(node = us, peer = id, from = %old.addr, to = %addr, "peer moved"),
+            None => info!(node = us, peer = id, %addr, "peer added"),
+        }
+        Ok(true)
+    }
+
+    /// Forgets peer `id`: its queue is dropped, its connection closed, and
+    /// a connection from it is refused from now on. Returns whether it was
+    /// a peer.
+    pub fn remove_peer(&self, id: u64) -> bool {
+        let removed = self.shared.peers_mut().remove(&id);
+        if removed.is_some() {
+            info!(node = self.shared.id, peer = id, "peer forgotten");
+        }
+        // The handle drops here, after the lock: the driver sees its queue
+        // closed and ends.
+        removed.is_some()
+    }
+
+    /// Makes the peer set exactly `peers` (our own id, if present, is
+    /// skipped): adds, moves and forgets as needed. Returns whether anything
+    /// changed.
+    pub fn set_peers(&self, peers: &BTreeMap<u64, SocketAddr>) -> Result<bool, PeerError> {
+        let us = self.shared.id;
+        let gone: Vec<u64> = self
+            .shared
+            .peers()
+            .keys()
+            .copied()
+            .filter(|id| !peers.contains_key(id))
+            .collect();
+        let mut changed = false;
+        for id in gone {
+            changed |= self.remove_peer(id);
+        }
+        for (&id, &addr) in peers.iter().filter(|(id, _)| **id != us) {
+            changed |= self.set_peer(id, addr)?;
+        }
+        Ok(changed)
+    }
+
+    /// The peers and their addresses.
+    pub fn peers(&self) -> BTreeMap<u64, SocketAddr> {
+        self.shared
+            .peers()
+            .iter()
+            .map(|(&id, h)| (id, h.addr))
+            .collect()
     }
 
     /// A snapshot of the counters.
@@ -541,7 +672,7 @@ impl PeerNet {
         NetStats {
             peers: self
                 .shared
-                .peers
+                .peers()
                 .iter()
                 .map(|(&id, h)| {
                     let c = &h.counters;
@@ -834,6 +965,11 @@ async fn read_loop(
             let bytes: Bytes = match frame::read_frame(&mut stream, max_frame).await {
                 Ok(Some(bytes)) => bytes,
                 Ok(None) => break,
+                // The connection ended (the peer stopped, restarted or
+                // forgot us): nothing malformed arrived.
+                Err(e @ frame::FrameError::Io(_)) => {
+                    return Ended::Failed(format!("connection: {e}"));
+                }
                 Err(e) => {
                     bump(&counters.decode_errors, 1);
                     warn!(node = us, peer, error = %e, "malformed frame from peer; closing connection");
