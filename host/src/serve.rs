@@ -162,7 +162,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tracing::info!("stop requested (SIGTERM or Ctrl-C)");
             match tokio::time::timeout(bound, node.handle.shutdown()).await {
                 Ok(Ok(Some(to))) => tracing::info!(to, "leadership handed over"),
-                Ok(Ok(None)) => {}
+                Ok(Ok(None)) => tracing::info!("stopped without handing leadership over (not leading, or no voter took it)"),
                 Ok(Err(e)) => tracing::warn!("stopping: {e}"),
                 Err(_) => tracing::warn!("not stopped cleanly within {bound:?}; stopping anyway"),
             }

@@ -4,12 +4,11 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kythira::local::Options;
 use kythira_api::{Consistency, Payload, Request, Response, SessionSeq};
+use support::counters::{add, counter_load, get};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,14 +96,6 @@ async fn every_node_serves_the_cli_and_the_client_library() {
     }
 }
 
-fn add(name: &str) -> Payload {
-    Payload::Json(format!(r#"{{"add":{{"name":"{name}","delta":1}}}}"#))
-}
-
-fn get(name: &str) -> Payload {
-    Payload::Json(format!(r#"{{"get":{{"name":"{name}"}}}}"#))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_under_load_loses_and_doubles_nothing() {
     let mut c = start(Options::default());
@@ -115,62 +106,22 @@ async fn killing_the_leader_under_load_loses_and_doubles_nothing() {
     // Eight clients, each with a session, each counting its own counter.
     const CLIENTS: usize = 8;
     const WRITES: u64 = 40;
-    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..CLIENTS).map(|_| AtomicU64::new(0)).collect());
-    let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut writers = Vec::new();
-    for i in 0..CLIENTS {
-        let client = client(&c, "app");
-        let acked = acked.clone();
-        let progress_tx = progress_tx.clone();
-        writers.push(tokio::spawn(async move {
-            let mut session = client.session().await.expect("session");
-            for n in 1..=WRITES {
-                let (_, out) = session
-                    .apply("counter", add(&format!("c{i}")))
-                    .await
-                    .expect("write");
-                // The counter's answer is its new value: a double apply
-                // would show here or in the final count.
-                assert_eq!(json(out), n.to_string(), "client {i}");
-                acked[i].store(n, Ordering::SeqCst);
-                let _ = progress_tx.send(());
-            }
-        }));
-    }
+    let mut load = counter_load(&c, CLIENTS, WRITES);
     // Kill the leader once a quarter of the writes are acknowledged.
-    for _ in 0..(CLIENTS as u64 * WRITES / 4) {
-        progress.recv().await.unwrap();
-    }
+    load.wait_for(CLIENTS as u64 * WRITES / 4).await;
     let old_term = admin.status_of(c.addr(old)).await.unwrap().term;
     c.kill(old);
     let killed = std::time::Instant::now();
-    let killed_at: u64 = acked.iter().map(|a| a.load(Ordering::SeqCst)).sum();
+    let killed_at = load.total();
     // A survivor leads a later term within a few election timeouts (0.5 to
     // 1 s each here; the bound leaves room for a loaded 2-core machine).
-    let survivors: Vec<_> = c.ids().into_iter().filter(|i| *i != old).collect();
-    eventually(Duration::from_secs(30), "a new leader", || {
-        let (admin, c, survivors) = (&admin, &c, &survivors);
-        async move {
-            for id in survivors {
-                if let Ok(s) = admin.status_of(c.addr(*id)).await
-                    && s.role == "leader"
-                    && s.term > old_term
-                {
-                    return true;
-                }
-            }
-            false
-        }
-    })
-    .await;
+    new_leader_after(&admin, &c, old, old_term, Duration::from_secs(30)).await;
     let failover = killed.elapsed();
     assert!(
         failover < Duration::from_secs(8),
         "no new leader for {failover:?}"
     );
-    for w in writers {
-        w.await.expect("a writer failed");
-    }
+    load.finish().await;
     let new = leader(&admin, &c).await;
     assert_ne!(new, old);
     assert!(

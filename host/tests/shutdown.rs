@@ -4,21 +4,12 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kythira::local::{LocalCluster, Options};
-use kythira_api::{Consistency, Payload};
+use kythira_api::Consistency;
+use support::counters::{counter_load, get};
 use support::*;
-
-fn add(name: &str) -> Payload {
-    Payload::Json(format!(r#"{{"add":{{"name":"{name}","delta":1}}}}"#))
-}
-
-fn get(name: &str) -> Payload {
-    Payload::Json(format!(r#"{{"get":{{"name":"{name}"}}}}"#))
-}
 
 /// Ticks of one second: elections wait 10 to 20 s, and heartbeats come
 /// every 2 s, so no follower can elect itself sooner than 8 s after the
@@ -59,54 +50,16 @@ async fn sigterm_of_the_leader_hands_over_and_loses_nothing() {
     // Eight clients, each with a session, each counting its own counter.
     const CLIENTS: usize = 8;
     const WRITES: u64 = 40;
-    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..CLIENTS).map(|_| AtomicU64::new(0)).collect());
-    let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut writers = Vec::new();
-    for i in 0..CLIENTS {
-        let client = client(&c, "app");
-        let acked = acked.clone();
-        let progress_tx = progress_tx.clone();
-        writers.push(tokio::spawn(async move {
-            let mut session = client.session().await.expect("session");
-            for n in 1..=WRITES {
-                let (_, out) = session
-                    .apply("counter", add(&format!("c{i}")))
-                    .await
-                    .expect("write");
-                // The answer is the counter's new value: a write applied
-                // twice, or one lost after its answer, shows here.
-                assert_eq!(json(out), n.to_string(), "client {i}");
-                acked[i].store(n, Ordering::SeqCst);
-                let _ = progress_tx.send(());
-            }
-        }));
-    }
-    for _ in 0..(CLIENTS as u64 * WRITES / 4) {
-        progress.recv().await.unwrap();
-    }
+    let mut load = counter_load(&c, CLIENTS, WRITES);
+    load.wait_for(CLIENTS as u64 * WRITES / 4).await;
 
+    let at_stop = load.total();
     let asked = Instant::now();
     let status = tokio::task::block_in_place(|| c.terminate(old, Duration::from_secs(90)));
-    let at_stop: u64 = acked.iter().map(|a| a.load(Ordering::SeqCst)).sum();
     let status = status.expect("the leader exits by itself after SIGTERM");
     assert!(status.success(), "the leader exited with {status}");
 
-    let survivors: Vec<_> = c.ids().into_iter().filter(|i| *i != old).collect();
-    eventually(Duration::from_secs(60), "a new leader", || {
-        let (admin, c, survivors) = (&admin, &c, &survivors);
-        async move {
-            for id in survivors {
-                if let Ok(s) = admin.status_of(c.addr(*id)).await
-                    && s.role == "leader"
-                    && s.term > old_term
-                {
-                    return true;
-                }
-            }
-            false
-        }
-    })
-    .await;
+    new_leader_after(&admin, &c, old, old_term, Duration::from_secs(60)).await;
     let moved = asked.elapsed();
     assert!(
         moved < EARLIEST_ELECTION,
@@ -116,12 +69,10 @@ async fn sigterm_of_the_leader_hands_over_and_loses_nothing() {
         at_stop < CLIENTS as u64 * WRITES,
         "the stop happened under load"
     );
-    for w in writers {
-        w.await.expect("a writer failed or hung");
-    }
+    load.finish().await;
 
     // Every acknowledged write is there once, on both survivors.
-    for id in survivors {
+    for id in c.ids().into_iter().filter(|i| *i != old) {
         let node = client_for(&c, "app", vec![c.addr(id)]);
         for i in 0..CLIENTS {
             let name = format!("c{i}");

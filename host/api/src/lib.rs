@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol, carried by [`Request::Status`] answers so that
 /// clients can tell which node speaks what.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// A command, query or answer, either in the plugin's own binary encoding or
 /// as JSON that the plugin translates at the edge (the log always holds the

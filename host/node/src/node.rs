@@ -384,6 +384,12 @@ impl<N: Network> EventLoop<N> {
                 return self.serve_removed(index, commands).await;
             }
             if self.leave()? {
+                // Requests queued behind the stop never reached the core:
+                // say so, rather than drop them as "may have applied".
+                commands.close();
+                while let Ok(c) = commands.try_recv() {
+                    self.refuse_stopping(c);
+                }
                 return Ok(());
             }
         }
@@ -419,6 +425,18 @@ impl<N: Network> EventLoop<N> {
         }
     }
 
+    /// While stopping: refuses what would reach the core (before it does,
+    /// so a retry elsewhere is safe); hands back what may still be served.
+    fn refuse_stopping(&mut self, c: Command) -> Option<Command> {
+        match c {
+            Command::Propose { reply, .. } => drop(reply.send(Err(stopped()))),
+            Command::Read { reply, .. } => drop(reply.send(Err(stopped()))),
+            Command::Members(m) => m.refuse(stopped()),
+            Command::Status { .. } | Command::Shutdown { .. } => return Some(c),
+        }
+        None
+    }
+
     fn step(&mut self, m: Message) {
         let from = m.from;
         if let Err(e) = self.driver.step(m) {
@@ -427,24 +445,14 @@ impl<N: Network> EventLoop<N> {
     }
 
     fn command(&mut self, c: Command) -> Result<(), NodeError> {
-        if self.leaving.is_some() {
-            // Refused before they reach the core, so a retry elsewhere is safe.
-            match c {
-                Command::Propose { reply, .. } => {
-                    let _ = reply.send(Err(stopped()));
-                    return Ok(());
-                }
-                Command::Read { reply, .. } => {
-                    let _ = reply.send(Err(stopped()));
-                    return Ok(());
-                }
-                Command::Members(m) => {
-                    m.refuse(stopped());
-                    return Ok(());
-                }
-                Command::Status { .. } | Command::Shutdown { .. } => {}
+        let c = if self.leaving.is_some() {
+            match self.refuse_stopping(c) {
+                Some(c) => c,
+                None => return Ok(()),
             }
-        }
+        } else {
+            c
+        };
         match c {
             Command::Propose { op, reply } => {
                 // Leader time never goes back along the log, even if this

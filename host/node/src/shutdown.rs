@@ -46,7 +46,11 @@ impl Leaving {
     pub(crate) fn next(&self, raft: &Raft, applied: u64, writing: bool, now: Instant) -> Next {
         if raft.role() == Role::Leader {
             if let Some((_, at)) = self.transfer {
-                if now.duration_since(at) < self.transfer_for {
+                // Still leading once the core gave the handover up (the
+                // target did not catch up or answer within an election
+                // timeout): stop; the others elect a leader.
+                let under_way = raft.transfer_target().is_some();
+                if under_way && now.duration_since(at) < self.transfer_for {
                     return Next::Wait;
                 }
             } else {
@@ -87,8 +91,10 @@ mod tests {
     /// Node 1 leading {1, 2, 3} with its no-op committed, node 3 having
     /// acknowledged more than node 2.
     fn leader() -> Driver {
-        let mut d =
-            Driver::new(Raft::new(Config::new(1, [1, 2, 3]), Persisted::default()).unwrap());
+        let mut cfg = Config::new(1, [1, 2, 3]);
+        // Straight to a candidate on its timeout, so the votes below decide.
+        cfg.pre_vote = false;
+        let mut d = Driver::new(Raft::new(cfg, Persisted::default()).unwrap());
         let settle = |d: &mut Driver| {
             while let Some(b) = d.poll() {
                 if b.write.is_some() {
@@ -169,11 +175,14 @@ mod tests {
 
     #[test]
     fn a_handover_is_awaited_then_given_up() {
-        let d = leader();
+        let mut d = leader();
         let now = Instant::now();
         let mut l = leaving(now);
         l.transfer = Some((3, now));
         let applied = d.raft().log().committed();
+        // The core's handover was never started here, so it is not under way.
+        assert_eq!(l.next(d.raft(), applied, false, now), Next::Stop);
+        d.transfer_leadership(3).unwrap();
         assert_eq!(l.next(d.raft(), applied, false, now), Next::Wait);
         let later = now + Duration::from_secs(3);
         assert_eq!(

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod counters;
 pub mod https;
 
 use std::path::PathBuf;
@@ -156,4 +157,30 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until a node other than `old` leads a term after `old_term`.
+pub async fn new_leader_after(
+    admin: &Client,
+    cluster: &LocalCluster,
+    old: u64,
+    old_term: u64,
+    within: Duration,
+) {
+    let survivors: Vec<_> = cluster.ids().into_iter().filter(|i| *i != old).collect();
+    eventually(within, "a new leader", || {
+        let survivors = &survivors;
+        async move {
+            for id in survivors {
+                if let Ok(s) = admin.status_of(cluster.addr(*id)).await
+                    && s.role == "leader"
+                    && s.term > old_term
+                {
+                    return true;
+                }
+            }
+            false
+        }
+    })
+    .await;
 }

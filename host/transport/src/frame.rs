@@ -28,8 +28,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The frame format version this code speaks. 2: vote requests carry the
 /// leadership-transfer flag; `TimeoutNow`, forwarded reads and
-/// configuration entries exist.
-pub const VERSION: u8 = 2;
+/// configuration entries exist. 3: the client protocol has membership,
+/// transfer and lease reads (its enums gained variants in the middle, which
+/// an older peer would misread rather than refuse).
+pub const VERSION: u8 = 3;
 /// Bytes of the header.
 pub const HEADER_LEN: usize = 5;
 /// Default maximum payload: large enough for a big append batch, small enough
