@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kythira::local::Options;
 use kythira_api::{Consistency, Payload, Request, Response, SessionSeq};
-use support::counters::{add, counter_load, get};
+use support::counters::{add, counter_load, counters_reach, get};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,20 +132,7 @@ async fn killing_the_leader_under_load_loses_and_doubles_nothing() {
     // The killed node comes back, replays its log and catches up.
     c.start(old).unwrap();
     for id in c.ids() {
-        let node = client_for(&c, "app", vec![c.addr(id)]);
-        for i in 0..CLIENTS {
-            let name = format!("c{i}");
-            eventually(Duration::from_secs(60), "a node catches up", || {
-                let node = &node;
-                let name = name.clone();
-                async move {
-                    node.query("counter", get(&name), Consistency::Stale)
-                        .await
-                        .is_ok_and(|v| json(v) == WRITES.to_string())
-                }
-            })
-            .await;
-        }
+        counters_reach(&c, id, CLIENTS, WRITES, "a node catches up").await;
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kythira::local::{LocalCluster, Options};
 use kythira_api::Consistency;
-use support::counters::{counter_load, get};
+use support::counters::{counter_load, counters_reach, get};
 use support::*;
 
 /// Ticks of one second: elections wait 10 to 20 s, and heartbeats come
@@ -73,24 +73,7 @@ async fn sigterm_of_the_leader_hands_over_and_loses_nothing() {
 
     // Every acknowledged write is there once, on both survivors.
     for id in c.ids().into_iter().filter(|i| *i != old) {
-        let node = client_for(&c, "app", vec![c.addr(id)]);
-        for i in 0..CLIENTS {
-            let name = format!("c{i}");
-            eventually(
-                Duration::from_secs(60),
-                "a survivor applies every write",
-                || {
-                    let node = &node;
-                    let name = name.clone();
-                    async move {
-                        node.query("counter", get(&name), Consistency::Stale)
-                            .await
-                            .is_ok_and(|v| json(v) == WRITES.to_string())
-                    }
-                },
-            )
-            .await;
-        }
+        counters_reach(&c, id, CLIENTS, WRITES, "a survivor applies every write").await;
     }
     // The stopped node comes back with everything it acknowledged.
     c.start(old).unwrap();

@@ -85,3 +85,21 @@ pub fn counter_load(c: &LocalCluster, clients: usize, writes: u64) -> CounterLoa
         writers,
     }
 }
+
+/// Waits until node `id` has applied every counter at `writes` (stale reads
+/// of that node alone: what it applied, not what a leader says).
+pub async fn counters_reach(c: &LocalCluster, id: u64, clients: usize, writes: u64, what: &str) {
+    let node = super::client_for(c, "app", vec![c.addr(id)]);
+    for i in 0..clients {
+        let name = format!("c{i}");
+        super::eventually(std::time::Duration::from_secs(60), what, || {
+            let (node, name) = (&node, name.clone());
+            async move {
+                node.query("counter", get(&name), kythira_api::Consistency::Stale)
+                    .await
+                    .is_ok_and(|v| json(v) == writes.to_string())
+            }
+        })
+        .await;
+    }
+}
