@@ -444,6 +444,8 @@ mod tests {
             }],
             sessions: 0,
             protocol: 1,
+            snapshot_index: 0,
+            first_index: 1,
         }
     }
 

@@ -51,6 +51,32 @@ pub struct File {
     /// Limits on what clients may ask.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// When the node snapshots its state and compacts its log.
+    #[serde(default)]
+    pub snapshots: SnapshotsSection,
+}
+
+/// `[snapshots]`: every node should use the same values, so that replicas
+/// snapshot at the same indexes (a follower can then resume a transfer from
+/// any of them).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotsSection {
+    /// Snapshot after every entry whose index is a multiple of this
+    /// (0: never by count).
+    pub every_entries: u64,
+    /// Snapshot once the entries applied since the last snapshot point
+    /// reach this many MiB (0: never by size).
+    pub every_mib: u64,
+}
+
+impl Default for SnapshotsSection {
+    fn default() -> Self {
+        Self {
+            every_entries: 10_000,
+            every_mib: 64,
+        }
+    }
 }
 
 /// One voter's addresses: Raft traffic and client traffic on separate
@@ -153,6 +179,8 @@ pub struct Config {
     pub request_timeout: Duration,
     pub session_ttl: Duration,
     pub max_component_bytes: usize,
+    pub snapshot_entries: u64,
+    pub snapshot_bytes: u64,
 }
 
 /// Reads and validates the configuration at `path`.
@@ -285,6 +313,8 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
         request_timeout: Duration::from_millis(l.request_timeout_ms),
         session_ttl: Duration::from_secs(l.session_ttl_s),
         max_component_bytes: usize::try_from(l.max_component_mib << 20).unwrap_or(usize::MAX),
+        snapshot_entries: file.snapshots.every_entries,
+        snapshot_bytes: file.snapshots.every_mib.saturating_mul(1 << 20),
     })
 }
 

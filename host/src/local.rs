@@ -30,6 +30,8 @@ pub struct Options {
     pub tick_ms: u64,
     /// How long to wait for a node to come up (a safety net, not a schedule).
     pub start_timeout: Duration,
+    /// `[snapshots] every_entries` of every node; `None` keeps the default.
+    pub snapshot_every: Option<u64>,
 }
 
 impl Default for Options {
@@ -39,6 +41,7 @@ impl Default for Options {
             http: false,
             tick_ms: 50,
             start_timeout: Duration::from_secs(120),
+            snapshot_every: None,
         }
     }
 }
@@ -59,6 +62,7 @@ pub struct LocalCluster {
     start_timeout: Duration,
     tick_ms: u64,
     http: bool,
+    snapshot_every: Option<u64>,
     keep: bool,
 }
 
@@ -107,6 +111,7 @@ impl LocalCluster {
             start_timeout: opts.start_timeout,
             tick_ms: opts.tick_ms,
             http: opts.http,
+            snapshot_every: opts.snapshot_every,
             keep: false,
         };
         for id in 1..=opts.nodes {
@@ -182,13 +187,16 @@ impl LocalCluster {
             .http
             .map_or(String::new(), |a| format!("http = \"{a}\"\n"));
         let join_line = if join { "join = true\n" } else { "" };
+        let snapshots = self.snapshot_every.map_or(String::new(), |n| {
+            format!("\n[snapshots]\nevery_entries = {n}\n")
+        });
         std::fs::write(
             &node.config,
             format!(
                 "id = {id}\ndata_dir = \"data/node-{id}\"\n{http_line}{join_line}\n\
                  [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node-{id}.pem\"\nkey = \"certs/node-{id}-key.pem\"\n\n\
                  [members]\n{members}\n\
-                 [raft]\ntick_ms = {}\nelection_ticks = 10\nheartbeat_ticks = 2\n",
+                 [raft]\ntick_ms = {}\nelection_ticks = 10\nheartbeat_ticks = 2\n{snapshots}",
                 self.tick_ms
             ),
         )?;

@@ -109,6 +109,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             session_ttl: cfg.session_ttl,
             max_component_bytes: cfg.max_component_bytes,
             max_entry_bytes: crate::config::MAX_ENTRY_BYTES,
+            snapshot_entries: cfg.snapshot_entries,
+            snapshot_bytes: cfg.snapshot_bytes,
             default_limits: cfg.default_limits,
             cluster_id,
             seed: seed(cfg.id),

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol, carried by [`Request::Status`] answers so that
 /// clients can tell which node speaks what.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A command, query or answer, either in the plugin's own binary encoding or
 /// as JSON that the plugin translates at the edge (the log always holds the
@@ -257,6 +257,11 @@ pub struct NodeStatus {
     pub sessions: u64,
     /// Protocol version the node speaks.
     pub protocol: u32,
+    /// Last index of the latest snapshot (0: none); the log holds only the
+    /// entries after the index it was compacted behind.
+    pub snapshot_index: u64,
+    /// First index the log still holds.
+    pub first_index: u64,
 }
 
 /// The cluster's membership as the leader sees it.

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 /// Where one node listens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Addresses {
     /// Raft traffic.
     pub peer: SocketAddr,
@@ -24,7 +24,7 @@ pub struct Addresses {
     pub client: SocketAddr,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Record {
     /// `None` for a founding member removed before the log recorded where
     /// it listens (its file-configured addresses serve meanwhile).
@@ -54,7 +54,7 @@ pub enum AddressError {
 }
 
 /// Replicated addresses of the members, and the ids that were removed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AddressBook {
     records: BTreeMap<u64, Record>,
 }

@@ -20,8 +20,11 @@ use kythira_raft::Entry;
 use tokio::sync::oneshot;
 
 use crate::addresses::AddressBook;
+use crate::image::Image;
 use crate::machines::{Machines, PluginInfo};
 use crate::metrics::{Metrics, ProposalFailure};
+use crate::snapshots::Policy;
+use kythira_storage::SnapshotStore;
 
 /// Work for the applier, in log order.
 pub enum Work {
@@ -49,6 +52,203 @@ pub enum Work {
     },
     /// This node stopped leading: fail every waiter, their outcome is unknown.
     Abandon,
+    /// The core installed the snapshot at `index`, the latest in the store:
+    /// replace the state with it.
+    Install {
+        /// Index of the snapshot.
+        index: u64,
+    },
+}
+
+/// How the applier snapshots.
+pub struct Snapshots {
+    /// When.
+    pub policy: Policy,
+    /// Where images of due snapshots go (to the event loop, which writes them).
+    pub images: tokio::sync::mpsc::UnboundedSender<Image>,
+    /// Where installed snapshots are read from.
+    pub store: SnapshotStore,
+}
+
+/// The applier thread's state.
+struct State {
+    machines: Machines,
+    shared: Arc<Shared>,
+    snapshots: Snapshots,
+    waiters: HashMap<u64, (u64, oneshot::Sender<Reply>)>,
+    reads: Vec<Read>,
+}
+
+impl State {
+    fn handle(&mut self, w: Work) {
+        match w {
+            Work::Apply(entries) => {
+                // Batches end where a snapshot falls due, so that its image
+                // is the state at exactly that index.
+                let mut rest = &entries[..];
+                while !rest.is_empty() {
+                    let policy = &mut self.snapshots.policy;
+                    let due = rest.iter().position(|e| policy.due_after(e));
+                    let (batch, tail) = rest.split_at(due.map_or(rest.len(), |i| i + 1));
+                    self.apply(batch);
+                    if due.is_some() {
+                        // The event loop drops images when it is gone.
+                        let _ = self.snapshots.images.send(self.machines.image());
+                    }
+                    rest = tail;
+                }
+                serve_reads(&mut self.machines, &mut self.reads);
+            }
+            Work::Wait { index, term, reply } => {
+                if index <= self.machines.applied() {
+                    let _ = reply.send(lost(&self.shared.metrics));
+                } else {
+                    self.waiters.insert(index, (term, reply));
+                }
+            }
+            Work::Read {
+                index,
+                machine,
+                query,
+                reply,
+            } => {
+                self.reads.push(Read {
+                    index,
+                    machine,
+                    query,
+                    reply,
+                });
+                serve_reads(&mut self.machines, &mut self.reads);
+            }
+            Work::Abandon => {
+                for (_, (_, reply)) in self.waiters.drain() {
+                    let _ = reply.send(lost(&self.shared.metrics));
+                }
+            }
+            Work::Install { index } => {
+                let started = Instant::now();
+                let machines =
+                    match load_snapshot(&self.snapshots.store, index, &self.machines, &self.shared)
+                    {
+                        Ok(m) => m,
+                        // The log is already reset to the snapshot: without its
+                        // state this replica cannot go on. A restart recovers
+                        // from the snapshot file (or reports it damaged).
+                        Err(e) => panic!("cannot install the snapshot at index {index}: {e}"),
+                    };
+                self.machines = machines;
+                self.snapshots.policy.restart();
+                // Entries up to the snapshot were never applied here: whoever
+                // waits on them cannot be told their outcome.
+                let installed = self.machines.applied();
+                let stale: Vec<u64> = self
+                    .waiters
+                    .keys()
+                    .copied()
+                    .filter(|&i| i <= installed)
+                    .collect();
+                for i in stale {
+                    if let Some((_, reply)) = self.waiters.remove(&i) {
+                        let _ = reply.send(lost(&self.shared.metrics));
+                    }
+                }
+                self.published();
+                publish(&self.machines, &self.shared);
+                tracing::info!(
+                    index,
+                    machines = self.machines.status().len(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "snapshot installed"
+                );
+                serve_reads(&mut self.machines, &mut self.reads);
+            }
+        }
+    }
+
+    fn apply(&mut self, entries: &[Entry]) {
+        let started = Instant::now();
+        let answers = self.machines.apply(entries);
+        let shared = &self.shared;
+        shared
+            .metrics
+            .apply_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.published();
+        let mut answers = answers.into_iter().peekable();
+        let mut changed_code = false;
+        for e in entries {
+            let answer = answers.next_if(|a| a.index == e.index);
+            if matches!(
+                answer.as_ref().map(|a| &a.reply),
+                Some(Ok(kythira_api::Response::Deployed { .. }))
+            ) {
+                changed_code = true;
+            }
+            let Some((term, reply)) = self.waiters.remove(&e.index) else {
+                continue;
+            };
+            let outcome = match answer {
+                Some(a) if a.term == term => a.reply,
+                // Another leader's entry took the slot.
+                _ => lost(&shared.metrics),
+            };
+            let _ = reply.send(outcome);
+        }
+        if changed_code {
+            publish(&self.machines, shared);
+        }
+    }
+
+    /// Publishes the applied index, sessions and addresses.
+    fn published(&self) {
+        let (machines, shared) = (&self.machines, &self.shared);
+        shared.applied.store(machines.applied(), Ordering::Release);
+        shared.metrics.applied_index.set(machines.applied());
+        shared
+            .sessions
+            .store(machines.sessions() as u64, Ordering::Relaxed);
+        shared.metrics.sessions.set(machines.sessions() as u64);
+        shared.addresses.send_if_modified(|book| {
+            let changed = book != machines.addresses();
+            if changed {
+                *book = machines.addresses().clone();
+            }
+            changed
+        });
+    }
+}
+
+/// Reads the latest snapshot of `store`, which must be at `index`, and
+/// rebuilds the state it holds.
+fn load_snapshot(
+    store: &SnapshotStore,
+    index: u64,
+    current: &Machines,
+    shared: &Shared,
+) -> Result<Machines, String> {
+    let image = read_image(store)?;
+    if image.applied != index {
+        return Err(format!(
+            "the latest snapshot holds the state at index {}, not {index}",
+            image.applied
+        ));
+    }
+    Machines::from_image(image, current.cache_dir(), shared.metrics.clone())
+}
+
+/// Reads and decodes the latest snapshot's state; its checksum is verified
+/// on the way.
+pub fn read_image(store: &SnapshotStore) -> Result<Image, String> {
+    use std::io::Read as _;
+    let mut reader = store
+        .open_latest()
+        .map_err(|e| e.to_string())?
+        .ok_or("there is no snapshot")?;
+    let mut data = Vec::with_capacity(usize::try_from(reader.info().data_len).unwrap_or(0));
+    reader
+        .read_to_end(&mut data)
+        .map_err(|e| format!("reading the snapshot: {e}"))?;
+    Image::decode(&data).map_err(|e| e.to_string())
 }
 
 /// What the applier publishes for status and for the edge.
@@ -85,10 +285,13 @@ struct Read {
 impl Applier {
     /// Starts the applier thread over `machines`. The receiver completes
     /// when the thread ends, however it ends (a panic included), so that the
-    /// node stops instead of voting on without a state machine.
+    /// node stops instead of voting on without a state machine. Whenever
+    /// `snapshots.policy` says a snapshot is due, the state's image goes to
+    /// `snapshots.images`.
     pub fn start(
-        mut machines: Machines,
+        machines: Machines,
         shared: Arc<Shared>,
+        snapshots: Snapshots,
     ) -> std::io::Result<(Self, oneshot::Receiver<()>)> {
         let (work, queue) = mpsc::channel::<Work>();
         let (alive, gone) = oneshot::channel::<()>();
@@ -97,82 +300,15 @@ impl Applier {
             .spawn(move || {
                 // Dropped when the thread ends, unwinding included.
                 let _alive = alive;
-                let mut waiters: HashMap<u64, (u64, oneshot::Sender<Reply>)> = HashMap::new();
-                let mut reads: Vec<Read> = Vec::new();
+                let mut state = State {
+                    machines,
+                    shared,
+                    snapshots,
+                    waiters: HashMap::new(),
+                    reads: Vec::new(),
+                };
                 for w in queue {
-                    match w {
-                        Work::Apply(entries) => {
-                            let started = Instant::now();
-                            let answers = machines.apply(&entries);
-                            let metrics = &shared.metrics;
-                            metrics
-                                .apply_seconds
-                                .observe(started.elapsed().as_secs_f64());
-                            shared.applied.store(machines.applied(), Ordering::Release);
-                            metrics.applied_index.set(machines.applied());
-                            shared
-                                .sessions
-                                .store(machines.sessions() as u64, Ordering::Relaxed);
-                            metrics.sessions.set(machines.sessions() as u64);
-                            let mut answers = answers.into_iter().peekable();
-                            let mut changed_code = false;
-                            for e in &entries {
-                                let answer = answers.next_if(|a| a.index == e.index);
-                                if matches!(
-                                    answer.as_ref().map(|a| &a.reply),
-                                    Some(Ok(kythira_api::Response::Deployed { .. }))
-                                ) {
-                                    changed_code = true;
-                                }
-                                let Some((term, reply)) = waiters.remove(&e.index) else {
-                                    continue;
-                                };
-                                let outcome = match answer {
-                                    Some(a) if a.term == term => a.reply,
-                                    // Another leader's entry took the slot.
-                                    _ => lost(metrics),
-                                };
-                                let _ = reply.send(outcome);
-                            }
-                            if changed_code {
-                                publish(&machines, &shared);
-                            }
-                            shared.addresses.send_if_modified(|book| {
-                                let changed = book != machines.addresses();
-                                if changed {
-                                    *book = machines.addresses().clone();
-                                }
-                                changed
-                            });
-                            serve_reads(&mut machines, &mut reads);
-                        }
-                        Work::Wait { index, term, reply } => {
-                            if index <= machines.applied() {
-                                let _ = reply.send(lost(&shared.metrics));
-                            } else {
-                                waiters.insert(index, (term, reply));
-                            }
-                        }
-                        Work::Read {
-                            index,
-                            machine,
-                            query,
-                            reply,
-                        } => {
-                            reads.push(Read {
-                                index,
-                                machine,
-                                query,
-                                reply,
-                            });
-                            serve_reads(&mut machines, &mut reads);
-                        }
-                        Work::Abandon => {
-                            for (_, (_, reply)) in waiters.drain() {
-                                let _ = reply.send(lost(&shared.metrics));
-                            }
-                        }
-                    }
+                    state.handle(w);
                 }
             })?;
         Ok((Self { work }, gone))

@@ -11,12 +11,15 @@
 
 use std::sync::Arc;
 
-use kythira_raft::{Entry, EntryKind, HardState, Persisted, Write};
-use kythira_storage::{FjallStore, HardStateStore, LogStore, StorageError};
+use kythira_raft::{Entry, EntryKind, HardState, Membership, Persisted, SnapshotMeta, Write};
+use kythira_storage::{
+    FjallStore, HardStateStore, LogStore, SnapshotInfo, SnapshotStore, StorageError,
+};
 use tokio::sync::mpsc;
 
 use crate::NodeError;
 use crate::entry::{self, from_storage, to_storage};
+use crate::image::Image;
 
 /// What the node recovered from disk.
 pub struct Recovered {
@@ -24,19 +27,81 @@ pub struct Recovered {
     pub persisted: Persisted,
     /// Largest leader timestamp in the log, so that new entries never go back in time.
     pub last_timestamp_ms: u64,
+    /// The latest snapshot's state, which the state machines start from.
+    pub image: Option<Image>,
 }
 
-/// Reads the whole durable log and hard state.
-pub fn recover(store: &FjallStore) -> Result<Recovered, NodeError> {
+/// The core's view of a stored snapshot's metadata.
+pub fn snapshot_meta(info: &SnapshotInfo) -> Result<SnapshotMeta, NodeError> {
+    let membership = Membership::decode(&info.meta.configuration).map_err(|e| {
+        NodeError::Corrupt(format!(
+            "the membership of the snapshot at index {} does not decode: {e}",
+            info.meta.index
+        ))
+    })?;
+    Ok(SnapshotMeta {
+        index: info.meta.index,
+        term: info.meta.term,
+        membership,
+    })
+}
+
+/// The storage form of a snapshot's metadata.
+pub fn storage_meta(meta: &SnapshotMeta) -> kythira_storage::SnapshotMeta {
+    kythira_storage::SnapshotMeta {
+        index: meta.index,
+        term: meta.term,
+        configuration: meta.membership.encode(),
+    }
+}
+
+/// Reads the latest snapshot and the durable log after it, and the hard state.
+///
+/// A crash while installing a received snapshot can leave the new snapshot
+/// beside the old log (the snapshot file is published before the log is
+/// reset). The log is kept only if it holds the snapshot's last entry;
+/// otherwise it is reset to the snapshot here, as the install would have.
+pub fn recover(store: &FjallStore, snapshots: &SnapshotStore) -> Result<Recovered, NodeError> {
     let hs = store.hard_state();
+    let latest = snapshots.latest();
+    let snapshot = latest.as_ref().map(snapshot_meta).transpose()?;
+    let image = match &snapshot {
+        Some(meta) => {
+            let image = crate::applier::read_image(snapshots).map_err(|e| {
+                NodeError::Corrupt(format!("the snapshot at index {}: {e}", meta.index))
+            })?;
+            if image.applied != meta.index {
+                return Err(NodeError::Corrupt(format!(
+                    "the snapshot at index {} holds the state at index {}",
+                    meta.index, image.applied
+                )));
+            }
+            Some(image)
+        }
+        None => None,
+    };
+    let base = snapshot.as_ref().map_or(0, |m| m.index);
+    if let Some(meta) = &snapshot {
+        let holds = store.first_index() <= meta.index + 1
+            && store.last_index() >= meta.index
+            && store.term(meta.index).ok() == Some(meta.term);
+        if !holds {
+            tracing::info!(
+                index = meta.index,
+                term = meta.term,
+                "the log does not hold the snapshot's last entry: finishing its install"
+            );
+            store.reset(meta.index, meta.term)?;
+        }
+    }
     let (first, last) = (store.first_index(), store.last_index());
-    if first > 1 && last >= first {
+    if first > base + 1 && last >= first {
         return Err(NodeError::Corrupt(format!(
-            "the log starts at index {first}, but this node has no snapshot to start from"
+            "the log starts at index {first}, but the latest snapshot ends at index {base}"
         )));
     }
-    let mut entries: Vec<Entry> = Vec::with_capacity(last as usize);
-    let mut next = 1;
+    let mut entries: Vec<Entry> = Vec::with_capacity(last.saturating_sub(base) as usize);
+    let mut next = base + 1;
     while next <= last {
         let chunk = store.entries(next..last + 1, 64 << 20)?;
         if chunk.is_empty() {
@@ -53,14 +118,14 @@ pub fn recover(store: &FjallStore) -> Result<Recovered, NodeError> {
             entries.push(from_storage(e).map_err(|e| NodeError::Corrupt(e.to_string()))?);
         }
     }
-    if hs.commit > last {
+    if hs.commit > last.max(base) {
         // Committed entries are never truncated: they were lost.
         return Err(NodeError::Corrupt(format!(
             "the hard state says entries up to {} are committed, but the log ends at {last}",
             hs.commit
         )));
     }
-    let mut last_timestamp_ms = 0;
+    let mut last_timestamp_ms = image.as_ref().map_or(0, |i| i.last_timestamp_ms);
     for e in entries.iter().filter(|e| e.kind == EntryKind::Normal) {
         // An unreadable envelope is answered with an error at apply; it
         // carries no time to respect.
@@ -70,17 +135,19 @@ pub fn recover(store: &FjallStore) -> Result<Recovered, NodeError> {
     }
     Ok(Recovered {
         persisted: Persisted {
-            snapshot: None,
+            snapshot,
             hard_state: HardState {
                 term: hs.term,
                 vote: hs.vote,
-                commit: hs.commit,
+                commit: hs.commit.max(base),
             },
             entries,
-            // The state machines live in memory: replay everything.
-            applied: 0,
+            // The state machines live in memory: they start from the
+            // snapshot and replay the log after it.
+            applied: base,
         },
         last_timestamp_ms,
+        image,
     })
 }
 
@@ -122,13 +189,18 @@ impl Disk {
 
     /// Queues a write without waiting for it.
     pub fn write(&self, w: Write) -> Result<(), NodeError> {
-        // The daemon never compacts its log and its peer codec carries no
-        // snapshot, so no core of it can accept one: stop rather than go on
-        // without the state it stands for.
-        if w.snapshot.is_some() {
-            return Err(NodeError::Stopped(
-                "the core accepted a snapshot, which this node cannot install",
-            ));
+        let store = self.store.as_ref().expect("present until dropped");
+        if let Some(meta) = &w.snapshot {
+            // The snapshot's file is durable already (received, verified and
+            // synced before the core saw its message); the log now restarts
+            // after it. A failed reset stops the node; the write queued
+            // behind it then fails too.
+            let done = self.done.clone();
+            store.reset_then(meta.index, meta.term, move |result| {
+                if let Err(e) = result {
+                    let _ = done.send(Err(e));
+                }
+            })?;
         }
         let hs = w.hard_state.map(|hs| kythira_storage::HardState {
             term: hs.term,
@@ -146,8 +218,22 @@ impl Disk {
         // Durability: the store writes the hard state and entries atomically
         // and calls back only after fdatasync; the event loop sends votes and
         // acknowledgements only after that callback.
-        let store = self.store.as_ref().expect("present until dropped");
         store.save_then(hs, entries, move |result| done.finish(result))?;
+        Ok(())
+    }
+}
+
+impl Disk {
+    /// Drops the log up to `upto`, which a durable snapshot covers, behind
+    /// every write already queued. A failure stops the node.
+    pub fn compact(&self, upto: u64) -> Result<(), NodeError> {
+        let done = self.done.clone();
+        let store = self.store.as_ref().expect("present until dropped");
+        store.compact_then(upto, move |result| {
+            if let Err(e) = result {
+                let _ = done.send(Err(e));
+            }
+        })?;
         Ok(())
     }
 }

@@ -30,12 +30,14 @@ pub mod disk;
 mod edge;
 pub mod entry;
 pub mod health;
+pub mod image;
 pub mod machines;
 pub mod metrics;
 pub mod node;
 mod observer;
 pub mod sessions;
 mod shutdown;
+pub mod snapshots;
 
 pub use health::HealthReport;
 pub use metrics::Metrics;

@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::addresses::{AddressBook, Addresses};
 use crate::entry::{Envelope, Op};
+use crate::image::{self, Image, MachineRecord};
 use crate::metrics::Metrics;
 use crate::sessions::{Admit, Sessions};
 
@@ -39,6 +40,8 @@ pub struct Answer {
 struct Deployed {
     machine: Machine,
     plugin: Plugin,
+    /// The component's bytes, for snapshots.
+    component: Bytes,
     runtime: Runtime,
     limits: Limits,
     sha256: String,
@@ -109,6 +112,11 @@ impl Machines {
         self
     }
 
+    /// Where compiled plugins are cached.
+    pub fn cache_dir(&self) -> Option<std::path::PathBuf> {
+        self.cache_dir.clone()
+    }
+
     /// Highest index applied.
     pub fn applied(&self) -> u64 {
         self.applied
@@ -142,6 +150,88 @@ impl Machines {
             plugin: d.plugin.clone(),
             runtime: d.runtime.clone(),
         })
+    }
+
+    /// The replicated state as a snapshot holds it: a copy of the sessions
+    /// and of the commands since each machine's checkpoint, and references
+    /// to the checkpoints and components. No plugin call.
+    pub fn image(&self) -> Image {
+        let mut components = BTreeMap::new();
+        let machines = self
+            .machines
+            .iter()
+            .map(|(name, d)| {
+                components.insert(d.sha256.clone(), d.component.clone());
+                let record = MachineRecord {
+                    sha256: d.sha256.clone(),
+                    deployed_at: d.deployed_at,
+                    limits: d.limits.into(),
+                    state: d.machine.image().into(),
+                };
+                (name.clone(), record)
+            })
+            .collect();
+        Image {
+            format: image::FORMAT,
+            applied: self.applied,
+            last_timestamp_ms: self.last_timestamp_ms,
+            sessions: self.sessions.clone(),
+            addresses: self.addresses.clone(),
+            components,
+            machines,
+        }
+    }
+
+    /// Rebuilds the replicated state a snapshot holds: each machine's code
+    /// loaded (compiled plugins are cached under `cache_dir`) and its state
+    /// restored and replayed as on the replica that took it.
+    pub fn from_image(
+        image: Image,
+        cache_dir: Option<std::path::PathBuf>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let mut restored = Self::new(cache_dir).with_metrics(metrics);
+        restored.applied = image.applied;
+        restored.last_timestamp_ms = image.last_timestamp_ms;
+        restored.sessions = image.sessions;
+        restored.addresses = image.addresses;
+        for (name, record) in image.machines {
+            let component = image.components.get(&record.sha256).ok_or_else(|| {
+                format!(
+                    "machine {name} runs code {} the snapshot lacks",
+                    record.sha256
+                )
+            })?;
+            if hex(&Sha256::digest(component)) != record.sha256 {
+                return Err(format!(
+                    "the code of machine {name} does not match its sha256"
+                ));
+            }
+            let limits = Limits::try_from(record.limits)?;
+            let runtime = restored
+                .runtime(limits)
+                .map_err(|e| format!("machine {name}: {e}"))?;
+            let plugin = runtime
+                .load(component)
+                .map_err(|e| format!("machine {name}: {e}"))?;
+            let machine = runtime
+                .resume(&plugin, &(&record.state).into())
+                .map_err(|e| format!("machine {name}: {e}"))?;
+            restored.metrics.machine_deployed(&name);
+            restored.machines.insert(
+                name,
+                Deployed {
+                    machine,
+                    plugin,
+                    component: component.clone(),
+                    runtime,
+                    limits,
+                    sha256: record.sha256,
+                    deployed_at: record.deployed_at,
+                },
+            );
+        }
+        Ok(restored)
     }
 
     /// Runs a read-only query against machine `name`.
@@ -252,7 +342,7 @@ impl Machines {
                 } => {
                     self.flush(&mut run, &mut in_run, &mut answers);
                     let reply = self
-                        .deploy(&machine, &component, sha256, limits, e.index)
+                        .deploy(&machine, component, sha256, limits, e.index)
                         .map(|sha256| Response::Deployed {
                             index: e.index,
                             sha256,
@@ -332,13 +422,13 @@ impl Machines {
     fn deploy(
         &mut self,
         name: &str,
-        component: &[u8],
+        component: Bytes,
         sha256: [u8; 32],
         limits: DeployLimits,
         index: u64,
     ) -> Result<String, ApiError> {
         let refuse = |why: String| Err(ApiError::Deploy(why));
-        let actual: [u8; 32] = Sha256::digest(component).into();
+        let actual: [u8; 32] = Sha256::digest(&component).into();
         if actual != sha256 {
             return refuse("the component's sha256 does not match the one deployed".into());
         }
@@ -359,7 +449,7 @@ impl Machines {
             ));
         }
         let runtime = self.runtime(limits)?;
-        let plugin = match runtime.load(component) {
+        let plugin = match runtime.load(&component) {
             Ok(p) => p,
             Err(e) => return refuse(e.to_string()),
         };
@@ -376,6 +466,7 @@ impl Machines {
                     return refuse(format!("upgrade failed, the old code keeps running: {e}"));
                 }
                 d.plugin = plugin;
+                d.component = component;
                 d.sha256 = hex.clone();
                 d.deployed_at = index;
                 Ok(hex)
@@ -391,6 +482,7 @@ impl Machines {
                     Deployed {
                         machine,
                         plugin,
+                        component,
                         runtime,
                         limits,
                         sha256: hex.clone(),

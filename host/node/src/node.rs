@@ -1,6 +1,7 @@
 //! The event loop that owns the core, and the handle clients talk to.
 
 mod members;
+mod snapshots;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -15,7 +16,7 @@ use kythira_api::{
     Response,
 };
 use kythira_raft::{Config, Driver, EntryKind, Message, NodeId, ProposeError, Raft, Role};
-use kythira_storage::FjallStore;
+use kythira_storage::{FjallStore, SnapshotStore};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -23,7 +24,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::NodeError;
 use crate::access;
-use crate::applier::{Applier, Shared, Work};
+use crate::applier::{self, Applier, Shared, Work};
 use crate::disk::{self, Disk};
 use crate::edge::Translate;
 use crate::entry::{self, Envelope, Op};
@@ -32,6 +33,7 @@ use crate::machines::{self, Machines};
 use crate::metrics::{Metrics, ProposalFailure, role_name};
 use crate::observer::Observer;
 use crate::shutdown::{Leaving, Next};
+use crate::snapshots::Policy;
 
 /// Where a node's messages to its peers go. Sending never blocks: a full or
 /// broken link drops the message, which Raft tolerates.
@@ -44,7 +46,19 @@ pub trait Network: Send + Sync + 'static {
     /// `peers` are to be forgotten (and refused). A network without
     /// addresses (in-process tests) ignores it.
     fn set_peers(&self, _peers: &BTreeMap<NodeId, SocketAddr>) {}
+
+    /// Streams the latest snapshot to `m.to` (`m` is its `Snapshot`
+    /// message, delivered to the follower's core once the data is durable
+    /// there) and calls `done` with the outcome. A network that carries no
+    /// snapshots fails at once; the core then tries again later.
+    fn send_snapshot(&self, m: Message, done: SnapshotDone) {
+        let _ = m;
+        done(Err("this network carries no snapshots".into()));
+    }
 }
+
+/// Called once with the outcome of a snapshot transfer.
+pub type SnapshotDone = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 /// How a node runs.
 #[derive(Clone, Debug)]
@@ -86,6 +100,12 @@ pub struct NodeConfig {
     /// a deploy writes the resolved limits into the entry, so replicas with
     /// other defaults still agree.
     pub default_limits: DeployLimits,
+    /// Snapshot after every entry whose index is a multiple of this (0: never
+    /// by count).
+    pub snapshot_entries: u64,
+    /// Snapshot once the entries applied since the last snapshot point reach
+    /// this many bytes (0: never by size).
+    pub snapshot_bytes: u64,
     /// Fingerprint of the cluster (its CA), recorded in the data directory so
     /// that a node never starts on another cluster's log.
     pub cluster_id: String,
@@ -145,6 +165,8 @@ struct RaftStatus {
     last_index: u64,
     commit: u64,
     apply_stalled: Duration,
+    snapshot_index: u64,
+    first_index: u64,
 }
 
 /// A running node: its handle, and the task of its event loop.
@@ -186,10 +208,23 @@ impl Node {
         net: impl Network,
         inbound: mpsc::Receiver<Message>,
     ) -> Result<Node, NodeError> {
+        let snapshots = SnapshotStore::open(snapshot_dir(&cfg.data_dir))?;
+        Self::start_with_snapshots(cfg, snapshots, net, inbound)
+    }
+
+    /// [`Node::start`] with the snapshot store of `cfg.data_dir` opened
+    /// already, to be shared with the network, which receives snapshots
+    /// into it.
+    pub fn start_with_snapshots(
+        cfg: NodeConfig,
+        snapshots: SnapshotStore,
+        net: impl Network,
+        inbound: mpsc::Receiver<Message>,
+    ) -> Result<Node, NodeError> {
         validate(&cfg)?;
         disk::claim(&cfg.data_dir, cfg.id, &cfg.cluster_id)?;
         let store = Arc::new(FjallStore::open(cfg.data_dir.join("log"))?);
-        let recovered = disk::recover(&store)?;
+        let recovered = disk::recover(&store, &snapshots)?;
         let mut core = Config::new(cfg.id, cfg.voters.iter().copied());
         core.election_ticks = cfg.election_ticks;
         core.heartbeat_ticks = cfg.heartbeat_ticks;
@@ -204,8 +239,28 @@ impl Node {
         let disk = Disk::new(store, done_tx);
         let shared = Arc::new(Shared::default());
         let cache = Some(cfg.data_dir.join("compiled"));
-        let machines = Machines::new(cache).with_metrics(shared.metrics.clone());
-        let (applier, applier_gone) = Applier::start(machines, shared.clone())?;
+        let machines = match recovered.image {
+            Some(image) => {
+                let index = image.applied;
+                Machines::from_image(image, cache, shared.metrics.clone()).map_err(|e| {
+                    NodeError::Corrupt(format!(
+                        "the snapshot at index {index} does not restore: {e}"
+                    ))
+                })?
+            }
+            None => Machines::new(cache).with_metrics(shared.metrics.clone()),
+        };
+        let (images_tx, images) = mpsc::unbounded_channel();
+        let (applier, applier_gone) = Applier::start(
+            machines,
+            shared.clone(),
+            applier::Snapshots {
+                policy: Policy::new(cfg.snapshot_entries, cfg.snapshot_bytes),
+                images: images_tx,
+                store: snapshots.clone(),
+            },
+        )?;
+        let (snapshot_events_tx, snapshot_events) = mpsc::unbounded_channel();
         let applier_handle = applier.clone();
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
         let cfg = Arc::new(cfg);
@@ -234,9 +289,19 @@ impl Node {
             session_ttl_ms: cfg.session_ttl.as_millis() as u64,
             max_entry_bytes: cfg.max_entry_bytes,
             members: members::MemberState::new(&cfg, shared.addresses.subscribe(), ops.clone()),
+            snaps: snapshots::SnapshotState::new(snapshots, snapshot_events_tx),
         };
-        let task =
-            tokio::spawn(event_loop.run(cfg.tick, inbound, command_rx, done_rx, applier_gone));
+        let task = tokio::spawn(event_loop.run(
+            cfg.tick,
+            Inputs {
+                inbound,
+                commands: command_rx,
+                done: done_rx,
+                applier_gone,
+                images,
+                snapshot_events,
+            },
+        ));
         Ok(Node {
             handle: NodeHandle {
                 commands,
@@ -300,6 +365,23 @@ struct EventLoop<N> {
     request_timeout: Duration,
     /// Membership changes and transfers under way, the peer set.
     members: members::MemberState,
+    /// Snapshots being written, sent and compacted behind.
+    snaps: snapshots::SnapshotState,
+}
+
+/// What the event loop listens to.
+struct Inputs {
+    inbound: mpsc::Receiver<Message>,
+    commands: mpsc::Receiver<Command>,
+    done: mpsc::UnboundedReceiver<Result<(), kythira_storage::StorageError>>,
+    applier_gone: oneshot::Receiver<()>,
+    images: mpsc::UnboundedReceiver<crate::image::Image>,
+    snapshot_events: mpsc::UnboundedReceiver<snapshots::SnapshotEvent>,
+}
+
+/// Where a node keeps its snapshots, under its data directory.
+pub fn snapshot_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("snapshots")
 }
 
 /// Most committed entries the applier may be behind before new proposals
@@ -315,14 +397,15 @@ type PendingRead = (String, Bytes, oneshot::Sender<Result<Bytes, ApiError>>);
 const BURST: usize = 256;
 
 impl<N: Network> EventLoop<N> {
-    async fn run(
-        mut self,
-        tick: Duration,
-        mut inbound: mpsc::Receiver<Message>,
-        mut commands: mpsc::Receiver<Command>,
-        mut done: mpsc::UnboundedReceiver<Result<(), kythira_storage::StorageError>>,
-        mut applier_gone: oneshot::Receiver<()>,
-    ) -> Result<(), NodeError> {
+    async fn run(mut self, tick: Duration, inputs: Inputs) -> Result<(), NodeError> {
+        let Inputs {
+            mut inbound,
+            mut commands,
+            mut done,
+            mut applier_gone,
+            mut images,
+            mut snapshot_events,
+        } = inputs;
         let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         self.drain()?;
@@ -336,7 +419,10 @@ impl<N: Network> EventLoop<N> {
                     self.driver.tick();
                     self.obs.tick(self.driver.raft(), self.shared.applied.load(Ordering::Acquire));
                     self.members_tick();
+                    self.compact_if_due()?;
                 }
+                Some(image) = images.recv() => self.image_ready(image),
+                Some(event) = snapshot_events.recv() => self.snapshot_event(event)?,
                 Ok(()) = self.members.addresses.changed() => self.addresses_changed(),
                 _ = &mut applier_gone => {
                     return Err(NodeError::Stopped("the applier stopped (see its error above)"));
@@ -371,7 +457,7 @@ impl<N: Network> EventLoop<N> {
                         Some(Ok(())) => {
                             self.obs.write_done();
                             for m in self.driver.persisted() {
-                                self.net.send(m);
+                                self.send(m);
                             }
                         }
                         Some(Err(e)) => return Err(e.into()),
@@ -563,6 +649,8 @@ impl<N: Network> EventLoop<N> {
                     last_index: raft.log().last_index(),
                     commit: raft.log().committed(),
                     apply_stalled: self.obs.apply_stalled(),
+                    snapshot_index: self.snaps.store.latest().map_or(0, |i| i.meta.index),
+                    first_index: raft.log().snapshot_index() + 1,
                 });
             }
             Command::Members(c) => self.member_command(c),
@@ -574,7 +662,7 @@ impl<N: Network> EventLoop<N> {
     fn drain(&mut self) -> Result<(), NodeError> {
         while let Some(b) = self.driver.poll() {
             for m in b.send {
-                self.net.send(m);
+                self.send(m);
             }
             if !b.apply.is_empty() {
                 self.applier.send(Work::Apply(b.apply))?;
@@ -599,6 +687,16 @@ impl<N: Network> EventLoop<N> {
                     if let Ok(ts) = entry::timestamp(e.index, &e.data) {
                         self.last_timestamp_ms = self.last_timestamp_ms.max(ts);
                     }
+                }
+                if let Some(meta) = &w.snapshot {
+                    // The state machines restart from it before any entry
+                    // after it reaches the applier.
+                    tracing::info!(
+                        index = meta.index,
+                        term = meta.term,
+                        "installing a snapshot"
+                    );
+                    self.applier.send(Work::Install { index: meta.index })?;
                 }
                 // The writer thread makes writes durable in the order
                 // handed out; the driver bounds how many are outstanding.
@@ -894,6 +992,8 @@ impl NodeHandle {
             machines: self.shared.machines.lock().expect("lock").clone(),
             sessions: self.shared.sessions.load(Ordering::Relaxed),
             protocol: PROTOCOL_VERSION,
+            snapshot_index: raft.snapshot_index,
+            first_index: raft.first_index,
         })
     }
 

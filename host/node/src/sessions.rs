@@ -28,7 +28,7 @@ pub enum Admit<'a, T> {
     Forgotten,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Session<T> {
     ttl_ms: u64,
     last_active_ms: u64,
@@ -39,7 +39,7 @@ struct Session<T> {
 }
 
 /// Open sessions and their cached answers.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Sessions<T> {
     open: BTreeMap<u64, Session<T>>,
     /// Log time of the last sweep for expired sessions.

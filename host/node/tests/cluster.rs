@@ -10,9 +10,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use kythira_api::{ApiError, Consistency, DeployLimits, Payload, Request, Response, SessionSeq};
 use kythira_guest::codec;
+use kythira_node::node::SnapshotDone;
 use kythira_node::{Caller, Network, Node, NodeConfig, NodeHandle};
 use kythira_plugin_kv::{Command, Query, Response as KvResponse};
 use kythira_raft::{Message, Role};
+use kythira_storage::SnapshotStore;
 use tokio::sync::mpsc;
 
 fn kv_component() -> Bytes {
@@ -29,9 +31,12 @@ fn kv_component() -> Bytes {
 }
 
 /// Routes messages between in-process nodes; a node that is down drops them.
+/// Snapshots are copied from the sender's store into the receiver's, then
+/// their message is delivered, as the QUIC transport does.
 #[derive(Clone, Default)]
 struct LocalNet {
     links: Arc<Mutex<BTreeMap<u64, mpsc::Sender<Message>>>>,
+    stores: Arc<Mutex<BTreeMap<u64, SnapshotStore>>>,
 }
 
 impl Network for LocalNet {
@@ -39,6 +44,38 @@ impl Network for LocalNet {
         if let Some(tx) = self.links.lock().unwrap().get(&m.to) {
             let _ = tx.try_send(m);
         }
+    }
+
+    fn send_snapshot(&self, m: Message, done: SnapshotDone) {
+        let net = self.clone();
+        std::thread::spawn(move || {
+            let copy = || -> Result<(), String> {
+                let stores = net.stores.lock().unwrap().clone();
+                let (Some(from), Some(to)) = (stores.get(&m.from), stores.get(&m.to)) else {
+                    return Err("node down".into());
+                };
+                let mut reader = from
+                    .open_latest()
+                    .map_err(|e| e.to_string())?
+                    .ok_or("none")?;
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut reader, &mut data).map_err(|e| e.to_string())?;
+                let mut writer = to
+                    .begin(reader.info().meta.clone())
+                    .map_err(|e| e.to_string())?;
+                writer.write_chunk(&data).map_err(|e| e.to_string())?;
+                writer.finish().map_err(|e| e.to_string())?;
+                let tx = net
+                    .links
+                    .lock()
+                    .unwrap()
+                    .get(&m.to)
+                    .cloned()
+                    .ok_or("node down")?;
+                tx.blocking_send(m).map_err(|e| e.to_string())
+            };
+            done(copy());
+        });
     }
 }
 
@@ -65,6 +102,8 @@ fn config(id: u64, dir: &std::path::Path) -> NodeConfig {
         session_ttl: Duration::from_secs(600),
         max_component_bytes: 14 << 20,
         max_entry_bytes: 15 << 20,
+        snapshot_entries: 25,
+        snapshot_bytes: 64 << 20,
         default_limits: DeployLimits::default(),
         cluster_id: "test".into(),
         seed: id,
@@ -88,7 +127,10 @@ impl Cluster {
         let (tx, rx) = mpsc::channel(1024);
         self.net.links.lock().unwrap().insert(id, tx);
         let cfg = config(id, self.dirs[id as usize - 1].path());
-        let node = Node::start(cfg, self.net.clone(), rx).expect("node starts");
+        let store = SnapshotStore::open(kythira_node::node::snapshot_dir(&cfg.data_dir)).unwrap();
+        self.net.stores.lock().unwrap().insert(id, store.clone());
+        let node =
+            Node::start_with_snapshots(cfg, store, self.net.clone(), rx).expect("node starts");
         self.nodes.insert(id, node);
     }
 
@@ -96,6 +138,7 @@ impl Cluster {
     /// open log (a restart before that would find the store locked).
     async fn stop(&mut self, id: u64) {
         self.net.links.lock().unwrap().remove(&id);
+        self.net.stores.lock().unwrap().remove(&id);
         let node = self.nodes.remove(&id).unwrap();
         node.task.abort();
         let _ = node.task.await;
@@ -291,4 +334,69 @@ async fn a_retried_serial_is_applied_once() {
         .await
         .unwrap_err();
     assert_eq!(err, ApiError::SessionExpired(999_999));
+}
+
+/// Snapshots every 25 entries: a node down while the others write catches
+/// up through a snapshot, and every node restarts from its snapshot and the
+/// log after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_the_compacted_log_catches_up_through_a_snapshot() {
+    let mut c = Cluster::new();
+    let leader = c.leader().await;
+    deploy(c.handle(leader)).await;
+    let down = (1..=3).find(|&id| id != leader).unwrap();
+    c.stop(down).await;
+    let h = c.handle(leader).clone();
+    for i in 0..120 {
+        h.call(Caller::Client, put(&format!("k{i}"), &format!("v{i}")))
+            .await
+            .expect("put");
+    }
+    let taken = h.metrics().snapshots.get();
+    assert!(taken >= 3, "snapshots taken: {taken}");
+    // The leader kept at most two intervals of log for the node down.
+    let status = h.status().await.unwrap();
+    assert!(
+        status.first_index > 50,
+        "log starts at {}",
+        status.first_index
+    );
+
+    c.start(down);
+    let back = c.handle(down).clone();
+    let got = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            // A read served by the follower itself (ReadIndex): it has the
+            // state once it answers with the last value.
+            if let Ok(r) = back
+                .call(Caller::Client, get("k119", Consistency::Linearizable))
+                .await
+                && value(r).as_deref() == Some(&b"v119"[..])
+            {
+                break;
+            }
+            let mut seen = back.leadership();
+            let _ = tokio::time::timeout(Duration::from_millis(200), seen.changed()).await;
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "node {down} did not catch up");
+    let early = back
+        .call(Caller::Client, get("k3", Consistency::Stale))
+        .await
+        .expect("stale read");
+    assert_eq!(value(early).as_deref(), Some(&b"v3"[..]));
+
+    // Every node restarts from its latest snapshot and the log after it.
+    for id in 1..=3 {
+        c.stop(id).await;
+        c.start(id);
+    }
+    let leader = c.leader().await;
+    let got = c
+        .handle(leader)
+        .call(Caller::Client, get("k42", Consistency::Linearizable))
+        .await
+        .expect("read after restart");
+    assert_eq!(value(got).as_deref(), Some(&b"v42"[..]));
 }

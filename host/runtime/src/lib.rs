@@ -34,7 +34,7 @@ mod translate;
 
 pub use config::{Limits, RuntimeConfig};
 pub use error::{CallError, LoadError, RuntimeError};
-pub use machine::{ApplyContext, Machine, Outcome};
+pub use machine::{ApplyContext, Machine, MachineImage, Outcome};
 pub use plugin::{Plugin, PluginHash};
 
 use std::sync::Arc;
@@ -112,6 +112,13 @@ impl Runtime {
     pub fn start(&self, plugin: &Plugin) -> Result<Machine, CallError> {
         self.check_plugin(plugin)?;
         Machine::start(self.clone(), plugin.clone())
+    }
+
+    /// Rebuilds a machine running `plugin` from an image taken by
+    /// [`Machine::image`], on this replica or another.
+    pub fn resume(&self, plugin: &Plugin, image: &MachineImage) -> Result<Machine, CallError> {
+        self.check_plugin(plugin)?;
+        Machine::resume(self.clone(), plugin.clone(), image)
     }
 
     /// Refuses a plugin compiled by another runtime's engine.

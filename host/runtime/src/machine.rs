@@ -267,6 +267,31 @@ struct Checkpoint {
     replay: Replay,
 }
 
+/// What a replica needs to rebuild a machine exactly as it stands after the
+/// last applied entry: its latest checkpoint and the commands applied since.
+///
+/// A Raft snapshot carries one per machine. Restoring the checkpoint into a
+/// fresh instance and re-applying the commands is how every replica builds its
+/// canonical instance (see the module documentation), so a replica resumed from
+/// an image holds the same heap as the replicas it came from, and checkpoints
+/// at the same indexes afterwards. The checkpoint state alone would not do: its
+/// instance would differ from theirs until the next checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineImage {
+    /// Log index of the checkpoint (0: the plugin's initial state).
+    pub checkpoint_index: u64,
+    /// State bytes at the checkpoint; `None` for the initial state.
+    pub checkpoint_state: Option<Arc<[u8]>>,
+    /// Every command applied since the checkpoint, in order.
+    pub replay: Vec<(ApplyContext, Bytes)>,
+    /// Bytes of `replay`'s commands that count towards the next checkpoint
+    /// (all of them, unless a host failure postponed one).
+    pub counted_bytes: u64,
+    /// Why the machine refuses calls, when a deterministic failure made it
+    /// unavailable: every replica must refuse alike.
+    pub unavailable: Option<String>,
+}
+
 /// The commands applied since a checkpoint, kept back to back in one buffer:
 /// one copy per command and no allocation per command, and a batch's
 /// commands are already laid out as the guest's `apply-batch` takes them.
@@ -450,6 +475,78 @@ impl Machine {
     /// replica restoring them gets the same canonical instance as the others.
     pub fn checkpoint(&self) -> (u64, Option<Arc<[u8]>>) {
         (self.checkpoint.index, self.checkpoint.state.clone())
+    }
+
+    /// The image a Raft snapshot carries for this machine: a copy of the
+    /// checkpoint reference and of the commands since, no plugin call.
+    pub fn image(&self) -> MachineImage {
+        let replay = &self.checkpoint.replay;
+        MachineImage {
+            checkpoint_index: self.checkpoint.index,
+            checkpoint_state: self.checkpoint.state.clone(),
+            replay: replay
+                .iter()
+                .map(|(ctx, command)| (ctx, Bytes::copy_from_slice(command)))
+                .collect(),
+            counted_bytes: replay.counted_bytes(),
+            unavailable: self.unavailable().map(str::to_owned),
+        }
+    }
+
+    /// Rebuilds the machine an [`image`](Self::image) describes, running
+    /// `plugin`: the checkpoint restored into a fresh instance and the
+    /// commands re-applied. Fails if the plugin cannot restore or replay
+    /// what another replica applied (a host failure, or a plugin that is not
+    /// deterministic).
+    pub(crate) fn resume(
+        runtime: Runtime,
+        plugin: Plugin,
+        image: &MachineImage,
+    ) -> Result<Self, CallError> {
+        let mut replay = Replay::default();
+        let mut total = 0u64;
+        for (ctx, command) in &image.replay {
+            if replay
+                .entries
+                .last()
+                .is_some_and(|&(last, _)| ctx.index <= last.index)
+            {
+                return Err(CallError::Internal(format!(
+                    "the image's commands are out of order at index {}",
+                    ctx.index
+                )));
+            }
+            replay.push(*ctx, command);
+            total += command.len() as u64;
+        }
+        let counted = usize::try_from(image.counted_bytes)
+            .ok()
+            .filter(|&counted| counted as u64 <= total)
+            .ok_or_else(|| {
+                CallError::Internal(format!(
+                    "the image counts {} bytes towards a checkpoint but holds {total}",
+                    image.counted_bytes
+                ))
+            })?;
+        replay.counted_from = replay.bytes.len() - counted;
+        let last_applied = replay.entries.last().map(|&(ctx, _)| ctx);
+        let mut machine = Self {
+            runtime,
+            plugin,
+            instance: Instance::Lost,
+            checkpoint: Checkpoint {
+                index: image.checkpoint_index,
+                state: image.checkpoint_state.clone(),
+                replay,
+            },
+            perturbed: false,
+            last_applied,
+        };
+        machine.instance = match &image.unavailable {
+            Some(reason) => Instance::Unavailable(reason.clone()),
+            None => Instance::Live(machine.rebuild()?),
+        };
+        Ok(machine)
     }
 
     /// Applies a committed command. Plugin errors are results like any other;

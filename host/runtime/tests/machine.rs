@@ -478,3 +478,72 @@ fn nan_bits_are_identical_across_engines_and_canonical() {
     }
     assert!(f64::from_bits(first.f64_results[0]).is_nan());
 }
+
+/// A machine resumed from another's image holds the same state, answers the
+/// next commands alike and checkpoints at the same indexes with the same
+/// bytes: what a replica installing a Raft snapshot relies on.
+#[test]
+fn a_machine_resumed_from_an_image_continues_like_the_original() {
+    let runtime = runtime_with(Limits {
+        checkpoint_interval: 10,
+        ..test_limits()
+    });
+    let mut original = start(&runtime, "kv");
+    let mut log = Log::new();
+    let put = |i: u64| Kv::Put {
+        key: b(&format!("k/{i}")),
+        value: b(&format!("v{i}")),
+    };
+    // 14 entries: a checkpoint at 10, four commands to replay after it.
+    for i in 0..14 {
+        kv(&mut log, &mut original, put(i));
+    }
+    // A local call perturbs the original's instance; the image must not care.
+    kv_query(&mut original, KvQuery::Get { key: b("k/3") });
+    let image = original.image();
+    assert_eq!(image.checkpoint_index, 10);
+    assert_eq!(image.replay.len(), 4);
+    assert!(image.unavailable.is_none());
+
+    let plugin = load(&runtime, "kv");
+    let mut resumed = runtime.resume(&plugin, &image).expect("resume");
+    assert_eq!(resumed.image(), image);
+    let mut other_log = Log { next: log.next };
+    for i in 14..25 {
+        let a = kv(&mut log, &mut original, put(i));
+        let b_ = kv(&mut other_log, &mut resumed, put(i));
+        assert_eq!(a, b_, "entry {i}");
+    }
+    assert_eq!(original.checkpoint().0, 20);
+    assert_eq!(original.checkpoint(), resumed.checkpoint());
+    assert_eq!(
+        original.get_state().result.unwrap(),
+        resumed.get_state().result.unwrap()
+    );
+}
+
+#[test]
+fn an_image_out_of_order_or_miscounted_is_refused() {
+    let runtime = runtime();
+    let mut m = start(&runtime, "kv");
+    let mut log = Log::new();
+    for i in 0..3 {
+        kv(
+            &mut log,
+            &mut m,
+            Kv::Put {
+                key: b(&format!("{i}")),
+                value: b("x"),
+            },
+        );
+    }
+    let plugin = load(&runtime, "kv");
+    let mut image = m.image();
+    image.counted_bytes += 1_000;
+    let e = runtime.resume(&plugin, &image).unwrap_err().to_string();
+    assert!(e.contains("counts"), "{e}");
+    let mut image = m.image();
+    image.replay.swap(0, 1);
+    let e = runtime.resume(&plugin, &image).unwrap_err().to_string();
+    assert!(e.contains("out of order"), "{e}");
+}

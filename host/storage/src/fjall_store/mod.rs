@@ -249,6 +249,28 @@ impl FjallStore {
         )
     }
 
+    /// [`LogStore::compact_prefix`] without waiting: queued behind the writes
+    /// already queued, `done` called on the writer thread once it is durable.
+    pub fn compact_then(
+        &self,
+        upto: u64,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Result<()> {
+        self.submit_then(Op::Compact(upto), Box::new(done))
+    }
+
+    /// [`LogStore::reset`] without waiting, ordered with the writes queued
+    /// before and after it. The reset itself is atomic; a save queued after
+    /// it may land in the same group or the next one.
+    pub fn reset_then(
+        &self,
+        index: u64,
+        term: u64,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Result<()> {
+        self.submit_then(Op::Reset { index, term }, Box::new(done))
+    }
+
     fn missing(&self, view: &View, index: u64) -> StorageError {
         StorageError::MissingEntry {
             path: self.shared.path.clone(),
