@@ -358,10 +358,11 @@ fn leader_commit(statuses: &[(SocketAddr, Result<NodeStatus, String>)]) -> Optio
 
 /// One row per endpoint, columns aligned. `LAG` is how many entries the
 /// node's applied index trails the leader's commit index (`-` when no
-/// leader answered).
+/// leader answered); `SNAPSHOT` the index of its latest snapshot (0: none).
 fn status_table(statuses: &[(SocketAddr, Result<NodeStatus, String>)]) -> String {
-    const HEADER: [&str; 10] = [
-        "ENDPOINT", "ID", "ROLE", "TERM", "LEADER", "LAST", "COMMIT", "APPLIED", "LAG", "MACHINES",
+    const HEADER: [&str; 11] = [
+        "ENDPOINT", "ID", "ROLE", "TERM", "LEADER", "LAST", "COMMIT", "APPLIED", "LAG", "SNAPSHOT",
+        "MACHINES",
     ];
     let leader_commit = leader_commit(statuses);
     let rows: Vec<Vec<String>> = statuses
@@ -384,6 +385,7 @@ fn status_table(statuses: &[(SocketAddr, Result<NodeStatus, String>)]) -> String
                     s.applied.to_string(),
                     leader_commit
                         .map_or("-".to_string(), |c| c.saturating_sub(s.applied).to_string()),
+                    s.snapshot_index.to_string(),
                     if machines.is_empty() {
                         "-".to_string()
                     } else {
@@ -468,7 +470,7 @@ mod tests {
             cells(lines[0]),
             [
                 "ENDPOINT", "ID", "ROLE", "TERM", "LEADER", "LAST", "COMMIT", "APPLIED", "LAG",
-                "MACHINES"
+                "SNAPSHOT", "MACHINES"
             ]
         );
         assert_eq!(
@@ -483,6 +485,7 @@ mod tests {
                 "118",
                 "110",
                 "10",
+                "0",
                 "kv@5a7a81c0ffee"
             ]
         );

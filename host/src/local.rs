@@ -52,6 +52,8 @@ struct Proc {
     http: Option<SocketAddr>,
     config: PathBuf,
     child: Option<Child>,
+    /// Extra environment of its process.
+    env: Vec<(String, String)>,
 }
 
 /// A cluster of `kythira serve` processes under one directory.
@@ -165,6 +167,7 @@ impl LocalCluster {
                 http,
                 config: self.dir.join(format!("node-{id}.toml")),
                 child: None,
+                env: Vec::new(),
             },
         );
         Ok(())
@@ -255,6 +258,7 @@ impl LocalCluster {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -323,6 +327,39 @@ impl LocalCluster {
                 None
             }
         }
+    }
+
+    /// Sets (or with `None` removes) `key` in node `id`'s environment from
+    /// its next start on, e.g. `KYTHIRA_CRASH_AT` to stop it at a crash point.
+    pub fn set_env(&mut self, id: u64, key: &str, value: Option<&str>) {
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.env.retain(|(k, _)| k != key);
+            if let Some(value) = value {
+                node.env.push((key.to_string(), value.to_string()));
+            }
+        }
+    }
+
+    /// Whether node `id`'s process ended by itself (it is then reaped).
+    pub fn has_exited(&mut self, id: u64) -> bool {
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return false;
+        };
+        match node.child.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(_))) => {
+                node.child = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The last lines of node `id`'s log.
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join(format!("node-{id}.log")))
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
     /// Whether node `id` runs.

@@ -138,6 +138,7 @@ impl State {
                     };
                 self.machines = machines;
                 self.snapshots.policy.restart();
+                self.shared.metrics.snapshots_installed.inc();
                 // Entries up to the snapshot were never applied here: whoever
                 // waits on them cannot be told their outcome.
                 let installed = self.machines.applied();

@@ -191,6 +191,7 @@ impl Disk {
     pub fn write(&self, w: Write) -> Result<(), NodeError> {
         let store = self.store.as_ref().expect("present until dropped");
         if let Some(meta) = &w.snapshot {
+            crate::crash_point("snapshot-install");
             // The snapshot's file is durable already (received, verified and
             // synced before the core saw its message); the log now restarts
             // after it. A failed reset stops the node; the write queued
@@ -315,6 +316,98 @@ impl Drop for Completion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<kythira_storage::LogEntry> {
+        range
+            .map(|index| {
+                to_storage(&Entry {
+                    index,
+                    term,
+                    kind: EntryKind::Noop,
+                    data: Default::default(),
+                })
+            })
+            .collect()
+    }
+
+    /// A snapshot of the (empty) state at `index`, published in `store`.
+    fn snapshot(store: &SnapshotStore, index: u64, term: u64) {
+        let mut image = crate::machines::Machines::new(None).image();
+        image.applied = index;
+        let meta = SnapshotMeta {
+            index,
+            term,
+            membership: Membership::new([1, 2, 3], []).unwrap(),
+        };
+        let mut w = store.begin(storage_meta(&meta)).unwrap();
+        w.write_chunk(&image.encode()).unwrap();
+        w.finish().unwrap();
+    }
+
+    fn stores(dir: &std::path::Path) -> (FjallStore, SnapshotStore) {
+        (
+            FjallStore::open(dir.join("log")).unwrap(),
+            SnapshotStore::open(dir.join("snapshots")).unwrap(),
+        )
+    }
+
+    /// A crash in the middle of installing a received snapshot leaves the
+    /// new snapshot beside the old log: recovery finishes the install.
+    #[test]
+    fn a_snapshot_past_the_log_resets_it_at_recovery() {
+        use kythira_storage::RaftStorage;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, snaps) = stores(dir.path());
+            log.save(
+                Some(&kythira_storage::HardState {
+                    term: 1,
+                    vote: Some(1),
+                    commit: 5,
+                }),
+                &entries(1..=10, 1),
+            )
+            .unwrap();
+            snapshot(&snaps, 20, 2);
+        }
+        let (log, snaps) = stores(dir.path());
+        let r = recover(&log, &snaps).unwrap();
+        assert_eq!(r.persisted.snapshot.as_ref().map(|m| m.index), Some(20));
+        assert!(r.persisted.entries.is_empty());
+        assert_eq!(r.persisted.applied, 20);
+        assert_eq!(r.persisted.hard_state.commit, 20);
+        assert_eq!(r.image.unwrap().applied, 20);
+        assert_eq!((log.first_index(), log.last_index()), (21, 20));
+    }
+
+    /// A log that holds the snapshot's last entry keeps what follows it.
+    #[test]
+    fn a_log_holding_the_snapshot_keeps_the_entries_after_it() {
+        use kythira_storage::RaftStorage;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, snaps) = stores(dir.path());
+            log.save(None, &entries(1..=30, 2)).unwrap();
+            snapshot(&snaps, 20, 2);
+        }
+        let (log, snaps) = stores(dir.path());
+        let r = recover(&log, &snaps).unwrap();
+        let indexes: Vec<u64> = r.persisted.entries.iter().map(|e| e.index).collect();
+        assert_eq!(indexes, (21..=30).collect::<Vec<_>>());
+        // A conflicting term at the snapshot's index means the log is not
+        // the snapshot's history: it is reset.
+        drop((log, snaps));
+        let dir2 = tempfile::tempdir().unwrap();
+        {
+            let (log, snaps) = stores(dir2.path());
+            log.save(None, &entries(1..=30, 1)).unwrap();
+            snapshot(&snaps, 20, 2);
+        }
+        let (log, snaps) = stores(dir2.path());
+        let r = recover(&log, &snaps).unwrap();
+        assert!(r.persisted.entries.is_empty());
+        assert_eq!(log.last_index(), 20);
+    }
 
     #[test]
     fn a_directory_belongs_to_one_node_of_one_cluster() {

@@ -62,3 +62,17 @@ pub enum NodeError {
     #[error("{0}")]
     Stopped(&'static str),
 }
+
+/// Fault injection for tests that run real processes: with
+/// `KYTHIRA_CRASH_AT=<point>` in its environment, the process aborts when it
+/// reaches `point`, as a power cut or a `kill -9` there would stop it. Points:
+/// `snapshot-install` (a received snapshot is durable, the log not yet reset
+/// to it). Read once; unset, it costs one load per call.
+pub fn crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("KYTHIRA_CRASH_AT").ok());
+    if at.as_deref() == Some(point) {
+        eprintln!("kythira: crash point {point} reached (KYTHIRA_CRASH_AT); aborting");
+        std::process::abort();
+    }
+}

@@ -115,6 +115,12 @@ pub struct MachineLabel {
     pub machine: String,
 }
 
+/// Labels of the snapshot transfer family.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
 /// Labels of the per peer family.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabel {
@@ -170,6 +176,17 @@ pub struct Metrics {
     pub snapshot_seconds: Histogram,
     /// `kythira_snapshot_bytes`: size of each snapshot taken.
     pub snapshot_bytes: Histogram,
+    /// `kythira_snapshots_installed_total`: snapshots received from a leader
+    /// and installed.
+    pub snapshots_installed: Counter,
+    /// `kythira_snapshot_transfers_total{outcome}`: snapshot transfers this
+    /// node sent, by outcome (`delivered`, `failed`).
+    snapshot_transfers: Family<OutcomeLabel, Counter>,
+    /// `kythira_snapshot_sent_bytes_total`: snapshot bytes sent.
+    pub snapshot_sent_bytes: Counter,
+    /// `kythira_snapshot_resumed_bytes_total`: snapshot bytes not sent again
+    /// because the follower kept them from a broken transfer.
+    pub snapshot_resumed_bytes: Counter,
     /// `kythira_sessions`: open client sessions.
     pub sessions: Gauge<u64, AtomicU64>,
 }
@@ -312,6 +329,30 @@ impl Metrics {
             "Size of each snapshot taken",
             snapshot_bytes.clone(),
         );
+        let snapshots_installed = Counter::default();
+        registry.register(
+            "snapshots_installed",
+            "Snapshots received from a leader and installed",
+            snapshots_installed.clone(),
+        );
+        let snapshot_transfers = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "snapshot_transfers",
+            "Snapshot transfers sent, by outcome",
+            snapshot_transfers.clone(),
+        );
+        let snapshot_sent_bytes = Counter::default();
+        registry.register(
+            "snapshot_sent_bytes",
+            "Snapshot bytes sent",
+            snapshot_sent_bytes.clone(),
+        );
+        let snapshot_resumed_bytes = Counter::default();
+        registry.register(
+            "snapshot_resumed_bytes",
+            "Snapshot bytes a follower kept from a broken transfer, not sent again",
+            snapshot_resumed_bytes.clone(),
+        );
         let sessions = Gauge::default();
         registry.register("sessions", "Open client sessions", sessions.clone());
         let metrics = Self {
@@ -335,6 +376,10 @@ impl Metrics {
             snapshots,
             snapshot_seconds,
             snapshot_bytes,
+            snapshots_installed,
+            snapshot_transfers,
+            snapshot_sent_bytes,
+            snapshot_resumed_bytes,
             sessions,
         };
         metrics.set_role(Role::Follower);
@@ -347,6 +392,14 @@ impl Metrics {
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
             .expect("writing to a String");
         out
+    }
+
+    /// Counts a snapshot transfer's outcome.
+    pub fn snapshot_transfer(&self, delivered: bool) {
+        let outcome = if delivered { "delivered" } else { "failed" };
+        self.snapshot_transfers
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     /// Marks `role` as this node's.

@@ -58,7 +58,17 @@ pub trait Network: Send + Sync + 'static {
 }
 
 /// Called once with the outcome of a snapshot transfer.
-pub type SnapshotDone = Box<dyn FnOnce(Result<(), String>) + Send>;
+pub type SnapshotDone = Box<dyn FnOnce(Result<SnapshotSent, String>) + Send>;
+
+/// A snapshot transfer that completed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotSent {
+    /// Bytes sent.
+    pub bytes_sent: u64,
+    /// Bytes the follower already held from a broken transfer of the same
+    /// snapshot (from this node or another): where sending started.
+    pub resumed_from: u64,
+}
 
 /// How a node runs.
 #[derive(Clone, Debug)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use kythira_api::{ApiError, Consistency, DeployLimits, Payload, Request, Response, SessionSeq};
 use kythira_guest::codec;
-use kythira_node::node::SnapshotDone;
+use kythira_node::node::{SnapshotDone, SnapshotSent};
 use kythira_node::{Caller, Network, Node, NodeConfig, NodeHandle};
 use kythira_plugin_kv::{Command, Query, Response as KvResponse};
 use kythira_raft::{Message, Role};
@@ -49,7 +49,7 @@ impl Network for LocalNet {
     fn send_snapshot(&self, m: Message, done: SnapshotDone) {
         let net = self.clone();
         std::thread::spawn(move || {
-            let copy = || -> Result<(), String> {
+            let copy = || -> Result<SnapshotSent, String> {
                 let stores = net.stores.lock().unwrap().clone();
                 let (Some(from), Some(to)) = (stores.get(&m.from), stores.get(&m.to)) else {
                     return Err("node down".into());
@@ -72,7 +72,11 @@ impl Network for LocalNet {
                     .get(&m.to)
                     .cloned()
                     .ok_or("node down")?;
-                tx.blocking_send(m).map_err(|e| e.to_string())
+                tx.blocking_send(m).map_err(|e| e.to_string())?;
+                Ok(SnapshotSent {
+                    bytes_sent: data.len() as u64,
+                    resumed_from: 0,
+                })
             };
             done(copy());
         });

