@@ -143,6 +143,37 @@ pub enum StorageError {
         /// Index of the latest snapshot.
         latest: u64,
     },
+    /// A snapshot is already being received into this store; only one
+    /// reception runs at a time, since each one deletes the others' partial files.
+    #[error("a snapshot is already being received into {dir}")]
+    ReceptionInProgress {
+        /// Directory of the snapshot store.
+        dir: PathBuf,
+    },
+    /// A received chunk that does not continue the data held, or runs past the
+    /// snapshot's length. Nothing of it was written.
+    #[error(
+        "snapshot chunk of {len} bytes at offset {offset} refused: {received} of {data_len} bytes are held"
+    )]
+    UnexpectedChunk {
+        /// Offset the chunk claims.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// Data bytes held, where the next chunk must start.
+        received: u64,
+        /// Length of the snapshot's data.
+        data_len: u64,
+    },
+    /// A received snapshot was finished before all its data arrived. The
+    /// partial file is kept for a resume.
+    #[error("snapshot incomplete: {received} of {data_len} bytes received")]
+    IncompleteSnapshot {
+        /// Data bytes held.
+        received: u64,
+        /// Length of the snapshot's data.
+        data_len: u64,
+    },
     /// An earlier write or sync failed; what is on disk may differ from what was
     /// in memory, so the store accepts no more writes until it is reopened.
     #[error("storage at {path} stopped after a failed write and must be reopened: {cause}")]

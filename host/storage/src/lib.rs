@@ -5,7 +5,8 @@
 //!   consensus driver uses; [`FjallStore`] implements them durably with group
 //!   commit, [`MemoryStore`] in memory for tests and simulation.
 //! - [`SnapshotStore`] keeps the latest complete snapshot, written as a stream and
-//!   read back in chunks.
+//!   read back in chunks, and receives one from another node, resuming an
+//!   interrupted transfer ([`Incoming`]).
 //!
 //! Every write is acknowledged only after it is synced to disk. Every entry, record
 //! and snapshot carries a CRC-32C; damage to acknowledged data is reported as a
@@ -26,6 +27,6 @@ mod types;
 pub use error::{EntryDefect, Result, StorageError};
 pub use fjall_store::{FjallStore, layout};
 pub use memory::MemoryStore;
-pub use snapshot::{SnapshotInfo, SnapshotReader, SnapshotStore, SnapshotWriter};
+pub use snapshot::{Incoming, SnapshotInfo, SnapshotReader, SnapshotStore, SnapshotWriter};
 pub use traits::{HardStateStore, LogStore, RaftStorage};
 pub use types::{ENTRY_OVERHEAD, HardState, LogEntry, SnapshotMeta};

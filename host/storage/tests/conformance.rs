@@ -602,3 +602,56 @@ fn concurrent_writers_share_syncs() {
     );
     assert_eq!(store.hard_state().term, 1);
 }
+
+/// Queues through `queue` and returns a receiver of the outcome `done` reports.
+fn queued(
+    queue: impl FnOnce(Box<dyn FnOnce(Result<(), StorageError>) + Send>) -> Result<(), StorageError>,
+) -> std::sync::mpsc::Receiver<Result<(), StorageError>> {
+    let (done, outcome) = std::sync::mpsc::sync_channel(1);
+    queue(Box::new(move |result| {
+        let _ = done.send(result);
+    }))
+    .unwrap();
+    outcome
+}
+
+#[test]
+fn compact_then_reports_a_durable_compaction() {
+    let mut h = Fjall::new();
+    h.store().append(&entries(1..11, 1)).unwrap();
+    let store = h.store();
+    let compacted = queued(|done| store.compact_then(4, done));
+    let refused = queued(|done| store.compact_then(50, done));
+    compacted.recv().unwrap().unwrap();
+    assert!(matches!(
+        refused.recv().unwrap(),
+        Err(StorageError::Unavailable { index: 50, .. })
+    ));
+    assert_eq!(store.first_index(), 5);
+    h.reopen();
+    assert_eq!((h.store().first_index(), h.store().last_index()), (5, 10));
+    assert_eq!(h.store().term(4).unwrap(), 1);
+}
+
+#[test]
+fn reset_then_is_ordered_before_a_save_queued_after_it() {
+    let mut h = Fjall::new();
+    h.store().append(&entries(1..6, 1)).unwrap();
+    let store = h.store();
+    let state = HardState {
+        term: 3,
+        vote: Some(2),
+        commit: 20,
+    };
+    let reset = queued(|done| store.reset_then(20, 3, done));
+    // Entries 21.. only fit the log as the reset leaves it.
+    let saved = queued(|done| store.save_then(Some(state), entries(21..23, 3), done));
+    reset.recv().unwrap().unwrap();
+    saved.recv().unwrap().unwrap();
+    h.reopen();
+    let store = h.store();
+    assert_eq!((store.first_index(), store.last_index()), (21, 22));
+    assert_eq!(store.term(20).unwrap(), 3);
+    assert_eq!(store.entries(21..23, u64::MAX).unwrap(), entries(21..23, 3));
+    assert_eq!(store.hard_state(), state);
+}

@@ -8,6 +8,8 @@
 //! - [`wire`]: the binary encoding of Raft messages.
 //! - [`endpoint`]: one QUIC endpoint per node, dispatching by ALPN.
 //! - [`peer`]: the Raft peer mesh with per-peer queues and reconnection.
+//! - [`snapshot`]: snapshot files sent to peers on streams of their own,
+//!   resumable.
 //! - [`rpc`]: multiplexed request/response for clients.
 //!
 //! A node in outline (error handling elided):
@@ -48,6 +50,7 @@ pub mod frame;
 pub mod peer;
 pub mod pki;
 pub mod rpc;
+pub mod snapshot;
 pub mod tls;
 pub mod wire;
 
@@ -55,4 +58,5 @@ pub use endpoint::{ClientHandler, CloseCode, Endpoint, EndpointError};
 pub use peer::{Backoff, NetStats, PeerConfig, PeerError, PeerNet, PeerStats, SendError};
 pub use pki::{Ca, Identity, IssuedCert, PkiError, Role};
 pub use rpc::{RpcClient, RpcClientConfig, RpcError, RpcServer, RpcServerConfig};
+pub use snapshot::{SnapshotError, SnapshotSent};
 pub use tls::{Alpn, Tls, TlsError, TlsFiles};

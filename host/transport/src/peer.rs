@@ -21,7 +21,13 @@
 //! - **Only well-addressed messages come in:** `from` must be the
 //!   certificate's node id and `to` ours; others are dropped and counted.
 //! - **A malformed frame closes that connection** ([`CloseCode::Protocol`]),
-//!   logged; the dialing side reconnects after a backoff.
+//!   logged; the dialing side reconnects after a backoff. So does a
+//!   `Snapshot` message on the message stream, which [`PeerNet::send`]
+//!   refuses to queue.
+//! - **Snapshots travel on streams of their own** ([`PeerNet::send_snapshot`],
+//!   [`crate::snapshot`]): a bidirectional stream per transfer, opened by the
+//!   sender on the pair's connection whichever side dialed, so a large
+//!   transfer neither delays nor reorders the messages.
 //! - Reconnection uses [`Backoff::delay`], a pure function, with jitter from
 //!   a per-peer generator seeded by the standard library's random state.
 //! - **The peer set changes at run time** ([`PeerNet::set_peer`],
@@ -45,14 +51,16 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kythira_raft::Message;
-use tokio::sync::{Notify, mpsc, watch};
-use tokio::task::AbortHandle;
+use kythira_raft::{Message, MessageBody};
+use kythira_storage::SnapshotStore;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::task::{AbortHandle, JoinSet};
 use tracing::{debug, info, warn};
 
 use crate::endpoint::{CloseCode, peer_identity};
 use crate::frame::{self, DEFAULT_MAX_FRAME};
 use crate::pki::{Identity, SERVER_NAME};
+use crate::snapshot::{self, SnapshotError, SnapshotSent, Snapshots};
 use crate::wire;
 
 /// Capped exponential backoff with jitter.
@@ -115,11 +123,20 @@ pub struct PeerConfig {
     pub max_frame: usize,
     /// Reconnect schedule of the dialing side.
     pub backoff: Backoff,
+    /// This node's snapshots: what [`PeerNet::send_snapshot`] sends from and
+    /// peers' snapshots are received into. Without a store, sending fails and
+    /// offers are refused.
+    pub snapshots: Option<SnapshotStore>,
+    /// Largest snapshot data accepted from a peer, in bytes.
+    pub max_snapshot_bytes: u64,
+    /// How long [`PeerNet::send_snapshot`] waits for a connection to the peer.
+    pub snapshot_connect_timeout: Duration,
 }
 
 impl PeerConfig {
     /// Defaults: queues of 4096 messages (etcd's), [`DEFAULT_MAX_FRAME`],
-    /// [`Backoff::default`].
+    /// [`Backoff::default`], no snapshot store, snapshots up to 16 GiB, 10 s
+    /// to wait for a connection to send a snapshot on.
     pub fn new(id: u64, peers: BTreeMap<u64, SocketAddr>) -> Self {
         PeerConfig {
             id,
@@ -127,7 +144,16 @@ impl PeerConfig {
             queue_len: 4096,
             max_frame: DEFAULT_MAX_FRAME,
             backoff: Backoff::default(),
+            snapshots: None,
+            max_snapshot_bytes: 16 << 30,
+            snapshot_connect_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// The configuration with `store` as this node's snapshot store.
+    pub fn with_snapshots(mut self, store: SnapshotStore) -> Self {
+        self.snapshots = Some(store);
+        self
     }
 
     fn validate(&self) -> Result<(), PeerError> {
@@ -211,6 +237,12 @@ pub enum SendError {
         from: u64,
         /// Our id.
         us: u64,
+    },
+    /// A snapshot message, which [`PeerNet::send_snapshot`] sends.
+    #[error("a snapshot to node {to} goes with send_snapshot, not on the message stream")]
+    Snapshot {
+        /// The recipient.
+        to: u64,
     },
     /// The peer's queue is full; the message was dropped.
     #[error("queue to node {to} is full; message dropped")]
@@ -312,12 +344,26 @@ pub struct PeerStats {
     pub decode_errors: u64,
     /// Messages received whose `from` or `to` was wrong (dropped).
     pub misaddressed: u64,
-    /// Messages that could not be encoded or exceeded the frame limit.
+    /// Messages that could not be encoded or exceeded the frame limit, and
+    /// snapshot messages refused by [`PeerNet::send`] (they go with
+    /// [`PeerNet::send_snapshot`]).
     pub encode_errors: u64,
     /// Connections established.
     pub connects: u64,
     /// Whether a connection is up now.
     pub connected: bool,
+    /// Snapshots sent to the peer and confirmed by it.
+    pub snapshots_sent: u64,
+    /// Snapshot data bytes written to the peer, by every attempt.
+    pub snapshot_bytes_sent: u64,
+    /// Snapshot transfers to the peer that failed or were refused.
+    pub snapshot_send_failures: u64,
+    /// Snapshots received from the peer and published.
+    pub snapshots_received: u64,
+    /// Snapshot data bytes received from the peer, by every attempt.
+    pub snapshot_bytes_received: u64,
+    /// Snapshot offers from the peer refused, and transfers that failed.
+    pub snapshot_receive_failures: u64,
 }
 
 /// Counters of the whole peer network.
@@ -331,18 +377,24 @@ pub struct NetStats {
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     sent: AtomicU64,
     dropped_full: AtomicU64,
     dropped_disconnected: AtomicU64,
     received: AtomicU64,
     decode_errors: AtomicU64,
-    misaddressed: AtomicU64,
+    pub(crate) misaddressed: AtomicU64,
     encode_errors: AtomicU64,
     connects: AtomicU64,
+    snapshots_sent: AtomicU64,
+    pub(crate) snapshot_bytes_sent: AtomicU64,
+    snapshot_send_failures: AtomicU64,
+    pub(crate) snapshots_received: AtomicU64,
+    pub(crate) snapshot_bytes_received: AtomicU64,
+    pub(crate) snapshot_receive_failures: AtomicU64,
 }
 
-fn bump(counter: &AtomicU64, by: u64) {
+pub(crate) fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
@@ -388,7 +440,9 @@ struct PeerHandle {
     queue: mpsc::Sender<Message>,
     counters: Arc<Counters>,
     slot: Arc<Slot>,
-    connected: Arc<watch::Sender<bool>>,
+    /// The connection the driver serves now, if any: snapshot transfers open
+    /// their streams on it.
+    conn: Arc<watch::Sender<Option<quinn::Connection>>>,
     task: AbortHandle,
 }
 
@@ -411,6 +465,7 @@ pub(crate) struct Shared {
     peers: RwLock<BTreeMap<u64, PeerHandle>>,
     refused: AtomicU64,
     spawner: Mutex<Spawner>,
+    snapshots: Arc<Snapshots>,
 }
 
 impl Drop for Shared {
@@ -452,7 +507,7 @@ impl Shared {
         let (queue_tx, queue_rx) = mpsc::channel(s.queue_len);
         let counters = Arc::new(Counters::default());
         let slot = Arc::new(Slot::default());
-        let connected = Arc::new(watch::Sender::new(false));
+        let conn = Arc::new(watch::Sender::new(None));
         let mut hasher = s.seeds.build_hasher();
         hasher.write_u64(peer);
         let driver = Driver {
@@ -466,10 +521,11 @@ impl Shared {
             inbound: s.inbound.clone(),
             counters: counters.clone(),
             slot: slot.clone(),
-            connected: connected.clone(),
+            conn: conn.clone(),
             backoff: s.backoff,
             rng: SplitMix64(hasher.finish()),
             max_frame: s.max_frame,
+            snapshots: self.snapshots.clone(),
         };
         let task = s.runtime.spawn(driver.run()).abort_handle();
         PeerHandle {
@@ -477,7 +533,7 @@ impl Shared {
             queue: queue_tx,
             counters,
             slot,
-            connected,
+            conn,
             task,
         }
     }
@@ -522,10 +578,18 @@ impl PeerNet {
         }
         let inbound_len = config.queue_len.saturating_mul(config.peers.len().max(1));
         let (inbound_tx, inbound_rx) = mpsc::channel(inbound_len);
+        let snapshots = Arc::new(Snapshots {
+            store: config.snapshots,
+            max_bytes: config.max_snapshot_bytes,
+            connect_timeout: config.snapshot_connect_timeout,
+            max_frame: config.max_frame,
+            receiving: Semaphore::new(1),
+        });
         let shared = Arc::new(Shared {
             id: config.id,
             peers: RwLock::new(BTreeMap::new()),
             refused: AtomicU64::new(0),
+            snapshots,
             spawner: Mutex::new(Spawner {
                 endpoint,
                 dial_config,
@@ -554,7 +618,8 @@ impl PeerNet {
     }
 
     /// Queues `message` for `message.to` without waiting. Full queue: the
-    /// message is dropped and counted.
+    /// message is dropped and counted. A `Snapshot` is refused (and counted
+    /// as an encode error): it goes with [`send_snapshot`](Self::send_snapshot).
     pub fn send(&self, message: Message) -> Result<(), SendError> {
         if message.from != self.shared.id {
             return Err(SendError::NotFromUs {
@@ -567,6 +632,10 @@ impl PeerNet {
         let Some(peer) = peers.get(&to) else {
             return Err(SendError::UnknownPeer { to });
         };
+        if matches!(message.body, MessageBody::Snapshot { .. }) {
+            bump(&peer.counters.encode_errors, 1);
+            return Err(SendError::Snapshot { to });
+        }
         match peer.queue.try_send(message) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -583,15 +652,57 @@ impl PeerNet {
     /// Waits until a connection to `peer` is up; `false` if `peer` is not a
     /// member. Meant for start-up and tests; Raft itself needs no such wait.
     pub async fn wait_connected(&self, peer: u64) -> bool {
-        let Some(mut rx) = self
-            .shared
-            .peers()
-            .get(&peer)
-            .map(|h| h.connected.subscribe())
-        else {
+        let Some(mut rx) = self.shared.peers().get(&peer).map(|h| h.conn.subscribe()) else {
             return false;
         };
-        rx.wait_for(|up| *up).await.is_ok()
+        rx.wait_for(Option::is_some).await.is_ok()
+    }
+
+    /// Sends the snapshot `message` (a `Snapshot` from us) names, which must
+    /// be the latest one in our store, to `message.to` on a stream of its
+    /// own; see [`crate::snapshot`] for the protocol. Waits up to
+    /// [`PeerConfig::snapshot_connect_timeout`] for a connection, resumes from
+    /// whatever the peer holds of the same snapshot already, and returns once
+    /// the peer has verified and published it and handed the message to its
+    /// core. The whole transfer is bounded by
+    /// [`snapshot::transfer_timeout`]. Every outcome is counted in the peer's
+    /// [`PeerStats`].
+    pub async fn send_snapshot(&self, message: Message) -> Result<SnapshotSent, SnapshotError> {
+        let us = self.shared.id;
+        let MessageBody::Snapshot { meta } = &message.body else {
+            return Err(SnapshotError::NotASnapshot);
+        };
+        let snapshot = (meta.index, meta.term);
+        if message.from != us {
+            return Err(SnapshotError::NotFromUs {
+                from: message.from,
+                us,
+            });
+        }
+        let to = message.to;
+        let Some((counters, conn)) = self
+            .shared
+            .peers()
+            .get(&to)
+            .map(|h| (h.counters.clone(), h.conn.subscribe()))
+        else {
+            return Err(SnapshotError::UnknownPeer { to });
+        };
+        let snapshots = &self.shared.snapshots;
+        let outcome = match snapshots.store.clone() {
+            Some(store) => {
+                snapshot::send(snapshots, store, message, snapshot, conn, &counters).await
+            }
+            None => Err(SnapshotError::NoStore),
+        };
+        match &outcome {
+            Ok(_) => bump(&counters.snapshots_sent, 1),
+            Err(e) => {
+                bump(&counters.snapshot_send_failures, 1);
+                warn!(node = us, peer = to, index = snapshot.0, term = snapshot.1, error = %e, "snapshot not sent");
+            }
+        }
+        outcome
     }
 
     /// Adds peer `id` at `addr`, or moves it there: a moved peer's
@@ -685,7 +796,13 @@ impl PeerNet {
                         misaddressed: load(&c.misaddressed),
                         encode_errors: load(&c.encode_errors),
                         connects: load(&c.connects),
-                        connected: *h.connected.borrow(),
+                        connected: h.conn.borrow().is_some(),
+                        snapshots_sent: load(&c.snapshots_sent),
+                        snapshot_bytes_sent: load(&c.snapshot_bytes_sent),
+                        snapshot_send_failures: load(&c.snapshot_send_failures),
+                        snapshots_received: load(&c.snapshots_received),
+                        snapshot_bytes_received: load(&c.snapshot_bytes_received),
+                        snapshot_receive_failures: load(&c.snapshot_receive_failures),
                     };
                     (id, stats)
                 })
@@ -736,10 +853,11 @@ struct Driver {
     inbound: mpsc::Sender<Message>,
     counters: Arc<Counters>,
     slot: Arc<Slot>,
-    connected: Arc<watch::Sender<bool>>,
+    conn: Arc<watch::Sender<Option<quinn::Connection>>>,
     backoff: Backoff,
     rng: SplitMix64,
     max_frame: usize,
+    snapshots: Arc<Snapshots>,
 }
 
 impl Driver {
@@ -770,10 +888,10 @@ impl Driver {
                 }
             };
             bump(&self.counters.connects, 1);
-            self.connected.send_replace(true);
+            self.conn.send_replace(Some(conn.clone()));
             info!(node = self.us, peer = self.peer, remote = %conn.remote_address(), "peer connected");
             let (ended, heard) = self.serve(&conn).await;
-            self.connected.send_replace(false);
+            self.conn.send_replace(None);
             if heard {
                 // Only a connection that carried traffic proves the peer
                 // healthy; one refused right after the handshake must not
@@ -852,6 +970,16 @@ impl Driver {
             &heard,
         );
         let writer = write_loop(conn, &mut self.queue, &self.counters, self.max_frame);
+        let snapshots = accept_snapshots(
+            conn,
+            snapshot::Receiver {
+                us: self.us,
+                peer: self.peer,
+                snapshots: self.snapshots.clone(),
+                inbound: self.inbound.clone(),
+                counters: self.counters.clone(),
+            },
+        );
         let slot = self.slot.clone();
         let dials = self.dials;
         let replaced = async move {
@@ -865,6 +993,7 @@ impl Driver {
         let ended = tokio::select! {
             ended = reader => ended,
             ended = writer => ended,
+            ended = snapshots => ended,
             newer = replaced => Ended::Replaced(newer),
         };
         if let Ended::Failed(reason) = &ended {
@@ -872,6 +1001,24 @@ impl Driver {
             conn.close(CloseCode::Protocol.into(), reason.as_bytes());
         }
         (ended, heard.load(Ordering::Relaxed) > 0)
+    }
+}
+
+/// Serves the snapshot streams the peer opens, each in a task of its own,
+/// until the connection ends; the transfers end with it (dropping the tasks
+/// aborts them, which keeps the receivers' partial files for a resume).
+async fn accept_snapshots(conn: &quinn::Connection, receiver: snapshot::Receiver) -> Ended {
+    let mut transfers = JoinSet::new();
+    loop {
+        tokio::select! {
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    transfers.spawn(receiver.clone().serve(send, recv));
+                }
+                Err(e) => return Ended::Failed(format!("connection: {e}")),
+            },
+            Some(_) = transfers.join_next(), if !transfers.is_empty() => {}
+        }
     }
 }
 
@@ -985,6 +1132,16 @@ async fn read_loop(
                 }
             };
             heard.fetch_add(1, Ordering::Relaxed);
+            if matches!(message.body, MessageBody::Snapshot { .. }) {
+                // Its data would be missing: snapshots come on their own
+                // stream, and only a broken or hostile peer sends one here.
+                bump(&counters.decode_errors, 1);
+                warn!(
+                    node = us,
+                    peer, "snapshot on the message stream; closing connection"
+                );
+                return Ended::Failed("snapshot message on the message stream".into());
+            }
             if message.from != peer || message.to != us {
                 bump(&counters.misaddressed, 1);
                 debug!(

@@ -399,7 +399,8 @@ fn transport_config() -> Arc<TransportConfig> {
         IDLE_TIMEOUT.as_millis() as u32,
     ))));
     transport.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
-    // Peers use one uni stream per direction and clients one bidi stream; a
+    // Peers use one uni stream per direction (and a bidi stream per snapshot
+    // transfer, one at a time per receiver) and clients one bidi stream; a
     // little headroom lets a reconnecting side open a fresh one while the old
     // is being torn down, and bounds what a misbehaving peer can open.
     transport.max_concurrent_bidi_streams(VarInt::from_u32(8));

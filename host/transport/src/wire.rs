@@ -10,9 +10,18 @@
 //! Decoding untrusted bytes returns an error and never panics: postcard checks
 //! every length against the input, and trailing bytes are refused so that a
 //! message has exactly one encoding.
+//!
+//! A `Snapshot` message has an encoding, but only the snapshot stream carries
+//! it, together with the data it stands for (see [`crate::snapshot`]); the
+//! peer message stream refuses it on both ends.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
-use kythira_raft::{AppendOutcome, Entry, EntryKind, Message, MessageBody};
+use kythira_raft::{
+    AppendOutcome, Entry, EntryKind, Membership, MembershipError, Message, MessageBody,
+    SnapshotMeta,
+};
 use serde::{Deserialize, Serialize};
 
 /// Errors of encoding and decoding messages.
@@ -25,14 +34,9 @@ pub enum WireError {
         /// `Debug` of the kind.
         kind: String,
     },
-    /// A message this version of the wire format cannot carry: a snapshot
-    /// travels with its data on a stream of its own, which the daemon does
-    /// not open yet (it never compacts its log).
-    #[error("{kind} messages have no wire encoding")]
-    UnsupportedMessage {
-        /// Which message.
-        kind: &'static str,
-    },
+    /// A snapshot's membership that does not decode.
+    #[error("malformed message: snapshot membership: {0}")]
+    Membership(Arc<MembershipError>),
     /// postcard failed to encode.
     #[error("encode: {0}")]
     Encode(postcard::Error),
@@ -96,6 +100,12 @@ enum WireBody<'a> {
     ReadIndexResponse {
         ctx: u64,
         index: u64,
+    },
+    Snapshot {
+        index: u64,
+        term: u64,
+        /// [`Membership::encode`], which has its own version byte.
+        membership: Bytes,
     },
 }
 
@@ -200,9 +210,11 @@ fn to_wire(message: &Message) -> Result<WireMessage<'_>, WireError> {
             read_round: *read_round,
         },
         MessageBody::TimeoutNow => WireBody::TimeoutNow,
-        MessageBody::Snapshot { .. } => {
-            return Err(WireError::UnsupportedMessage { kind: "snapshot" });
-        }
+        MessageBody::Snapshot { meta } => WireBody::Snapshot {
+            index: meta.index,
+            term: meta.term,
+            membership: meta.membership.encode(),
+        },
         MessageBody::ReadIndexRequest { ctx } => WireBody::ReadIndexRequest { ctx: *ctx },
         MessageBody::ReadIndexResponse { ctx, index } => WireBody::ReadIndexResponse {
             ctx: *ctx,
@@ -302,6 +314,18 @@ pub fn decode(bytes: &Bytes) -> Result<Message, WireError> {
         WireBody::TimeoutNow => MessageBody::TimeoutNow,
         WireBody::ReadIndexRequest { ctx } => MessageBody::ReadIndexRequest { ctx },
         WireBody::ReadIndexResponse { ctx, index } => MessageBody::ReadIndexResponse { ctx, index },
+        WireBody::Snapshot {
+            index,
+            term,
+            membership,
+        } => MessageBody::Snapshot {
+            meta: SnapshotMeta {
+                index,
+                term,
+                membership: Membership::decode(&membership)
+                    .map_err(|e| WireError::Membership(Arc::new(e)))?,
+            },
+        },
     };
     Ok(Message {
         from: wire.from,
@@ -381,7 +405,47 @@ mod tests {
             any::<u64>().prop_map(|ctx| MessageBody::ReadIndexRequest { ctx }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(ctx, index)| MessageBody::ReadIndexResponse { ctx, index }),
+            (any::<u64>(), any::<u64>(), membership()).prop_map(|(index, term, membership)| {
+                MessageBody::Snapshot {
+                    meta: SnapshotMeta {
+                        index,
+                        term,
+                        membership,
+                    },
+                }
+            }),
         ]
+    }
+
+    /// Valid memberships, simple or joint, with learners. A joint one can
+    /// only be made by the core or decoded, so it is decoded here.
+    fn membership() -> impl Strategy<Value = Membership> {
+        let ids = |range: std::ops::Range<u64>, len| {
+            proptest::collection::btree_set(range, len).prop_map(|s| s.into_iter().collect())
+        };
+        (
+            ids(1..20, 1..5),
+            proptest::option::of(ids(1..20, 1..5)),
+            ids(20..30, 0..3),
+        )
+            .prop_map(|(voters, outgoing, learners): (Vec<u64>, _, Vec<u64>)| {
+                let list = |out: &mut Vec<u8>, ids: &[u64]| {
+                    out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+                    ids.iter()
+                        .for_each(|id| out.extend_from_slice(&id.to_le_bytes()));
+                };
+                let mut bytes = vec![1];
+                list(&mut bytes, &voters);
+                match &outgoing {
+                    Some(outgoing) => {
+                        bytes.push(1);
+                        list(&mut bytes, outgoing);
+                    }
+                    None => bytes.push(0),
+                }
+                list(&mut bytes, &learners);
+                Membership::decode(&bytes).unwrap()
+            })
     }
 
     fn message() -> impl Strategy<Value = Message> {
@@ -464,6 +528,31 @@ mod tests {
         };
         let range = bytes.as_ptr_range();
         assert!(range.contains(&entries[0].data.as_ptr()));
+    }
+
+    #[test]
+    fn a_snapshot_with_a_malformed_membership_is_refused() {
+        let m = Message {
+            from: 1,
+            to: 2,
+            term: 3,
+            body: MessageBody::Snapshot {
+                meta: SnapshotMeta {
+                    index: 10,
+                    term: 3,
+                    membership: Membership::new([1, 2, 3], []).unwrap(),
+                },
+            },
+        };
+        let mut bytes = encode(&m).unwrap();
+        // from, to, term, tag, index, term, length, then the membership's
+        // version byte.
+        assert_eq!(bytes[3], 11, "Snapshot is the last variant");
+        bytes[7] = 9;
+        assert!(matches!(
+            decode(&Bytes::from(bytes)),
+            Err(WireError::Membership(_))
+        ));
     }
 
     #[test]

@@ -249,8 +249,16 @@ impl FjallStore {
         )
     }
 
-    /// [`LogStore::compact_prefix`] without waiting: queued behind the writes
-    /// already queued, `done` called on the writer thread once it is durable.
+    /// [`LogStore::compact_prefix`] without waiting, like
+    /// [`save_then`](Self::save_then): `done` gets the outcome on the writer
+    /// thread once it is durable.
+    ///
+    /// Ordering: every write queued through this store (`save_then`,
+    /// `compact_then`, `reset_then` and the blocking calls) is validated against
+    /// the log as the writes queued before it leave it, and made durable in queue
+    /// order: a write is never durable before one queued earlier. Writes the writer
+    /// finds queued together commit as one atomic batch with one sync; which
+    /// writes those are depends on timing.
     pub fn compact_then(
         &self,
         upto: u64,
@@ -259,9 +267,17 @@ impl FjallStore {
         self.submit_then(Op::Compact(upto), Box::new(done))
     }
 
-    /// [`LogStore::reset`] without waiting, ordered with the writes queued
-    /// before and after it. The reset itself is atomic; a save queued after
-    /// it may land in the same group or the next one.
+    /// [`LogStore::reset`] without waiting, for installing a snapshot: `done` gets
+    /// the outcome on the writer thread once it is durable.
+    ///
+    /// Ordered with the other writes as [`compact_then`](Self::compact_then)
+    /// says: a [`save_then`](Self::save_then) queued after it (hard state and the
+    /// entries after the snapshot) is validated against the reset log and is never
+    /// durable without the reset. Whether the two share one atomic batch depends on
+    /// whether the writer thread wakes between the two calls: usually they do, but
+    /// a crash may also find the reset durable and the save not, which is a
+    /// consistent state (the log is the snapshot's, the save is simply lost as an
+    /// unacknowledged write would be).
     pub fn reset_then(
         &self,
         index: u64,
