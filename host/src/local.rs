@@ -356,8 +356,8 @@ impl LocalCluster {
 
     /// The last lines of node `id`'s log.
     pub fn log_tail(&self, id: u64, lines: usize) -> String {
-        let log = std::fs::read_to_string(self.dir.join(format!("node-{id}.log")))
-            .unwrap_or_default();
+        let log =
+            std::fs::read_to_string(self.dir.join(format!("node-{id}.log"))).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(lines).collect();
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }

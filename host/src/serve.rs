@@ -4,8 +4,10 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, bail};
 use kythira_api::{ApiError, Reply, Request};
+use kythira_node::node::{SnapshotDone, SnapshotSent, snapshot_dir};
 use kythira_node::{Caller, Network, Node, NodeConfig, NodeHandle};
 use kythira_raft::Message;
+use kythira_storage::SnapshotStore;
 use kythira_transport::endpoint::Endpoint;
 use kythira_transport::peer::{PeerConfig, PeerNet};
 use kythira_transport::pki::{Identity, Role};
@@ -29,6 +31,21 @@ impl Network for Peers {
         if let Err(e) = self.0.set_peers(peers) {
             tracing::warn!("peer set not updated: {e}");
         }
+    }
+
+    fn send_snapshot(&self, m: Message, done: SnapshotDone) {
+        let net = self.0.clone();
+        tokio::spawn(async move {
+            let outcome = net.send_snapshot(m).await;
+            done(
+                outcome
+                    .map(|sent| SnapshotSent {
+                        bytes_sent: sent.bytes_sent,
+                        resumed_from: sent.resumed_from,
+                    })
+                    .map_err(|e| e.to_string()),
+            );
+        });
     }
 }
 
@@ -84,8 +101,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .filter(|(id, _)| **id != cfg.id)
         .map(|(id, m)| (*id, m.peer))
         .collect();
-    let (net, inbound) = peer_endpoint.start_peers(PeerConfig::new(cfg.id, peers))?;
-    let node = Node::start(
+    // One store shared by the node, which writes and installs snapshots, and
+    // the peer network, which sends and receives them.
+    let snapshots = SnapshotStore::open(snapshot_dir(&cfg.data_dir))?;
+    let (net, inbound) = peer_endpoint
+        .start_peers(PeerConfig::new(cfg.id, peers).with_snapshots(snapshots.clone()))?;
+    let node = Node::start_with_snapshots(
         NodeConfig {
             id: cfg.id,
             // A joining node learns the voters from the log.
@@ -115,6 +136,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cluster_id,
             seed: seed(cfg.id),
         },
+        snapshots,
         Peers(net),
         inbound,
     )?;

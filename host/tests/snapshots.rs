@@ -30,15 +30,25 @@ async fn local_value(c: &TestCluster, id: u64, key: &str) -> Option<String> {
         .map(json)
 }
 
-/// Waits until node `id` applied as far as the leader committed and holds
-/// `key` = `value`.
+/// Waits until node `id` holds `key` = `value` by its own state, and has a
+/// snapshot.
 async fn caught_up(c: &TestCluster, admin: &Client, id: u64, key: &str, value: &str) {
     let want = format!(r#"{{"value":"{value}"}}"#);
-    eventually(Duration::from_secs(120), "the node to catch up", || {
-        let want = want.clone();
-        async move { local_value(c, id, key).await.as_deref() == Some(want.as_str()) }
-    })
-    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while local_value(c, id, key).await.as_deref() != Some(want.as_str()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {id} did not catch up; its log ends:\n{}\nthe others' logs end:\n{}",
+            c.log_tail(id, 40),
+            c.ids()
+                .into_iter()
+                .filter(|&o| o != id)
+                .map(|o| c.log_tail(o, 25))
+                .collect::<Vec<_>>()
+                .join("\n----\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let s = admin.status_of(c.addr(id)).await.unwrap();
     assert!(s.snapshot_index > 0, "node {id} has no snapshot: {s:?}");
 }

@@ -24,7 +24,7 @@ use crate::image::Image;
 use crate::machines::{Machines, PluginInfo};
 use crate::metrics::{Metrics, ProposalFailure};
 use crate::snapshots::Policy;
-use kythira_storage::SnapshotStore;
+use kythira_storage::{SnapshotReader, SnapshotStore};
 
 /// Work for the applier, in log order.
 pub enum Work {
@@ -52,11 +52,13 @@ pub enum Work {
     },
     /// This node stopped leading: fail every waiter, their outcome is unknown.
     Abandon,
-    /// The core installed the snapshot at `index`, the latest in the store:
-    /// replace the state with it.
+    /// The core installed the snapshot at `index`: replace the state with
+    /// the one `reader` holds.
     Install {
         /// Index of the snapshot.
         index: u64,
+        /// The snapshot's file, opened when the core installed it.
+        reader: SnapshotReader,
     },
 }
 
@@ -125,17 +127,15 @@ impl State {
                     let _ = reply.send(lost(&self.shared.metrics));
                 }
             }
-            Work::Install { index } => {
+            Work::Install { index, reader } => {
                 let started = Instant::now();
-                let machines =
-                    match load_snapshot(&self.snapshots.store, index, &self.machines, &self.shared)
-                    {
-                        Ok(m) => m,
-                        // The log is already reset to the snapshot: without its
-                        // state this replica cannot go on. A restart recovers
-                        // from the snapshot file (or reports it damaged).
-                        Err(e) => panic!("cannot install the snapshot at index {index}: {e}"),
-                    };
+                let machines = match load_snapshot(reader, index, &self.machines, &self.shared) {
+                    Ok(m) => m,
+                    // The log is already reset to the snapshot: without its
+                    // state this replica cannot go on. A restart recovers
+                    // from the snapshot file (or reports it damaged).
+                    Err(e) => panic!("cannot install the snapshot at index {index}: {e}"),
+                };
                 self.machines = machines;
                 self.snapshots.policy.restart();
                 self.shared.metrics.snapshots_installed.inc();
@@ -204,6 +204,9 @@ impl State {
     fn published(&self) {
         let (machines, shared) = (&self.machines, &self.shared);
         shared.applied.store(machines.applied(), Ordering::Release);
+        shared
+            .log_time_ms
+            .fetch_max(machines.last_timestamp_ms(), Ordering::Release);
         shared.metrics.applied_index.set(machines.applied());
         shared
             .sessions
@@ -219,15 +222,14 @@ impl State {
     }
 }
 
-/// Reads the latest snapshot of `store`, which must be at `index`, and
-/// rebuilds the state it holds.
+/// Reads the snapshot at `index` and rebuilds the state it holds.
 fn load_snapshot(
-    store: &SnapshotStore,
+    reader: SnapshotReader,
     index: u64,
     current: &Machines,
     shared: &Shared,
 ) -> Result<Machines, String> {
-    let image = read_image(store)?;
+    let image = decode_image(reader)?;
     if image.applied != index {
         return Err(format!(
             "the latest snapshot holds the state at index {}, not {index}",
@@ -240,11 +242,16 @@ fn load_snapshot(
 /// Reads and decodes the latest snapshot's state; its checksum is verified
 /// on the way.
 pub fn read_image(store: &SnapshotStore) -> Result<Image, String> {
-    use std::io::Read as _;
-    let mut reader = store
+    let reader = store
         .open_latest()
         .map_err(|e| e.to_string())?
         .ok_or("there is no snapshot")?;
+    decode_image(reader)
+}
+
+/// Reads and decodes a snapshot's state, verifying its checksum.
+fn decode_image(mut reader: SnapshotReader) -> Result<Image, String> {
+    use std::io::Read as _;
     let mut data = Vec::with_capacity(usize::try_from(reader.info().data_len).unwrap_or(0));
     reader
         .read_to_end(&mut data)
@@ -268,6 +275,10 @@ pub struct Shared {
     /// The members' addresses as applied; the event loop watches it to
     /// reach new members and to learn that this node was removed.
     pub addresses: tokio::sync::watch::Sender<AddressBook>,
+    /// Log time of the last entry applied: a leader never stamps an entry
+    /// earlier, even right after installing a snapshot whose entries it
+    /// never saw.
+    pub log_time_ms: AtomicU64,
 }
 
 /// Sends work to the applier thread.
@@ -296,18 +307,23 @@ impl Applier {
     ) -> std::io::Result<(Self, oneshot::Receiver<()>)> {
         let (work, queue) = mpsc::channel::<Work>();
         let (alive, gone) = oneshot::channel::<()>();
+        let mut state = State {
+            machines,
+            shared,
+            snapshots,
+            waiters: HashMap::new(),
+            reads: Vec::new(),
+        };
+        // A node restarted from a snapshot holds machines, sessions and
+        // addresses that no entry will announce: publish them before the
+        // event loop and the edge look.
+        state.published();
+        publish(&state.machines, &state.shared);
         thread::Builder::new()
             .name("kythira-apply".into())
             .spawn(move || {
                 // Dropped when the thread ends, unwinding included.
                 let _alive = alive;
-                let mut state = State {
-                    machines,
-                    shared,
-                    snapshots,
-                    waiters: HashMap::new(),
-                    reads: Vec::new(),
-                };
                 for w in queue {
                     state.handle(w);
                 }

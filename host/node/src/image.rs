@@ -164,6 +164,13 @@ impl Image {
         postcard::to_stdvec(self).expect("an image always encodes")
     }
 
+    /// Writes the image's bytes (as [`Image::encode`] gives them) to `out`.
+    pub fn encode_into(&self, out: impl std::io::Write) -> std::io::Result<()> {
+        postcard::to_io(self, out)
+            .map(drop)
+            .map_err(std::io::Error::other)
+    }
+
     /// Reads an image written by [`Image::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Self, ImageError> {
         // The layout version comes first, so another layout is named as

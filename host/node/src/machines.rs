@@ -112,6 +112,11 @@ impl Machines {
         self
     }
 
+    /// Log time of the last entry applied.
+    pub fn last_timestamp_ms(&self) -> u64 {
+        self.last_timestamp_ms
+    }
+
     /// Where compiled plugins are cached.
     pub fn cache_dir(&self) -> Option<std::path::PathBuf> {
         self.cache_dir.clone()

@@ -553,7 +553,9 @@ impl<N: Network> EventLoop<N> {
             Command::Propose { op, reply } => {
                 // Leader time never goes back along the log, even if this
                 // node's clock is behind the previous leader's.
-                let ts = now_ms().max(self.last_timestamp_ms);
+                let ts = now_ms()
+                    .max(self.last_timestamp_ms)
+                    .max(self.shared.log_time_ms.load(Ordering::Acquire));
                 let op = match op {
                     Op::RegisterSession { .. } => Op::RegisterSession {
                         ttl_ms: self.session_ttl_ms,
@@ -700,13 +702,19 @@ impl<N: Network> EventLoop<N> {
                 }
                 if let Some(meta) = &w.snapshot {
                     // The state machines restart from it before any entry
-                    // after it reaches the applier.
+                    // after it reaches the applier. Opened here, while it
+                    // is surely the store's latest: the network published
+                    // it just before the core saw its message.
                     tracing::info!(
                         index = meta.index,
                         term = meta.term,
                         "installing a snapshot"
                     );
-                    self.applier.send(Work::Install { index: meta.index })?;
+                    let reader = self.snaps.open_installed(meta)?;
+                    self.applier.send(Work::Install {
+                        index: meta.index,
+                        reader,
+                    })?;
                 }
                 // The writer thread makes writes durable in the order
                 // handed out; the driver bounds how many are outstanding.

@@ -481,12 +481,20 @@ impl Machine {
     /// checkpoint reference and of the commands since, no plugin call.
     pub fn image(&self) -> MachineImage {
         let replay = &self.checkpoint.replay;
+        // One copy of the commands, sliced per command.
+        let all = Bytes::copy_from_slice(&replay.bytes);
+        let mut start = 0;
         MachineImage {
             checkpoint_index: self.checkpoint.index,
             checkpoint_state: self.checkpoint.state.clone(),
             replay: replay
+                .entries
                 .iter()
-                .map(|(ctx, command)| (ctx, Bytes::copy_from_slice(command)))
+                .map(|&(ctx, end)| {
+                    let command = all.slice(start..end);
+                    start = end;
+                    (ctx, command)
+                })
                 .collect(),
             counted_bytes: replay.counted_bytes(),
             unavailable: self.unavailable().map(str::to_owned),
@@ -544,7 +552,16 @@ impl Machine {
         };
         machine.instance = match &image.unavailable {
             Some(reason) => Instance::Unavailable(reason.clone()),
-            None => Instance::Live(machine.rebuild()?),
+            None => match machine.rebuild() {
+                Ok(live) => Instance::Live(live),
+                // A host failure (no free instance slot): the machine is
+                // whole, and builds its instance at the next call.
+                Err(CallError::Internal(e)) => {
+                    tracing::warn!(plugin = %machine.plugin.hash(), error = %e, "resumed without an instance; will rebuild");
+                    Instance::Lost
+                }
+                Err(e) => return Err(e),
+            },
         };
         Ok(machine)
     }

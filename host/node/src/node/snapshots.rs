@@ -10,17 +10,27 @@
 //! than from a whole snapshot; the log thus holds at most about two snapshot
 //! intervals.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use kythira_raft::{CompactError, Message, MessageBody, NodeId, Role, SnapshotMeta};
-use kythira_storage::{SnapshotInfo, SnapshotStore};
+use kythira_storage::{SnapshotInfo, SnapshotReader, SnapshotStore};
 use tokio::sync::mpsc;
 
 use super::{EventLoop, Network, SnapshotSent};
 use crate::NodeError;
 use crate::disk;
 use crate::image::Image;
+
+/// How long after a failed transfer the core hears of it (and so sends
+/// again): a follower that refuses at once (busy with another sender's
+/// transfer, or out of space) is not offered the snapshot at every
+/// heartbeat.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a leader keeps the log after a snapshot it sent for the
+/// follower to catch up from, if that follower never does (it died).
+const PIN_FOR: Duration = Duration::from_secs(120);
 
 /// What finished off the event loop.
 pub enum SnapshotEvent {
@@ -32,6 +42,11 @@ pub enum SnapshotEvent {
         to: NodeId,
         /// Its outcome.
         result: Result<SnapshotSent, String>,
+    },
+    /// The pause after a failed transfer to `to` is over.
+    Retry {
+        /// The follower.
+        to: NodeId,
     },
 }
 
@@ -54,8 +69,13 @@ pub struct SnapshotState {
     next: Option<Image>,
     /// Durable snapshots the log is not yet compacted behind, oldest first.
     durable: VecDeque<SnapshotMeta>,
-    /// Followers a transfer is under way to.
+    /// Followers a transfer is under way to (or paused after a failure).
     sending: BTreeSet<NodeId>,
+    /// On a leader: followers sent a snapshot, with its index and when,
+    /// until their match index passes it. The log after it is kept for
+    /// them: compacting it away would send them another snapshot, and
+    /// under steady writes they might never catch up.
+    pins: BTreeMap<NodeId, (u64, Instant)>,
 }
 
 impl SnapshotState {
@@ -67,6 +87,55 @@ impl SnapshotState {
             next: None,
             durable: VecDeque::new(),
             sending: BTreeSet::new(),
+            pins: BTreeMap::new(),
+        }
+    }
+
+    /// Opens the snapshot the core is installing, which the network
+    /// published as the store's latest before the core saw its message.
+    pub(super) fn open_installed(&self, meta: &SnapshotMeta) -> Result<SnapshotReader, NodeError> {
+        let reader = self.store.open_latest()?;
+        match reader {
+            Some(r) if (r.info().meta.index, r.info().meta.term) == (meta.index, meta.term) => {
+                Ok(r)
+            }
+            other => Err(NodeError::Corrupt(format!(
+                "installing the snapshot at index {} term {}, but the store's latest is {:?}; \
+                 a restart recovers from the store",
+                meta.index,
+                meta.term,
+                other.map(|r| (r.info().meta.index, r.info().meta.term))
+            ))),
+        }
+    }
+}
+
+/// Reports a transfer's outcome exactly once: through the callback, or, if
+/// the network drops the callback uncalled, as a failure, so the follower is
+/// never left waiting on a transfer nobody runs.
+struct Report {
+    events: mpsc::UnboundedSender<SnapshotEvent>,
+    to: NodeId,
+    done: bool,
+}
+
+impl Report {
+    fn send(mut self, result: Result<SnapshotSent, String>) {
+        self.done = true;
+        let _ = self.events.send(SnapshotEvent::Sent {
+            to: self.to,
+            result,
+        });
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.events.send(SnapshotEvent::Sent {
+                to: self.to,
+                result: Err("the transfer ended without an outcome".into()),
+            });
         }
     }
 }
@@ -140,7 +209,6 @@ impl<N: Network> EventLoop<N> {
                 }
             }
             SnapshotEvent::Sent { to, result } => {
-                self.snaps.sending.remove(&to);
                 let metrics = self.metrics();
                 metrics.snapshot_transfer(result.is_ok());
                 match &result {
@@ -156,7 +224,23 @@ impl<N: Network> EventLoop<N> {
                     }
                     Err(e) => tracing::warn!(to, "snapshot not sent: {e}"),
                 }
-                self.driver.report_snapshot(to, result.is_ok());
+                if result.is_ok() {
+                    self.snaps.sending.remove(&to);
+                    self.driver.report_snapshot(to, true);
+                } else {
+                    // The log kept for it is free again; the core hears of
+                    // the failure (and sends anew) after a pause.
+                    self.snaps.pins.remove(&to);
+                    let events = self.snaps.events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(RETRY_AFTER).await;
+                        let _ = events.send(SnapshotEvent::Retry { to });
+                    });
+                }
+            }
+            SnapshotEvent::Retry { to } => {
+                self.snaps.sending.remove(&to);
+                self.driver.report_snapshot(to, false);
             }
         }
         Ok(())
@@ -168,6 +252,15 @@ impl<N: Network> EventLoop<N> {
         let raft = self.driver.raft();
         let leads = raft.role() == Role::Leader;
         let members = raft.membership().members();
+        // Snapshots sent to followers that have not caught up past them yet
+        // bound the compaction.
+        let now = Instant::now();
+        self.snaps.pins.retain(|&id, &mut (index, since)| {
+            leads
+                && now.duration_since(since) < PIN_FOR
+                && raft.progress(id).is_some_and(|p| p.matched < index)
+        });
+        let floor = self.snaps.pins.values().map(|&(index, _)| index).min();
         let caught_up = |index: u64| {
             !leads
                 || members
@@ -182,6 +275,7 @@ impl<N: Network> EventLoop<N> {
             .iter()
             .enumerate()
             .rev()
+            .filter(|(_, meta)| floor.is_none_or(|floor| meta.index <= floor))
             .find(|(i, meta)| i + 1 < newest || caught_up(meta.index))
             .map(|(i, _)| i);
         let Some(target) = target else {
@@ -232,14 +326,17 @@ impl<N: Network> EventLoop<N> {
             Some(Err(e)) => return self.sent(to, Err(e.to_string())),
             None => return self.sent(to, Err("this node has no snapshot".into())),
         };
-        let events = self.snaps.events.clone();
+        if let MessageBody::Snapshot { meta } = &m.body {
+            self.snaps.pins.insert(to, (meta.index, Instant::now()));
+        }
+        let report = Report {
+            events: self.snaps.events.clone(),
+            to,
+            done: false,
+        };
         tracing::info!(to, "sending a snapshot");
-        self.net.send_snapshot(
-            m,
-            Box::new(move |result| {
-                let _ = events.send(SnapshotEvent::Sent { to, result });
-            }),
-        );
+        self.net
+            .send_snapshot(m, Box::new(move |result| report.send(result)));
     }
 
     fn sent(&mut self, to: NodeId, result: Result<SnapshotSent, String>) {
@@ -256,9 +353,8 @@ fn write(
     let mut writer = store
         .begin(disk::storage_meta(meta))
         .map_err(|e| e.to_string())?;
-    writer
-        .write_chunk(&image.encode())
-        .map_err(|e| e.to_string())?;
+    // Streamed into the file: no second copy of the state in memory.
+    image.encode_into(&mut writer).map_err(|e| e.to_string())?;
     // Durability: finish syncs the file and its directory entry before the
     // log behind it may be compacted.
     writer.finish().map_err(|e| e.to_string())
