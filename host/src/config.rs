@@ -68,6 +68,9 @@ pub struct SnapshotsSection {
     /// Snapshot once the entries applied since the last snapshot point
     /// reach this many MiB (0: never by size).
     pub every_mib: u64,
+    /// Most MiB per second one snapshot transfer to a follower sends
+    /// (0: unbounded).
+    pub send_mib_per_s: f64,
 }
 
 impl Default for SnapshotsSection {
@@ -75,6 +78,7 @@ impl Default for SnapshotsSection {
         Self {
             every_entries: 10_000,
             every_mib: 64,
+            send_mib_per_s: 0.0,
         }
     }
 }
@@ -181,6 +185,8 @@ pub struct Config {
     pub max_component_bytes: usize,
     pub snapshot_entries: u64,
     pub snapshot_bytes: u64,
+    /// Bytes per second of a snapshot transfer, if bounded.
+    pub snapshot_send_rate: Option<u64>,
 }
 
 /// Reads and validates the configuration at `path`.
@@ -315,7 +321,20 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
         max_component_bytes: usize::try_from(l.max_component_mib << 20).unwrap_or(usize::MAX),
         snapshot_entries: file.snapshots.every_entries,
         snapshot_bytes: file.snapshots.every_mib.saturating_mul(1 << 20),
+        snapshot_send_rate: send_rate(file.snapshots.send_mib_per_s, path)?,
     })
+}
+
+/// `send_mib_per_s` in bytes per second; 0 is unbounded.
+fn send_rate(mib_per_s: f64, path: &Path) -> anyhow::Result<Option<u64>> {
+    if !mib_per_s.is_finite() || mib_per_s < 0.0 {
+        bail!(
+            "{}: snapshots.send_mib_per_s must be 0 (unbounded) or a positive number, not {mib_per_s}",
+            path.display()
+        );
+    }
+    let rate = (mib_per_s * f64::from(1u32 << 20)) as u64;
+    Ok((rate > 0).then_some(rate))
 }
 
 /// toml's message names the key; say which file and line it is on.

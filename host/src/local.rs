@@ -32,6 +32,8 @@ pub struct Options {
     pub start_timeout: Duration,
     /// `[snapshots] every_entries` of every node; `None` keeps the default.
     pub snapshot_every: Option<u64>,
+    /// `[snapshots] send_mib_per_s` of every node; `None` keeps the default.
+    pub snapshot_send_mib_per_s: Option<f64>,
 }
 
 impl Default for Options {
@@ -42,6 +44,7 @@ impl Default for Options {
             tick_ms: 50,
             start_timeout: Duration::from_secs(120),
             snapshot_every: None,
+            snapshot_send_mib_per_s: None,
         }
     }
 }
@@ -65,6 +68,7 @@ pub struct LocalCluster {
     tick_ms: u64,
     http: bool,
     snapshot_every: Option<u64>,
+    snapshot_send_mib_per_s: Option<f64>,
     keep: bool,
 }
 
@@ -114,6 +118,7 @@ impl LocalCluster {
             tick_ms: opts.tick_ms,
             http: opts.http,
             snapshot_every: opts.snapshot_every,
+            snapshot_send_mib_per_s: opts.snapshot_send_mib_per_s,
             keep: false,
         };
         for id in 1..=opts.nodes {
@@ -190,9 +195,16 @@ impl LocalCluster {
             .http
             .map_or(String::new(), |a| format!("http = \"{a}\"\n"));
         let join_line = if join { "join = true\n" } else { "" };
-        let snapshots = self.snapshot_every.map_or(String::new(), |n| {
-            format!("\n[snapshots]\nevery_entries = {n}\n")
-        });
+        let mut snapshots = String::new();
+        if let Some(n) = self.snapshot_every {
+            snapshots.push_str(&format!("every_entries = {n}\n"));
+        }
+        if let Some(rate) = self.snapshot_send_mib_per_s {
+            snapshots.push_str(&format!("send_mib_per_s = {rate:?}\n"));
+        }
+        if !snapshots.is_empty() {
+            snapshots.insert_str(0, "\n[snapshots]\n");
+        }
         std::fs::write(
             &node.config,
             format!(

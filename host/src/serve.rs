@@ -104,8 +104,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // One store shared by the node, which writes and installs snapshots, and
     // the peer network, which sends and receives them.
     let snapshots = SnapshotStore::open(snapshot_dir(&cfg.data_dir))?;
-    let (net, inbound) = peer_endpoint
-        .start_peers(PeerConfig::new(cfg.id, peers).with_snapshots(snapshots.clone()))?;
+    let (net, inbound) = peer_endpoint.start_peers(PeerConfig {
+        snapshot_send_rate: cfg.snapshot_send_rate,
+        ..PeerConfig::new(cfg.id, peers).with_snapshots(snapshots.clone())
+    })?;
     let node = Node::start_with_snapshots(
         NodeConfig {
             id: cfg.id,

@@ -49,7 +49,10 @@ async fn caught_up(c: &TestCluster, admin: &Client, id: u64, key: &str, value: &
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let s = admin.status_of(c.addr(id)).await.unwrap();
+    let s = admin
+        .status_of(c.addr(id))
+        .await
+        .unwrap_or_else(|e| panic!("status of node {id}: {e}; log:\n{}", c.log_tail(id, 30)));
     assert!(s.snapshot_index > 0, "node {id} has no snapshot: {s:?}");
 }
 
@@ -101,4 +104,70 @@ async fn a_node_down_during_compaction_catches_up_through_a_snapshot_even_if_kil
         assert!(want.is_some());
         assert_eq!(local_value(&c, down, key).await, want, "{key}");
     }
+}
+
+/// Bytes of node `id`'s partial snapshot reception, if one is under way.
+fn partial_bytes(c: &TestCluster, id: u64) -> u64 {
+    let dir = c.dir().join(format!("data/node-{id}/snapshots"));
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("incoming-"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The largest `resumed_from` among the snapshots node `id` received.
+fn resumed_from(c: &TestCluster, id: u64) -> u64 {
+    let log = std::fs::read_to_string(c.dir().join(format!("node-{id}.log"))).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains("snapshot received"))
+        .filter_map(|l| l.split("resumed_from=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_cut_by_killing_its_sender_resumes_from_the_new_leader() {
+    // Transfers paced at 1 MiB/s, so a 4 MiB snapshot takes seconds: long
+    // enough to cut it in the middle.
+    let mut c = start(Options {
+        snapshot_every: Some(20),
+        snapshot_send_mib_per_s: Some(1.0),
+        ..Options::default()
+    });
+    deploy(&c, "kv");
+    let admin = client(&c, "admin");
+    let app = client(&c, "app");
+    let leader = leader(&admin, &c).await;
+    let down = c.ids().into_iter().find(|&id| id != leader).unwrap();
+    c.kill(down);
+    let value = "x".repeat(32 << 10);
+    for i in 0..128 {
+        app.apply("kv", put(&format!("big{i}"), &value))
+            .await
+            .expect("put");
+    }
+    let term = admin.status_of(c.addr(leader)).await.unwrap().term;
+
+    c.start(down).unwrap();
+    eventually(Duration::from_secs(60), "a partial snapshot", || {
+        let held = partial_bytes(&c, down);
+        async move { held >= 1 << 20 }
+    })
+    .await;
+    c.kill(leader);
+    new_leader_after(&admin, &c, leader, term, Duration::from_secs(60)).await;
+
+    caught_up(&c, &admin, down, "big127", &value).await;
+    let resumed = resumed_from(&c, down);
+    assert!(
+        resumed >= 1 << 20,
+        "the transfer started over (resumed from {resumed}); log:\n{}",
+        c.log_tail(down, 30)
+    );
 }

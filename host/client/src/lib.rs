@@ -232,7 +232,7 @@ impl Client {
     /// One round trip of the client protocol to `endpoint`, answered by its
     /// connection handler without involving the node.
     pub async fn ping(&self, endpoint: SocketAddr) -> Result<(), ClientError> {
-        match self.attempt(endpoint, &Request::Ping).await {
+        match self.attempt_fresh(endpoint, &Request::Ping).await {
             Ok(Response::Pong) => Ok(()),
             Ok(other) => Err(unexpected(&other)),
             Err(Failure::Fatal(e)) => Err(e),
@@ -248,7 +248,7 @@ impl Client {
     /// The status of the node at `endpoint` (not necessarily the leader).
     pub async fn status_of(&self, endpoint: SocketAddr) -> Result<NodeStatus, ClientError> {
         let reply = self
-            .attempt(endpoint, &Request::Status)
+            .attempt_fresh(endpoint, &Request::Status)
             .await
             .map_err(|f| match f {
                 Failure::Retry { why, .. } | Failure::Ambiguous(why) => ClientError::Unavailable {
@@ -375,6 +375,20 @@ impl Client {
         };
         self.conns.lock().expect("lock").insert(addr, c.clone());
         Ok(c)
+    }
+
+    /// [`Self::attempt`] for a read-only request to one node: a failure on
+    /// a connection opened earlier (the node may have restarted since, and
+    /// a dead connection only shows as silence) gets one more attempt on a
+    /// new connection.
+    async fn attempt_fresh(&self, addr: SocketAddr, req: &Request) -> Result<Response, Failure> {
+        debug_assert!(!req.is_write());
+        let cached = self.conns.lock().expect("lock").contains_key(&addr);
+        match self.attempt(addr, req).await {
+            // A failed attempt dropped the connection: this one is new.
+            Err(Failure::Retry { .. }) if cached => self.attempt(addr, req).await,
+            other => other,
+        }
     }
 
     async fn attempt(&self, addr: SocketAddr, req: &Request) -> Result<Response, Failure> {

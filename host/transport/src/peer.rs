@@ -131,6 +131,10 @@ pub struct PeerConfig {
     pub max_snapshot_bytes: u64,
     /// How long [`PeerNet::send_snapshot`] waits for a connection to the peer.
     pub snapshot_connect_timeout: Duration,
+    /// Most bytes per second one snapshot transfer sends (`None`: as fast as
+    /// the connection goes), so that catching a follower up leaves room for
+    /// the Raft traffic on a shared link.
+    pub snapshot_send_rate: Option<u64>,
 }
 
 impl PeerConfig {
@@ -147,6 +151,7 @@ impl PeerConfig {
             snapshots: None,
             max_snapshot_bytes: 16 << 30,
             snapshot_connect_timeout: Duration::from_secs(10),
+            snapshot_send_rate: None,
         }
     }
 
@@ -582,6 +587,7 @@ impl PeerNet {
             store: config.snapshots,
             max_bytes: config.max_snapshot_bytes,
             connect_timeout: config.snapshot_connect_timeout,
+            send_rate: config.snapshot_send_rate.filter(|&r| r > 0),
             max_frame: config.max_frame,
             receiving: Semaphore::new(1),
         });

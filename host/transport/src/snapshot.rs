@@ -181,6 +181,8 @@ pub(crate) struct Snapshots {
     pub(crate) store: Option<SnapshotStore>,
     pub(crate) max_bytes: u64,
     pub(crate) connect_timeout: Duration,
+    /// Most bytes per second a transfer sends, if bounded.
+    pub(crate) send_rate: Option<u64>,
     /// Largest offer accepted.
     pub(crate) max_frame: usize,
     /// One incoming transfer at a time per node, whoever sends it: the store
@@ -275,13 +277,19 @@ pub(crate) async fn send(
         Err(_) => return Err(SnapshotError::NotConnected { to, waited }),
     };
     let started = Instant::now();
-    let limit = transfer_timeout(info.data_len);
+    // A bounded rate stretches the transfer: the limit leaves it twice the
+    // time the rate needs.
+    let paced = snapshots.send_rate.map_or(Duration::ZERO, |rate| {
+        Duration::from_secs(2 * info.data_len / rate)
+    });
+    let limit = transfer_timeout(info.data_len).max(Duration::from_secs(30) + paced);
     let mut progress = Progress::default();
     let transfer = Transfer {
         reader: Arc::new(reader),
         encoded: &encoded,
         to,
         max_frame: snapshots.max_frame,
+        rate: snapshots.send_rate,
         counters,
     };
     let transfer = transfer.run(&conn, &mut progress);
@@ -318,6 +326,8 @@ struct Transfer<'a> {
     encoded: &'a [u8],
     to: u64,
     max_frame: usize,
+    /// Most bytes per second, if bounded.
+    rate: Option<u64>,
     counters: &'a Counters,
 }
 
@@ -398,6 +408,8 @@ impl Transfer<'_> {
             let reader = self.reader.clone();
             tokio::task::spawn_blocking(move || reader.read_chunk(offset, CHUNK))
         };
+        let started = tokio::time::Instant::now();
+        let mut paced = 0u64;
         // The next chunk is read from disk while the current one is written.
         let mut next = (offset < data_len).then(|| read(offset));
         while let Some(pending) = next.take() {
@@ -406,6 +418,13 @@ impl Transfer<'_> {
             let end = offset + chunk.len() as u64;
             if end < data_len {
                 next = Some(read(end));
+            }
+            if let Some(rate) = self.rate {
+                // Pacing, not waiting for anything: the chunk leaves once
+                // the bytes sent so far fit the rate.
+                let due = Duration::from_secs_f64(paced as f64 / rate as f64);
+                tokio::time::sleep_until(started + due).await;
+                paced += chunk.len() as u64;
             }
             frame::write_frame(send, &chunk, CHUNK).await?;
             offset = end;
