@@ -50,7 +50,7 @@ sim-mutants *ARGS:
     cargo run --profile sim -p kythira-sim --features mutants --bin sim-mutants -- {{ARGS}}
 
 # Every benchmark.
-bench: bench-core bench-storage bench-plugin bench-lin bench-cluster
+bench: bench-core bench-storage bench-plugin bench-lin bench-snapshot bench-cluster
 
 bench-core:
     cargo run --release -p kythira-sim --bin bench-core
@@ -63,6 +63,11 @@ bench-plugin: plugins
 
 bench-lin:
     cargo bench -p kythira-linearizability --bench check
+
+# A 16 MiB kv state snapshotted as a node does it: the applier's copy against
+# a plain copy of the same bytes, writing with fsync, installing.
+bench-snapshot: plugins
+    cargo bench -p kythira-node --bench snapshot
 
 # A local 3-node cluster of release `kythira serve` processes (fsync on): 1, 16
 # and 64 clients writing 100-byte values for 10 s each, with the fdatasync and
