@@ -64,6 +64,16 @@ const MAX_REASON: usize = 1 << 10;
 /// How long a receiver waits for the offer after the stream opened.
 const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest silence between two chunks before a receiver gives a transfer up.
+/// A bound on silence rather than on the whole transfer: the receiver cannot
+/// know how fast the sender is allowed to send, and a stalled sender must
+/// not hold the node's one reception slot for long.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Largest offer read: the message and the header's configuration. An offer
+/// is read before the reception slot is taken, so it is kept small.
+const MAX_OFFER: usize = 1 << 20;
+
 /// The bound on a whole transfer of `data_len` bytes: generous, since a
 /// snapshot competes with the log traffic and the disk, but finite, so that
 /// a stalled peer cannot hold a transfer (and the receiver's one slot) forever.
@@ -340,6 +350,9 @@ impl Transfer<'_> {
         let to = self.to;
         let info = self.reader.info().clone();
         let (mut send, mut recv) = conn.open_bi().await?;
+        // Below the message stream (priority 0): heartbeats and appends go
+        // first when both have data queued.
+        let _ = send.set_priority(-1);
         let offer = Offer {
             version: PROTOCOL_VERSION,
             message: self.encoded,
@@ -525,7 +538,7 @@ impl Receiver {
     ) -> Result<Received, Rejection> {
         let offer = match tokio::time::timeout(
             OFFER_TIMEOUT,
-            frame::read_frame(recv, self.snapshots.max_frame),
+            frame::read_frame(recv, MAX_OFFER.min(self.snapshots.max_frame)),
         )
         .await
         {
@@ -541,13 +554,9 @@ impl Receiver {
                 "another snapshot transfer is in progress".into(),
             ));
         };
-        let limit = transfer_timeout(info.data_len);
-        match tokio::time::timeout(limit, self.take_data(store, message, info, send, recv)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(Rejection::Fail(format!(
-                "transfer timed out after {limit:?}"
-            ))),
-        }
+        // Bounded by silence between chunks (see CHUNK_TIMEOUT), not by the
+        // sender's pace, which only the sender knows.
+        self.take_data(store, message, info, send, recv).await
     }
 
     /// Checks an offer before any disk work.
@@ -582,6 +591,14 @@ impl Receiver {
                 "the offer's message is not a snapshot".into(),
             ));
         };
+        // The header is published with the file and read back at restart:
+        // it must say what the message says, or the node would restart with
+        // another membership than the one its core installed (or none).
+        if offer.configuration != &meta.membership.encode()[..] {
+            return Err(Rejection::Fail(
+                "the offer's configuration does not match its message's membership".into(),
+            ));
+        }
         if message.from != self.peer || message.to != self.us {
             bump(&self.counters.misaddressed, 1);
             return Err(Rejection::Refuse(format!(
@@ -646,7 +663,15 @@ impl Receiver {
             .map_err(|e| Rejection::Broken(e.to_string()))?;
 
         while incoming.received() < info.data_len {
-            let chunk = match frame::read_frame(recv, CHUNK).await {
+            let read = tokio::time::timeout(CHUNK_TIMEOUT, frame::read_frame(recv, CHUNK)).await;
+            let Ok(read) = read else {
+                return Err(Rejection::Fail(format!(
+                    "no data for {CHUNK_TIMEOUT:?} after {} of {} bytes",
+                    incoming.received(),
+                    info.data_len
+                )));
+            };
+            let chunk = match read {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => {
                     return Err(Rejection::Fail(format!(

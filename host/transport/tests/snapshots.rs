@@ -579,6 +579,21 @@ async fn the_receiver_checks_offers_and_chunks() {
     };
     let (_, _, answer) = offer(&conn, &not_a_snapshot).await;
     assert!(says(&answer, 3, "not a snapshot"));
+    // A header configuration other than the message's membership would be
+    // read back at restart: refused.
+    let wrong_configuration = {
+        let message = wire::encode(&snapshot_message(1, 2, INDEX)).unwrap();
+        postcard::to_stdvec(&RawOffer {
+            version: kythira_transport::snapshot::PROTOCOL_VERSION,
+            message: &message,
+            configuration: b"\x09not a membership",
+            data_len: data.len() as u64,
+            checksum: crc32c(&data),
+        })
+        .unwrap()
+    };
+    let (_, _, answer) = offer(&conn, &wrong_configuration).await;
+    assert!(says(&answer, 3, "does not match"), "{answer:?}");
 
     // The partial survived all that; a chunk past the end fails the
     // transfer and writes nothing.
@@ -630,6 +645,6 @@ async fn the_receiver_checks_offers_and_chunks() {
     let stats = net2.stats().peers[&1];
     assert_eq!(stats.misaddressed, 1);
     assert_eq!(stats.snapshots_received, 1);
-    assert_eq!(stats.snapshot_receive_failures, 7);
+    assert_eq!(stats.snapshot_receive_failures, 8);
     assert_eq!(stats.decode_errors, 0);
 }

@@ -28,8 +28,9 @@ use crate::image::Image;
 /// heartbeat.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// How long a leader keeps the log after a snapshot it sent for the
-/// follower to catch up from, if that follower never does (it died).
+/// How long after a delivered snapshot a leader keeps the log after it for
+/// the follower to catch up from, if that follower never does (it died).
+/// While the transfer runs, the log is kept whatever its length.
 const PIN_FOR: Duration = Duration::from_secs(120);
 
 /// What finished off the event loop.
@@ -226,6 +227,11 @@ impl<N: Network> EventLoop<N> {
                 }
                 if result.is_ok() {
                     self.snaps.sending.remove(&to);
+                    // The follower has the snapshot now: the time it gets
+                    // to catch up from the log runs from here.
+                    if let Some(pin) = self.snaps.pins.get_mut(&to) {
+                        pin.1 = Instant::now();
+                    }
                     self.driver.report_snapshot(to, true);
                 } else {
                     // The log kept for it is free again; the core hears of
@@ -255,10 +261,11 @@ impl<N: Network> EventLoop<N> {
         // Snapshots sent to followers that have not caught up past them yet
         // bound the compaction.
         let now = Instant::now();
+        let sending = &self.snaps.sending;
         self.snaps.pins.retain(|&id, &mut (index, since)| {
             leads
-                && now.duration_since(since) < PIN_FOR
                 && raft.progress(id).is_some_and(|p| p.matched < index)
+                && (sending.contains(&id) || now.duration_since(since) < PIN_FOR)
         });
         let floor = self.snaps.pins.values().map(|&(index, _)| index).min();
         let caught_up = |index: u64| {
