@@ -294,12 +294,18 @@ impl Node {
             applier,
             last_timestamp_ms: recovered.last_timestamp_ms,
             reads: HashMap::new(),
-            next_read: 0,
+            // Per boot, so that a late answer to a read forwarded before a
+            // restart cannot be taken for a new read's.
+            next_read: now_ms() << 20,
             was_leader: false,
             session_ttl_ms: cfg.session_ttl.as_millis() as u64,
             max_entry_bytes: cfg.max_entry_bytes,
             members: members::MemberState::new(&cfg, shared.addresses.subscribe(), ops.clone()),
             snaps: snapshots::SnapshotState::new(snapshots, snapshot_events_tx),
+            heard: HashMap::new(),
+            last_tick: std::time::Instant::now(),
+            lease_distrusted_until: std::time::Instant::now(),
+            tick: cfg.tick,
         };
         let task = tokio::spawn(event_loop.run(
             cfg.tick,
@@ -377,6 +383,14 @@ struct EventLoop<N> {
     members: members::MemberState,
     /// Snapshots being written, sent and compacted behind.
     snaps: snapshots::SnapshotState,
+    /// When each peer was last heard from: membership changes need a
+    /// majority of every voter set they involve to be alive.
+    heard: HashMap<NodeId, std::time::Instant>,
+    /// When the last tick was handled, and until when lease reads are not
+    /// trusted because ticks were late (see `lease_trusted`).
+    last_tick: std::time::Instant,
+    lease_distrusted_until: std::time::Instant,
+    tick: Duration,
 }
 
 /// What the event loop listens to.
@@ -426,6 +440,7 @@ impl<N: Network> EventLoop<N> {
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
+                    self.ticked();
                     self.driver.tick();
                     self.obs.tick(self.driver.raft(), self.shared.applied.load(Ordering::Acquire));
                     self.members_tick();
@@ -533,8 +548,37 @@ impl<N: Network> EventLoop<N> {
         None
     }
 
+    /// A tick is handled. The core counts the leader lease in ticks, and a
+    /// tick that comes late (the process was paused, throttled or starved)
+    /// is not made up: the lease would stretch in real time by the delay.
+    /// So after a late tick, lease reads go through ReadIndex for two
+    /// election timeouts, by which time any lease from before has expired.
+    fn ticked(&mut self) {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.last_tick) > self.tick * 2 {
+            self.lease_distrusted_until = now + self.election_timeout * 2;
+        }
+        self.last_tick = now;
+    }
+
+    /// Whether a lease read may be served from the lease now.
+    fn lease_trusted(&self) -> bool {
+        let now = std::time::Instant::now();
+        now >= self.lease_distrusted_until && now.duration_since(self.last_tick) <= self.tick * 2
+    }
+
+    /// Whether peer `id` was heard from within an election timeout.
+    fn heard_recently(&self, id: NodeId) -> bool {
+        id == self.driver.raft().id()
+            || self
+                .heard
+                .get(&id)
+                .is_some_and(|t| t.elapsed() <= self.election_timeout)
+    }
+
     fn step(&mut self, m: Message) {
         let from = m.from;
+        self.heard.insert(from, std::time::Instant::now());
         if let Err(e) = self.driver.step(m) {
             tracing::debug!(from, "dropped a message: {e}");
         }
@@ -618,7 +662,10 @@ impl<N: Network> EventLoop<N> {
                 let raft = self.driver.raft();
                 let started = match (lease, raft.role()) {
                     (false, _) => self.driver.read_index(ctx),
-                    (true, Role::Leader) => self.driver.lease_read(ctx),
+                    (true, Role::Leader) if self.lease_trusted() => self.driver.lease_read(ctx),
+                    // Ticks came late: the lease cannot be trusted, but a
+                    // round of heartbeats can.
+                    (true, Role::Leader) => self.driver.read_index(ctx),
                     // A follower's core would forward it as a ReadIndex:
                     // lease reads are the leader's, send the client there.
                     (true, _) => Err(ProposeError::NotLeader {
@@ -804,13 +851,19 @@ impl NodeHandle {
             }
         };
         let applied = self.shared.applied.load(Ordering::Acquire);
-        let problem = crate::health::problem(&HealthInput {
-            leader: raft.leader,
-            commit: raft.commit,
-            applied,
-            apply_stalled: raft.apply_stalled,
-            max_apply_stall: self.cfg.request_timeout,
-        });
+        let problem = match self.removed_at() {
+            // It refuses every request: no load balancer should send any.
+            Some(index) => Some(format!(
+                "this node was removed from the cluster at log index {index}"
+            )),
+            None => crate::health::problem(&HealthInput {
+                leader: raft.leader,
+                commit: raft.commit,
+                applied,
+                apply_stalled: raft.apply_stalled,
+                max_apply_stall: self.cfg.request_timeout,
+            }),
+        };
         Ok(HealthReport {
             id: self.cfg.id,
             role: role_name(raft.role),

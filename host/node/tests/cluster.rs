@@ -404,3 +404,34 @@ async fn a_node_behind_the_compacted_log_catches_up_through_a_snapshot() {
         .expect("read after restart");
     assert_eq!(value(got).as_deref(), Some(&b"v42"[..]));
 }
+
+/// A removal whose joint configuration could not commit (it needs a voter
+/// that is down) is refused before anything is proposed; removing the voter
+/// that is down is allowed, and the cluster keeps a leader throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_needs_a_voter_that_is_down_is_refused() {
+    let mut c = Cluster::new();
+    let leader = c.leader().await;
+    let others: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    let (down, live) = (others[0], others[1]);
+    c.stop(down).await;
+    let h = c.handle(leader).clone();
+    // Give the live follower time to be heard from: any write does.
+    deploy(&h).await;
+    let refused = h
+        .call(Caller::Admin, Request::RemoveMember { id: live })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("have not been heard from"), "{refused}");
+    assert!(refused.contains(&down.to_string()), "{refused}");
+    h.call(Caller::Client, put("still", "serving"))
+        .await
+        .expect("the cluster still writes");
+    h.call(Caller::Admin, Request::RemoveMember { id: down })
+        .await
+        .expect("removing the voter that is down");
+    h.call(Caller::Client, put("after", "removal"))
+        .await
+        .expect("the cluster still writes");
+}

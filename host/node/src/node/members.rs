@@ -202,7 +202,9 @@ pub(crate) fn plan(
             // them whatever its own file says.
             let mut steps: Vec<Step> = members
                 .iter()
-                .filter(|m| book.get(**m).is_none())
+                // A founder whose removal the log recorded is out even if
+                // its configuration change was cut short.
+                .filter(|m| book.get(**m).is_none() && book.removed_at(**m).is_none())
                 .filter_map(|m| {
                     configured.get(m).map(|a| {
                         Step::Record(Op::SetAddress {
@@ -222,7 +224,12 @@ pub(crate) fn plan(
             Ok(steps)
         }
         Change::Promote(id) => {
-            if membership.is_voter(id) {
+            if let Some(index) = book.removed_at(id) {
+                Err(refuse(format!(
+                    "node {id} was removed at log index {index}; finish its removal with \
+                     `members remove {id}`"
+                )))
+            } else if membership.is_voter(id) {
                 Err(refuse(format!("node {id} is a voter already")))
             } else if !membership.is_learner(id) {
                 Err(refuse(format!(
@@ -480,6 +487,41 @@ fn change_error(e: MembershipChangeError) -> ApiError {
 }
 
 impl<N: Network> EventLoop<N> {
+    /// Refuses a configuration change unless a majority of every voter set
+    /// it involves (the current voters, the outgoing ones of a joint
+    /// configuration, and the target's) was heard from within an election
+    /// timeout: the joint entry needs a majority of each to commit, and one
+    /// that cannot commit leaves the cluster without a leader until the
+    /// missing voters return (etcd's strict reconfiguration check).
+    fn alive_enough(
+        &self,
+        current: &kythira_raft::Membership,
+        target: &kythira_raft::Membership,
+    ) -> Result<(), ApiError> {
+        let now = self.driver.raft().membership();
+        let sets = [
+            Some(now.voters()),
+            now.outgoing(),
+            Some(current.voters()),
+            Some(target.voters()),
+        ];
+        for set in sets.into_iter().flatten() {
+            let alive = set.ids().filter(|&id| self.heard_recently(id)).count();
+            if alive < set.majority() {
+                let silent: Vec<NodeId> =
+                    set.ids().filter(|&id| !self.heard_recently(id)).collect();
+                let all: Vec<NodeId> = set.ids().collect();
+                return Err(refuse(format!(
+                    "voters {silent:?} have not been heard from within {:?}, and the change \
+                     needs a majority of {all:?}: it could not commit and would leave the \
+                     cluster without a leader; bring them back first",
+                    self.election_timeout
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn member_command(&mut self, c: MemberCommand) {
         if self.driver.raft().role() != Role::Leader {
             let e = not_leader(self.driver.raft().leader());
@@ -521,6 +563,7 @@ impl<N: Network> EventLoop<N> {
                 };
                 let proposed = target
                     .map_err(|e| refuse(e.to_string()))
+                    .and_then(|t| self.alive_enough(&m, &t).map(|()| t))
                     .and_then(|t| self.driver.propose_membership(t).map_err(change_error));
                 match proposed {
                     Ok(p) => {
@@ -731,6 +774,15 @@ impl<N: Network> EventLoop<N> {
 
         let ticks = self.members.ticks;
         let (heartbeat, election) = (self.members.heartbeat_ticks, self.members.election_ticks);
+        let request_ticks =
+            (self.members.request_timeout.as_millis() / self.tick.as_millis().max(1)) as u64;
+        let alive: Vec<NodeId> = self
+            .members
+            .settling
+            .iter()
+            .map(|s| s.id)
+            .filter(|&id| self.heard_recently(id))
+            .collect();
         let mut i = 0;
         while i < self.members.settling.len() {
             let s = &mut self.members.settling[i];
@@ -746,7 +798,14 @@ impl<N: Network> EventLoop<N> {
                         // A heartbeat leaves every `heartbeat` ticks and
                         // tells it the entry is committed.
                         let told = s.held_since.is_some_and(|t| ticks > t + heartbeat);
-                        (told || ticks >= s.started + 2 * election).then_some(Ok(()))
+                        // A member that does not answer is dropped after two
+                        // election timeouts; one that answers but lags (it
+                        // is catching up) is waited for, up to the request
+                        // timeout, so that it learns it was removed.
+                        let waited = ticks.saturating_sub(s.started);
+                        let silent = !alive.contains(&s.id);
+                        (told || (silent && waited >= 2 * election) || waited >= request_ticks)
+                            .then_some(Ok(()))
                     }
                 }
             };
