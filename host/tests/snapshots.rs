@@ -56,19 +56,27 @@ async fn caught_up(c: &TestCluster, admin: &Client, id: u64, key: &str, value: &
     assert!(s.snapshot_index > 0, "node {id} has no snapshot: {s:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_down_during_compaction_catches_up_through_a_snapshot_even_if_killed_installing_it()
-{
-    let mut c = start(Options {
-        snapshot_every: Some(40),
-        ..Options::default()
-    });
+/// A started cluster serving kv with one follower killed: the cluster, an
+/// `admin` and an `app` client, the leader and the follower down.
+async fn one_follower_down(opts: Options) -> (TestCluster, Client, Client, u64, u64) {
+    let mut c = start(opts);
     deploy(&c, "kv");
     let admin = client(&c, "admin");
     let app = client(&c, "app");
     let leader = leader(&admin, &c).await;
     let down = c.ids().into_iter().find(|&id| id != leader).unwrap();
     c.kill(down);
+    (c, admin, app, leader, down)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_during_compaction_catches_up_through_a_snapshot_even_if_killed_installing_it()
+{
+    let (mut c, admin, app, leader, down) = one_follower_down(Options {
+        snapshot_every: Some(40),
+        ..Options::default()
+    })
+    .await;
     for i in 0..200 {
         app.apply("kv", put(&format!("k{i}"), &format!("v{i}")))
             .await
@@ -135,17 +143,12 @@ fn resumed_from(c: &TestCluster, id: u64) -> u64 {
 async fn a_transfer_cut_by_killing_its_sender_resumes_from_the_new_leader() {
     // Transfers paced at 1 MiB/s, so a 4 MiB snapshot takes seconds: long
     // enough to cut it in the middle.
-    let mut c = start(Options {
+    let (mut c, admin, app, leader, down) = one_follower_down(Options {
         snapshot_every: Some(20),
         snapshot_send_mib_per_s: Some(1.0),
         ..Options::default()
-    });
-    deploy(&c, "kv");
-    let admin = client(&c, "admin");
-    let app = client(&c, "app");
-    let leader = leader(&admin, &c).await;
-    let down = c.ids().into_iter().find(|&id| id != leader).unwrap();
-    c.kill(down);
+    })
+    .await;
     let value = "x".repeat(32 << 10);
     for i in 0..128 {
         app.apply("kv", put(&format!("big{i}"), &value))

@@ -220,25 +220,7 @@ async fn a_transfer_resumes_from_the_partial_the_receiver_holds() {
     drop(partial);
     connect(&nodes[0], &nodes[1]).await;
 
-    let sent = bounded(
-        "snapshot",
-        nodes[0].net.send_snapshot(snapshot_message(1, 2, INDEX)),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        sent,
-        SnapshotSent {
-            bytes_sent: 2 * MIB as u64,
-            resumed_from: MIB as u64
-        }
-    );
-    assert_eq!(
-        nodes[1].inbound.try_recv().unwrap(),
-        snapshot_message(1, 2, INDEX)
-    );
-    assert_eq!(nodes[1].store().latest(), Some(info));
-    assert_eq!(latest_file(nodes[1].store()), latest_file(nodes[0].store()));
+    resumes_at_one_mib(&mut nodes, 1, 2, info).await;
     assert_eq!(
         nodes[1].net.stats().peers[&1].snapshot_bytes_received,
         2 * MIB as u64
@@ -277,9 +259,19 @@ async fn another_sender_with_the_same_snapshot_completes_a_broken_transfer() {
     assert_eq!(receiver.snapshot_receive_failures, 1);
     assert_eq!(nodes[0].net.stats().peers[&2].snapshot_send_failures, 1);
 
+    resumes_at_one_mib(&mut nodes, 3, 2, info).await;
+}
+
+/// Node `from` sends its 3 MiB snapshot `info` to node `to`, which holds
+/// the first MiB already: 2 MiB travel, the message reaches `to`'s core and
+/// both files end up identical.
+async fn resumes_at_one_mib(nodes: &mut [Node], from: u64, to: u64, info: SnapshotInfo) {
+    let (s, r) = (from as usize - 1, to as usize - 1);
     let sent = bounded(
         "snapshot",
-        nodes[2].net.send_snapshot(snapshot_message(3, 2, INDEX)),
+        nodes[s]
+            .net
+            .send_snapshot(snapshot_message(from, to, INDEX)),
     )
     .await
     .unwrap();
@@ -291,11 +283,11 @@ async fn another_sender_with_the_same_snapshot_completes_a_broken_transfer() {
         }
     );
     assert_eq!(
-        nodes[1].inbound.try_recv().unwrap(),
-        snapshot_message(3, 2, INDEX)
+        nodes[r].inbound.try_recv().unwrap(),
+        snapshot_message(from, to, INDEX)
     );
-    assert_eq!(nodes[1].store().latest(), Some(info));
-    assert_eq!(latest_file(nodes[1].store()), latest_file(nodes[2].store()));
+    assert_eq!(nodes[r].store().latest(), Some(info));
+    assert_eq!(latest_file(nodes[r].store()), latest_file(nodes[s].store()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
