@@ -90,7 +90,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Before anything is bound: a node on the wrong directory must not even
     // start talking to its peers.
     let cluster_id = cluster_id(&tls);
-    kythira_node::disk::claim(&cfg.data_dir, cfg.id, &cluster_id)?;
+    let claim = kythira_node::disk::claim(&cfg.data_dir, cfg.id, &cluster_id)?;
     // Peers and clients on separate endpoints: a flood of client
     // connections cannot crowd out the Raft traffic.
     let peer_endpoint = Endpoint::bind(cfg.peer, &tls)?;
@@ -108,7 +108,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         snapshot_send_rate: cfg.snapshot_send_rate,
         ..PeerConfig::new(cfg.id, peers).with_snapshots(snapshots.clone())
     })?;
-    let node = Node::start_with_snapshots(
+    let node = Node::start_claimed(
         NodeConfig {
             id: cfg.id,
             // A joining node learns the voters from the log.
@@ -138,6 +138,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cluster_id,
             seed: seed(cfg.id),
         },
+        claim,
         snapshots,
         Peers(net),
         inbound,

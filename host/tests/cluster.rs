@@ -1,6 +1,7 @@
 //! Three `kythira serve` processes on 127.0.0.1: election, deploy, applies
 //! and queries through every node, leader failure under load, and
-//! exactly-once retries across a leader change.
+//! exactly-once retries across a leader change, one process per data
+//! directory.
 
 mod support;
 
@@ -193,4 +194,40 @@ async fn a_cluster_of_one_serves() {
     assert_eq!(out.trim(), r#"{"value":null}"#);
     let out = cli_ok(&c, "app", &["query", "kv", r#"{"get":{"key":"solo"}}"#]);
     assert_eq!(out.trim(), r#"{"value":"1"}"#);
+}
+
+/// A second `kythira serve` on a running node's data directory is refused
+/// before it touches the log or binds a port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_serves_one_process_at_a_time() {
+    let c = start(Options::default());
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_kythira"))
+        .args(["serve", "--config"])
+        .arg(c.config_path(1))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("the second process did not stop");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("in use by another kythira process"),
+        "{stderr}"
+    );
+    // The first still serves.
+    let admin = client(&c, "admin");
+    assert!(admin.status_of(c.addr(1)).await.is_ok());
 }

@@ -242,10 +242,51 @@ impl Disk {
 /// Name of the file that ties a data directory to one node of one cluster.
 const IDENTITY_FILE: &str = "kythira-node";
 
-/// Refuses a data directory written by another node or another cluster, and
-/// claims a new one. Starting node 2 on node 1's log, or on another
-/// cluster's, would make it vote and acknowledge with state it never had.
-pub fn claim(dir: &std::path::Path, id: u64, cluster: &str) -> Result<(), NodeError> {
+/// Name of the file a running node holds an exclusive lock on.
+const LOCK_FILE: &str = "lock";
+
+/// A data directory this process holds: the lock is released when it is
+/// dropped (or the process ends, however it ends).
+#[derive(Debug)]
+pub struct Claim {
+    _lock: std::fs::File,
+}
+
+/// Refuses a data directory written by another node or another cluster, or
+/// in use by another process, and claims it (a new one is created owner-only).
+/// Starting node 2 on node 1's log, or on another cluster's, would make it
+/// vote and acknowledge with state it never had; two processes on one
+/// directory would overwrite each other's log and snapshots.
+pub fn claim(dir: &std::path::Path, id: u64, cluster: &str) -> Result<Claim, NodeError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // The log, snapshots and identity are this node's alone.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join(LOCK_FILE))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(NodeError::Config(format!(
+                "{} is in use by another kythira process; stop it first, or point data_dir \
+                 elsewhere",
+                dir.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+    }
+    check_identity(dir, id, cluster)?;
+    Ok(Claim { _lock: lock })
+}
+
+fn check_identity(dir: &std::path::Path, id: u64, cluster: &str) -> Result<(), NodeError> {
     let path = dir.join(IDENTITY_FILE);
     let expected = format!("node = {id}\ncluster = {cluster}\n");
     match std::fs::read_to_string(&path) {
@@ -267,7 +308,6 @@ pub fn claim(dir: &std::path::Path, id: u64, cluster: &str) -> Result<(), NodeEr
             )))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir)?;
             let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
             {
                 use std::io::Write as _;
@@ -410,10 +450,24 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_is_held_by_one_process_at_a_time_and_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("node-1");
+        let held = claim(&dir, 1, "abc").unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let e = claim(&dir, 1, "abc").unwrap_err().to_string();
+        assert!(e.contains("in use by another kythira process"), "{e}");
+        drop(held);
+        claim(&dir, 1, "abc").unwrap();
+    }
+
+    #[test]
     fn a_directory_belongs_to_one_node_of_one_cluster() {
         let dir = tempfile::tempdir().unwrap();
-        claim(dir.path(), 1, "abc").unwrap();
-        claim(dir.path(), 1, "abc").unwrap();
+        drop(claim(dir.path(), 1, "abc").unwrap());
+        drop(claim(dir.path(), 1, "abc").unwrap());
         let e = claim(dir.path(), 2, "abc").unwrap_err().to_string();
         assert!(e.contains("belongs to node 1 of cluster abc"), "{e}");
         let e = claim(dir.path(), 1, "def").unwrap_err().to_string();

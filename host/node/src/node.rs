@@ -218,8 +218,9 @@ impl Node {
         net: impl Network,
         inbound: mpsc::Receiver<Message>,
     ) -> Result<Node, NodeError> {
+        let claim = disk::claim(&cfg.data_dir, cfg.id, &cfg.cluster_id)?;
         let snapshots = SnapshotStore::open(snapshot_dir(&cfg.data_dir))?;
-        Self::start_with_snapshots(cfg, snapshots, net, inbound)
+        Self::start_claimed(cfg, claim, snapshots, net, inbound)
     }
 
     /// [`Node::start`] with the snapshot store of `cfg.data_dir` opened
@@ -231,8 +232,21 @@ impl Node {
         net: impl Network,
         inbound: mpsc::Receiver<Message>,
     ) -> Result<Node, NodeError> {
+        let claim = disk::claim(&cfg.data_dir, cfg.id, &cfg.cluster_id)?;
+        Self::start_claimed(cfg, claim, snapshots, net, inbound)
+    }
+
+    /// [`Node::start_with_snapshots`] on a data directory this process
+    /// claimed already ([`disk::claim`]); the node holds the claim until its
+    /// event loop ends.
+    pub fn start_claimed(
+        cfg: NodeConfig,
+        claim: disk::Claim,
+        snapshots: SnapshotStore,
+        net: impl Network,
+        inbound: mpsc::Receiver<Message>,
+    ) -> Result<Node, NodeError> {
         validate(&cfg)?;
-        disk::claim(&cfg.data_dir, cfg.id, &cfg.cluster_id)?;
         let store = Arc::new(FjallStore::open(cfg.data_dir.join("log"))?);
         let recovered = disk::recover(&store, &snapshots)?;
         let mut core = Config::new(cfg.id, cfg.voters.iter().copied());
@@ -303,6 +317,7 @@ impl Node {
             members: members::MemberState::new(&cfg, shared.addresses.subscribe(), ops.clone()),
             snaps: snapshots::SnapshotState::new(snapshots, snapshot_events_tx),
             heard: HashMap::new(),
+            _claim: claim,
             last_tick: std::time::Instant::now(),
             lease_distrusted_until: std::time::Instant::now(),
             tick: cfg.tick,
@@ -383,6 +398,8 @@ struct EventLoop<N> {
     members: members::MemberState,
     /// Snapshots being written, sent and compacted behind.
     snaps: snapshots::SnapshotState,
+    /// The data directory, held while the loop runs.
+    _claim: disk::Claim,
     /// When each peer was last heard from: membership changes need a
     /// majority of every voter set they involve to be alive.
     heard: HashMap<NodeId, std::time::Instant>,
