@@ -333,6 +333,14 @@ fn send_rate(mib_per_s: f64, path: &Path) -> anyhow::Result<Option<u64>> {
             path.display()
         );
     }
+    // A receiver gives a transfer up after 60 s without a 1 MiB chunk.
+    if mib_per_s > 0.0 && mib_per_s < 1.0 / 30.0 {
+        bail!(
+            "{}: snapshots.send_mib_per_s is {mib_per_s}; at least 1/30 (one 1 MiB chunk every \
+             30 s), or 0 for unbounded",
+            path.display()
+        );
+    }
     let rate = (mib_per_s * f64::from(1u32 << 20)) as u64;
     Ok((rate > 0).then_some(rate))
 }
@@ -381,6 +389,22 @@ key = "certs/node-2-key.pem"
         assert_eq!(c.data_dir, Path::new("/etc/kythira/node-2"));
         assert_eq!(c.tls.ca, Path::new("/etc/kythira/certs/ca.pem"));
         assert_eq!(c.tick, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn snapshot_settings_parse_and_a_rate_too_slow_for_the_receiver_is_refused() {
+        let path = Path::new("/etc/kythira/node.toml");
+        let c = parse(GOOD, path).unwrap();
+        assert_eq!((c.snapshot_entries, c.snapshot_bytes), (10_000, 64 << 20));
+        assert_eq!(c.snapshot_send_rate, None);
+        let text = format!("{GOOD}\n[snapshots]\nevery_entries = 50\nsend_mib_per_s = 0.5\n");
+        let c = parse(&text, path).unwrap();
+        assert_eq!(c.snapshot_entries, 50);
+        assert_eq!(c.snapshot_send_rate, Some(1 << 19));
+        let e = err(&format!("{GOOD}\n[snapshots]\nsend_mib_per_s = 0.01\n"));
+        assert!(e.contains("at least 1/30"), "{e}");
+        let e = err(&format!("{GOOD}\n[snapshots]\nsend_mib_per_s = -1.0\n"));
+        assert!(e.contains("positive"), "{e}");
     }
 
     #[test]

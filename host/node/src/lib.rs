@@ -38,6 +38,7 @@ mod observer;
 pub mod sessions;
 mod shutdown;
 pub mod snapshots;
+pub mod ticks;
 
 pub use health::HealthReport;
 pub use metrics::Metrics;

@@ -15,7 +15,9 @@ use kythira_api::{
     ApiError, Consistency, DeployLimits, NodeStatus, PROTOCOL_VERSION, Payload, Reply, Request,
     Response,
 };
-use kythira_raft::{Config, Driver, EntryKind, Message, NodeId, ProposeError, Raft, Role};
+use kythira_raft::{
+    Config, Driver, EntryKind, Message, MessageBody, NodeId, ProposeError, Raft, Role,
+};
 use kythira_storage::{FjallStore, SnapshotStore};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -310,17 +312,24 @@ impl Node {
             reads: HashMap::new(),
             // Per boot, so that a late answer to a read forwarded before a
             // restart cannot be taken for a new read's.
-            next_read: now_ms() << 20,
+            next_read: {
+                use std::hash::{BuildHasher, Hasher};
+                std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish()
+            },
             was_leader: false,
             session_ttl_ms: cfg.session_ttl.as_millis() as u64,
             max_entry_bytes: cfg.max_entry_bytes,
             members: members::MemberState::new(&cfg, shared.addresses.subscribe(), ops.clone()),
-            snaps: snapshots::SnapshotState::new(snapshots, snapshot_events_tx),
+            snaps: snapshots::SnapshotState::new(
+                snapshots,
+                snapshot_events_tx,
+                cfg.snapshot_entries,
+            ),
             heard: HashMap::new(),
             _claim: claim,
-            last_tick: std::time::Instant::now(),
-            lease_distrusted_until: std::time::Instant::now(),
-            tick: cfg.tick,
+            ticks: crate::ticks::TickWindow::new(cfg.election_ticks, cfg.tick),
         };
         let task = tokio::spawn(event_loop.run(
             cfg.tick,
@@ -403,11 +412,8 @@ struct EventLoop<N> {
     /// When each peer was last heard from: membership changes need a
     /// majority of every voter set they involve to be alive.
     heard: HashMap<NodeId, std::time::Instant>,
-    /// When the last tick was handled, and until when lease reads are not
-    /// trusted because ticks were late (see `lease_trusted`).
-    last_tick: std::time::Instant,
-    lease_distrusted_until: std::time::Instant,
-    tick: Duration,
+    /// When the last ticks were handled: lease reads need them on time.
+    ticks: crate::ticks::TickWindow,
 }
 
 /// What the event loop listens to.
@@ -565,37 +571,45 @@ impl<N: Network> EventLoop<N> {
         None
     }
 
-    /// A tick is handled. The core counts the leader lease in ticks, and a
-    /// tick that comes late (the process was paused, throttled or starved)
-    /// is not made up: the lease would stretch in real time by the delay.
-    /// So after a late tick, lease reads go through ReadIndex for two
-    /// election timeouts, by which time any lease from before has expired.
+    /// A tick is handled; see `crate::ticks` for why its time matters.
     fn ticked(&mut self) {
-        let now = std::time::Instant::now();
-        if now.duration_since(self.last_tick) > self.tick * 2 {
-            self.lease_distrusted_until = now + self.election_timeout * 2;
-        }
-        self.last_tick = now;
+        self.ticks.ticked(std::time::Instant::now());
     }
 
     /// Whether a lease read may be served from the lease now.
     fn lease_trusted(&self) -> bool {
-        let now = std::time::Instant::now();
-        now >= self.lease_distrusted_until && now.duration_since(self.last_tick) <= self.tick * 2
+        self.ticks.on_time(std::time::Instant::now())
     }
 
-    /// Whether peer `id` was heard from within an election timeout.
+    /// Whether peer `id` answered this leader within an election timeout
+    /// and holds the log up to near the commit index.
     fn heard_recently(&self, id: NodeId) -> bool {
-        id == self.driver.raft().id()
-            || self
-                .heard
-                .get(&id)
-                .is_some_and(|t| t.elapsed() <= self.election_timeout)
+        let raft = self.driver.raft();
+        let keeps_up = raft
+            .progress(id)
+            .is_some_and(|p| p.matched + members::CAUGHT_UP_LAG >= raft.log().committed());
+        id == raft.id() || (keeps_up && self.answered_recently(id))
+    }
+
+    /// Whether peer `id` answered this leader within an election timeout.
+    fn answered_recently(&self, id: NodeId) -> bool {
+        self.heard
+            .get(&id)
+            .is_some_and(|t| t.elapsed() <= self.election_timeout)
     }
 
     fn step(&mut self, m: Message) {
         let from = m.from;
-        self.heard.insert(from, std::time::Instant::now());
+        // Only answers to this leader's appends and heartbeats show that a
+        // voter hears the leader and keeps up (a cut-off voter still sends
+        // pre-votes; etcd's `RecentActive` is the same).
+        if matches!(
+            m.body,
+            MessageBody::AppendResponse(_) | MessageBody::HeartbeatResponse { .. }
+        ) && m.term == self.driver.raft().term()
+        {
+            self.heard.insert(from, std::time::Instant::now());
+        }
         if let Err(e) = self.driver.step(m) {
             tracing::debug!(from, "dropped a message: {e}");
         }
@@ -675,7 +689,7 @@ impl<N: Network> EventLoop<N> {
                 reply,
             } => {
                 let ctx = self.next_read;
-                self.next_read += 1;
+                self.next_read = self.next_read.wrapping_add(1);
                 let raft = self.driver.raft();
                 let started = match (lease, raft.role()) {
                     (false, _) => self.driver.read_index(ctx),

@@ -416,8 +416,11 @@ async fn a_change_that_needs_a_voter_that_is_down_is_refused() {
     let (down, live) = (others[0], others[1]);
     c.stop(down).await;
     let h = c.handle(leader).clone();
-    // Give the live follower time to be heard from: any write does.
     deploy(&h).await;
+    // What is tested is a window of time: a voter silent for longer than an
+    // election timeout (at most 400 ms here) counts as down. The live
+    // follower answers heartbeats meanwhile.
+    tokio::time::sleep(Duration::from_millis(800)).await;
     let refused = h
         .call(Caller::Admin, Request::RemoveMember { id: live })
         .await

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kythira_raft::{Message, MessageBody};
+use kythira_raft::{Membership, Message, MessageBody};
 use kythira_storage::{
     Incoming, SnapshotInfo, SnapshotMeta as StoredMeta, SnapshotReader, SnapshotStore, StorageError,
 };
@@ -594,7 +594,7 @@ impl Receiver {
         // The header is published with the file and read back at restart:
         // it must say what the message says, or the node would restart with
         // another membership than the one its core installed (or none).
-        if offer.configuration != &meta.membership.encode()[..] {
+        if Membership::decode(offer.configuration).as_ref() != Ok(&meta.membership) {
             return Err(Rejection::Fail(
                 "the offer's configuration does not match its message's membership".into(),
             ));

@@ -371,6 +371,9 @@ struct Settling {
     started: u64,
     /// Tick at which the member was first seen holding the entry.
     held_since: Option<u64>,
+    /// When a member that answers but lags is dropped anyway: well within
+    /// the handle's own wait, so the answer reaches it.
+    deadline: Instant,
     reply: Done,
 }
 
@@ -592,6 +595,7 @@ impl<N: Network> EventLoop<N> {
                     index,
                     started: self.members.ticks,
                     held_since: None,
+                    deadline: Instant::now() + self.members.request_timeout / 2,
                     reply,
                 });
             }
@@ -774,14 +778,13 @@ impl<N: Network> EventLoop<N> {
 
         let ticks = self.members.ticks;
         let (heartbeat, election) = (self.members.heartbeat_ticks, self.members.election_ticks);
-        let request_ticks =
-            (self.members.request_timeout.as_millis() / self.tick.as_millis().max(1)) as u64;
+        let now = Instant::now();
         let alive: Vec<NodeId> = self
             .members
             .settling
             .iter()
             .map(|s| s.id)
-            .filter(|&id| self.heard_recently(id))
+            .filter(|&id| self.answered_recently(id))
             .collect();
         let mut i = 0;
         while i < self.members.settling.len() {
@@ -804,7 +807,7 @@ impl<N: Network> EventLoop<N> {
                         // timeout, so that it learns it was removed.
                         let waited = ticks.saturating_sub(s.started);
                         let silent = !alive.contains(&s.id);
-                        (told || (silent && waited >= 2 * election) || waited >= request_ticks)
+                        (told || (silent && waited >= 2 * election) || now >= s.deadline)
                             .then_some(Ok(()))
                     }
                 }

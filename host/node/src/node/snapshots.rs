@@ -77,10 +77,19 @@ pub struct SnapshotState {
     /// them: compacting it away would send them another snapshot, and
     /// under steady writes they might never catch up.
     pins: BTreeMap<NodeId, (u64, Instant)>,
+    /// Most entries a pin keeps in memory after its snapshot: the core
+    /// holds its log in memory, and a transfer may run for hours.
+    pin_max_entries: u64,
 }
 
 impl SnapshotState {
-    pub fn new(store: SnapshotStore, events: mpsc::UnboundedSender<SnapshotEvent>) -> Self {
+    /// `every_entries` is the snapshot interval (0 when snapshots are taken
+    /// by size only).
+    pub fn new(
+        store: SnapshotStore,
+        events: mpsc::UnboundedSender<SnapshotEvent>,
+        every_entries: u64,
+    ) -> Self {
         Self {
             store,
             events,
@@ -89,6 +98,7 @@ impl SnapshotState {
             durable: VecDeque::new(),
             sending: BTreeSet::new(),
             pins: BTreeMap::new(),
+            pin_max_entries: 4 * every_entries.max(10_000),
         }
     }
 
@@ -262,9 +272,12 @@ impl<N: Network> EventLoop<N> {
         // bound the compaction.
         let now = Instant::now();
         let sending = &self.snaps.sending;
+        let last = raft.log().last_index();
+        let max = self.snaps.pin_max_entries;
         self.snaps.pins.retain(|&id, &mut (index, since)| {
             leads
                 && raft.progress(id).is_some_and(|p| p.matched < index)
+                && last.saturating_sub(index) <= max
                 && (sending.contains(&id) || now.duration_since(since) < PIN_FOR)
         });
         let floor = self.snaps.pins.values().map(|&(index, _)| index).min();
