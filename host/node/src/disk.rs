@@ -263,6 +263,9 @@ pub fn claim(dir: &std::path::Path, id: u64, cluster: &str) -> Result<Claim, Nod
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
+    // Another node's or cluster's directory is named as such, whether or
+    // not its node runs.
+    check_identity(dir, id, cluster)?;
     // The log, snapshots and identity are this node's alone.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     let lock = std::fs::OpenOptions::new()
@@ -282,6 +285,7 @@ pub fn claim(dir: &std::path::Path, id: u64, cluster: &str) -> Result<Claim, Nod
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
     }
+    // Again under the lock: two first starts may have raced to create it.
     check_identity(dir, id, cluster)?;
     Ok(Claim { _lock: lock })
 }
