@@ -414,11 +414,7 @@ async fn a_malformed_offer_fails_its_stream_not_the_connection() {
     let pki = Pki::new();
     let node2 = Endpoint::bind(any_port(), &pki.node(2)).unwrap();
     let addr2 = node2.local_addr().unwrap();
-    let dir = tempfile::Builder::new()
-        .prefix("transport-snapshots-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
-    let store = SnapshotStore::open(dir.path()).unwrap();
+    let (_dir, store) = scratch_store();
     let (net2, mut inbound2) = node2
         .start_peers(PeerConfig::new(2, BTreeMap::from([(1, any_port())])).with_snapshots(store))
         .unwrap();
@@ -512,6 +508,16 @@ async fn offer(
     (send, recv, answer)
 }
 
+/// A snapshot store in a directory of its own, removed when dropped.
+fn scratch_store() -> (tempfile::TempDir, SnapshotStore) {
+    let dir = tempfile::Builder::new()
+        .prefix("transport-snapshots-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let store = SnapshotStore::open(dir.path()).unwrap();
+    (dir, store)
+}
+
 fn says(answer: &[u8], tag: u8, text: &str) -> bool {
     answer[0] == tag && String::from_utf8_lossy(answer).contains(text)
 }
@@ -521,11 +527,7 @@ async fn the_receiver_checks_offers_and_chunks() {
     let pki = Pki::new();
     let node2 = Endpoint::bind(any_port(), &pki.node(2)).unwrap();
     let addr2 = node2.local_addr().unwrap();
-    let dir = tempfile::Builder::new()
-        .prefix("transport-snapshots-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
-    let store = SnapshotStore::open(dir.path()).unwrap();
+    let (_dir, store) = scratch_store();
     let mut config =
         PeerConfig::new(2, BTreeMap::from([(1, any_port())])).with_snapshots(store.clone());
     config.max_snapshot_bytes = 4 * MIB as u64;
