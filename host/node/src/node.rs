@@ -318,7 +318,7 @@ impl Node {
                     .build_hasher()
                     .finish()
             },
-            was_leader: false,
+            leading_since: None,
             session_ttl_ms: cfg.session_ttl.as_millis() as u64,
             max_entry_bytes: cfg.max_entry_bytes,
             members: members::MemberState::new(&cfg, shared.addresses.subscribe(), ops.clone()),
@@ -391,7 +391,8 @@ struct EventLoop<N> {
     /// ReadIndex requests in flight, by context.
     reads: HashMap<u64, PendingRead>,
     next_read: u64,
-    was_leader: bool,
+    /// When this node last became leader; `None` while it does not lead.
+    leading_since: Option<Instant>,
     session_ttl_ms: u64,
     max_entry_bytes: usize,
     /// What the applier publishes; its applied index gives backpressure.
@@ -801,7 +802,7 @@ impl<N: Network> EventLoop<N> {
             }
         }
         let leader = self.driver.raft().role() == Role::Leader;
-        if self.was_leader && !leader {
+        if self.leading_since.is_some() && !leader {
             // Whatever was proposed may still commit under the next leader,
             // or be overwritten: the callers cannot be told which.
             self.applier.send(Work::Abandon)?;
@@ -810,7 +811,10 @@ impl<N: Network> EventLoop<N> {
                 let _ = reply.send(Err(not_leader(hint)));
             }
         }
-        self.was_leader = leader;
+        self.leading_since = match (leader, self.leading_since) {
+            (false, _) => None,
+            (true, since) => Some(since.unwrap_or_else(Instant::now)),
+        };
         let raft = self.driver.raft();
         let now = Leadership {
             role: raft.role(),

@@ -438,3 +438,36 @@ async fn a_change_that_needs_a_voter_that_is_down_is_refused() {
         .await
         .expect("the cluster still writes");
 }
+
+/// A leader that took over a moment ago has heard from nobody yet: it
+/// waits up to an election timeout for its peers' answers before judging
+/// who is alive, so a change asked for right after a transfer goes ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_waits_for_answers_before_judging_a_change() {
+    let mut c = Cluster::new();
+    let old = c.leader().await;
+    let others: Vec<u64> = (1..=3).filter(|&id| id != old).collect();
+    let (down, new) = (others[0], others[1]);
+    deploy(c.handle(old)).await;
+    c.stop(down).await;
+    // With `down` stopped, the change needs the old leader's answers to
+    // the new one, which cannot have come yet when it is asked.
+    let leader = match c
+        .handle(old)
+        .call(Caller::Admin, Request::TransferLeadership { to: new })
+        .await
+        .expect("transfer")
+    {
+        Response::Transferred { leader, .. } => leader,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(leader, new);
+    c.handle(new)
+        .call(Caller::Admin, Request::RemoveMember { id: down })
+        .await
+        .expect("removing the voter that is down, at once");
+    c.handle(new)
+        .call(Caller::Client, put("after", "removal"))
+        .await
+        .expect("the cluster still writes");
+}

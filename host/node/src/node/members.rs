@@ -377,6 +377,12 @@ struct Settling {
     reply: Done,
 }
 
+/// A change waiting for a new leader to hear from its peers.
+struct Unconfirmed {
+    change: Reconfig,
+    reply: Done,
+}
+
 struct Transferring {
     to: NodeId,
     deadline: Instant,
@@ -420,6 +426,7 @@ pub(super) struct MemberState {
     /// Ticks since start, for the settle waits.
     ticks: u64,
     reconfiguring: Vec<(Proposal, Done)>,
+    unconfirmed: Vec<Unconfirmed>,
     catching_up: Vec<CatchingUp>,
     settling: Vec<Settling>,
     transfer: Option<Transferring>,
@@ -449,6 +456,7 @@ impl MemberState {
             request_timeout: cfg.request_timeout,
             ticks: 0,
             reconfiguring: Vec::new(),
+            unconfirmed: Vec::new(),
             catching_up: Vec::new(),
             settling: Vec::new(),
             transfer: None,
@@ -525,6 +533,46 @@ impl<N: Network> EventLoop<N> {
         Ok(())
     }
 
+    /// Proposes `change` if enough voters are alive. A leader that took
+    /// over less than an election timeout ago has not heard from every
+    /// peer yet (a transfer or a removal of the old leader asks at once):
+    /// it waits until then for answers instead of refusing.
+    fn reconfigure(&mut self, change: Reconfig, reply: Done) {
+        let m = self.driver.raft().membership().target();
+        let target = match change {
+            Reconfig::AddLearner(id) => m.with_learner(id),
+            Reconfig::Promote(id) => m.with_promoted(id),
+            Reconfig::Remove(id) => m.without(id),
+            Reconfig::Demote(id) if m.voters().contains(id) => kythira_raft::Membership::new(
+                m.voters().ids().filter(|v| *v != id),
+                m.learners().chain([id]),
+            ),
+            Reconfig::Demote(id) => Err(MembershipError::NotAMember(id)),
+        };
+        let target = match target {
+            Ok(t) => t,
+            Err(e) => return drop(reply.send(Err(refuse(e.to_string())))),
+        };
+        if let Err(e) = self.alive_enough(&m, &target) {
+            let new_leader = self
+                .leading_since
+                .is_some_and(|since| since.elapsed() < self.election_timeout);
+            if new_leader {
+                self.members.unconfirmed.push(Unconfirmed { change, reply });
+            } else {
+                drop(reply.send(Err(e)));
+            }
+            return;
+        }
+        match self.driver.propose_membership(target).map_err(change_error) {
+            Ok(p) => {
+                tracing::info!(index = p.index, ?change, "membership change proposed");
+                self.members.reconfiguring.push((p, reply));
+            }
+            Err(e) => drop(reply.send(Err(e))),
+        }
+    }
+
     pub(super) fn member_command(&mut self, c: MemberCommand) {
         if self.driver.raft().role() != Role::Leader {
             let e = not_leader(self.driver.raft().leader());
@@ -550,32 +598,7 @@ impl<N: Network> EventLoop<N> {
                 );
                 let _ = reply.send(steps);
             }
-            MemberCommand::Reconfigure { change, reply } => {
-                let m = self.driver.raft().membership().target();
-                let target = match change {
-                    Reconfig::AddLearner(id) => m.with_learner(id),
-                    Reconfig::Promote(id) => m.with_promoted(id),
-                    Reconfig::Remove(id) => m.without(id),
-                    Reconfig::Demote(id) if m.voters().contains(id) => {
-                        kythira_raft::Membership::new(
-                            m.voters().ids().filter(|v| *v != id),
-                            m.learners().chain([id]),
-                        )
-                    }
-                    Reconfig::Demote(id) => Err(MembershipError::NotAMember(id)),
-                };
-                let proposed = target
-                    .map_err(|e| refuse(e.to_string()))
-                    .and_then(|t| self.alive_enough(&m, &t).map(|()| t))
-                    .and_then(|t| self.driver.propose_membership(t).map_err(change_error));
-                match proposed {
-                    Ok(p) => {
-                        tracing::info!(index = p.index, ?change, "membership change proposed");
-                        self.members.reconfiguring.push((p, reply));
-                    }
-                    Err(e) => drop(reply.send(Err(e))),
-                }
-            }
+            MemberCommand::Reconfigure { change, reply } => self.reconfigure(change, reply),
             MemberCommand::CatchUp {
                 id,
                 deadline,
@@ -707,6 +730,15 @@ impl<N: Network> EventLoop<N> {
     /// of time; keeps the network's peer set in line with the membership.
     pub(super) fn advance_members(&mut self) {
         self.reconcile_peers();
+        // Each is checked again; one still short of answers is queued again
+        // until its time is up.
+        for u in std::mem::take(&mut self.members.unconfirmed) {
+            if self.driver.raft().role() == Role::Leader {
+                self.reconfigure(u.change, u.reply);
+            } else {
+                let _ = u.reply.send(Err(not_leader(self.driver.raft().leader())));
+            }
+        }
         let raft = self.driver.raft();
         let leads = raft.role() == Role::Leader;
         let hint = raft.leader();
@@ -954,6 +986,9 @@ impl<N: Network> EventLoop<N> {
     fn fail_member_waiters(&mut self, e: &ApiError) {
         for (_, reply) in self.members.reconfiguring.drain(..) {
             let _ = reply.send(Err(e.clone()));
+        }
+        for u in self.members.unconfirmed.drain(..) {
+            let _ = u.reply.send(Err(e.clone()));
         }
         for c in self.members.catching_up.drain(..) {
             let _ = c.reply.send(Err(e.clone()));
