@@ -174,6 +174,19 @@ pub enum StorageError {
         /// Length of the snapshot's data.
         data_len: u64,
     },
+    /// A write too large to store; refused before it reached the database,
+    /// which is unchanged.
+    #[error("{what} {index} is {bytes} bytes, over the storage limit of {limit} bytes")]
+    TooLarge {
+        /// What is too large.
+        what: &'static str,
+        /// Index of the entry (the first one of a write).
+        index: u64,
+        /// Its size.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// An earlier write or sync failed; what is on disk may differ from what was
     /// in memory, so the store accepts no more writes until it is reopened.
     #[error("storage at {path} stopped after a failed write and must be reopened: {cause}")]

@@ -29,4 +29,6 @@ pub use fjall_store::{FjallStore, layout};
 pub use memory::MemoryStore;
 pub use snapshot::{Incoming, SnapshotInfo, SnapshotReader, SnapshotStore, SnapshotWriter};
 pub use traits::{HardStateStore, LogStore, RaftStorage};
-pub use types::{ENTRY_OVERHEAD, HardState, LogEntry, SnapshotMeta};
+pub use types::{
+    ENTRY_OVERHEAD, HardState, LogEntry, MAX_ENTRY_BYTES, MAX_WRITE_BYTES, SnapshotMeta,
+};

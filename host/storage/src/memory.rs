@@ -4,6 +4,7 @@ use crate::{
     HardState, HardStateStore, LogEntry, LogStore, RaftStorage, Result,
     shape::LogShape,
     traits::{check_hard_state, within_budget},
+    types::check_sizes,
 };
 use std::{collections::VecDeque, ops::Range, sync::Mutex};
 
@@ -82,6 +83,7 @@ impl LogStore for MemoryStore {
     }
 
     fn append(&self, entries: &[LogEntry]) -> Result<()> {
+        check_sizes(entries)?;
         let mut state = self.lock();
         state.shape.check_append(entries)?;
         state.append(entries);
@@ -134,6 +136,7 @@ impl HardStateStore for MemoryStore {
 
 impl RaftStorage for MemoryStore {
     fn save(&self, hard_state: Option<&HardState>, entries: &[LogEntry]) -> Result<()> {
+        check_sizes(entries)?;
         let mut state = self.lock();
         if let Some(next) = hard_state {
             check_hard_state(&state.hard_state, next)?;

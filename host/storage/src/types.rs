@@ -5,6 +5,43 @@ use bytes::Bytes;
 /// Bytes an entry costs on top of its payload when sizing reads (index and term).
 pub const ENTRY_OVERHEAD: u64 = 16;
 
+/// Largest payload one entry may carry. fjall panics inside its writer thread
+/// on a value of 4 GiB or more (its journal records lengths in 32 bits) and
+/// holds a whole batch in memory; a limit far below both is checked before a
+/// write reaches the writer thread, so the caller gets an error and the store
+/// keeps working.
+pub const MAX_ENTRY_BYTES: u64 = 64 << 20;
+
+/// Largest total of entry sizes one write may carry, and the most the writer
+/// puts into one atomic batch when it groups writes.
+pub const MAX_WRITE_BYTES: u64 = 256 << 20;
+
+/// Refuses entries over [`MAX_ENTRY_BYTES`] or a write over [`MAX_WRITE_BYTES`].
+pub(crate) fn check_sizes(entries: &[LogEntry]) -> crate::Result<()> {
+    let mut total = 0u64;
+    for entry in entries {
+        let bytes = entry.payload.len() as u64;
+        if bytes > MAX_ENTRY_BYTES {
+            return Err(crate::StorageError::TooLarge {
+                what: "log entry",
+                index: entry.index,
+                bytes,
+                limit: MAX_ENTRY_BYTES,
+            });
+        }
+        total = total.saturating_add(entry.size());
+    }
+    if total > MAX_WRITE_BYTES {
+        return Err(crate::StorageError::TooLarge {
+            what: "write starting at log entry",
+            index: entries.first().map_or(0, |e| e.index),
+            bytes: total,
+            limit: MAX_WRITE_BYTES,
+        });
+    }
+    Ok(())
+}
+
 /// One Raft log entry as the storage layer sees it.
 ///
 /// The payload is opaque here: the consensus layer encodes the entry kind and its

@@ -219,6 +219,8 @@ impl FjallStore {
     }
 
     fn submit_then(&self, op: Op, done: writer::Done) -> Result<()> {
+        // Before the writer thread: an oversized write must not reach fjall.
+        crate::types::check_sizes(op.entries())?;
         self.requests
             .as_ref()
             .expect("present until drop")

@@ -2,7 +2,8 @@
 
 use super::{Shared, View, layout};
 use crate::{
-    HardState, LogEntry, Result, StorageError, codec, shape::LogShape, traits::check_hard_state,
+    HardState, LogEntry, MAX_WRITE_BYTES, Result, StorageError, codec, shape::LogShape,
+    traits::check_hard_state,
 };
 use fjall::PersistMode;
 use std::{
@@ -26,6 +27,21 @@ pub(super) enum Op {
         hard_state: Option<HardState>,
         entries: Vec<LogEntry>,
     },
+}
+
+impl Op {
+    /// The entries the operation writes.
+    pub fn entries(&self) -> &[LogEntry] {
+        match self {
+            Op::Append(entries) | Op::Save { entries, .. } => entries,
+            Op::Truncate(_) | Op::Compact(_) | Op::Reset { .. } => &[],
+        }
+    }
+
+    /// Bytes it adds to a batch, for bounding groups.
+    fn bytes(&self) -> u64 {
+        self.entries().iter().map(LogEntry::size).sum()
+    }
 }
 
 pub(super) struct Request {
@@ -120,11 +136,21 @@ impl Writer {
     }
 
     pub fn run(mut self, queue: mpsc::Receiver<Request>) {
-        while let Ok(first) = queue.recv() {
+        // A request that would have made the last group too large opens the next.
+        let mut next = None;
+        while let Some(first) = next.take().or_else(|| queue.recv().ok()) {
+            let mut bytes = first.op.bytes();
             let mut group = vec![first];
             while group.len() < MAX_GROUP {
                 match queue.try_recv() {
-                    Ok(request) => group.push(request),
+                    Ok(request) if bytes + request.op.bytes() > MAX_WRITE_BYTES => {
+                        next = Some(request);
+                        break;
+                    }
+                    Ok(request) => {
+                        bytes += request.op.bytes();
+                        group.push(request);
+                    }
                     Err(_) => break,
                 }
             }
