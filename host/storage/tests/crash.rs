@@ -6,6 +6,7 @@
 //! (each round's kill point and child seed derive from it).
 
 #[path = "../src/bin/storage-crash-child/model.rs"]
+#[allow(dead_code, reason = "shared with the corruption tests")]
 mod model;
 
 use kythira_storage::{FjallStore, HardStateStore, LogStore, SnapshotStore};

@@ -97,16 +97,39 @@ fn run_append(dir: &str, last: u64) -> Result {
     Err("stdin closed before the parent killed the child".into())
 }
 
+/// Like `append`, with [`model::wide_entry`]s (`wide`) or one batch per entry
+/// (`each`).
+fn run_append_with(dir: &str, last: u64, wide: bool) -> Result {
+    let store = FjallStore::open(dir)?;
+    let from = store.last_index() + 1;
+    if wide {
+        let entries: Vec<LogEntry> = (from..=last).map(model::wide_entry).collect();
+        store.append(&entries)?;
+    } else {
+        for index in from..=last {
+            store.append(&[model::entry(index)])?;
+        }
+    }
+    report(format_args!("A {last}"))?;
+    std::io::stdin().read_line(&mut String::new())?;
+    Err("stdin closed before the parent killed the child".into())
+}
+
 fn main() -> Result {
     let args: Vec<String> = std::env::args().collect();
     let [_, mode, dir, number] = args.as_slice() else {
-        return Err("usage: storage-crash-child log|snapshot|append <dir> <number>".into());
+        return Err(
+            "usage: storage-crash-child log|snapshot|append|append-wide|append-each <dir> <number>"
+                .into(),
+        );
     };
     let number: u64 = number.parse()?;
     match mode.as_str() {
         "log" => run_log(dir, number),
         "snapshot" => run_snapshot(dir, number),
         "append" => run_append(dir, number),
+        "append-wide" => run_append_with(dir, number, true),
+        "append-each" => run_append_with(dir, number, false),
         other => Err(format!("unknown mode {other}").into()),
     }
 }

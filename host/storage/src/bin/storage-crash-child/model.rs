@@ -22,6 +22,14 @@ pub fn entry(index: u64) -> LogEntry {
     LogEntry::new(index, term, payload)
 }
 
+/// A 64 KiB entry whose payload compresses well: a line naming its index,
+/// repeated. What the child writes with `append-wide`.
+pub fn wide_entry(index: u64) -> LogEntry {
+    let line = format!("wide entry {index:08} ");
+    let payload: Vec<u8> = line.bytes().cycle().take(64 << 10).collect();
+    LogEntry::new(index, term_of(index), payload)
+}
+
 /// The hard state the child saves in step `n` (`n` is also the term).
 pub fn hard_state(n: u64) -> HardState {
     HardState {
