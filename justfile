@@ -24,8 +24,18 @@ demo *ARGS: plugins
 demo-plugin: plugins
     cargo run -p kythira -- demo-plugin --plugins {{plugin_out}}
 
+# System tools the tests use: strace, which fails chosen system calls for the
+# storage fault tests (from Debian's packages when missing).
+tools:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v strace >/dev/null && exit 0
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq strace >/dev/null
+    command -v strace
+
 # The whole test suite: simulator sweeps (3, 5 and 1-7 nodes), the mutant hunt, then every unit and integration test.
-test: plugins
+test: plugins tools
     just sim --seeds 2000 --nodes 3
     just sim --seeds 2000 --nodes 5
     just sim --seeds 1000 --nodes mixed

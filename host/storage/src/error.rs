@@ -60,6 +60,21 @@ pub enum StorageError {
         #[source]
         source: Arc<fjall::Error>,
     },
+    /// Writing or syncing the log failed. Whether the write reached the disk
+    /// is unknown, and after a failed sync the page cache may hold data the
+    /// disk does not, so the store writes nothing more; the node must stop.
+    #[error(
+        "writing the log in {path} failed: {source}; the store accepts no more writes. \
+         Check the disk (the kernel log says more), then restart the node: it recovers \
+         from what the disk holds, not from the page cache"
+    )]
+    WriteFailed {
+        /// Directory of the database.
+        path: PathBuf,
+        /// The database error. Shared by every caller of the failed group.
+        #[source]
+        source: Arc<fjall::Error>,
+    },
     /// A log entry inside the durable bounds fails validation.
     #[error("log entry {index} in {path} is corrupt: {defect}")]
     CorruptEntry {
@@ -189,7 +204,10 @@ pub enum StorageError {
     },
     /// An earlier write or sync failed; what is on disk may differ from what was
     /// in memory, so the store accepts no more writes until it is reopened.
-    #[error("storage at {path} stopped after a failed write and must be reopened: {cause}")]
+    #[error(
+        "storage at {path} stopped after a failed write ({cause}); check the disk, then restart \
+         the node"
+    )]
     Poisoned {
         /// Directory of the store.
         path: PathBuf,

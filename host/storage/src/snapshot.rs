@@ -167,7 +167,14 @@ impl SnapshotStore {
     /// one: the log may already be compacted past the older one.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).map_err(|e| StorageError::io("create directory", &dir, e))?;
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir).map_err(|e| StorageError::io("create directory", &dir, e))?;
+            // Its entry in the parent, or a power cut can lose the directory
+            // with every snapshot later written into it.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
         let mut candidates = Vec::new();
         let mut partials = Vec::new();
         let listing = fs::read_dir(&dir).map_err(|e| StorageError::io("list", &dir, e))?;

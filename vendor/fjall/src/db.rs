@@ -347,11 +347,18 @@ impl Database {
     ///
     /// Returns error, if an IO error occurred.
     pub fn persist(&self, mode: PersistMode) -> crate::Result<()> {
+        let mut journal_writer = self.supervisor.journal.get_writer()?;
+
+        // Kythira patch: checked under the journal lock. A worker that synced
+        // this journal and failed poisons the database before it releases the
+        // lock; Linux reports a writeback error once per open file, so a sync
+        // here after that one can succeed although the failed pages never
+        // reached the disk, and must not be taken as durability.
         if self.is_poisoned.is_poisoned() {
             return Err(crate::Error::Poisoned);
         }
 
-        self.supervisor.journal.persist(mode).inspect_err(|e| {
+        journal_writer.persist(mode).inspect_err(|e| {
             log::error!(
                 "flush failed, which is a FATAL, and possibly hardware-related, failure: {e:?}",
             );
@@ -876,6 +883,11 @@ impl Database {
         // IMPORTANT: fsync folders on Unix
         fsync_directory(&keyspaces_folder_path)?;
         fsync_directory(&config.path)?;
+        // Kythira patch: the database folder's own entry, or a power cut can
+        // leave a synced database unreachable.
+        if let Some(parent) = config.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fsync_directory(parent)?;
+        }
 
         let seqno = SequenceNumberCounter::default();
         let visible_seqno = SequenceNumberCounter::default();

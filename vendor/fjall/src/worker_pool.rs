@@ -81,6 +81,7 @@ impl WorkerPool {
                         supervisor: supervisor.clone(),
                         stats: stats.clone(),
                         sender: self.sender.clone(),
+                        poison_dart: poison_dart.clone(),
                     };
 
                     let thread_counter = thread_counter.clone();
@@ -164,6 +165,7 @@ struct WorkerState {
     rx: flume::Receiver<WorkerMessage>,
     sender: flume::Sender<WorkerMessage>,
     stats: Arc<Stats>,
+    poison_dart: PoisonDart,
 }
 
 fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
@@ -206,7 +208,12 @@ fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
                         ctx.supervisor.build_seqno_map(&keyspaces)
                     };
 
-                    journal_manager.rotate_journal(&mut journal_writer, seqno_map)?;
+                    // Kythira patch: a failed sync of the journal poisons the
+                    // database while the journal lock is held (see
+                    // `Database::persist`).
+                    journal_manager
+                        .rotate_journal(&mut journal_writer, seqno_map)
+                        .inspect_err(|_| ctx.poison_dart.poison())?;
 
                     if journal_manager.disk_space_used()
                         >= ctx.supervisor.db_config.max_journaling_size_in_bytes
@@ -224,7 +231,9 @@ fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
                     }
                 } else {
                     // https://github.com/fjall-rs/fjall/issues/329
-                    journal_writer.persist(crate::PersistMode::SyncAll)?;
+                    journal_writer
+                        .persist(crate::PersistMode::SyncAll)
+                        .inspect_err(|_| ctx.poison_dart.poison())?;
                 }
             }
 

@@ -47,7 +47,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -107,6 +107,9 @@ struct Shared {
     view: RwLock<Arc<View>>,
     /// Journal syncs issued by the writer, for metrics and tests of group commit.
     syncs: AtomicU64,
+    /// Set by the writer after a failed write or sync: nothing more is
+    /// written, not even the memtable flush of a clean close.
+    failed: AtomicBool,
 }
 
 impl Shared {
@@ -114,6 +117,9 @@ impl Shared {
     fn open(path: &Path) -> Result<(Self, LogShape, HardState)> {
         let path = path.to_path_buf();
         let db_error = |source| StorageError::database(&path, source);
+        if path.exists() {
+            forget_cached_pages(&path)?;
+        }
         // Syncs are issued by the writer only, once per group.
         let db = Database::builder(&path)
             .manual_journal_persist(true)
@@ -145,6 +151,7 @@ impl Shared {
             meta,
             view: RwLock::new(Arc::new(view)),
             syncs: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
         };
         Ok((shared, recovered.shape, recovered.hard_state))
     }
@@ -160,6 +167,36 @@ impl Shared {
     fn publish(&self, view: View) {
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
     }
+}
+
+/// Drops the page cache's clean pages of every file under `dir`, so that
+/// recovery reads what the disk holds. After a failed fsync Linux marks the
+/// pages that did not reach the disk clean and keeps them: a process that
+/// reopened the store would read them back and take an unsynced batch for
+/// a durable one, and later acknowledged batches would land after a hole on
+/// the disk. Dirty pages (a process killed before its sync) are kept and
+/// written back as usual.
+fn forget_cached_pages(dir: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let io = |op, path: &Path, e| StorageError::io(op, path, e);
+    for item in std::fs::read_dir(dir).map_err(|e| io("read directory", dir, e))? {
+        let item = item.map_err(|e| io("read directory", dir, e))?;
+        let path = item.path();
+        let kind = item.file_type().map_err(|e| io("inspect", &path, e))?;
+        if kind.is_dir() {
+            forget_cached_pages(&path)?;
+        } else if kind.is_file() {
+            let file = std::fs::File::open(&path).map_err(|e| io("open", &path, e))?;
+            // SAFETY: a plain system call on a descriptor this function owns.
+            let rc =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            if rc != 0 {
+                let e = std::io::Error::from_raw_os_error(rc);
+                return Err(io("drop cached pages of", &path, e));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Durable [`RaftStorage`] on fjall with group commit. See the module docs.
@@ -320,7 +357,13 @@ impl Drop for FjallStore {
         }
         // A clean close flushes the memtables, so the next open need not replay
         // their journal. Everything is durable already; a failure here only costs
-        // that replay.
+        // that replay. After a failed write or sync nothing more is written: the
+        // memtables may hold a batch that never reached the disk. (The patched
+        // fjall gives up waiting for a flush once a worker has failed, so this
+        // returns.)
+        if self.shared.failed.load(Ordering::Acquire) {
+            return;
+        }
         for keyspace in [&self.shared.log, &self.shared.meta] {
             let _ = keyspace.rotate_memtable_and_wait();
         }

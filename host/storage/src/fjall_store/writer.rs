@@ -216,8 +216,9 @@ impl Writer {
             }
             Err(source) => {
                 self.poisoned = Some(source.to_string());
+                self.shared.failed.store(true, Ordering::Release);
                 for done in accepted {
-                    done(Err(StorageError::Database {
+                    done(Err(StorageError::WriteFailed {
                         path: self.shared.path.clone(),
                         source: Arc::clone(&source),
                     }));

@@ -28,10 +28,8 @@ impl FlushManager {
         let _ = self.receiver.drain().count();
     }
 
-    pub fn wait_for_empty(&self) {
-        while !self.receiver.is_empty() {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+    pub fn is_empty(&self) -> bool {
+        self.receiver.is_empty()
     }
 
     pub fn enqueue(&self, task: Arc<Task>) {

@@ -161,6 +161,12 @@ impl JournalManager {
                 );
             })?;
 
+            // Kythira patch: make the deletion durable. A journal that
+            // reappears after a power cut would be replayed over newer data.
+            if let Some(folder) = item.path.parent() {
+                crate::file::fsync_directory(folder)?;
+            }
+
             self.disk_space_in_bytes = self.disk_space_in_bytes.saturating_sub(item.size_in_bytes);
             self.items.remove(0);
         }

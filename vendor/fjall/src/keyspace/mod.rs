@@ -338,6 +338,8 @@ impl Keyspace {
             .join(keyspace_id.to_string());
 
         std::fs::create_dir_all(&base_folder)?;
+        // Kythira patch: the keyspace folder's entry in `keyspaces`.
+        crate::file::fsync_directory(base_folder.parent().expect("keyspaces folder"))?;
 
         let base_config = lsm_tree::Config::new(
             base_folder,
@@ -712,9 +714,21 @@ impl Keyspace {
     #[doc(hidden)]
     pub fn rotate_memtable_and_wait(&self) -> crate::Result<()> {
         if self.rotate_memtable()? {
-            self.supervisor.flush_manager.wait_for_empty();
+            // Kythira patch: a worker that failed (an I/O error while flushing,
+            // a full disk) poisons the database and exits; the flush it was to
+            // run never happens, so both waits give up once the database is
+            // poisoned instead of waiting forever.
+            while !self.supervisor.flush_manager.is_empty() {
+                if self.is_poisoned.is_poisoned() {
+                    return Err(crate::Error::Poisoned);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
 
             while self.tree.sealed_memtable_count() > 0 {
+                if self.is_poisoned.is_poisoned() {
+                    return Err(crate::Error::Poisoned);
+                }
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }

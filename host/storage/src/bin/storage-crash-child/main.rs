@@ -6,6 +6,13 @@
 //! wait to be killed. Output lines: `A <last index>` after an append, `H <n>` after
 //! saving hard state `n`, `S <n>` after finishing snapshot `n`. Payloads follow
 //! `model.rs`.
+//!
+//! `storage-crash-child faults <dir> <last>` is for fault injection: it opens
+//! the store, prints `O`, waits for a line on stdin (the parent attaches a
+//! tracer that fails chosen system calls), then appends one entry per write up
+//! to `<last>`, printing `A <index>` after each and `E <error>` for each
+//! failure (two more writes are tried after the first), closes the store
+//! and prints `D`: a close that hangs shows as a missing `D`.
 
 mod model;
 
@@ -115,11 +122,34 @@ fn run_append_with(dir: &str, last: u64, wide: bool) -> Result {
     Err("stdin closed before the parent killed the child".into())
 }
 
+fn run_faults(dir: &str, last: u64) -> Result {
+    let store = FjallStore::open(dir)?;
+    report(format_args!("O"))?;
+    std::io::stdin().read_line(&mut String::new())?;
+    let mut index = store.last_index() + 1;
+    let mut failures = 0;
+    // After the first failure a few more writes are tried: none may succeed.
+    while index <= last && failures < 3 {
+        match store.append(&[model::entry(index)]) {
+            Ok(()) => {
+                report(format_args!("A {index}"))?;
+                index += 1;
+            }
+            Err(e) => {
+                report(format_args!("E {e}"))?;
+                failures += 1;
+            }
+        }
+    }
+    drop(store);
+    report(format_args!("D"))
+}
+
 fn main() -> Result {
     let args: Vec<String> = std::env::args().collect();
     let [_, mode, dir, number] = args.as_slice() else {
         return Err(
-            "usage: storage-crash-child log|snapshot|append|append-wide|append-each <dir> <number>"
+            "usage: storage-crash-child log|snapshot|append|append-wide|append-each|faults <dir> <number>"
                 .into(),
         );
     };
@@ -130,6 +160,7 @@ fn main() -> Result {
         "append" => run_append(dir, number),
         "append-wide" => run_append_with(dir, number, true),
         "append-each" => run_append_with(dir, number, false),
+        "faults" => run_faults(dir, number),
         other => Err(format!("unknown mode {other}").into()),
     }
 }

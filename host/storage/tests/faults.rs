@@ -1,0 +1,219 @@
+//! Failing disks, simulated by failing system calls: a child process opens a
+//! store and writes one entry at a time; `strace` attaches to it and makes a
+//! chosen `fdatasync` or `fsync` fail with EIO or ENOSPC. What must hold:
+//!
+//! - nothing is acknowledged after the first failure (the store refuses every
+//!   later write, although a second sync of the same file would succeed);
+//! - closing the store returns, even after a background flush failed;
+//! - reopening finds every acknowledged write.
+//!
+//! `KYTHIRA_FAULT_POINTS` (default 4) sets how many injection points each case
+//! tries. Needs `strace` (`just test` installs it).
+
+#[path = "../src/bin/storage-crash-child/model.rs"]
+#[allow(
+    dead_code,
+    reason = "shared with the crash test; only entries are used here"
+)]
+mod model;
+
+use kythira_storage::{FjallStore, LogStore};
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+/// Entries the store holds before faults are injected.
+const BEFORE: u64 = 10;
+/// Entries the child tries to write.
+const LAST: u64 = 60;
+/// A safety net only: a child that neither finishes nor fails in this time
+/// is taken to hang.
+const HANG: Duration = Duration::from_secs(120);
+
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("faults-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+}
+
+/// Kills a process when dropped: nothing outlives a failed test.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What the child reported.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// Acknowledged indexes, in order.
+    acked: Vec<u64>,
+    /// Failure messages, in order, and how many acks preceded each.
+    failures: Vec<(usize, String)>,
+    /// Whether the store was closed (`D`).
+    closed: bool,
+}
+
+/// Lines from `reader`, each within `HANG`, on a channel.
+fn lines(reader: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Opens a store with `BEFORE` entries in a child, attaches strace with
+/// `inject` (an strace `-e inject=` expression), lets the child write, and
+/// collects what it reports.
+fn run(dir: &Path, inject: &str) -> Outcome {
+    let store = FjallStore::open(dir).unwrap();
+    store
+        .append(&(1..=BEFORE).map(model::entry).collect::<Vec<_>>())
+        .unwrap();
+    drop(store);
+
+    let mut child = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_storage-crash-child"))
+            .args(["faults", dir.to_str().unwrap(), &LAST.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = lines(child.0.stdout.take().unwrap());
+    assert_eq!(out.recv_timeout(HANG).unwrap(), "O");
+
+    // Every thread of the child is traced from here on: fjall's workers and
+    // the store's writer exist once the store is open.
+    let pid = child.0.id();
+    let mut tracer = Reaped(
+        Command::new("strace")
+            .args(["-f", "-p", &pid.to_string(), "-o", "/dev/null"])
+            .args(["-e", "trace=fsync,fdatasync", "-e"])
+            .arg(format!("inject={inject}"))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("strace runs (just test installs it)"),
+    );
+    // "Process N attached with M threads": strace traces all of them from here.
+    let said = lines(tracer.0.stderr.take().unwrap());
+    loop {
+        let line = said.recv_timeout(HANG).expect("strace attaches");
+        if line.contains("attached") {
+            break;
+        }
+    }
+
+    let mut stdin = child.0.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    let mut outcome = Outcome::default();
+    loop {
+        let line = match out.recv_timeout(HANG) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("the child hangs: {outcome:?}"),
+        };
+        match line.split_once(' ') {
+            Some(("A", index)) => outcome.acked.push(index.parse().unwrap()),
+            Some(("E", error)) => outcome.failures.push((outcome.acked.len(), error.into())),
+            _ if line == "D" => outcome.closed = true,
+            _ => panic!("unexpected report {line:?}"),
+        }
+    }
+    let status = child.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "the child failed: {status:?}, {outcome:?}"
+    );
+    let _ = tracer.0.wait();
+    outcome
+}
+
+/// Every acknowledged write is in the reopened store, as written.
+fn check_reopened(dir: &Path, outcome: &Outcome) {
+    let store = FjallStore::open(dir).unwrap();
+    let last_acked = outcome.acked.last().copied().unwrap_or(BEFORE);
+    assert!(store.last_index() >= last_acked, "{outcome:?}");
+    for index in 1..=last_acked {
+        assert_eq!(
+            store.entry(index).unwrap(),
+            model::entry(index),
+            "entry {index}"
+        );
+    }
+}
+
+fn points() -> u64 {
+    std::env::var("KYTHIRA_FAULT_POINTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+/// The n-th group commit's sync fails: that write and every later one is
+/// refused, the store closes, and what was acknowledged before is there.
+#[test]
+fn a_failed_sync_stops_all_writes_and_loses_nothing_acknowledged() {
+    let mut injected = 0;
+    for n in 1..=points() {
+        for error in ["EIO", "ENOSPC"] {
+            let dir = temp_dir();
+            let when = 1 + (n - 1) * 7;
+            let outcome = run(dir.path(), &format!("fdatasync:error={error}:when={when}"));
+            injected += 1;
+            let (acked_before, first) = outcome.failures.first().cloned().unwrap_or_else(|| {
+                panic!("the sync failure reached the writer ({error}, {when}): {outcome:?}")
+            });
+            assert_eq!(acked_before as u64, when - 1, "{outcome:?}");
+            assert!(first.contains("writing the log"), "{first}");
+            assert_eq!(
+                outcome.acked.len(),
+                acked_before,
+                "acknowledged after a failure"
+            );
+            assert_eq!(outcome.failures.len(), 3, "{outcome:?}");
+            assert!(outcome.closed, "the store closed: {outcome:?}");
+            check_reopened(dir.path(), &outcome);
+        }
+    }
+    println!("FAULTS name=failed_sync injected={injected} lost=0 hangs=0");
+}
+
+/// An fsync fails in fjall's background worker (a table file or directory
+/// sync of a flush): the worker stops and poisons the database, later writes
+/// are refused, and closing returns instead of waiting for the flush
+/// forever; the journal still holds every acknowledged write.
+#[test]
+fn a_failed_background_flush_does_not_hang_the_close() {
+    let mut injected = 0;
+    for when in 1..=points() {
+        let dir = temp_dir();
+        let outcome = run(dir.path(), &format!("fsync:error=EIO:when={when}"));
+        injected += 1;
+        // The failed fsync may come during the writes (a journal rotation, a
+        // flush) or only when closing; either way nothing is acknowledged
+        // after it.
+        if let Some((acked_before, _)) = outcome.failures.first() {
+            assert_eq!(outcome.acked.len(), *acked_before, "{outcome:?}");
+        } else {
+            assert_eq!(outcome.acked.len() as u64, LAST - BEFORE);
+        }
+        assert!(outcome.closed, "{outcome:?}");
+        check_reopened(dir.path(), &outcome);
+    }
+    println!("FAULTS name=failed_flush injected={injected} lost=0 hangs=0");
+}
