@@ -294,9 +294,9 @@ fn unsynced_directory_changes(trace: &str, root: &Path) -> Vec<String> {
         if !ok {
             continue;
         }
-        let changed = if call.starts_with("mkdir") {
-            quoted(call, 0)
-        } else if call.starts_with("openat") && call.contains("O_CREAT") {
+        let created =
+            call.starts_with("mkdir") || (call.starts_with("openat") && call.contains("O_CREAT"));
+        let changed = if created {
             quoted(call, 0)
         } else if call.starts_with("rename") {
             quoted(call, 1)
