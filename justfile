@@ -42,6 +42,18 @@ test: plugins tools
     just sim-mutants
     cargo nextest run --workspace --no-fail-fast
 
+# Long storage fault runs, outside CI: 20,000 power-loss crash states over five
+# seeds, 500 SIGKILL rounds, and 16 injection points per failing-disk case.
+crash-long: tools
+    #!/usr/bin/env bash
+    set -euo pipefail
+    for seed in 1 2 3 4 5; do
+        KYTHIRA_POWER_STATES=4000 KYTHIRA_POWER_SEED=$seed \
+            cargo nextest run -p kythira-storage --test power_loss --no-capture
+    done
+    KYTHIRA_CRASH_ROUNDS=500 cargo nextest run -p kythira-storage --test crash
+    KYTHIRA_FAULT_POINTS=16 cargo nextest run -p kythira-storage --test faults --no-capture
+
 # Run the deterministic cluster simulator with the core's assertions on, e.g.
 # `just sim --seeds 100 --nodes 5`, `just sim --seeds 100 --nodes mixed` or
 # `just sim --seed 42` (`SIM_DEBUG=1` prints every node's state at a failure).

@@ -262,6 +262,23 @@ impl LocalCluster {
             .create(true)
             .append(true)
             .open(self.dir.join(format!("node-{id}.log")))?;
+        // A node's first start: its data directory is created once, as an
+        // operator would with `kythira init`.
+        if !self.dir.join(format!("data/node-{id}")).exists() {
+            let out = Command::new(&self.exe)
+                .arg("init")
+                .arg("--config")
+                .arg(&node.config)
+                .stdin(Stdio::null())
+                .output()
+                .with_context(|| format!("cannot start {}", self.exe.display()))?;
+            if !out.status.success() {
+                bail!(
+                    "kythira init for node {id} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
         let mut child = Command::new(&self.exe)
             .arg("serve")
             .arg("--config")

@@ -30,7 +30,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a node: `kythira serve --config node.toml`.
+    /// Create a new node's data directory, once, before its first `serve`:
+    /// `kythira init --config node.toml`. Refuses a directory that holds
+    /// anything.
+    Init {
+        /// The node's configuration file.
+        #[arg(long, env = "KYTHIRA_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run a node: `kythira serve --config node.toml`. Its data directory
+    /// must have been created by `kythira init`.
     Serve {
         /// The node's configuration file.
         #[arg(long, env = "KYTHIRA_CONFIG")]
@@ -91,6 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .build()
     };
     match cli.command {
+        Command::Init { config } => serve::init(&config::load(&config)?),
         Command::Serve { config } => {
             let cfg = config::load(&config)?;
             runtime()?.block_on(serve::run(cfg))

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use kythira_api::{ApiError, Reply, Request};
 use kythira_node::node::{SnapshotDone, SnapshotSent, snapshot_dir};
 use kythira_node::{Caller, Network, Node, NodeConfig, NodeHandle};
@@ -70,8 +70,19 @@ fn cluster_id(tls: &Tls) -> String {
         .collect()
 }
 
-/// Serves until the node fails or the process is told to stop.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// Files and directories this process creates are its owner's alone: the
+/// log, snapshots and identity of a node are nobody else's to read (0600 and
+/// 0700, whatever the inherited umask).
+fn owner_only() {
+    // SAFETY: umask has no failure mode; it only replaces the process's mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// The node's TLS material, checked to be this node's.
+fn node_tls(cfg: &Config) -> anyhow::Result<Tls> {
+    owner_only();
     let tls = Tls::load(&cfg.tls)?;
     if tls.identity() != &Identity::Node(cfg.id) {
         bail!(
@@ -81,16 +92,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg.id
         );
     }
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| {
-        format!(
-            "cannot create the data directory {}",
-            cfg.data_dir.display()
-        )
-    })?;
-    // Before anything is bound: a node on the wrong directory must not even
-    // start talking to its peers.
+    Ok(tls)
+}
+
+/// `kythira init`: creates a new node's data directory, once.
+pub fn init(cfg: &Config) -> anyhow::Result<()> {
+    let tls = node_tls(cfg)?;
+    let cluster = cluster_id(&tls);
+    kythira_node::disk::init(&cfg.data_dir, cfg.id, &cluster)?;
+    println!(
+        "initialized {} for node {} of cluster {cluster}",
+        cfg.data_dir.display(),
+        cfg.id
+    );
+    Ok(())
+}
+
+/// Serves until the node fails or the process is told to stop.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let tls = node_tls(&cfg)?;
+    // Before anything is bound: a node on the wrong directory, or on one
+    // that lost its state, must not even start talking to its peers.
     let cluster_id = cluster_id(&tls);
-    let claim = kythira_node::disk::claim(&cfg.data_dir, cfg.id, &cluster_id)?;
+    let claim = kythira_node::disk::claim_existing(&cfg.data_dir, cfg.id, &cluster_id)?;
     // Peers and clients on separate endpoints: a flood of client
     // connections cannot crowd out the Raft traffic.
     let peer_endpoint = Endpoint::bind(cfg.peer, &tls)?;

@@ -196,6 +196,102 @@ async fn a_cluster_of_one_serves() {
     assert_eq!(out.trim(), r#"{"value":"1"}"#);
 }
 
+/// Asserts that nobody but the owner may read anything under `path`.
+fn owner_only(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "{} is {mode:o}", path.display());
+    if path.is_dir() {
+        for item in std::fs::read_dir(path).unwrap() {
+            owner_only(&item.unwrap().path());
+        }
+    }
+}
+
+/// The stderr of a `kythira serve` that must be refused: it exits before it
+/// binds anything.
+fn serve_refused(config: &std::path::Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kythira"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "served");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A member whose data directory is missing or empty (a failed mount, a
+/// lost disk) refuses to start afresh, which could make it vote twice in a
+/// term, and says what to do; `kythira init` creates a directory only where
+/// there is none. The cluster keeps serving, and the node comes back once
+/// its directory does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_without_its_data_directory_refuses_to_start() {
+    let mut c = start(Options::default());
+    deploy(&c, "kv");
+    let put = |key: &str| format!(r#"{{"put":{{"key":"{key}","value":"x"}}}}"#);
+    cli_ok(&c, "app", &["apply", "kv", &put("before")]);
+    // Everything a node keeps is its owner's alone.
+    owner_only(&c.dir().join("data/node-1"));
+    c.kill(3);
+    let data = c.dir().join("data/node-3");
+    let aside = c.dir().join("data/node-3.aside");
+    std::fs::rename(&data, &aside).unwrap();
+
+    let missing = serve_refused(c.config_path(3));
+    assert!(missing.contains("is missing"), "{missing}");
+    assert!(missing.contains("kythira init"), "{missing}");
+    assert!(missing.contains("members remove 3"), "{missing}");
+    // As after a failed mount: the mount point is there, empty.
+    std::fs::create_dir(&data).unwrap();
+    let empty = serve_refused(c.config_path(3));
+    assert!(empty.contains("is empty"), "{empty}");
+
+    // A directory with the identity but without its log.
+    std::fs::remove_dir(&data).unwrap();
+    std::fs::rename(&aside, &data).unwrap();
+    std::fs::rename(data.join("log"), c.dir().join("data/log-3.aside")).unwrap();
+    let no_log = serve_refused(c.config_path(3));
+    assert!(no_log.contains("has lost its log"), "{no_log}");
+    std::fs::rename(c.dir().join("data/log-3.aside"), data.join("log")).unwrap();
+
+    // init never touches a directory that holds something.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kythira"))
+        .args(["init", "--config"])
+        .arg(c.config_path(3))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not empty"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    cli_ok(&c, "app", &["apply", "kv", &put("meanwhile")]);
+    c.start(3).unwrap();
+    let node = client_for(&c, "app", vec![c.addr(3)]);
+    for key in ["before", "meanwhile"] {
+        eventually(Duration::from_secs(60), "node 3 catches up", || {
+            let node = &node;
+            async move {
+                node.query(
+                    "kv",
+                    Payload::Json(format!(r#"{{"get":{{"key":"{key}"}}}}"#)),
+                    Consistency::Stale,
+                )
+                .await
+                .is_ok_and(|v| json(v) == r#"{"value":"x"}"#)
+            }
+        })
+        .await;
+    }
+}
+
 /// A second `kythira serve` on a running node's data directory is refused
 /// before it touches the log or binds a port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,6 +60,10 @@ pub enum Work {
         /// The snapshot's file, opened when the core installed it.
         reader: SnapshotReader,
     },
+    /// The node stopped: end the thread once what came before is handled,
+    /// releasing the state machines and the snapshot store although handles
+    /// (which can queue reads) may outlive the node.
+    Stop,
 }
 
 /// How the applier snapshots.
@@ -84,6 +88,8 @@ struct State {
 impl State {
     fn handle(&mut self, w: Work) {
         match w {
+            // The thread's loop ends on it before it gets here.
+            Work::Stop => {}
             Work::Apply(entries) => {
                 // Batches end where a snapshot falls due, so that its image
                 // is the state at exactly that index.
@@ -325,6 +331,9 @@ impl Applier {
                 // Dropped when the thread ends, unwinding included.
                 let _alive = alive;
                 for w in queue {
+                    if matches!(w, Work::Stop) {
+                        break;
+                    }
                     state.handle(w);
                 }
             })?;
@@ -336,6 +345,17 @@ impl Applier {
         self.work
             .send(w)
             .map_err(|_| crate::NodeError::Stopped("the applier stopped"))
+    }
+}
+
+/// Stops the applier thread when dropped. The event loop owns it, so the
+/// thread ends with the loop however the loop ends (an error, a stop, its
+/// task aborted).
+pub struct StopOnDrop(pub Applier);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(Work::Stop);
     }
 }
 

@@ -252,6 +252,67 @@ pub struct Claim {
     _lock: std::fs::File,
 }
 
+/// The log store's directory under a data directory.
+pub fn log_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("log")
+}
+
+/// Creates a new node's data directory, deliberately and once: owner-only,
+/// with the node's identity, an empty log and an empty snapshot store. A
+/// directory that exists and holds anything is refused, so this can never
+/// wipe or shadow a node's state.
+pub fn init(dir: &std::path::Path, id: u64, cluster: &str) -> Result<(), NodeError> {
+    if let Ok(mut entries) = std::fs::read_dir(dir)
+        && entries.next().is_some()
+    {
+        return Err(NodeError::Config(format!(
+            "{} is not empty; a data directory is initialized once, and `serve` uses it as it is",
+            dir.display()
+        )));
+    }
+    let claim = claim(dir, id, cluster)?;
+    drop(FjallStore::open(log_dir(dir))?);
+    drop(kythira_storage::SnapshotStore::open(
+        crate::node::snapshot_dir(dir),
+    )?);
+    // The directory's own entry, or a power cut could lose all of it.
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    drop(claim);
+    Ok(())
+}
+
+/// [`claim`] for a node that is to serve: its directory must have been
+/// created by [`init`]. A missing or empty directory is refused rather than
+/// taken for a new node: after a failed mount or a lost disk, a node that
+/// started afresh would have no vote and no log, and could vote twice in a
+/// term or help elect a leader that lacks committed entries.
+pub fn claim_existing(dir: &std::path::Path, id: u64, cluster: &str) -> Result<Claim, NodeError> {
+    if !dir.join(IDENTITY_FILE).is_file() {
+        let state = if dir.exists() { "empty" } else { "missing" };
+        return Err(NodeError::Config(format!(
+            "the data directory {} is {state}. If node {id} is new, create it once with \
+             `kythira init --config FILE`. If node {id} has been a member, its log and vote \
+             are lost and it must not start afresh: remove it from the cluster (`kythira \
+             members remove {id}`) and add it back as a new node with a new id",
+            dir.display()
+        )));
+    }
+    let claim = claim(dir, id, cluster)?;
+    let log = log_dir(dir);
+    if !log.is_dir() {
+        return Err(NodeError::Config(format!(
+            "the data directory {} of node {id} has lost its log ({} is missing); the node \
+             must not start without it: restore the directory, or remove node {id} from the \
+             cluster and add it back as a new node with a new id",
+            dir.display(),
+            log.display()
+        )));
+    }
+    Ok(claim)
+}
+
 /// Refuses a data directory written by another node or another cluster, or
 /// in use by another process, and claims it (a new one is created owner-only).
 /// Starting node 2 on node 1's log, or on another cluster's, would make it

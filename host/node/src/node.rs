@@ -249,7 +249,7 @@ impl Node {
         inbound: mpsc::Receiver<Message>,
     ) -> Result<Node, NodeError> {
         validate(&cfg)?;
-        let store = Arc::new(FjallStore::open(cfg.data_dir.join("log"))?);
+        let store = Arc::new(FjallStore::open(disk::log_dir(&cfg.data_dir))?);
         let recovered = disk::recover(&store, &snapshots)?;
         let mut core = Config::new(cfg.id, cfg.voters.iter().copied());
         core.election_ticks = cfg.election_ticks;
@@ -307,6 +307,7 @@ impl Node {
             driver: Driver::new(raft),
             net,
             disk,
+            _stop_applier: applier::StopOnDrop(applier.clone()),
             applier,
             last_timestamp_ms: recovered.last_timestamp_ms,
             reads: HashMap::new(),
@@ -386,6 +387,8 @@ struct EventLoop<N> {
     net: N,
     disk: Disk,
     applier: Applier,
+    /// Ends the applier thread when the loop ends.
+    _stop_applier: applier::StopOnDrop,
     /// Largest leader timestamp in this node's log: new entries get at least it.
     last_timestamp_ms: u64,
     /// ReadIndex requests in flight, by context.

@@ -131,7 +131,21 @@ impl Cluster {
         let (tx, rx) = mpsc::channel(1024);
         self.net.links.lock().unwrap().insert(id, tx);
         let cfg = config(id, self.dirs[id as usize - 1].path());
-        let store = SnapshotStore::open(kythira_node::node::snapshot_dir(&cfg.data_dir)).unwrap();
+        // A stopped node's applier thread lets go of its snapshot store
+        // once it has handled what was queued; the store is locked until
+        // then (polled, with a deadline as a safety net).
+        let dir = kythira_node::node::snapshot_dir(&cfg.data_dir);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let store = loop {
+            match SnapshotStore::open(&dir) {
+                Err(kythira_storage::StorageError::Locked { .. })
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                other => break other.unwrap(),
+            }
+        };
         self.net.stores.lock().unwrap().insert(id, store.clone());
         let node =
             Node::start_with_snapshots(cfg, store, self.net.clone(), rx).expect("node starts");

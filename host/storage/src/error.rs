@@ -158,6 +158,13 @@ pub enum StorageError {
         /// Index of the latest snapshot.
         latest: u64,
     },
+    /// Another open snapshot store (in this process or another) holds the
+    /// directory.
+    #[error("snapshot directory {dir} is in use by another store; stop its process first")]
+    Locked {
+        /// The snapshot directory.
+        dir: PathBuf,
+    },
     /// A snapshot is already being received into this store; only one
     /// reception runs at a time, since each one deletes the others' partial files.
     #[error("a snapshot is already being received into {dir}")]

@@ -71,7 +71,12 @@ struct Inner {
     /// Set while an [`Incoming`] lives: each reception deletes the partial files
     /// of other snapshots, which must not be one still being written.
     receiving: AtomicBool,
+    /// An exclusive lock on the directory, held while any clone lives.
+    _lock: File,
 }
+
+/// The file a snapshot store holds its exclusive lock on.
+const LOCK_FILE: &str = "lock";
 
 /// Keeps the latest complete snapshot of a node in one directory.
 ///
@@ -175,6 +180,28 @@ impl SnapshotStore {
                 sync_dir(parent)?;
             }
         }
+        // Before anything is deleted: the cleanup below removes temporary and
+        // superseded files, which in another process's store are its work.
+        let lock_path = dir.join(LOCK_FILE);
+        let dir_lock = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&lock_path)
+                .map_err(|e| StorageError::io("open", &lock_path, e))?
+        };
+        match dir_lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StorageError::Locked { dir: dir.clone() });
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(StorageError::io("lock", &lock_path, e));
+            }
+        }
         let mut candidates = Vec::new();
         let mut partials = Vec::new();
         let listing = fs::read_dir(&dir).map_err(|e| StorageError::io("list", &dir, e))?;
@@ -229,6 +256,7 @@ impl SnapshotStore {
                 latest: Mutex::new(latest),
                 next_temp: AtomicU64::new(0),
                 receiving: AtomicBool::new(false),
+                _lock: dir_lock,
             }),
         })
     }

@@ -128,7 +128,11 @@ fn verify_log(dir: &Path, acknowledged: &Acknowledged, round: u64) {
 fn verify_snapshots(dir: &Path, acknowledged: &Acknowledged, round: u64) {
     let store = SnapshotStore::open(dir)
         .unwrap_or_else(|e| panic!("round {round}: reopen after a crash failed: {e}"));
-    let files: Vec<_> = std::fs::read_dir(dir).unwrap().collect();
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|item| item.unwrap().file_name())
+        .filter(|name| name != "lock")
+        .collect();
     assert!(files.len() <= 1, "round {round}: leftover files {files:?}");
     let Some(info) = store.latest() else {
         assert_eq!(acknowledged.snapshot, 0, "round {round}: snapshot lost");

@@ -82,7 +82,7 @@ fn lines(reader: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> 
 fn run(dir: &Path, inject: &str) -> Outcome {
     let store = FjallStore::open(dir).unwrap();
     store
-        .append(&(1..=BEFORE).map(model::entry).collect::<Vec<_>>())
+        .append(&(1..=BEFORE).map(model::mixed_entry).collect::<Vec<_>>())
         .unwrap();
     drop(store);
 
@@ -151,7 +151,7 @@ fn check_reopened(dir: &Path, outcome: &Outcome) {
     for index in 1..=last_acked {
         assert_eq!(
             store.entry(index).unwrap(),
-            model::entry(index),
+            model::mixed_entry(index),
             "entry {index}"
         );
     }

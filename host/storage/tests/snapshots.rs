@@ -34,10 +34,12 @@ fn write(store: &SnapshotStore, meta: SnapshotMeta, data: &[u8], chunk: usize) {
     writer.finish().unwrap();
 }
 
+/// The files of a snapshot directory, but for the store's lock file.
 fn files(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .unwrap()
         .map(|item| item.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name != "lock")
         .collect();
     names.sort();
     names
@@ -187,4 +189,21 @@ fn a_file_whose_name_disagrees_with_its_header_is_corrupt() {
         SnapshotStore::open(dir.path()),
         Err(StorageError::CorruptSnapshot { path, .. }) if path == renamed
     ));
+}
+
+/// One store per directory at a time: a second one would delete the first's
+/// temporary and superseded files as strays.
+#[test]
+fn a_directory_holds_one_store_at_a_time() {
+    let dir = temp_dir();
+    let first = SnapshotStore::open(dir.path()).unwrap();
+    let clone = first.clone();
+    let error = SnapshotStore::open(dir.path()).unwrap_err();
+    assert!(matches!(error, StorageError::Locked { .. }), "{error}");
+    drop(first);
+    // A clone still holds it.
+    assert!(SnapshotStore::open(dir.path()).is_err());
+    drop(clone);
+    let reopened = SnapshotStore::open(dir.path()).unwrap();
+    write(&reopened, meta(5, 1), &data(100, 1), 10);
 }

@@ -29,9 +29,10 @@
 //! capped at 64 MiB and a clean close flushes the memtables, so replay is short
 //! after a clean shutdown and bounded after a crash.
 //!
-//! A limit of this scheme: damage inside fjall's own journal that fjall itself
-//! treats as a torn tail (it truncates the journal at the first undecodable
-//! record) is indistinguishable from a crash before those batches were synced.
+//! Below that, the patched fjall (`vendor/fjall/KYTHIRA.md`) tells a torn final
+//! batch of its journal, which it drops, from damage followed by intact batches,
+//! which fails the open. Damage to the very last batch is indistinguishable
+//! from a torn write of it.
 
 mod recovery;
 mod writer;

@@ -7,12 +7,13 @@
 //! saving hard state `n`, `S <n>` after finishing snapshot `n`. Payloads follow
 //! `model.rs`.
 //!
-//! `storage-crash-child faults <dir> <last>` is for fault injection: it opens
-//! the store, prints `O`, waits for a line on stdin (the parent attaches a
-//! tracer that fails chosen system calls), then appends one entry per write up
-//! to `<last>`, printing `A <index>` after each and `E <error>` for each
-//! failure (two more writes are tried after the first), closes the store
-//! and prints `D`: a close that hangs shows as a missing `D`.
+//! `storage-crash-child faults <dir> <last>` is for fault injection and power
+//! loss: it opens the store, prints `O`, waits for a line on stdin (the parent
+//! may attach a tracer that fails chosen system calls), then appends one entry
+//! per write (`model::mixed_entry`) up to `<last>`, printing `A <index>` after
+//! each and `E <error>` for each failure (two more writes are tried after the
+//! first), closes the store and prints `D`: a close that hangs shows as a
+//! missing `D`.
 
 mod model;
 
@@ -130,7 +131,7 @@ fn run_faults(dir: &str, last: u64) -> Result {
     let mut failures = 0;
     // After the first failure a few more writes are tried: none may succeed.
     while index <= last && failures < 3 {
-        match store.append(&[model::entry(index)]) {
+        match store.append(&[model::mixed_entry(index)]) {
             Ok(()) => {
                 report(format_args!("A {index}"))?;
                 index += 1;

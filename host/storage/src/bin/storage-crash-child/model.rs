@@ -30,6 +30,17 @@ pub fn wide_entry(index: u64) -> LogEntry {
     LogEntry::new(index, term_of(index), payload)
 }
 
+/// What the `faults` child writes at `index`: mostly small entries, every
+/// seventh a wide one, so that some batches span several pages and a power
+/// cut can tear them in the middle.
+pub fn mixed_entry(index: u64) -> LogEntry {
+    if index % 7 == 0 {
+        wide_entry(index)
+    } else {
+        entry(index)
+    }
+}
+
 /// The hard state the child saves in step `n` (`n` is also the term).
 pub fn hard_state(n: u64) -> HardState {
     HardState {
