@@ -34,7 +34,7 @@ pub fn wide_entry(index: u64) -> LogEntry {
 /// seventh a wide one, so that some batches span several pages and a power
 /// cut can tear them in the middle.
 pub fn mixed_entry(index: u64) -> LogEntry {
-    if index % 7 == 0 {
+    if index.is_multiple_of(7) {
         wide_entry(index)
     } else {
         entry(index)
