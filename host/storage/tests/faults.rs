@@ -80,6 +80,17 @@ fn lines(reader: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> 
 /// `inject` (an strace `-e inject=` expression), lets the child write, and
 /// collects what it reports.
 fn run(dir: &Path, inject: &str) -> Outcome {
+    let inject = format!("inject={inject}");
+    run_traced(dir, |_| {
+        ["-e", "trace=fsync,fdatasync", "-e", &inject]
+            .map(String::from)
+            .to_vec()
+    })
+}
+
+/// [`run`] with strace's filter and injection from `filter`, given the
+/// store's directory once it holds the first entries.
+fn run_traced(dir: &Path, filter: impl FnOnce(&Path) -> Vec<String>) -> Outcome {
     let store = FjallStore::open(dir).unwrap();
     store
         .append(&(1..=BEFORE).map(model::mixed_entry).collect::<Vec<_>>())
@@ -103,8 +114,7 @@ fn run(dir: &Path, inject: &str) -> Outcome {
     let mut tracer = Reaped(
         Command::new("strace")
             .args(["-f", "-p", &pid.to_string(), "-o", "/dev/null"])
-            .args(["-e", "trace=fsync,fdatasync", "-e"])
-            .arg(format!("inject={inject}"))
+            .args(filter(dir))
             .stderr(Stdio::piped())
             .spawn()
             .expect("strace runs (just test installs it)"),
@@ -224,12 +234,68 @@ fn a_failed_background_flush_does_not_hang_the_close() {
     println!("FAULTS name=failed_flush injected={injected} acknowledged_writes_checked={checked}");
 }
 
+/// The journal file a store in `dir` writes to: its newest.
+fn active_journal(dir: &Path) -> std::path::PathBuf {
+    let mut journals: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|item| {
+            let path = item.unwrap().path();
+            let n = path
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".jnl")?
+                .parse()
+                .ok()?;
+            Some((n, path))
+        })
+        .collect();
+    journals.sort();
+    journals.pop().expect("a journal").1
+}
+
+/// A write to the journal fails (a full disk, an I/O error): that write and
+/// every later one is refused, the store closes, and what was acknowledged
+/// before is there.
+#[test]
+fn a_failed_journal_write_stops_all_writes_and_loses_nothing_acknowledged() {
+    let (mut injected, mut checked) = (0, 0);
+    let points = points().min(LAST - BEFORE);
+    for n in 1..=points {
+        for error in ["ENOSPC", "EIO"] {
+            let dir = temp_dir();
+            let when = 1 + (n - 1) * (LAST - BEFORE) / points;
+            let outcome = run_traced(dir.path(), |dir| {
+                let journal = active_journal(dir).to_str().unwrap().to_owned();
+                let inject = format!("inject=write:error={error}:when={when}");
+                ["-P", &journal, "-e", "trace=write", "-e", &inject]
+                    .map(String::from)
+                    .to_vec()
+            });
+            injected += 1;
+            let (acked_before, first) = outcome.failures.first().cloned().unwrap_or_else(|| {
+                panic!("the write failure reached the writer ({error}, {when}): {outcome:?}")
+            });
+            assert!(first.contains("writing the log"), "{first}");
+            assert_eq!(
+                outcome.acked.len(),
+                acked_before,
+                "acknowledged after a failure"
+            );
+            assert!(outcome.closed, "the store closed: {outcome:?}");
+            checked += check_reopened(dir.path(), &outcome);
+        }
+    }
+    // Reached only if nothing was lost and nothing hung.
+    println!("FAULTS name=failed_write injected={injected} acknowledged_writes_checked={checked}");
+}
+
 /// Directory changes a power cut may undo unless the directory is synced:
 /// every directory and file the store creates, every rename into it and every
 /// journal it deletes must have its parent directory synced before the next
 /// acknowledgement (or, for the changes of a clean close, before the process
 /// ends). Checked on a strace log of a child that creates a store, writes,
-/// closes, and then reopens it and writes more.
+/// closes, and then reopens it and writes more. A third life checks that a
+/// reopened store reads no file before dropping its cached pages.
 #[test]
 fn directory_changes_are_synced_before_they_are_relied_on() {
     let dir = temp_dir();
@@ -261,6 +327,44 @@ fn directory_changes_are_synced_before_they_are_relied_on() {
             "not synced in their directory: {unsynced:#?}"
         );
     }
+    // The reopened store dropped the cached pages of every file before it
+    // read any: after a failed fsync, the cache may hold what the disk lost.
+    let status = Command::new("strace")
+        .args(["-f", "-y", "-qq", "-o"])
+        .arg(&log)
+        .args(["-e", "trace=fadvise64,read,pread64"])
+        .arg(env!("CARGO_BIN_EXE_storage-crash-child"))
+        .args(["faults", db.to_str().unwrap(), &LAST.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .and_then(|mut child| {
+            writeln!(child.stdin.take().unwrap(), "go")?;
+            child.wait()
+        })
+        .expect("strace runs");
+    assert!(status.success());
+    let trace = std::fs::read_to_string(&log).unwrap();
+    let (mut advised, mut unadvised) = (std::collections::HashSet::new(), Vec::new());
+    for line in trace.lines() {
+        let Some(path) = line.split('<').nth(1).and_then(|s| s.split('>').next()) else {
+            continue;
+        };
+        if !path.starts_with(db.to_str().unwrap()) {
+            continue;
+        }
+        if line.contains("fadvise64(") && line.contains("POSIX_FADV_DONTNEED") {
+            advised.insert(path.to_owned());
+        } else if (line.contains(" read(") || line.contains(" pread64(")) && !advised.contains(path)
+        {
+            unadvised.push(path.to_owned());
+        }
+    }
+    assert!(!advised.is_empty(), "nothing was advised: {trace}");
+    assert!(
+        unadvised.is_empty(),
+        "read before its cached pages were dropped: {unadvised:?}"
+    );
 }
 
 /// The directory changes under `root` in an strace log (`-f -y`) that are not
