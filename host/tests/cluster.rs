@@ -257,6 +257,10 @@ async fn a_member_without_its_data_directory_refuses_to_start() {
     std::fs::rename(data.join("log"), c.dir().join("data/log-3.aside")).unwrap();
     let no_log = serve_refused(c.config_path(3));
     assert!(no_log.contains("has lost its log"), "{no_log}");
+    std::fs::create_dir(data.join("log")).unwrap();
+    let empty_log = serve_refused(c.config_path(3));
+    assert!(empty_log.contains("has lost its log"), "{empty_log}");
+    std::fs::remove_dir(data.join("log")).unwrap();
     std::fs::rename(c.dir().join("data/log-3.aside"), data.join("log")).unwrap();
 
     // init never touches a directory that holds something.

@@ -257,29 +257,52 @@ pub fn log_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("log")
 }
 
+/// What an interrupted [`init`] can leave in a data directory: it writes the
+/// identity file last, so a directory without one never served.
+const INIT_LEFTOVERS: [&str; 4] = ["log", "snapshots", LOCK_FILE, "kythira-node.tmp"];
+
 /// Creates a new node's data directory, deliberately and once: owner-only,
-/// with the node's identity, an empty log and an empty snapshot store. A
-/// directory that exists and holds anything is refused, so this can never
-/// wipe or shadow a node's state.
+/// with an empty log and an empty snapshot store, and the node's identity
+/// written last. A directory that holds anything else is refused, so this
+/// can never wipe or shadow a node's state; one that holds only what an
+/// interrupted `init` leaves is initialized again.
 pub fn init(dir: &std::path::Path, id: u64, cluster: &str) -> Result<(), NodeError> {
-    if let Ok(mut entries) = std::fs::read_dir(dir)
-        && entries.next().is_some()
-    {
-        return Err(NodeError::Config(format!(
-            "{} is not empty; a data directory is initialized once, and `serve` uses it as it is",
-            dir.display()
-        )));
+    use std::os::unix::fs::DirBuilderExt;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries {
+            let name = entry?.file_name();
+            if !INIT_LEFTOVERS.iter().any(|l| name == *l) {
+                return Err(NodeError::Config(format!(
+                    "{} is not empty (it holds {}); a data directory is initialized once, and \
+                     `serve` uses it as it is",
+                    dir.display(),
+                    name.to_string_lossy()
+                )));
+            }
+        }
     }
-    let claim = claim(dir, id, cluster)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let lock = lock(dir)?;
+    for leftover in ["log", "snapshots"] {
+        let path = dir.join(leftover);
+        if path.exists() {
+            std::fs::remove_dir_all(&path)?;
+        }
+    }
     drop(FjallStore::open(log_dir(dir))?);
     drop(kythira_storage::SnapshotStore::open(
         crate::node::snapshot_dir(dir),
     )?);
+    // Last: the identity says the directory is whole.
+    check_identity(dir, id, cluster)?;
     // The directory's own entry, or a power cut could lose all of it.
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::File::open(parent)?.sync_all()?;
     }
-    drop(claim);
+    drop(lock);
     Ok(())
 }
 
@@ -301,9 +324,10 @@ pub fn claim_existing(dir: &std::path::Path, id: u64, cluster: &str) -> Result<C
     }
     let claim = claim(dir, id, cluster)?;
     let log = log_dir(dir);
-    if !log.is_dir() {
+    // fjall's format marker: an empty `log` would be taken for a new store.
+    if !log.join("version").is_file() {
         return Err(NodeError::Config(format!(
-            "the data directory {} of node {id} has lost its log ({} is missing); the node \
+            "the data directory {} of node {id} has lost its log ({} is missing or empty); the node \
              must not start without it: restore the directory, or remove node {id} from the \
              cluster and add it back as a new node with a new id",
             dir.display(),
@@ -319,7 +343,7 @@ pub fn claim_existing(dir: &std::path::Path, id: u64, cluster: &str) -> Result<C
 /// vote and acknowledge with state it never had; two processes on one
 /// directory would overwrite each other's log and snapshots.
 pub fn claim(dir: &std::path::Path, id: u64, cluster: &str) -> Result<Claim, NodeError> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -329,6 +353,15 @@ pub fn claim(dir: &std::path::Path, id: u64, cluster: &str) -> Result<Claim, Nod
     check_identity(dir, id, cluster)?;
     // The log, snapshots and identity are this node's alone.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let claim = lock(dir)?;
+    // Again under the lock: two first starts may have raced to create it.
+    check_identity(dir, id, cluster)?;
+    Ok(claim)
+}
+
+/// Takes the exclusive lock on a data directory.
+fn lock(dir: &std::path::Path) -> Result<Claim, NodeError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -336,19 +369,14 @@ pub fn claim(dir: &std::path::Path, id: u64, cluster: &str) -> Result<Claim, Nod
         .mode(0o600)
         .open(dir.join(LOCK_FILE))?;
     match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(NodeError::Config(format!(
-                "{} is in use by another kythira process; stop it first, or point data_dir \
-                 elsewhere",
-                dir.display()
-            )));
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        Ok(()) => Ok(Claim { _lock: lock }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(NodeError::Config(format!(
+            "{} is in use by another kythira process; stop it first, or point data_dir \
+             elsewhere",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
     }
-    // Again under the lock: two first starts may have raced to create it.
-    check_identity(dir, id, cluster)?;
-    Ok(Claim { _lock: lock })
 }
 
 fn check_identity(dir: &std::path::Path, id: u64, cluster: &str) -> Result<(), NodeError> {
@@ -537,5 +565,27 @@ mod tests {
         assert!(e.contains("belongs to node 1 of cluster abc"), "{e}");
         let e = claim(dir.path(), 1, "def").unwrap_err().to_string();
         assert!(e.contains("this is node 1 of cluster def"), "{e}");
+    }
+
+    #[test]
+    fn init_starts_over_after_an_interrupted_init_and_refuses_anything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("node");
+        // As an init that died before it wrote the identity.
+        std::fs::create_dir_all(data.join("log")).unwrap();
+        std::fs::write(data.join("log/0.jnl"), b"partial").unwrap();
+        std::fs::write(data.join("lock"), b"").unwrap();
+        assert!(claim_existing(&data, 1, "abc").is_err());
+        init(&data, 1, "abc").unwrap();
+        drop(claim_existing(&data, 1, "abc").unwrap());
+        // Whole now: never initialized again.
+        let e = init(&data, 1, "abc").unwrap_err().to_string();
+        assert!(e.contains("not empty"), "{e}");
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("precious"), b"x").unwrap();
+        let e = init(&other, 1, "abc").unwrap_err().to_string();
+        assert!(e.contains("precious"), "{e}");
+        assert!(other.join("precious").exists());
     }
 }

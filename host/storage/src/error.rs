@@ -202,7 +202,7 @@ pub enum StorageError {
     TooLarge {
         /// What is too large.
         what: &'static str,
-        /// Index of the entry (the first one of a write).
+        /// Index of the entry.
         index: u64,
         /// Its size.
         bytes: u64,

@@ -12,34 +12,25 @@ pub const ENTRY_OVERHEAD: u64 = 16;
 /// keeps working.
 pub const MAX_ENTRY_BYTES: u64 = 64 << 20;
 
-/// Largest total of entry sizes one write may carry, and the most the writer
-/// puts into one atomic batch when it groups writes.
+/// The most the writer puts into one atomic batch when it groups writes; a
+/// single write larger than this (many entries, each within the limit) is a
+/// batch of its own, since a Raft write must be stored whole.
 pub const MAX_WRITE_BYTES: u64 = 256 << 20;
 
-/// Refuses entries over [`MAX_ENTRY_BYTES`] or a write over [`MAX_WRITE_BYTES`].
+/// Refuses entries over [`MAX_ENTRY_BYTES`].
 pub(crate) fn check_sizes(entries: &[LogEntry]) -> crate::Result<()> {
-    let mut total = 0u64;
-    for entry in entries {
-        let bytes = entry.payload.len() as u64;
-        if bytes > MAX_ENTRY_BYTES {
-            return Err(crate::StorageError::TooLarge {
-                what: "log entry",
-                index: entry.index,
-                bytes,
-                limit: MAX_ENTRY_BYTES,
-            });
-        }
-        total = total.saturating_add(entry.size());
+    match entries
+        .iter()
+        .find(|e| e.payload.len() as u64 > MAX_ENTRY_BYTES)
+    {
+        Some(entry) => Err(crate::StorageError::TooLarge {
+            what: "log entry",
+            index: entry.index,
+            bytes: entry.payload.len() as u64,
+            limit: MAX_ENTRY_BYTES,
+        }),
+        None => Ok(()),
     }
-    if total > MAX_WRITE_BYTES {
-        return Err(crate::StorageError::TooLarge {
-            what: "write starting at log entry",
-            index: entries.first().map_or(0, |e| e.index),
-            bytes: total,
-            limit: MAX_WRITE_BYTES,
-        });
-    }
-    Ok(())
 }
 
 /// One Raft log entry as the storage layer sees it.

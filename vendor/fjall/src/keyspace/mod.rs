@@ -807,6 +807,12 @@ impl Keyspace {
 
     fn check_write_halt(&self) {
         while self.tree.l0_run_count() >= 30 {
+            // Kythira patch: the workers that would bring the count down stop
+            // when they fail; the writer must not wait for them forever (its
+            // next sync reports the poisoned database).
+            if self.is_poisoned.is_poisoned() {
+                return;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -823,6 +829,10 @@ impl Keyspace {
         }
 
         while self.tree.sealed_memtable_count() >= 4 {
+            // Kythira patch: as in `check_write_halt`.
+            if self.is_poisoned.is_poisoned() {
+                break;
+            }
             log::debug!(
                 "Halting writes because we have 4+ sealed memtables in {:?} queued up",
                 self.name,
