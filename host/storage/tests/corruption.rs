@@ -290,6 +290,27 @@ fn a_final_batch_with_a_lost_page_is_a_torn_tail() {
     assert_eq!(store.entry(51).unwrap(), model::wide_entry(51));
 }
 
+/// A flipped bit in the last batch, with nothing lost around it, is not what
+/// a crash leaves (a lost write leaves zeros or the end of the file): the
+/// batch may have been acknowledged, so the open stops. (It used to be
+/// dropped as a torn tail, as if never written.)
+#[test]
+fn a_flipped_bit_in_the_final_batch_is_not_taken_for_a_torn_write() {
+    let dir = temp_dir();
+    closed_store(dir.path(), 50);
+    append_and_die(dir.path(), "append-wide", 53);
+    let journal = journal(dir.path());
+    let mut bytes = fs::read(&journal).unwrap();
+    let second = model::wide_entry(52).payload;
+    let at = find(&bytes, &second[..64]).expect("entry 52 is in the journal");
+    bytes[at + 10_000] ^= 0x10;
+    fs::write(&journal, bytes).unwrap();
+
+    let error = open_error(dir.path()).to_string();
+    assert!(error.contains(&journal.display().to_string()), "{error}");
+    assert!(error.contains("not what a write cut short"), "{error}");
+}
+
 /// Damage in the middle of a journal, with acknowledged batches after it,
 /// stops the open with the journal and offset named. (fjall used to take
 /// it for the end of the journal and drop every later batch.)

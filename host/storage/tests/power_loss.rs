@@ -3,13 +3,17 @@
 //! store are recorded with strace, and crash states are rebuilt from them.
 //!
 //! In a crash state cut at some point of the trace, each file holds what was
-//! synced (fsync or fdatasync) before the cut plus a random subset of the
-//! pages written since, each either as written or as it was (a hole, where the
-//! file grew); its length is the synced one or the written one. A directory
+//! synced (fsync or fdatasync) before the cut, and each page written since is
+//! as it was at some random moment since (a page is written back whole, so it
+//! holds a prefix of the writes that touched it; pages are independent of
+//! each other; a page never written back is a hole where the file grew); a
+//! length change since the sync is kept or not. A directory
 //! holds the entries it had when it was last synced: a created, renamed or
 //! deleted name counts only once its directory was synced, and a directory
-//! that was never synced in its parent is not there at all. This is weaker
-//! than ext4 guarantees, so whatever survives it survives ext4.
+//! that was never synced in its parent is not there at all. It does not
+//! model torn sectors inside a page, nor a file system that makes more
+//! durable than was synced (ext4 commits all earlier metadata with any fsync),
+//! so it is weaker than ext4 in some ways and stronger in others.
 //!
 //! Each state is written out, opened as a store, and must hold every entry the
 //! child acknowledged before the cut, as written. No state may fail to open:
@@ -495,6 +499,32 @@ impl File {
     /// What the file holds after a crash: the synced bytes, then each page
     /// of each later change kept or lost at random, in order.
     fn after_crash(&self, rng: &mut fastrand::Rng) -> Bytes {
+        // A page is written back whole, as it was at some moment: each page
+        // keeps a prefix of the writes that touched it, chosen at random,
+        // and pages are independent of each other.
+        let chunks = |at: u64, len: u64| {
+            let end = at + len;
+            std::iter::successors(Some(at), move |pos| {
+                let next = (pos / PAGE + 1) * PAGE;
+                (next < end).then_some(next)
+            })
+            .map(move |pos| (pos, ((pos / PAGE + 1) * PAGE).min(end)))
+        };
+        let mut touches: HashMap<u64, usize> = HashMap::new();
+        for change in &self.pending {
+            if let Change::Write { at, data } = change {
+                for (pos, _) in chunks(*at, data.len() as u64) {
+                    *touches.entry(pos / PAGE).or_default() += 1;
+                }
+            }
+        }
+        let mut kept: Vec<(u64, usize)> = touches.into_iter().collect();
+        kept.sort_unstable();
+        let kept: HashMap<u64, usize> = kept
+            .into_iter()
+            .map(|(page, n)| (page, rng.usize(..=n)))
+            .collect();
+        let mut seen: HashMap<u64, usize> = HashMap::new();
         let mut bytes = self.synced.clone();
         for change in &self.pending {
             match change {
@@ -504,15 +534,13 @@ impl File {
                     }
                 }
                 Change::Write { at, data } => {
-                    let mut pos = *at;
-                    let end = at + data.len() as u64;
-                    while pos < end {
-                        let page_end = ((pos / PAGE + 1) * PAGE).min(end);
-                        if rng.bool() {
-                            let src = (pos - at) as usize..(page_end - at) as usize;
-                            bytes.write(pos, &data[src]);
+                    for (pos, end) in chunks(*at, data.len() as u64) {
+                        let page = pos / PAGE;
+                        let ordinal = seen.entry(page).or_default();
+                        if *ordinal < kept[&page] {
+                            bytes.write(pos, &data[(pos - at) as usize..(end - at) as usize]);
                         }
-                        pos = page_end;
+                        *ordinal += 1;
                     }
                 }
             }

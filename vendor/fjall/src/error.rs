@@ -79,7 +79,11 @@ impl std::fmt::Display for Error {
                 )?;
                 match later_batch_at {
                     Some(at) => write!(f, "; an intact batch follows at offset {at}"),
-                    None => write!(f, "; the journal was synced whole, so this is not a torn write"),
+                    None => write!(
+                        f,
+                        "; nothing after it was written later, but it is not what a write cut \
+                         short by a crash leaves (zeros or the end of the file)"
+                    ),
                 }
             }
             _ => write!(f, "FjallError: {self:?}"),

@@ -48,6 +48,8 @@ pub struct JournalBatchReader {
     checksum_builder: xxhash_rust::xxh3::Xxh3,
     sealed: bool,
     done: bool,
+    /// The sequence number of the last complete batch.
+    last_seqno: Option<SeqNo>,
 }
 
 impl JournalBatchReader {
@@ -63,6 +65,7 @@ impl JournalBatchReader {
             batch_counter: 0,
             sealed: false,
             done: false,
+            last_seqno: None,
         }
     }
 
@@ -83,41 +86,76 @@ impl JournalBatchReader {
         Ok(())
     }
 
-    /// Reading stopped after the last complete batch, at its end (`clean`)
-    /// or inside a batch that is incomplete or invalid for `reason`.
-    fn stop(&mut self, clean: bool, reason: &'static str) -> crate::Result<()> {
+    /// Reading stopped after the last complete batch: at the reader's
+    /// position, an entry could not be decoded (`Stop::Undecodable`), or a
+    /// whole entry did not fit its batch (`Stop::Invalid`), for `reason`.
+    fn stop(&mut self, how: Stop, reason: &'static str) -> crate::Result<()> {
         self.done = true;
+        let path = self.reader.path.clone();
+        // Where the last intact batch ends, and where reading stopped.
+        let start = self.last_valid_pos;
+        let at = self.reader.last_valid_pos.max(start);
+        let clean = matches!(how, Stop::Undecodable) && !self.is_in_batch && at == start;
         let corrupt = |later| crate::Error::JournalCorrupt {
-            path: self.reader.path.clone(),
-            offset: self.last_valid_pos,
+            path: path.clone(),
+            offset: start,
             reason,
             later_batch_at: later,
         };
-        if let Some(later) = tail::find_valid_batch(&self.reader.path, self.last_valid_pos + 1)? {
+        // An intact, newer batch after the stop means synced data was damaged.
+        // The search skips what was decoded: a value may hold bytes that
+        // look like a batch.
+        let from = if clean { start } else { at.max(start + 1) };
+        if let Some(later) = tail::find_valid_batch(&path, from, self.last_seqno)? {
             log::error!(
-                "Journal {} is damaged at offset {}: {reason}, and a valid batch follows at {later}",
-                self.reader.path.display(),
-                self.last_valid_pos,
+                "Journal {} is damaged at offset {start}: {reason}, and a valid batch follows at {later}",
+                path.display(),
             );
             return Err(corrupt(Some(later)));
         }
-        if !clean && self.sealed {
+        let len = std::fs::metadata(&path)?.len();
+        // A sealed journal was synced whole and truncated to its data when
+        // it was sealed: it ends where its last batch does.
+        if self.sealed && (!clean || at < len) {
             log::error!(
-                "Sealed journal {} is damaged at offset {}: {reason}",
-                self.reader.path.display(),
-                self.last_valid_pos,
+                "Sealed journal {} is damaged at offset {start}: {reason}",
+                path.display(),
+            );
+            return Err(corrupt(None));
+        }
+        // In the active journal only a write cut short by a crash may be
+        // dropped, and a lost write leaves sectors as they were: zeros, or
+        // the end of the file (as etcd's WAL decides a torn record).
+        let cut_short = matches!(how, Stop::Undecodable) && self.reader.hit_end;
+        if !cut_short && !tail::torn(&path, start, at, matches!(how, Stop::Invalid))? {
+            log::error!(
+                "Journal {} is damaged at offset {start}: {reason}, and it is not a torn write",
+                path.display(),
             );
             return Err(corrupt(None));
         }
         if !clean {
-            log::debug!("Dropping a torn final batch ({reason}) at {}", self.last_valid_pos);
+            log::warn!(
+                "Dropping the torn final batch of journal {} at offset {start} ({reason}): it was \
+                 never acknowledged",
+                path.display(),
+            );
         }
-        let len = std::fs::metadata(&self.reader.path)?.len();
-        if len > self.last_valid_pos {
-            self.truncate_to(self.last_valid_pos)?;
+        if len > start {
+            self.truncate_to(start)?;
         }
         Ok(())
     }
+}
+
+/// How reading stopped.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// The entry at the reader's position could not be decoded, or the file
+    /// ended.
+    Undecodable,
+    /// A whole entry was decoded but does not fit its batch.
+    Invalid,
 }
 
 impl Iterator for JournalBatchReader {
@@ -130,8 +168,7 @@ impl Iterator for JournalBatchReader {
 
         loop {
             let Some(item) = self.reader.next() else {
-                let clean = !self.is_in_batch;
-                fail_iter!(self.stop(clean, "batch cut short"));
+                fail_iter!(self.stop(Stop::Undecodable, "undecodable or cut short"));
                 return None;
             };
             let item = match item {
@@ -147,7 +184,7 @@ impl Iterator for JournalBatchReader {
             match item {
                 Entry::Start { item_count, seqno } => {
                     if self.is_in_batch {
-                        fail_iter!(self.stop(false, "batch start inside a batch"));
+                        fail_iter!(self.stop(Stop::Invalid, "batch start inside a batch"));
                         return None;
                     }
 
@@ -158,21 +195,29 @@ impl Iterator for JournalBatchReader {
                 }
                 Entry::End(expected_checksum) => {
                     if !self.is_in_batch {
-                        fail_iter!(self.stop(false, "end marker without a start marker"));
+                        fail_iter!(self.stop(Stop::Invalid, "end marker without a start marker"));
                         return None;
                     }
 
                     if self.batch_counter > 0 {
-                        fail_iter!(self.stop(false, "fewer items than the batch announced"));
+                        fail_iter!(self.stop(Stop::Invalid, "fewer items than the batch announced"));
                         return None;
                     }
 
                     let got_checksum = self.checksum_builder.finish();
 
                     if got_checksum != expected_checksum {
-                        fail_iter!(self.stop(false, "batch checksum mismatch"));
+                        fail_iter!(self.stop(Stop::Invalid, "batch checksum mismatch"));
                         return None;
                     }
+
+                    // Kythira patch: the seqno is outside the checksum; a
+                    // damaged one must not reorder or hide a batch.
+                    if self.last_seqno.is_some_and(|last| self.batch_seqno <= last) {
+                        fail_iter!(self.stop(Stop::Invalid, "batch sequence number does not increase"));
+                        return None;
+                    }
+                    self.last_seqno = Some(self.batch_seqno);
 
                     // Reset all variables
                     self.is_in_batch = false;
@@ -196,12 +241,12 @@ impl Iterator for JournalBatchReader {
                     ..
                 } => {
                     if !self.is_in_batch {
-                        fail_iter!(self.stop(false, "item without a start marker"));
+                        fail_iter!(self.stop(Stop::Invalid, "item without a start marker"));
                         return None;
                     }
 
                     if self.batch_counter == 0 {
-                        fail_iter!(self.stop(false, "more items than the batch announced"));
+                        fail_iter!(self.stop(Stop::Invalid, "more items than the batch announced"));
                         return None;
                     }
 
@@ -218,12 +263,12 @@ impl Iterator for JournalBatchReader {
                 }
                 Entry::Clear { keyspace_id } => {
                     if !self.is_in_batch {
-                        fail_iter!(self.stop(false, "clear marker without a start marker"));
+                        fail_iter!(self.stop(Stop::Invalid, "clear marker without a start marker"));
                         return None;
                     }
 
                     if self.batch_counter == 0 {
-                        fail_iter!(self.stop(false, "more items than the batch announced"));
+                        fail_iter!(self.stop(Stop::Invalid, "more items than the batch announced"));
                         return None;
                     }
 

@@ -24,6 +24,9 @@ pub struct JournalReader {
     pub(crate) last_valid_pos: u64,
     /// The encoded bytes of the entry last returned.
     pub(crate) last_raw: Vec<u8>,
+    /// Whether the stream ended because the file did, in the middle of an
+    /// entry or at its end.
+    pub(crate) hit_end: bool,
 }
 
 /// Copies what it reads into a buffer.
@@ -49,6 +52,7 @@ impl JournalReader {
             reader: BufReader::new(file),
             last_valid_pos: 0,
             last_raw: Vec::new(),
+            hit_end: false,
         })
     }
 }
@@ -75,7 +79,12 @@ impl Iterator for JournalReader {
             {
                 Some(Err(crate::Error::Io(e)))
             }
-            // Undecodable or cut short: the stream of entries ends here.
+            // Cut short by the end of the file.
+            Err(crate::Error::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                self.hit_end = true;
+                None
+            }
+            // Undecodable: the stream of entries ends here.
             Err(_) => None,
         }
     }

@@ -84,8 +84,12 @@ pub fn valid_batch_len(buf: &[u8]) -> Option<usize> {
 }
 
 /// The offset of the first complete, valid batch in `path` at or after
-/// `from`, if any.
-pub fn find_valid_batch(path: &Path, from: u64) -> std::io::Result<Option<u64>> {
+/// `from` whose sequence number is above `newer_than`, if any.
+pub fn find_valid_batch(
+    path: &Path,
+    from: u64,
+    newer_than: Option<u64>,
+) -> std::io::Result<Option<u64>> {
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
     if from >= len {
@@ -121,8 +125,53 @@ pub fn find_valid_batch(path: &Path, from: u64) -> std::io::Result<Option<u64>> 
         .iter()
         .enumerate()
         .filter(|(_, b)| **b == Tag::Start as u8)
-        .find(|(i, _)| valid_batch_len(&rest[*i..]).is_some())
+        .find(|(i, _)| {
+            let newer = u64_at(&rest[*i..], 5).is_some_and(|seqno| newer_than.is_none_or(|n| seqno > n));
+            newer && valid_batch_len(&rest[*i..]).is_some()
+        })
         .map(|(i, _)| start + i as u64))
+}
+
+/// Bytes a disk writes at once: a lost write loses whole sectors.
+const SECTOR: u64 = 512;
+
+/// Whether reading that stopped at `at`, after the last intact batch ending
+/// at `start`, looks like a write cut short by a crash. A journal is written
+/// once, into zeros (preallocated) or past its end, so a lost write leaves
+/// zeros or the end of the file: an all-zero sector inside the failed part,
+/// the file ending in the sector where reading stopped, or (where an entry
+/// could not be decoded, `whole_entries` false) zeros from there to the end
+/// of that sector. Anything else is damage.
+pub fn torn(path: &Path, start: u64, at: u64, whole_entries: bool) -> std::io::Result<bool> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let sector_end = (at / SECTOR + 1) * SECTOR;
+    if !whole_entries && len <= sector_end {
+        return Ok(true);
+    }
+    let first = start / SECTOR * SECTOR;
+    let last = sector_end.min(len);
+    file.seek(SeekFrom::Start(first))?;
+    let mut buf = vec![0u8; usize::try_from(last - first).unwrap_or(usize::MAX)];
+    file.read_exact(&mut buf)?;
+    // Whole sectors inside the failed part: after the intact batches, and
+    // before the stop point when whole entries were decoded.
+    let limit = if whole_entries { at } else { sector_end };
+    let zero_sector = buf
+        .chunks(SECTOR as usize)
+        .enumerate()
+        .map(|(i, chunk)| (first + i as u64 * SECTOR, chunk))
+        .any(|(offset, chunk)| {
+            offset >= start
+                && offset + SECTOR <= limit
+                && chunk.len() == SECTOR as usize
+                && chunk.iter().all(|b| *b == 0)
+        });
+    let zeros_from_stop = !whole_entries
+        && buf[usize::try_from(at - first).unwrap_or(usize::MAX).min(buf.len())..]
+            .iter()
+            .all(|b| *b == 0);
+    Ok(zero_sector || zeros_from_stop)
 }
 
 #[cfg(test)]
@@ -195,10 +244,11 @@ mod tests {
         let mut data = vec![1u8, 0, 0, 0, 9, 9];
         data.extend([0; 3 << 20]);
         std::fs::write(&path, &data).unwrap();
-        assert_eq!(find_valid_batch(&path, 0).unwrap(), None);
+        assert_eq!(find_valid_batch(&path, 0, None).unwrap(), None);
         let at = data.len() as u64;
         data.extend(batch(3, &[b"later"]));
         std::fs::write(&path, &data).unwrap();
-        assert_eq!(find_valid_batch(&path, 1).unwrap(), Some(at));
+        assert_eq!(find_valid_batch(&path, 1, None).unwrap(), Some(at));
+        assert_eq!(find_valid_batch(&path, 1, Some(3)).unwrap(), None, "not newer");
     }
 }

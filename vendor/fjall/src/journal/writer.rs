@@ -64,6 +64,10 @@ impl Writer {
     }
 
     pub fn rotate(&mut self) -> crate::Result<(PathBuf, PathBuf)> {
+        // Kythira patch: a sealed journal ends where its data does, not in
+        // its preallocated zeros, so recovery can tell its end from damage.
+        let pos = self.pos()?;
+        self.file.get_mut().set_len(pos)?;
         self.persist(PersistMode::SyncAll)?;
 
         log::debug!(
