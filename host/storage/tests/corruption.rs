@@ -258,6 +258,21 @@ fn find(bytes: &[u8], needle: &[u8]) -> Option<usize> {
     bytes.windows(needle.len()).position(|w| w == needle)
 }
 
+/// A store in `dir` with entries 1..=50 and then, left by a crash before it
+/// closed, one batch of three 64 KiB entries: its journal, the journal's
+/// bytes, and where entry 52's payload begins in them.
+fn wide_final_batch(dir: &Path) -> (PathBuf, Vec<u8>, usize) {
+    closed_store(dir, 50);
+    append_and_die(dir, "append-wide", 53);
+    let journal = journal(dir);
+    let bytes = fs::read(&journal).unwrap();
+    // The journal holds values as written: no compression whose output
+    // would have to be reproduced to check them.
+    let second = model::wide_entry(52).payload;
+    let at = find(&bytes, &second[..64]).expect("entry 52 is stored uncompressed");
+    (journal, bytes, at)
+}
+
 /// Power fails while the last batch is being synced: a later page of it
 /// reaches the disk and an earlier one does not. That batch was never
 /// acknowledged; it is a torn tail and is dropped. (fjall used to fail every
@@ -265,14 +280,8 @@ fn find(bytes: &[u8], needle: &[u8]) -> Option<usize> {
 #[test]
 fn a_final_batch_with_a_lost_page_is_a_torn_tail() {
     let dir = temp_dir();
-    closed_store(dir.path(), 50);
-    append_and_die(dir.path(), "append-wide", 53);
-    let journal = journal(dir.path());
-    let mut bytes = fs::read(&journal).unwrap();
-    // The journal holds values as written: no compression whose output
-    // would have to be reproduced to check them.
+    let (journal, mut bytes, at) = wide_final_batch(dir.path());
     let second = model::wide_entry(52).payload;
-    let at = find(&bytes, &second[..64]).expect("entry 52 is stored uncompressed");
     let page = (at / 4096 + 2) * 4096;
     assert!(
         page + 4096 < at + second.len(),
@@ -297,12 +306,7 @@ fn a_final_batch_with_a_lost_page_is_a_torn_tail() {
 #[test]
 fn a_flipped_bit_in_the_final_batch_is_not_taken_for_a_torn_write() {
     let dir = temp_dir();
-    closed_store(dir.path(), 50);
-    append_and_die(dir.path(), "append-wide", 53);
-    let journal = journal(dir.path());
-    let mut bytes = fs::read(&journal).unwrap();
-    let second = model::wide_entry(52).payload;
-    let at = find(&bytes, &second[..64]).expect("entry 52 is in the journal");
+    let (journal, mut bytes, at) = wide_final_batch(dir.path());
     bytes[at + 10_000] ^= 0x10;
     fs::write(&journal, bytes).unwrap();
 

@@ -302,25 +302,12 @@ fn directory_changes_are_synced_before_they_are_relied_on() {
     let db = dir.path().join("db");
     let log = dir.path().join("trace");
     for last in [BEFORE, LAST] {
-        let status = Command::new("strace")
-            .args(["-f", "-y", "-qq", "-o"])
-            .arg(&log)
-            .args([
-                "-e",
-                "trace=mkdir,mkdirat,openat,rename,renameat,renameat2,unlink,unlinkat,fsync,fdatasync,write",
-            ])
-            .arg(env!("CARGO_BIN_EXE_storage-crash-child"))
-            .args(["faults", db.to_str().unwrap(), &last.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .and_then(|mut child| {
-                writeln!(child.stdin.take().unwrap(), "go")?;
-                child.wait()
-            })
-            .expect("strace runs (just test installs it)");
-        assert!(status.success());
-        let trace = std::fs::read_to_string(&log).unwrap();
+        let trace = traced_life(
+            &db,
+            last,
+            &log,
+            "trace=mkdir,mkdirat,openat,rename,renameat,renameat2,unlink,unlinkat,fsync,fdatasync,write",
+        );
         let unsynced = unsynced_directory_changes(&trace, &db);
         assert!(
             unsynced.is_empty(),
@@ -329,22 +316,7 @@ fn directory_changes_are_synced_before_they_are_relied_on() {
     }
     // The reopened store dropped the cached pages of every file before it
     // read any: after a failed fsync, the cache may hold what the disk lost.
-    let status = Command::new("strace")
-        .args(["-f", "-y", "-qq", "-o"])
-        .arg(&log)
-        .args(["-e", "trace=fadvise64,read,pread64"])
-        .arg(env!("CARGO_BIN_EXE_storage-crash-child"))
-        .args(["faults", db.to_str().unwrap(), &LAST.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .and_then(|mut child| {
-            writeln!(child.stdin.take().unwrap(), "go")?;
-            child.wait()
-        })
-        .expect("strace runs");
-    assert!(status.success());
-    let trace = std::fs::read_to_string(&log).unwrap();
+    let trace = traced_life(&db, LAST, &log, "trace=fadvise64,read,pread64");
     let (mut advised, mut unadvised) = (std::collections::HashSet::new(), Vec::new());
     for line in trace.lines() {
         let Some(path) = line.split('<').nth(1).and_then(|s| s.split('>').next()) else {
@@ -365,6 +337,27 @@ fn directory_changes_are_synced_before_they_are_relied_on() {
         unadvised.is_empty(),
         "read before its cached pages were dropped: {unadvised:?}"
     );
+}
+
+/// Runs the child in `faults` mode on `db` up to entry `last` under strace
+/// with `filter`, logging to `log`; returns the log.
+fn traced_life(db: &Path, last: u64, log: &Path, filter: &str) -> String {
+    let status = Command::new("strace")
+        .args(["-f", "-y", "-qq", "-o"])
+        .arg(log)
+        .args(["-e", filter])
+        .arg(env!("CARGO_BIN_EXE_storage-crash-child"))
+        .args(["faults", db.to_str().unwrap(), &last.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .and_then(|mut child| {
+            writeln!(child.stdin.take().unwrap(), "go")?;
+            child.wait()
+        })
+        .expect("strace runs (just test installs it)");
+    assert!(status.success());
+    std::fs::read_to_string(log).unwrap()
 }
 
 /// The directory changes under `root` in an strace log (`-f -y`) that are not
