@@ -50,6 +50,17 @@ pub enum LoadError {
         /// The first import found.
         name: String,
     },
+    /// The component was built against another version of the WIT package.
+    #[error(
+        "component was built against {found}; this host runs {expected} \
+         (rebuild the plugin with the kythira-guest SDK of this release)"
+    )]
+    WitVersion {
+        /// The package the component names (or what its exports show).
+        found: String,
+        /// The package this host runs.
+        expected: String,
+    },
     /// A function of the `kythira:state-machine` world is not exported.
     #[error("component does not export `{name}` of the kythira:state-machine world")]
     MissingExport {

@@ -34,8 +34,8 @@ mod translate;
 
 pub use config::{Limits, RuntimeConfig};
 pub use error::{CallError, LoadError, RuntimeError};
-pub use machine::{ApplyContext, Machine, MachineImage, Outcome};
-pub use plugin::{Plugin, PluginHash};
+pub use machine::{ApplyContext, Machine, MachineImage, Migration, Outcome};
+pub use plugin::{Plugin, PluginHash, WIT_PACKAGE};
 
 use std::sync::Arc;
 

@@ -85,6 +85,17 @@ pub struct Outcome<T> {
     pub duration: Duration,
 }
 
+/// What carrying a state over to new code cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Migration {
+    /// Size of the state handed from the old code to the new.
+    pub state_bytes: usize,
+    /// Fuel of the old code's `get-state` and the new code's restore.
+    pub fuel_used: u64,
+    /// Wall-clock time of both (for reports only; never replicated).
+    pub duration: Duration,
+}
+
 /// Data each store carries: the memory limit and whether it was hit.
 #[derive(Debug)]
 pub(crate) struct StoreData {
@@ -765,13 +776,28 @@ impl Machine {
     /// Switches to `plugin` at log `index`, carrying the state over through the
     /// old plugin's `get-state` and the new one's `restore-from-snapshot`. On
     /// failure this machine keeps running the old plugin, its state untouched.
-    pub fn upgrade(&mut self, plugin: &Plugin, index: u64) -> Result<(), CallError> {
+    pub fn upgrade(&mut self, plugin: &Plugin, index: u64) -> Result<Migration, CallError> {
+        let runtime = self.runtime.clone();
+        self.migrate(&runtime, plugin, index)
+    }
+
+    /// Like [`upgrade`](Self::upgrade), into a machine of `runtime` (another
+    /// set of limits; `plugin` must be loaded by it). The new instance starts
+    /// from a checkpoint at `index`, so every replica that migrates at the
+    /// same index runs the same canonical instance afterwards.
+    pub fn migrate(
+        &mut self,
+        runtime: &Runtime,
+        plugin: &Plugin,
+        index: u64,
+    ) -> Result<Migration, CallError> {
+        let started = Instant::now();
         if self.perturbed {
             // The serialization must succeed or fail alike on every replica.
             self.rollback();
         }
         let budget = self.runtime.limits().snapshot_fuel;
-        let (state, _) = self.call_live(|live| live.get_state(budget));
+        let (state, get_fuel) = self.call_live(|live| live.get_state(budget));
         let state = match state {
             Ok(state) => state,
             Err(e) => {
@@ -781,11 +807,16 @@ impl Machine {
                 return Err(e);
             }
         };
-        let mut next = self.runtime.start(plugin)?;
-        next.restore(&state, index).result?;
+        let mut next = runtime.start(plugin)?;
+        let restored = next.restore(&state, index);
+        restored.result?;
         next.last_applied = self.last_applied;
         *self = next;
-        Ok(())
+        Ok(Migration {
+            state_bytes: state.len(),
+            fuel_used: get_fuel + restored.fuel_used,
+            duration: started.elapsed(),
+        })
     }
 
     /// Runs a call on the live instance, rebuilding it first if a host failure

@@ -71,8 +71,35 @@ const WORLD_EXPORTS: [&str; 9] = [
     "query-response-to-json",
 ];
 
+/// The WIT package this host runs.
+pub const WIT_PACKAGE: &str = "kythira:state-machine@0.3.0";
+
+/// The custom section in which `kythira-plugin componentize` names the WIT
+/// package a component was built against.
+const WIT_SECTION: &str = "kythira:wit";
+
+/// The functions 0.3.0 added: a component without a stamp that lacks one of
+/// them was built against an older package.
+const ADDED_IN_0_3_0: [&str; 4] = [
+    "command-from-json",
+    "query-from-json",
+    "response-to-json",
+    "query-response-to-json",
+];
+
 pub(crate) fn load(runtime: &Runtime, bytes: &[u8]) -> Result<Plugin, LoadError> {
     check_header(bytes)?;
+    // Before compiling: a component of another version is refused by name,
+    // not by the first type that happens to differ.
+    let stamp = stamped_package(bytes);
+    if let Some(found) = &stamp
+        && found != WIT_PACKAGE
+    {
+        return Err(LoadError::WitVersion {
+            found: found.clone(),
+            expected: WIT_PACKAGE.into(),
+        });
+    }
     let hash = PluginHash::of(bytes);
     let component = compile(runtime, &hash, bytes)?;
     let inner = &runtime.inner;
@@ -84,6 +111,14 @@ pub(crate) fn load(runtime: &Runtime, bytes: &[u8]) -> Result<Plugin, LoadError>
     }
     for name in WORLD_EXPORTS {
         if ty.get_export(&inner.engine, name).is_none() {
+            if stamp.is_none() && ADDED_IN_0_3_0.contains(&name) {
+                return Err(LoadError::WitVersion {
+                    found: format!(
+                        "kythira:state-machine@0.2.0 or older (it lacks `{name}`, added in 0.3.0)"
+                    ),
+                    expected: WIT_PACKAGE.into(),
+                });
+            }
             return Err(LoadError::MissingExport {
                 name: name.to_string(),
             });
@@ -100,6 +135,28 @@ pub(crate) fn load(runtime: &Runtime, bytes: &[u8]) -> Result<Plugin, LoadError>
         hash,
         pre: Arc::new(pre),
     })
+}
+
+/// The package named by the component's own [`WIT_SECTION`], if it has one.
+/// Only the component's top level counts: a section inside an embedded
+/// module is that module's business. Bytes that do not parse are left to
+/// the compiler, which reports them better.
+fn stamped_package(bytes: &[u8]) -> Option<String> {
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        match payload.ok()? {
+            wasmparser::Payload::ModuleSection { .. }
+            | wasmparser::Payload::ComponentSection { .. } => depth += 1,
+            wasmparser::Payload::End(_) => depth = depth.checked_sub(1)?,
+            wasmparser::Payload::CustomSection(section)
+                if depth == 0 && section.name() == WIT_SECTION =>
+            {
+                return String::from_utf8(section.data().to_vec()).ok();
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Tells a component from a core module or garbage before handing the bytes to

@@ -43,6 +43,52 @@ fn component_of_another_world_is_refused_naming_the_missing_export() {
     );
 }
 
+/// `component` with a custom section `name` holding `data` appended (every
+/// length here fits one LEB128 byte).
+fn with_custom_section(mut component: Vec<u8>, name: &str, data: &str) -> Vec<u8> {
+    let body_len = 1 + name.len() + data.len();
+    assert!(body_len < 128 && name.len() < 128);
+    component.extend([0, body_len as u8, name.len() as u8]);
+    component.extend(name.as_bytes());
+    component.extend(data.as_bytes());
+    component
+}
+
+#[test]
+fn component_of_another_wit_version_is_refused_naming_both() {
+    // A component that exports nothing: the version is checked before the
+    // world's functions are.
+    let empty = b"\0asm\x0d\0\x01\0".to_vec();
+    let bytes = with_custom_section(empty, "kythira:wit", "kythira:state-machine@0.4.0");
+    let err = runtime().load(&bytes).unwrap_err();
+    assert_eq!(
+        err,
+        LoadError::WitVersion {
+            found: "kythira:state-machine@0.4.0".into(),
+            expected: kythira_runtime::WIT_PACKAGE.into(),
+        }
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("@0.4.0") && message.contains(kythira_runtime::WIT_PACKAGE),
+        "{message}"
+    );
+}
+
+#[test]
+fn the_sdk_stamps_the_version_this_host_runs() {
+    let kv = component("kv");
+    let stamp = with_custom_section(Vec::new(), "kythira:wit", kythira_runtime::WIT_PACKAGE);
+    assert!(
+        kv.ends_with(&stamp),
+        "kv.wasm carries no stamp of {}",
+        kythira_runtime::WIT_PACKAGE
+    );
+    runtime()
+        .load(&kv)
+        .expect("a component of this version loads");
+}
+
 #[test]
 fn truncated_component_is_invalid() {
     let bytes = component("kv");

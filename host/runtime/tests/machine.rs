@@ -446,6 +446,65 @@ fn upgrade_carries_state_and_a_failed_upgrade_keeps_the_old_code() {
 }
 
 #[test]
+fn migrating_to_other_limits_carries_the_state_or_changes_nothing() {
+    let runtime = runtime();
+    let mut m = start(&runtime, "kv");
+    let mut log = Log::new();
+    let big = vec![7u8; 1 << 20];
+    kv(
+        &mut log,
+        &mut m,
+        Kv::Put {
+            key: b("big"),
+            value: big.clone(),
+        },
+    );
+    let kv_plugin = m.plugin_hash();
+
+    // Too little memory for the state: refused, the old machine untouched.
+    let small = runtime_with(Limits {
+        memory_bytes: 2 << 20,
+        ..test_limits()
+    });
+    let plugin = load(&small, "kv");
+    let err = m.migrate(&small, &plugin, 2).unwrap_err();
+    assert!(matches!(err, CallError::MemoryLimit { .. }), "{err:?}");
+    assert_eq!(m.plugin_hash(), kv_plugin);
+    assert_eq!(
+        kv_query(&mut m, KvQuery::Get { key: b("big") }),
+        Response::Value(Some(big.clone()))
+    );
+
+    // Enough: the state moves, and the report says how large it was.
+    let large = runtime_with(Limits {
+        memory_bytes: 128 << 20,
+        ..test_limits()
+    });
+    let plugin = load(&large, "kv");
+    let migration = m.migrate(&large, &plugin, 2).unwrap();
+    assert!(migration.state_bytes > big.len(), "{migration:?}");
+    assert!(migration.fuel_used > 0);
+    assert_eq!(
+        m.checkpoint().0,
+        2,
+        "the new code starts from a checkpoint at the migration"
+    );
+    log.next = 3;
+    kv(
+        &mut log,
+        &mut m,
+        Kv::Put {
+            key: b("k"),
+            value: b("v"),
+        },
+    );
+    assert_eq!(
+        kv_query(&mut m, KvQuery::Get { key: b("big") }),
+        Response::Value(Some(big))
+    );
+}
+
+#[test]
 fn nan_bits_are_identical_across_engines_and_canonical() {
     use kythira_testing_nan::{Bits, Command};
     let command = Command::Compute {
