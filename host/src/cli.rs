@@ -141,6 +141,50 @@ pub enum ClientCommand {
         #[arg(long)]
         memory_mib: Option<u64>,
     },
+    /// Upgrade a state machine's code. Every replica hands the state from
+    /// the old code to the new at the same log index, or keeps the old code
+    /// if that fails. With `--dry-run`, rehearse it on one node instead.
+    Upgrade {
+        /// Name of the state machine.
+        machine: String,
+        /// The new component (.wasm).
+        component: PathBuf,
+        /// Run the migration against a copy of the current state on one node
+        /// (the first endpoint that answers) and report, changing nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: a command (JSON) to apply to the migrated copy;
+        /// repeat for several, applied in order.
+        #[arg(long = "command", requires = "dry_run")]
+        commands: Vec<String>,
+        /// With --dry-run: a query (JSON) to run on the migrated copy after
+        /// the commands; repeat for several.
+        #[arg(long = "query", requires = "dry_run")]
+        queries: Vec<String>,
+    },
+    /// Change a state machine's limits; its state moves over at one log index.
+    Limits {
+        /// Name of the state machine.
+        machine: String,
+        /// Fuel for one apply.
+        #[arg(long)]
+        apply_fuel: Option<u64>,
+        /// Fuel for one query.
+        #[arg(long)]
+        query_fuel: Option<u64>,
+        /// Memory limit in MiB.
+        #[arg(long)]
+        memory_mib: Option<u64>,
+    },
+    /// Remove a state machine and its state.
+    Undeploy {
+        /// Name of the state machine.
+        machine: String,
+    },
+    /// List the state machines as one node runs them (the first endpoint
+    /// that answers): code hash, WIT version, history, limits, state size
+    /// and hash.
+    Plugins,
     /// Apply a command, given as JSON, to a state machine.
     Apply {
         /// Name of the state machine.
@@ -242,6 +286,104 @@ pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
                 println!("deployed {machine} at index {index}, sha256 {sha256}");
             }
         }
+        ClientCommand::Upgrade {
+            machine,
+            component,
+            dry_run,
+            commands,
+            queries,
+        } => {
+            let bytes = Bytes::from(
+                std::fs::read(&component)
+                    .with_context(|| format!("cannot read {}", component.display()))?,
+            );
+            if dry_run {
+                let report = client
+                    .dry_run_upgrade(
+                        &machine,
+                        bytes,
+                        commands.into_iter().map(Payload::Json).collect(),
+                        queries.into_iter().map(Payload::Json).collect(),
+                    )
+                    .await?;
+                if conn.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    print!("{}", dry_run_text(&report));
+                }
+                if let Err(why) = &report.migration {
+                    anyhow::bail!("the migration would fail: {why}");
+                }
+            } else {
+                let (index, sha256) = client
+                    .upgrade(&machine, bytes, DeployLimits::default())
+                    .await?;
+                if conn.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"machine": machine, "index": index, "sha256": sha256})
+                    );
+                } else {
+                    println!("upgraded {machine} at index {index}, sha256 {sha256}");
+                }
+            }
+        }
+        ClientCommand::Limits {
+            machine,
+            apply_fuel,
+            query_fuel,
+            memory_mib,
+        } => {
+            let limits = DeployLimits {
+                apply_fuel,
+                query_fuel,
+                memory_bytes: memory_mib.map(|m| m.saturating_mul(1 << 20)),
+            };
+            let index = client.set_limits(&machine, limits).await?;
+            if conn.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"machine": machine, "index": index})
+                );
+            } else {
+                println!("{machine} runs under the new limits from index {index}");
+            }
+        }
+        ClientCommand::Undeploy { machine } => {
+            let index = client.undeploy(&machine).await?;
+            if conn.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"machine": machine, "index": index})
+                );
+            } else {
+                println!("removed {machine} at index {index}");
+            }
+        }
+        ClientCommand::Plugins => {
+            let mut last = None;
+            let mut plugins = None;
+            for ep in &conn.endpoints {
+                match client.plugins_of(*ep).await {
+                    Ok(p) => {
+                        plugins = Some(p);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            let Some(plugins) = plugins else {
+                anyhow::bail!(
+                    "no endpoint answered: {}",
+                    last.map(|e| e.to_string()).unwrap_or_default()
+                );
+            };
+            if conn.json {
+                println!("{}", serde_json::to_string(&plugins)?);
+            } else {
+                print!("{}", plugins_text(&plugins));
+            }
+        }
         ClientCommand::Apply {
             machine,
             command,
@@ -308,6 +450,70 @@ pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A dry run's report, for people.
+fn dry_run_text(r: &kythira_api::DryRunReport) -> String {
+    let mut out = format!(
+        "dry run: upgrade {} from {} to {} on the state at index {}\n",
+        r.machine, r.from_sha256, r.to_sha256, r.at_index
+    );
+    match &r.migration {
+        Ok(m) => out.push_str(&format!(
+            "migration: ok, {} fuel, {:.3} ms, state {} bytes\n",
+            m.fuel_used,
+            m.micros as f64 / 1000.0,
+            m.state_bytes
+        )),
+        Err(why) => out.push_str(&format!("migration: failed: {why}\n")),
+    }
+    let answer = |a: &Result<Payload, kythira_api::ApiError>| match a {
+        Ok(p) => json_text(p),
+        Err(e) => format!("error: {e}"),
+    };
+    for (i, a) in r.commands.iter().enumerate() {
+        out.push_str(&format!("command {}: {}\n", i + 1, answer(a)));
+    }
+    for (i, a) in r.queries.iter().enumerate() {
+        out.push_str(&format!("query {}: {}\n", i + 1, answer(a)));
+    }
+    out.push_str("nothing was changed\n");
+    out
+}
+
+/// The state machines, for people.
+fn plugins_text(plugins: &[kythira_api::PluginReport]) -> String {
+    if plugins.is_empty() {
+        return "no state machines are deployed\n".into();
+    }
+    let mut out = String::new();
+    for p in plugins {
+        out.push_str(&format!("{}\n  code    {} ({})\n", p.name, p.sha256, p.wit));
+        out.push_str(&format!(
+            "  limits  apply fuel {}, query fuel {}, snapshot fuel {}, memory {} MiB\n",
+            p.limits.apply_fuel,
+            p.limits.query_fuel,
+            p.limits.snapshot_fuel,
+            p.limits.memory_bytes >> 20
+        ));
+        match (&p.state_bytes, &p.state_sha256, &p.error) {
+            (Some(bytes), Some(sha), _) => out.push_str(&format!(
+                "  state   {bytes} bytes, sha256 {sha} (at index {})\n",
+                p.applied
+            )),
+            (_, _, Some(e)) => out.push_str(&format!("  state   {e}\n")),
+            _ => {}
+        }
+        for c in &p.history {
+            out.push_str(&format!(
+                "  {:<8}at index {} to {}\n",
+                c.change.to_string(),
+                c.index,
+                c.sha256
+            ));
+        }
+    }
+    out
 }
 
 /// One line per member, the leader's view.

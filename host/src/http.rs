@@ -255,6 +255,7 @@ impl From<ApiError> for HttpError {
             // request was well-formed, its content was not acceptable.
             ApiError::Rejected(_) => (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
             ApiError::Deploy(_) => (StatusCode::UNPROCESSABLE_ENTITY, "deploy_refused"),
+            ApiError::UpgradeFailed { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "upgrade_failed"),
             // Traps, fuel and memory: a fault of deployed code, not of the request's form.
             ApiError::Plugin(_) => (StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed"),
             ApiError::SessionExpired(_) => (StatusCode::GONE, "session_expired"),

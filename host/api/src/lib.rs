@@ -106,6 +106,45 @@ pub enum Request {
         /// Resource limits for its calls.
         limits: DeployLimits,
     },
+    /// Upgrade the code of an existing state machine: at the entry's index
+    /// every replica hands the old code's state to the new code, or keeps
+    /// the old code if that fails. Limits named here replace the machine's.
+    Upgrade {
+        /// Name of the state machine.
+        machine: String,
+        /// The new WebAssembly component.
+        component: Bytes,
+        /// Limits to change with the code; those left out stay as they are.
+        limits: DeployLimits,
+    },
+    /// Rehearse an upgrade on the node asked, against a copy of its current
+    /// state, then run `commands` and `queries` on the migrated copy. Changes
+    /// nothing anywhere.
+    DryRunUpgrade {
+        /// Name of the state machine.
+        machine: String,
+        /// The new WebAssembly component.
+        component: Bytes,
+        /// Commands to apply to the migrated copy, in order.
+        commands: Vec<Payload>,
+        /// Queries to run against the migrated copy after the commands.
+        queries: Vec<Payload>,
+    },
+    /// Change a state machine's limits; its state moves to an engine with
+    /// the new limits at the entry's index, or nothing changes.
+    SetLimits {
+        /// Name of the state machine.
+        machine: String,
+        /// The limits to change; those left out stay as they are.
+        limits: DeployLimits,
+    },
+    /// Remove a state machine and its state.
+    Undeploy {
+        /// Name of the state machine.
+        machine: String,
+    },
+    /// The deployed state machines with their code, history, limits and state.
+    Plugins,
     /// Open a client session; its id numbers the commands that follow.
     RegisterSession,
     /// Describe the node and what it knows of the cluster.
@@ -153,7 +192,11 @@ impl Request {
     /// What an administrator's request does, for a refusal to name.
     pub fn admin_action(&self) -> Option<&'static str> {
         match self {
-            Request::Deploy { .. } => Some("deploying code"),
+            Request::Deploy { .. }
+            | Request::Upgrade { .. }
+            | Request::DryRunUpgrade { .. }
+            | Request::SetLimits { .. }
+            | Request::Undeploy { .. } => Some("deploying code"),
             Request::AddLearner { .. } | Request::Promote { .. } | Request::RemoveMember { .. } => {
                 Some("changing the membership")
             }
@@ -163,6 +206,7 @@ impl Request {
             | Request::RegisterSession
             | Request::Status
             | Request::Members
+            | Request::Plugins
             | Request::Ping => None,
         }
     }
@@ -173,6 +217,9 @@ impl Request {
             self,
             Request::Apply { .. }
                 | Request::Deploy { .. }
+                | Request::Upgrade { .. }
+                | Request::SetLimits { .. }
+                | Request::Undeploy { .. }
                 | Request::RegisterSession
                 | Request::AddLearner { .. }
                 | Request::Promote { .. }
@@ -212,6 +259,15 @@ pub enum Response {
         /// sha256 of the component, hex.
         sha256: String,
     },
+    /// The state machine was removed at `index`.
+    Undeployed {
+        /// Log index of the entry that removed it.
+        index: u64,
+    },
+    /// What an upgrade would do, from a dry run.
+    DryRun(DryRunReport),
+    /// The deployed state machines.
+    Plugins(Vec<PluginReport>),
     /// A new session.
     Session {
         /// Its id (the log index that registered it).
@@ -310,6 +366,105 @@ pub struct MachineStatus {
     pub deployed_at: u64,
 }
 
+/// A change of a state machine's code or limits, as its history lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeChange {
+    /// Log index of the entry that made it.
+    pub index: u64,
+    /// sha256 of the code run from then on, hex.
+    pub sha256: String,
+    /// What changed.
+    pub change: ChangeKind,
+}
+
+/// What a [`CodeChange`] was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeKind {
+    /// The machine was created.
+    Deploy,
+    /// New code took the machine's state over.
+    Upgrade,
+    /// The machine moved to other limits, same code.
+    Limits,
+}
+
+impl fmt::Display for ChangeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ChangeKind::Deploy => "deploy",
+            ChangeKind::Upgrade => "upgrade",
+            ChangeKind::Limits => "limits",
+        })
+    }
+}
+
+/// The limits a state machine runs under, all of them resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsReport {
+    /// Fuel for one apply.
+    pub apply_fuel: u64,
+    /// Fuel for one query.
+    pub query_fuel: u64,
+    /// Fuel for `get-state` and `restore-from-snapshot`.
+    pub snapshot_fuel: u64,
+    /// Memory cap in bytes.
+    pub memory_bytes: u64,
+}
+
+/// One deployed state machine, as `kythira plugins` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginReport {
+    /// Its name.
+    pub name: String,
+    /// sha256 of its code, hex.
+    pub sha256: String,
+    /// The WIT package its code conforms to.
+    pub wit: String,
+    /// Its limits.
+    pub limits: LimitsReport,
+    /// Deploys, upgrades and limit changes, oldest first (the latest 32).
+    pub history: Vec<CodeChange>,
+    /// Index the node had applied when it answered.
+    pub applied: u64,
+    /// Size of its state (`get-state`) on the node that answered.
+    pub state_bytes: Option<u64>,
+    /// sha256 of that state, hex: equal on replicas that applied the same
+    /// index.
+    pub state_sha256: Option<String>,
+    /// Why the state could not be read, or why the machine is unavailable.
+    pub error: Option<String>,
+}
+
+/// The outcome of a dry-run upgrade.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DryRunReport {
+    /// The state machine.
+    pub machine: String,
+    /// Index of the state the rehearsal started from.
+    pub at_index: u64,
+    /// sha256 of the code it runs, hex.
+    pub from_sha256: String,
+    /// sha256 of the new code, hex.
+    pub to_sha256: String,
+    /// The migration: its cost, or why it failed (then nothing else ran).
+    pub migration: Result<MigrationReport, String>,
+    /// Each command's answer on the migrated copy, in order.
+    pub commands: Vec<Result<Payload, ApiError>>,
+    /// Each query's answer, after the commands.
+    pub queries: Vec<Result<Payload, ApiError>>,
+}
+
+/// What the migration of a dry run cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// Fuel of the old code's `get-state` and the new code's restore.
+    pub fuel_used: u64,
+    /// Their wall-clock time on the node, in microseconds.
+    pub micros: u64,
+    /// Size of the state handed over, in bytes.
+    pub state_bytes: u64,
+}
+
 /// Why a request failed, and so what the caller can do about it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum ApiError {
@@ -342,6 +497,17 @@ pub enum ApiError {
     /// The deploy was refused (not a valid component, wrong imports, bad limits).
     #[error("deploy refused: {0}")]
     Deploy(String),
+    /// The upgrade's entry committed at `index`, but the new code could not
+    /// take the state over: every replica keeps the old code and state.
+    #[error("upgrade of {machine} failed at index {index}, the old code keeps running: {reason}")]
+    UpgradeFailed {
+        /// The state machine.
+        machine: String,
+        /// Log index of the upgrade entry.
+        index: u64,
+        /// Why, as the runtime reported it (the plugin's error, a trap, fuel, memory).
+        reason: String,
+    },
     /// The session is unknown or expired; register a new one.
     #[error("session {0} is unknown or expired")]
     SessionExpired(u64),

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kythira_api::{
-    ApiError, Consistency, DeployLimits, Members, NodeStatus, Payload, Reply, Request, Response,
-    SessionSeq,
+    ApiError, Consistency, DeployLimits, DryRunReport, Members, NodeStatus, Payload, PluginReport,
+    Reply, Request, Response, SessionSeq,
 };
 use kythira_transport::rpc::{RpcClient, RpcError};
 use kythira_transport::tls::Tls;
@@ -167,6 +167,88 @@ impl Client {
         }
     }
 
+    /// Upgrades existing machine `machine` to `component`; needs an admin
+    /// certificate. Returns the index at which the new code took over and
+    /// its sha256; if the new code could not take the state over, the error
+    /// is [`ApiError::UpgradeFailed`] and the old code keeps running.
+    pub async fn upgrade(
+        &self,
+        machine: &str,
+        component: Bytes,
+        limits: DeployLimits,
+    ) -> Result<(u64, String), ClientError> {
+        let req = Request::Upgrade {
+            machine: machine.into(),
+            component,
+            limits,
+        };
+        // Upgrading to the code a machine runs changes nothing: safe to retry.
+        match self.request(&req, true).await? {
+            Response::Deployed { index, sha256 } => Ok((index, sha256)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Rehearses an upgrade of `machine` to `component` on one node against
+    /// a copy of its current state, then runs `commands` and `queries` on the
+    /// migrated copy; needs an admin certificate. Changes nothing.
+    pub async fn dry_run_upgrade(
+        &self,
+        machine: &str,
+        component: Bytes,
+        commands: Vec<Payload>,
+        queries: Vec<Payload>,
+    ) -> Result<DryRunReport, ClientError> {
+        let req = Request::DryRunUpgrade {
+            machine: machine.into(),
+            component,
+            commands,
+            queries,
+        };
+        match self.request(&req, true).await? {
+            Response::DryRun(report) => Ok(report),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Moves `machine` to other limits (those left out stay); needs an admin
+    /// certificate. Returns the index of the change.
+    pub async fn set_limits(
+        &self,
+        machine: &str,
+        limits: DeployLimits,
+    ) -> Result<u64, ClientError> {
+        let req = Request::SetLimits {
+            machine: machine.into(),
+            limits,
+        };
+        match self.request(&req, true).await? {
+            Response::Deployed { index, .. } => Ok(index),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Removes `machine` and its state; needs an admin certificate. Returns
+    /// the index of the removal. Not retried once it may have been carried
+    /// out: the machine could have been deployed again since.
+    pub async fn undeploy(&self, machine: &str) -> Result<u64, ClientError> {
+        let req = Request::Undeploy {
+            machine: machine.into(),
+        };
+        match self.request(&req, false).await? {
+            Response::Undeployed { index } => Ok(index),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The deployed machines as the node at `endpoint` runs them.
+    pub async fn plugins_of(&self, endpoint: SocketAddr) -> Result<Vec<PluginReport>, ClientError> {
+        match self.ask(endpoint, &Request::Plugins).await? {
+            Response::Plugins(p) => Ok(p),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// The cluster's members as the leader sees them.
     pub async fn members(&self) -> Result<Members, ClientError> {
         members(self.request(&Request::Members, true).await?)
@@ -247,8 +329,15 @@ impl Client {
 
     /// The status of the node at `endpoint` (not necessarily the leader).
     pub async fn status_of(&self, endpoint: SocketAddr) -> Result<NodeStatus, ClientError> {
-        let reply = self
-            .attempt_fresh(endpoint, &Request::Status)
+        match self.ask(endpoint, &Request::Status).await? {
+            Response::Status(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends `req` to `endpoint` alone, once.
+    async fn ask(&self, endpoint: SocketAddr, req: &Request) -> Result<Response, ClientError> {
+        self.attempt_fresh(endpoint, req)
             .await
             .map_err(|f| match f {
                 Failure::Retry { why, .. } | Failure::Ambiguous(why) => ClientError::Unavailable {
@@ -256,11 +345,7 @@ impl Client {
                     last: why,
                 },
                 Failure::Fatal(e) => e,
-            })?;
-        match reply {
-            Response::Status(s) => Ok(s),
-            other => Err(unexpected(&other)),
-        }
+            })
     }
 
     /// Sends `req` to the leader, following redirects and retrying until the

@@ -40,7 +40,7 @@ fn main() -> Result<()> {
         .map_err(|e| format!("{e}: build the plugins first with `just plugins`"))?;
     let scratch = tempfile::tempdir()?;
     let cache = scratch.path().join("compiled");
-    let mut machines = Machines::new(Some(cache.clone()));
+    let mut machines = Machines::new(kythira_node::engines::Engines::new(Some(cache.clone())));
 
     let mut index = 0u64;
     let mut entry = |op: &Op| {
@@ -100,8 +100,12 @@ fn main() -> Result<()> {
     });
     let image_value = machines.image();
     let install = median(|| {
-        let m = Machines::from_image(image_value.clone(), Some(cache.clone()), Default::default())
-            .expect("restores");
+        let m = Machines::from_image(
+            image_value.clone(),
+            kythira_node::engines::Engines::new(Some(cache.clone())),
+            Default::default(),
+        )
+        .expect("restores");
         black_box(m);
     });
 

@@ -15,13 +15,13 @@ use std::thread;
 use std::time::Instant;
 
 use bytes::Bytes;
-use kythira_api::{ApiError, MachineStatus, Reply};
+use kythira_api::{ApiError, MachineStatus, PluginReport, Reply};
 use kythira_raft::Entry;
 use tokio::sync::oneshot;
 
 use crate::addresses::AddressBook;
 use crate::image::Image;
-use crate::machines::{Machines, PluginInfo};
+use crate::machines::{Fork, Machines, PluginInfo};
 use crate::metrics::{Metrics, ProposalFailure};
 use crate::snapshots::Policy;
 use kythira_storage::{SnapshotReader, SnapshotStore};
@@ -49,6 +49,18 @@ pub enum Work {
         query: Bytes,
         /// Where the answer goes.
         reply: oneshot::Sender<Result<Bytes, ApiError>>,
+    },
+    /// A copy of machine `machine`'s state and code, for a dry run.
+    Fork {
+        /// The machine.
+        machine: String,
+        /// Where the copy goes (`None`: no such machine).
+        reply: oneshot::Sender<Option<Fork>>,
+    },
+    /// Every machine as `kythira plugins` lists it.
+    Plugins {
+        /// Where the list goes.
+        reply: oneshot::Sender<Vec<PluginReport>>,
     },
     /// This node stopped leading: fail every waiter, their outcome is unknown.
     Abandon,
@@ -128,6 +140,12 @@ impl State {
                 });
                 serve_reads(&mut self.machines, &mut self.reads);
             }
+            Work::Fork { machine, reply } => {
+                let _ = reply.send(self.machines.fork(&machine));
+            }
+            Work::Plugins { reply } => {
+                let _ = reply.send(self.machines.reports());
+            }
             Work::Abandon => {
                 for (_, (_, reply)) in self.waiters.drain() {
                     let _ = reply.send(lost(&self.shared.metrics));
@@ -182,15 +200,8 @@ impl State {
             .observe(started.elapsed().as_secs_f64());
         self.published();
         let mut answers = answers.into_iter().peekable();
-        let mut changed_code = false;
         for e in entries {
             let answer = answers.next_if(|a| a.index == e.index);
-            if matches!(
-                answer.as_ref().map(|a| &a.reply),
-                Some(Ok(kythira_api::Response::Deployed { .. }))
-            ) {
-                changed_code = true;
-            }
             let Some((term, reply)) = self.waiters.remove(&e.index) else {
                 continue;
             };
@@ -201,7 +212,7 @@ impl State {
             };
             let _ = reply.send(outcome);
         }
-        if changed_code {
+        if self.machines.take_code_changed() {
             publish(&self.machines, shared);
         }
     }
@@ -242,7 +253,7 @@ fn load_snapshot(
             image.applied
         ));
     }
-    Machines::from_image(image, current.cache_dir(), shared.metrics.clone())
+    Machines::from_image(image, current.engines().clone(), shared.metrics.clone())
 }
 
 /// Reads and decodes the latest snapshot's state; its checksum is verified

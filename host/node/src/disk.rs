@@ -465,7 +465,7 @@ mod tests {
 
     /// A snapshot of the (empty) state at `index`, published in `store`.
     fn snapshot(store: &SnapshotStore, index: u64, term: u64) {
-        let mut image = crate::machines::Machines::new(None).image();
+        let mut image = crate::machines::Machines::new(crate::engines::Engines::new(None)).image();
         image.applied = index;
         let meta = SnapshotMeta {
             index,

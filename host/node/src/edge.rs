@@ -74,7 +74,11 @@ impl NodeHandle {
     }
 }
 
-fn translate_in(info: &PluginInfo, direction: Translate, json: String) -> Result<Bytes, ApiError> {
+pub(crate) fn translate_in(
+    info: &PluginInfo,
+    direction: Translate,
+    json: String,
+) -> Result<Bytes, ApiError> {
     let outcome = match direction {
         Translate::Command => info.runtime.command_from_json(&info.plugin, &json),
         Translate::Query => info.runtime.query_from_json(&info.plugin, &json),
@@ -85,7 +89,7 @@ fn translate_in(info: &PluginInfo, direction: Translate, json: String) -> Result
     outcome.result.map(Bytes::from).map_err(refused)
 }
 
-fn translate_out(
+pub(crate) fn translate_out(
     info: &PluginInfo,
     direction: Translate,
     bytes: &[u8],

@@ -100,6 +100,39 @@ pub enum Op {
         /// The node.
         id: u64,
     },
+    /// Upgrade an existing machine's code (a `Deploy` also creates one).
+    /// New variants go last: postcard numbers them by position.
+    Upgrade {
+        /// Name of the machine.
+        machine: String,
+        /// The new component's bytes.
+        component: Bytes,
+        /// Its sha256, checked at apply.
+        sha256: [u8; 32],
+        /// Resource limits of its calls, all of them filled in.
+        limits: DeployLimits,
+    },
+    /// Move a machine to other limits, same code.
+    SetLimits {
+        /// Name of the machine.
+        machine: String,
+        /// The new limits, all of them filled in.
+        limits: DeployLimits,
+    },
+    /// Remove a machine and its state.
+    Undeploy {
+        /// Name of the machine.
+        machine: String,
+    },
+}
+
+/// Postcard's tags of the ops that carry a component, by position above.
+const CODE_OPS: [u8; 2] = [1, 5];
+
+/// Whether the `Normal` entry `data` deploys or upgrades code, without
+/// decoding it: the event loop looks at every entry it writes.
+pub fn carries_code(data: &[u8]) -> bool {
+    data.len() > HEADER && data[0] == ENVELOPE_VERSION && CODE_OPS.contains(&data[HEADER])
 }
 
 /// A decoded `Normal` entry.
@@ -211,6 +244,61 @@ mod tests {
                 op
             }
         );
+    }
+
+    #[test]
+    fn exactly_the_ops_with_a_component_carry_code() {
+        let component = Bytes::from_static(b"\0asm");
+        let limits = DeployLimits::default();
+        let ops = [
+            (
+                Op::Deploy {
+                    machine: "kv".into(),
+                    component: component.clone(),
+                    sha256: [1; 32],
+                    limits,
+                },
+                true,
+            ),
+            (
+                Op::Upgrade {
+                    machine: "kv".into(),
+                    component,
+                    sha256: [1; 32],
+                    limits,
+                },
+                true,
+            ),
+            (
+                Op::SetLimits {
+                    machine: "kv".into(),
+                    limits,
+                },
+                false,
+            ),
+            (
+                Op::Undeploy {
+                    machine: "kv".into(),
+                },
+                false,
+            ),
+            (Op::RegisterSession { ttl_ms: 5 }, false),
+            (
+                Op::Apply {
+                    machine: "kv".into(),
+                    session: None,
+                    command: Bytes::from_static(&[1, 5]),
+                },
+                false,
+            ),
+            (Op::RemoveMember { id: 1 }, false),
+        ];
+        for (op, code) in ops {
+            let data = Envelope::encode(9, &op);
+            assert_eq!(carries_code(&data), code, "{op:?}");
+            assert_eq!(Envelope::decode(2, &data).unwrap().op, op);
+        }
+        assert!(!carries_code(&[]));
     }
 
     #[test]

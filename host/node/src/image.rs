@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kythira_api::Reply;
+use kythira_api::{CodeChange, Reply};
 use kythira_runtime::{ApplyContext, Limits, MachineImage};
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +18,7 @@ use crate::addresses::AddressBook;
 use crate::sessions::Sessions;
 
 /// Version of the layout below; an image of another version is refused.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 /// The node's replicated state after applying entry `applied`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,8 +45,8 @@ pub struct Image {
 pub struct MachineRecord {
     /// Its code, a key of [`Image::components`].
     pub sha256: String,
-    /// Index of the entry that deployed the code it runs.
-    pub deployed_at: u64,
+    /// Its deploys, upgrades and limit changes, oldest first.
+    pub history: Vec<CodeChange>,
     /// The limits its calls run under.
     pub limits: LimitsRecord,
     /// Its latest checkpoint and the commands since.

@@ -28,6 +28,7 @@ pub mod addresses;
 pub mod applier;
 pub mod disk;
 mod edge;
+pub mod engines;
 pub mod entry;
 pub mod health;
 pub mod image;

@@ -12,14 +12,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use kythira_api::{ApiError, DeployLimits, MachineStatus, Payload, Reply, Response, SessionSeq};
+use kythira_api::{
+    ApiError, ChangeKind, CodeChange, DeployLimits, LimitsReport, MachineStatus, Payload,
+    PluginReport, Reply, Response, SessionSeq,
+};
 use kythira_raft::{Entry, EntryKind};
 use kythira_runtime::{
-    ApplyContext, CallError, Limits, Machine, Plugin, Runtime, RuntimeConfig, RuntimeError,
+    ApplyContext, CallError, Limits, Machine, MachineImage, Plugin, Runtime, RuntimeError,
 };
 use sha2::{Digest, Sha256};
 
 use crate::addresses::{AddressBook, Addresses};
+use crate::engines::Engines;
 use crate::entry::{Envelope, Op};
 use crate::image::{self, Image, MachineRecord};
 use crate::metrics::Metrics;
@@ -45,7 +49,62 @@ struct Deployed {
     runtime: Runtime,
     limits: Limits,
     sha256: String,
-    deployed_at: u64,
+    /// Code and limit changes, oldest first, at most [`HISTORY_LEN`].
+    history: Vec<CodeChange>,
+}
+
+impl Deployed {
+    /// Index of the entry that installed the code it runs.
+    fn deployed_at(&self) -> u64 {
+        self.history
+            .iter()
+            .rev()
+            .find(|c| c.change != ChangeKind::Limits)
+            .map_or(0, |c| c.index)
+    }
+
+    fn record(&mut self, change: CodeChange) {
+        if self.history.len() == HISTORY_LEN {
+            self.history.remove(0);
+        }
+        self.history.push(change);
+    }
+}
+
+/// Changes a machine's history keeps: the latest ones.
+pub const HISTORY_LEN: usize = 32;
+
+/// A copy of a machine's state and code, for a rehearsal that must change
+/// nothing (a dry-run upgrade).
+pub struct Fork {
+    /// The machine's image: its checkpoint and the commands since.
+    pub image: MachineImage,
+    /// The code it runs.
+    pub plugin: Plugin,
+    /// The runtime it runs in.
+    pub runtime: Runtime,
+    /// sha256 of its code, hex.
+    pub sha256: String,
+    /// Index the node had applied.
+    pub applied: u64,
+    /// Log time of that entry.
+    pub last_timestamp_ms: u64,
+}
+
+/// What an entry does to a machine's code.
+enum Change {
+    /// Install, or upgrade if the machine exists.
+    Deploy(Code),
+    /// Upgrade; the machine must exist.
+    Upgrade(Code),
+    /// Same code, other limits; the machine must exist.
+    Limits,
+}
+
+/// A component an entry carries.
+struct Code {
+    component: Bytes,
+    sha256: [u8; 32],
 }
 
 /// A deployed machine's code, for work outside the log (JSON translation).
@@ -61,18 +120,16 @@ pub struct PluginInfo {
 pub struct Machines {
     machines: BTreeMap<String, Deployed>,
     /// One runtime per distinct set of limits (limits are per engine).
-    runtimes: Vec<(Limits, Runtime)>,
+    engines: Engines,
     sessions: Sessions<Reply>,
     /// Members' addresses, replicated state like the sessions.
     addresses: AddressBook,
     applied: u64,
     last_timestamp_ms: u64,
-    cache_dir: Option<std::path::PathBuf>,
+    /// Machines' code or limits changed since [`Machines::take_code_changed`].
+    code_changed: bool,
     metrics: Arc<Metrics>,
 }
-
-/// Largest machine count one runtime's instance pool is sized for.
-const MACHINES_PER_RUNTIME: u32 = 16;
 
 /// Most machines a cluster runs. The pools hold two instances per machine
 /// (a rebuild overlaps the old instance), so this keeps every pool at half
@@ -92,16 +149,16 @@ struct Pending {
 }
 
 impl Machines {
-    /// An empty registry; compiled plugins are cached under `cache_dir`.
-    pub fn new(cache_dir: Option<std::path::PathBuf>) -> Self {
+    /// An empty registry running machines on `engines`.
+    pub fn new(engines: Engines) -> Self {
         Self {
             machines: BTreeMap::new(),
-            runtimes: Vec::new(),
+            engines,
             sessions: Sessions::default(),
             addresses: AddressBook::default(),
             applied: 0,
             last_timestamp_ms: 0,
-            cache_dir,
+            code_changed: false,
             metrics: Arc::default(),
         }
     }
@@ -117,9 +174,15 @@ impl Machines {
         self.last_timestamp_ms
     }
 
-    /// Where compiled plugins are cached.
-    pub fn cache_dir(&self) -> Option<std::path::PathBuf> {
-        self.cache_dir.clone()
+    /// The runtimes machines run on.
+    pub fn engines(&self) -> &Engines {
+        &self.engines
+    }
+
+    /// Whether a machine was deployed, upgraded, moved to other limits or
+    /// removed since the last call.
+    pub fn take_code_changed(&mut self) -> bool {
+        std::mem::take(&mut self.code_changed)
     }
 
     /// Highest index applied.
@@ -144,9 +207,55 @@ impl Machines {
             .map(|(name, d)| MachineStatus {
                 name: name.clone(),
                 sha256: d.sha256.clone(),
-                deployed_at: d.deployed_at,
+                deployed_at: d.deployed_at(),
             })
             .collect()
+    }
+
+    /// Every machine as `kythira plugins` lists it. Reads each state with
+    /// `get-state` on the machine's instance (a local call, like a query).
+    pub fn reports(&mut self) -> Vec<PluginReport> {
+        let applied = self.applied;
+        self.machines
+            .iter_mut()
+            .map(|(name, d)| {
+                let (state, error) = match d.machine.unavailable() {
+                    Some(why) => (None, Some(format!("unavailable: {why}"))),
+                    None => match d.machine.get_state().result {
+                        Ok(state) => (Some(state), None),
+                        Err(e) => (None, Some(format!("get-state failed: {e}"))),
+                    },
+                };
+                PluginReport {
+                    name: name.clone(),
+                    sha256: d.sha256.clone(),
+                    wit: kythira_runtime::WIT_PACKAGE.to_string(),
+                    limits: LimitsReport {
+                        apply_fuel: d.limits.apply_fuel,
+                        query_fuel: d.limits.query_fuel,
+                        snapshot_fuel: d.limits.snapshot_fuel,
+                        memory_bytes: d.limits.memory_bytes as u64,
+                    },
+                    history: d.history.clone(),
+                    applied,
+                    state_bytes: state.as_ref().map(|s| s.len() as u64),
+                    state_sha256: state.as_ref().map(|s| hex(&Sha256::digest(s))),
+                    error,
+                }
+            })
+            .collect()
+    }
+
+    /// A copy of machine `name`'s state and code, without a plugin call.
+    pub fn fork(&self, name: &str) -> Option<Fork> {
+        self.machines.get(name).map(|d| Fork {
+            image: d.machine.image(),
+            plugin: d.plugin.clone(),
+            runtime: d.runtime.clone(),
+            sha256: d.sha256.clone(),
+            applied: self.applied,
+            last_timestamp_ms: self.last_timestamp_ms,
+        })
     }
 
     /// The code of machine `name`, if deployed.
@@ -169,7 +278,7 @@ impl Machines {
                 components.insert(d.sha256.clone(), d.component.clone());
                 let record = MachineRecord {
                     sha256: d.sha256.clone(),
-                    deployed_at: d.deployed_at,
+                    history: d.history.clone(),
                     limits: d.limits.into(),
                     state: d.machine.image().into(),
                 };
@@ -192,10 +301,10 @@ impl Machines {
     /// restored and replayed as on the replica that took it.
     pub fn from_image(
         image: Image,
-        cache_dir: Option<std::path::PathBuf>,
+        engines: Engines,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
-        let mut restored = Self::new(cache_dir).with_metrics(metrics);
+        let mut restored = Self::new(engines).with_metrics(metrics);
         restored.applied = image.applied;
         restored.last_timestamp_ms = image.last_timestamp_ms;
         restored.sessions = image.sessions;
@@ -214,6 +323,7 @@ impl Machines {
             }
             let limits = Limits::try_from(record.limits)?;
             let runtime = restored
+                .engines
                 .runtime(limits)
                 .map_err(|e| format!("machine {name}: {e}"))?;
             let plugin = runtime
@@ -232,10 +342,11 @@ impl Machines {
                     runtime,
                     limits,
                     sha256: record.sha256,
-                    deployed_at: record.deployed_at,
+                    history: record.history,
                 },
             );
         }
+        restored.retain_engines();
         Ok(restored)
     }
 
@@ -346,13 +457,29 @@ impl Machines {
                     limits,
                 } => {
                     self.flush(&mut run, &mut in_run, &mut answers);
-                    let reply = self
-                        .deploy(&machine, component, sha256, limits, e.index)
-                        .map(|sha256| Response::Deployed {
-                            index: e.index,
-                            sha256,
-                        });
-                    answers.push(answer(e, reply));
+                    let change = Change::Deploy(Code { component, sha256 });
+                    answers.push(answer(e, self.change(&machine, change, limits, e.index)));
+                }
+                Op::Upgrade {
+                    machine,
+                    component,
+                    sha256,
+                    limits,
+                } => {
+                    self.flush(&mut run, &mut in_run, &mut answers);
+                    let change = Change::Upgrade(Code { component, sha256 });
+                    answers.push(answer(e, self.change(&machine, change, limits, e.index)));
+                }
+                Op::SetLimits { machine, limits } => {
+                    self.flush(&mut run, &mut in_run, &mut answers);
+                    answers.push(answer(
+                        e,
+                        self.change(&machine, Change::Limits, limits, e.index),
+                    ));
+                }
+                Op::Undeploy { machine } => {
+                    self.flush(&mut run, &mut in_run, &mut answers);
+                    answers.push(answer(e, self.undeploy(&machine, e.index)));
                 }
                 Op::RegisterSession { ttl_ms } => {
                     self.flush(&mut run, &mut in_run, &mut answers);
@@ -423,64 +550,120 @@ impl Machines {
         }
     }
 
-    /// Installs or upgrades machine `name`; returns the code's sha256 in hex.
-    fn deploy(
-        &mut self,
-        name: &str,
-        component: Bytes,
-        sha256: [u8; 32],
-        limits: DeployLimits,
-        index: u64,
-    ) -> Result<String, ApiError> {
+    /// Installs, upgrades or moves machine `name` to other limits, as the
+    /// entry at `index` says. Every refusal and failure is the entry's
+    /// replicated answer; a local failure stops the node.
+    fn change(&mut self, name: &str, change: Change, limits: DeployLimits, index: u64) -> Reply {
         let refuse = |why: String| Err(ApiError::Deploy(why));
-        let actual: [u8; 32] = Sha256::digest(&component).into();
-        if actual != sha256 {
+        let (code, kind) = match change {
+            Change::Deploy(code) if self.machines.contains_key(name) => {
+                (Some(code), ChangeKind::Upgrade)
+            }
+            Change::Deploy(code) => (Some(code), ChangeKind::Deploy),
+            Change::Upgrade(code) => (Some(code), ChangeKind::Upgrade),
+            Change::Limits => (None, ChangeKind::Limits),
+        };
+        if kind != ChangeKind::Deploy && !self.machines.contains_key(name) {
+            return Err(ApiError::UnknownMachine(name.to_string()));
+        }
+        if let Some(code) = &code
+            && <[u8; 32]>::from(Sha256::digest(&code.component)) != code.sha256
+        {
             return refuse("the component's sha256 does not match the one deployed".into());
         }
         let limits = resolve(limits);
-        if !self.machines.contains_key(name) && self.machines.len() >= MAX_MACHINES {
+        if kind == ChangeKind::Deploy && self.machines.len() >= MAX_MACHINES {
             return refuse(format!(
                 "the cluster runs {MAX_MACHINES} machines, the most this version supports"
             ));
         }
-        let in_use: Vec<Limits> = self.machines.values().map(|d| d.limits).collect();
-        // Engines no machine uses any more (their deploys failed or moved on).
-        self.runtimes.retain(|(l, _)| in_use.contains(l));
-        if !self.runtimes.iter().any(|(l, _)| *l == limits) && self.runtimes.len() >= MAX_LIMIT_SETS
-        {
+        // Decided from the machines alone (replicated state), never from
+        // which runtimes this node happens to hold.
+        let mut sets: Vec<Limits> = self
+            .machines
+            .iter()
+            .filter(|(n, _)| n.as_str() != name)
+            .map(|(_, d)| d.limits)
+            .chain([limits])
+            .collect();
+        sets.sort_by_key(|l| (l.apply_fuel, l.query_fuel, l.memory_bytes, l.snapshot_fuel));
+        sets.dedup();
+        if sets.len() > MAX_LIMIT_SETS {
             return refuse(format!(
                 "the cluster's machines use {MAX_LIMIT_SETS} different sets of limits, the most \
                  it may; deploy under limits one of them uses"
             ));
         }
-        let runtime = self.runtime(limits)?;
+        let runtime = match self.engines.runtime(limits) {
+            Ok(r) => r,
+            Err(e @ RuntimeError::InvalidConfig(_)) => return refuse(e.to_string()),
+            Err(e) => panic!("cannot build a plugin runtime: {e}; stopping rather than diverge"),
+        };
+        let component = match code {
+            Some(code) => code.component,
+            None => self.machines[name].component.clone(),
+        };
         let plugin = match runtime.load(&component) {
             Ok(p) => p,
             Err(e) => return refuse(e.to_string()),
         };
-        let hex = hex(&sha256);
-        match self.machines.get_mut(name) {
-            Some(d) if d.limits != limits => refuse(format!(
-                "{name} runs under other limits (apply fuel {}, query fuel {}, memory {} bytes); \
-                 an upgrade keeps them, so deploy without limits or under a new name",
-                d.limits.apply_fuel, d.limits.query_fuel, d.limits.memory_bytes
-            )),
+        let sha256 = plugin.hash().to_string();
+        let reply = match self.machines.get_mut(name) {
+            Some(d) if d.sha256 == sha256 && d.limits == limits => {
+                // The same code under the same limits: nothing to carry over.
+                Ok(Response::Deployed { index, sha256 })
+            }
             Some(d) => {
-                if let Err(e) = d.machine.upgrade(&plugin, index) {
-                    let e = local_failure_stops(e, index);
-                    return refuse(format!("upgrade failed, the old code keeps running: {e}"));
+                // A deploy of the code it runs under other limits moves it.
+                let kind = if d.sha256 == sha256 {
+                    ChangeKind::Limits
+                } else {
+                    kind
+                };
+                match d.machine.migrate(&runtime, &plugin, index) {
+                    Ok(migration) => {
+                        tracing::info!(
+                            machine = name,
+                            index,
+                            change = %kind,
+                            from = %d.sha256,
+                            to = %sha256,
+                            state_bytes = migration.state_bytes,
+                            fuel = migration.fuel_used,
+                            "machine changed"
+                        );
+                        d.plugin = plugin;
+                        d.component = component;
+                        d.runtime = runtime;
+                        d.limits = limits;
+                        d.sha256.clone_from(&sha256);
+                        d.record(CodeChange {
+                            index,
+                            sha256: sha256.clone(),
+                            change: kind,
+                        });
+                        self.metrics.machine_changed(name, kind, true);
+                        self.code_changed = true;
+                        Ok(Response::Deployed { index, sha256 })
+                    }
+                    Err(e) => {
+                        let e = local_failure_stops(e, index);
+                        tracing::warn!(machine = name, index, change = %kind, "failed, the old code keeps running: {e}");
+                        self.metrics.machine_changed(name, kind, false);
+                        Err(ApiError::UpgradeFailed {
+                            machine: name.to_string(),
+                            index,
+                            reason: e.to_string(),
+                        })
+                    }
                 }
-                d.plugin = plugin;
-                d.component = component;
-                d.sha256 = hex.clone();
-                d.deployed_at = index;
-                Ok(hex)
             }
             None => {
                 let machine = match runtime.start(&plugin) {
                     Ok(m) => m,
                     Err(e) => return refuse(local_failure_stops(e, index).to_string()),
                 };
+                let component = self.shared_component(&sha256, component);
                 self.metrics.machine_deployed(name);
                 self.machines.insert(
                     name.to_string(),
@@ -490,32 +673,48 @@ impl Machines {
                         component,
                         runtime,
                         limits,
-                        sha256: hex.clone(),
-                        deployed_at: index,
+                        sha256: sha256.clone(),
+                        history: vec![CodeChange {
+                            index,
+                            sha256: sha256.clone(),
+                            change: ChangeKind::Deploy,
+                        }],
                     },
                 );
-                Ok(hex)
+                self.code_changed = true;
+                Ok(Response::Deployed { index, sha256 })
             }
-        }
+        };
+        self.retain_engines();
+        reply
     }
 
-    /// The runtime for `limits`. Limits a runtime refuses are the entry's
-    /// replicated error; any other failure to build one is this node's own.
-    fn runtime(&mut self, limits: Limits) -> Result<Runtime, ApiError> {
-        if let Some((_, r)) = self.runtimes.iter().find(|(l, _)| *l == limits) {
-            return Ok(r.clone());
+    /// Removes machine `name` and its state; its code goes with the last
+    /// machine that runs it.
+    fn undeploy(&mut self, name: &str, index: u64) -> Reply {
+        if self.machines.remove(name).is_none() {
+            return Err(ApiError::UnknownMachine(name.to_string()));
         }
-        let runtime = match Runtime::new(RuntimeConfig {
-            limits,
-            cache_dir: self.cache_dir.clone(),
-            max_machines: MACHINES_PER_RUNTIME,
-        }) {
-            Ok(r) => r,
-            Err(e @ RuntimeError::InvalidConfig(_)) => return Err(ApiError::Deploy(e.to_string())),
-            Err(e) => panic!("cannot build a plugin runtime: {e}; stopping rather than diverge"),
-        };
-        self.runtimes.push((limits, runtime.clone()));
-        Ok(runtime)
+        tracing::info!(machine = name, index, "machine removed");
+        self.metrics.machine_removed(name);
+        self.code_changed = true;
+        self.retain_engines();
+        Ok(Response::Undeployed { index })
+    }
+
+    /// The bytes of component `sha256` as another machine holds them, so
+    /// that a component is kept once however many machines run it.
+    fn shared_component(&self, sha256: &str, component: Bytes) -> Bytes {
+        self.machines
+            .values()
+            .find(|d| d.sha256 == sha256)
+            .map_or(component, |d| d.component.clone())
+    }
+
+    /// Drops the runtimes no machine runs on any more.
+    fn retain_engines(&self) {
+        let in_use: Vec<Limits> = self.machines.values().map(|d| d.limits).collect();
+        self.engines.retain(&in_use);
     }
 }
 

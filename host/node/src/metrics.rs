@@ -14,6 +14,7 @@
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use kythira_api::ChangeKind;
 use kythira_raft::{NodeId, Raft, Role};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -115,6 +116,17 @@ pub struct MachineLabel {
     pub machine: String,
 }
 
+/// Labels of the code change family.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeChangeLabel {
+    /// The machine's name.
+    pub machine: String,
+    /// `upgrade` or `limits`.
+    pub change: String,
+    /// `ok`, or `failed` (the old code kept running).
+    pub outcome: String,
+}
+
 /// Labels of the snapshot transfer family.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
@@ -167,6 +179,9 @@ pub struct Metrics {
     /// `kythira_machine_apply_seconds{machine}`: time of one call into the
     /// machine (a run of consecutive commands applied as one batch).
     pub machine_apply_seconds: HistogramFamily<MachineLabel>,
+    /// `kythira_machine_code_changes_total{machine,change,outcome}`:
+    /// upgrades and limit changes applied, and whether they took.
+    pub machine_code_changes: Family<CodeChangeLabel, Counter>,
     /// `kythira_replication_lag_entries{peer}`: on the leader, how far each
     /// peer's log is behind the leader's last index.
     pub replication_lag: Family<PeerLabel, Gauge<u64, AtomicU64>>,
@@ -309,6 +324,12 @@ impl Metrics {
             "Time of one call into a state machine (a run of consecutive commands)",
             machine_apply_seconds.clone(),
         );
+        let machine_code_changes = Family::<CodeChangeLabel, Counter>::default();
+        registry.register(
+            "machine_code_changes",
+            "Upgrades and limit changes of each state machine, by outcome",
+            machine_code_changes.clone(),
+        );
         let replication_lag = Family::<PeerLabel, Gauge<u64, AtomicU64>>::default();
         registry.register(
             "replication_lag_entries",
@@ -372,6 +393,7 @@ impl Metrics {
             machine_applies,
             machine_fuel,
             machine_apply_seconds,
+            machine_code_changes,
             replication_lag,
             snapshots,
             snapshot_seconds,
@@ -447,6 +469,37 @@ impl Metrics {
         drop(self.machine_applies.get_or_create(&label));
         drop(self.machine_fuel.get_or_create(&label));
         drop(self.machine_apply_seconds.get_or_create(&label));
+    }
+
+    /// Machine `machine` is gone: so are its series.
+    pub fn machine_removed(&self, machine: &str) {
+        let label = MachineLabel {
+            machine: machine.to_string(),
+        };
+        self.machine_applies.remove(&label);
+        self.machine_fuel.remove(&label);
+        self.machine_apply_seconds.remove(&label);
+        for change in [ChangeKind::Upgrade, ChangeKind::Limits] {
+            for outcome in ["ok", "failed"] {
+                self.machine_code_changes.remove(&CodeChangeLabel {
+                    machine: machine.to_string(),
+                    change: change.to_string(),
+                    outcome: outcome.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Machine `machine`'s code or limits changed (`ok`), or the change
+    /// failed and the old code kept running.
+    pub fn machine_changed(&self, machine: &str, change: ChangeKind, ok: bool) {
+        self.machine_code_changes
+            .get_or_create(&CodeChangeLabel {
+                machine: machine.to_string(),
+                change: change.to_string(),
+                outcome: if ok { "ok" } else { "failed" }.to_string(),
+            })
+            .inc();
     }
 
     /// One run of `commands` applied by `machine` with `fuel` in `took`.

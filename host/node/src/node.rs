@@ -1,5 +1,6 @@
 //! The event loop that owns the core, and the handle clients talk to.
 
+mod code;
 mod members;
 mod snapshots;
 
@@ -19,7 +20,6 @@ use kythira_raft::{
     Config, Driver, EntryKind, Message, MessageBody, NodeId, ProposeError, Raft, Role,
 };
 use kythira_storage::{FjallStore, SnapshotStore};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -29,6 +29,7 @@ use crate::access;
 use crate::applier::{self, Applier, Shared, Work};
 use crate::disk::{self, Disk};
 use crate::edge::Translate;
+use crate::engines::Engines;
 use crate::entry::{self, Envelope, Op};
 use crate::health::{HealthInput, HealthReport};
 use crate::machines::{self, Machines};
@@ -203,6 +204,10 @@ pub struct NodeHandle {
     /// The membership or leadership change this node is carrying out, and
     /// whether it was removed.
     changes: Arc<members::Operations>,
+    /// The plugin runtimes, for validating components before they are proposed.
+    engines: Engines,
+    /// One dry-run upgrade at a time.
+    dry_runs: Arc<tokio::sync::Semaphore>,
 }
 
 /// JSON translations at once, no more than the instance slots the runtime
@@ -264,17 +269,19 @@ impl Node {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let disk = Disk::new(store, done_tx);
         let shared = Arc::new(Shared::default());
-        let cache = Some(cfg.data_dir.join("compiled"));
+        let engines = Engines::new(Some(cfg.data_dir.join("compiled")));
         let machines = match recovered.image {
             Some(image) => {
                 let index = image.applied;
-                Machines::from_image(image, cache, shared.metrics.clone()).map_err(|e| {
-                    NodeError::Corrupt(format!(
-                        "the snapshot at index {index} does not restore: {e}"
-                    ))
-                })?
+                Machines::from_image(image, engines.clone(), shared.metrics.clone()).map_err(
+                    |e| {
+                        NodeError::Corrupt(format!(
+                            "the snapshot at index {index} does not restore: {e}"
+                        ))
+                    },
+                )?
             }
-            None => Machines::new(cache).with_metrics(shared.metrics.clone()),
+            None => Machines::new(engines.clone()).with_metrics(shared.metrics.clone()),
         };
         let (images_tx, images) = mpsc::unbounded_channel();
         let (applier, applier_gone) = Applier::start(
@@ -331,6 +338,7 @@ impl Node {
             heard: HashMap::new(),
             _claim: claim,
             ticks: crate::ticks::TickWindow::new(cfg.election_ticks, cfg.tick),
+            engines: engines.clone(),
         };
         let task = tokio::spawn(event_loop.run(
             cfg.tick,
@@ -352,6 +360,8 @@ impl Node {
                 shared,
                 cfg,
                 changes: ops,
+                engines: engines.clone(),
+                dry_runs: Arc::new(tokio::sync::Semaphore::new(1)),
             },
             task,
         })
@@ -418,6 +428,8 @@ struct EventLoop<N> {
     heard: HashMap<NodeId, std::time::Instant>,
     /// When the last ticks were handled: lease reads need them on time.
     ticks: crate::ticks::TickWindow,
+    /// Compiles deployed components as their entries reach the log.
+    engines: Engines,
 }
 
 /// What the event loop listens to.
@@ -448,6 +460,25 @@ type PendingRead = (String, Bytes, oneshot::Sender<Result<Bytes, ApiError>>);
 const BURST: usize = 256;
 
 impl<N: Network> EventLoop<N> {
+    /// Starts compiling the component a deploy or upgrade entry carries, as
+    /// soon as the entry reaches this node's log, so that applying it finds
+    /// the compiled artifact. Whether the entry is valid is decided at apply.
+    fn compile_ahead(&self, e: &kythira_raft::Entry) {
+        let Ok(env) = Envelope::decode(e.index, &e.data) else {
+            return;
+        };
+        if let Op::Deploy {
+            component, limits, ..
+        }
+        | Op::Upgrade {
+            component, limits, ..
+        } = env.op
+        {
+            self.engines
+                .compile_ahead(machines::resolve(limits), component);
+        }
+    }
+
     async fn run(mut self, tick: Duration, inputs: Inputs) -> Result<(), NodeError> {
         let Inputs {
             mut inbound,
@@ -781,6 +812,9 @@ impl<N: Network> EventLoop<N> {
                     if let Ok(ts) = entry::timestamp(e.index, &e.data) {
                         self.last_timestamp_ms = self.last_timestamp_ms.max(ts);
                     }
+                    if entry::carries_code(&e.data) {
+                        self.compile_ahead(e);
+                    }
                 }
                 if let Some(meta) = &w.snapshot {
                     // The state machines restart from it before any entry
@@ -1024,49 +1058,26 @@ impl NodeHandle {
                 component,
                 limits,
             } => {
-                if component.len() > self.cfg.max_component_bytes {
-                    return Err(ApiError::Deploy(format!(
-                        "the component is {} bytes, more than the {} this node accepts",
-                        component.len(),
-                        self.cfg.max_component_bytes
-                    )));
-                }
-                validate_name(&machine)?;
-                // An upgrade keeps the machine's limits unless told otherwise;
-                // a new machine gets this node's defaults.
-                let defaults = match self.shared.plugins.lock().expect("lock").get(&machine) {
-                    Some(info) => {
-                        let l = info.runtime.limits();
-                        DeployLimits {
-                            apply_fuel: Some(l.apply_fuel),
-                            query_fuel: Some(l.query_fuel),
-                            memory_bytes: Some(l.memory_bytes as u64),
-                        }
-                    }
-                    None => self.cfg.default_limits,
-                };
-                let resolved = machines::resolve(DeployLimits {
-                    apply_fuel: limits.apply_fuel.or(defaults.apply_fuel),
-                    query_fuel: limits.query_fuel.or(defaults.query_fuel),
-                    memory_bytes: limits.memory_bytes.or(defaults.memory_bytes),
-                });
-                resolved
-                    .validate()
-                    .map_err(|e| ApiError::Deploy(e.to_string()))?;
-                let limits = DeployLimits {
-                    apply_fuel: Some(resolved.apply_fuel),
-                    query_fuel: Some(resolved.query_fuel),
-                    memory_bytes: Some(resolved.memory_bytes as u64),
-                };
-                let sha256: [u8; 32] = Sha256::digest(&component).into();
-                self.propose(Op::Deploy {
-                    machine,
-                    component,
-                    sha256,
-                    limits,
-                })
-                .await
+                self.deploy(code::CodeRequest::Deploy, machine, component, limits)
+                    .await
             }
+            Request::Upgrade {
+                machine,
+                component,
+                limits,
+            } => {
+                self.deploy(code::CodeRequest::Upgrade, machine, component, limits)
+                    .await
+            }
+            Request::DryRunUpgrade {
+                machine,
+                component,
+                commands,
+                queries,
+            } => self.dry_run(machine, component, commands, queries).await,
+            Request::SetLimits { machine, limits } => self.set_limits(machine, limits).await,
+            Request::Undeploy { machine } => self.undeploy(machine).await,
+            Request::Plugins => self.plugins().await.map(Response::Plugins),
             Request::RegisterSession => self.propose(Op::RegisterSession { ttl_ms: 0 }).await,
             Request::Status => self.status().await.map(Response::Status),
             Request::Ping => Ok(Response::Pong),

@@ -45,7 +45,7 @@ fn address_entries_give_every_replica_the_same_book_and_answers() {
         // Node 4's ports are free once it is removed.
         entry(7, set(6, 7104, 7004)),
     ];
-    let mut a = Machines::new(None);
+    let mut a = Machines::new(kythira_node::engines::Engines::new(None));
     let answers = a.apply(&log);
     assert_eq!(answers.len(), log.len());
     let refused: Vec<u64> = answers
@@ -81,7 +81,7 @@ fn address_entries_give_every_replica_the_same_book_and_answers() {
     assert_eq!(live, [5, 6]);
 
     // Another replica, applying the same log in other batches, agrees.
-    let mut b = Machines::new(None);
+    let mut b = Machines::new(kythira_node::engines::Engines::new(None));
     let mut again = Vec::new();
     for chunk in log.chunks(3) {
         again.extend(b.apply(chunk));

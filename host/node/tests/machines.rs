@@ -70,7 +70,7 @@ fn previous(reply: &Result<Response, ApiError>) -> Option<Vec<u8>> {
 
 #[test]
 fn a_duplicate_inside_one_batch_gets_the_first_answer_in_log_order() {
-    let mut m = Machines::new(None);
+    let mut m = Machines::new(kythira_node::engines::Engines::new(None));
     let seq = |serial| {
         Some(SessionSeq {
             id: 2,
@@ -125,7 +125,7 @@ fn a_duplicate_inside_one_batch_gets_the_first_answer_in_log_order() {
 
 #[test]
 fn bad_deploys_and_unknown_machines_are_replicated_errors() {
-    let mut m = Machines::new(None);
+    let mut m = Machines::new(kythira_node::engines::Engines::new(None));
     let junk = Bytes::from_static(b"not a component");
     let mut tampered = deploy("kv", component("kv"));
     if let Op::Deploy { sha256, .. } = &mut tampered {
@@ -161,7 +161,7 @@ fn bad_deploys_and_unknown_machines_are_replicated_errors() {
 fn a_session_that_expires_while_its_command_waits_in_a_batch_is_no_crash() {
     // One batch, as a restarted node replays it: the session's command
     // joins a run, and a later entry of the same run is past the ttl.
-    let mut m = Machines::new(None);
+    let mut m = Machines::new(kythira_node::engines::Engines::new(None));
     let seq = Some(SessionSeq {
         id: 2,
         serial: 1,

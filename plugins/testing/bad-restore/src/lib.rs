@@ -1,5 +1,9 @@
-//! Test plugin that refuses every snapshot: an upgrade to it must fail on every
-//! replica and leave the old code and state in place.
+//! Test plugin that never restores a snapshot: an upgrade to it must fail on
+//! every replica and leave the old code and state in place. How it fails is
+//! chosen by the counter the snapshot holds (a counter plugin's state), so
+//! that one component covers every way: a count ending in 7 traps, one
+//! ending in 8 loops forever (until fuel runs out), any other is refused
+//! with an error.
 //!
 //! Wire format (postcard): `Command::Increment` = `[0]`; responses and the
 //! `Query::Get` (`[0]`) answer are the counter as a varint.
@@ -43,10 +47,17 @@ impl StateMachine for BadRestore {
         Ok(self.count)
     }
 
-    fn restore(_snapshot: &[u8]) -> Result<Self, RestoreError> {
-        Err(RestoreError::Refused(
-            "this plugin refuses every snapshot".to_owned(),
-        ))
+    fn restore(snapshot: &[u8]) -> Result<Self, RestoreError> {
+        let count = kythira_guest::codec::decode::<BadRestore>(snapshot).map_or(0, |s| s.count);
+        match count % 10 {
+            7 => panic!("restore traps on a count ending in 7 ({count})"),
+            8 => loop {
+                std::hint::black_box(count);
+            },
+            _ => Err(RestoreError::Refused(
+                "this plugin refuses every snapshot".to_owned(),
+            )),
+        }
     }
 }
 
