@@ -179,10 +179,10 @@ struct Slot {
 /// state is canonical.
 ///
 /// Its serde form, which is its state ([`StateMachine::snapshot`]'s
-/// default), is [`LAYOUT_TAG`] then the map: the number of entries, then
-/// each entry in ascending key order as its key, its value (both byte
-/// strings) and its revision (a varint). [`StateMachine::restore`] also
-/// reads kv's state.
+/// default), is the tag `00 4b 56 02` (`LAYOUT_TAG`), then the map: the
+/// number of entries, then each entry in ascending key order as its key, its
+/// value (both byte strings) and its revision (a varint).
+/// [`StateMachine::restore`] also reads kv's state.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct KvStore {
     entries: BTreeMap<Key, Slot>,
@@ -326,7 +326,7 @@ impl KvStore {
         Ok(Response::Entries { entries, more })
     }
 
-    /// Decodes a state this version wrote: [`LAYOUT_TAG`], then the map.
+    /// Decodes a state this version wrote: `LAYOUT_TAG`, then the map.
     fn restore_v2(state: &[u8]) -> Result<Self, RestoreError> {
         if !state.starts_with(&LAYOUT_TAG) {
             let reason = match state {
@@ -416,7 +416,7 @@ impl StateMachine for KvStore {
 
     /// Reads kv's state (what the upgrade entry hands over) and this
     /// version's (every snapshot after it), told apart by their first byte
-    /// (see [`LAYOUT_TAG`]). Anything else is refused: at an upgrade the
+    /// (see `LAYOUT_TAG`). Anything else is refused: at an upgrade the
     /// refusal is the same on every replica, and kv keeps running.
     fn restore(state: &[u8]) -> Result<Self, RestoreError> {
         match state {
