@@ -34,6 +34,14 @@ plugins=(
     bad-restore kythira-testing-bad-restore
     nan kythira-testing-nan
 )
+# Plugins built on another plugin's crate with its `component` feature off
+# (kv2 on kv), each built by a cargo invocation of its own: in one that also
+# builds the plugin it depends on, cargo unifies the dependency's features,
+# turns `component` back on, and links both plugins' exports into one module
+# (rust-lld: duplicate symbol `apply`).
+separate=(
+    kv2 kythira-plugin-kv2
+)
 
 packages=()
 for ((i = 0; i < ${#plugins[@]}; i += 2)); do
@@ -41,14 +49,18 @@ for ((i = 0; i < ${#plugins[@]}; i += 2)); do
 done
 
 cargo build --profile plugin --target wasm32-unknown-unknown "${packages[@]}"
+for ((i = 0; i < ${#separate[@]}; i += 2)); do
+    cargo build --profile plugin --target wasm32-unknown-unknown -p "${separate[i + 1]}"
+done
 cargo build --profile plugin --target wasm32-wasip2 -p kythira-testing-wasi
 cargo build -p kythira-plugin-tool --bin kythira-plugin
 
 tool="$target_dir/debug/kythira-plugin"
 built=()
-for ((i = 0; i < ${#plugins[@]}; i += 2)); do
-    name=${plugins[i]}
-    core="$target_dir/wasm32-unknown-unknown/plugin/${plugins[i + 1]//-/_}.wasm"
+all=("${plugins[@]}" "${separate[@]}")
+for ((i = 0; i < ${#all[@]}; i += 2)); do
+    name=${all[i]}
+    core="$target_dir/wasm32-unknown-unknown/plugin/${all[i + 1]//-/_}.wasm"
     "$tool" componentize "$core" -o "$out/$name.wasm"
     built+=("$out/$name.wasm")
 done

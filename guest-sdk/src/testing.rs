@@ -13,6 +13,10 @@
 //!   a replica that restores a snapshot at any point of the log and applies
 //!   the rest ends exactly where one that applied everything does.
 //!
+//! [`upgrade`](Harness::upgrade) hands the state over to another version of
+//! the plugin as an upgrade entry does, to test a migration before deploying
+//! it.
+//!
 //! ```
 //! # use kythira_guest::{ApplyContext, StateMachine};
 //! # use serde::{Deserialize, Serialize};
@@ -74,6 +78,10 @@ pub struct Harness<T> {
     raw: Raw<T>,
     next: ApplyContext,
     log: Vec<Applied>,
+    /// The state the recorded log starts from: `None` for `T::default()`,
+    /// the restored bytes for a harness made by [`upgrade`](Self::upgrade).
+    /// Replays start from it, or they would not be replays of this log.
+    base: Option<Vec<u8>>,
 }
 
 impl<T: StateMachine> Default for Harness<T> {
@@ -94,7 +102,40 @@ impl<T: StateMachine> Harness<T> {
                 timestamp_ms: 0,
             },
             log: Vec::new(),
+            base: None,
         }
+    }
+
+    /// Upgrades to another version of the plugin, as every replica does at
+    /// an upgrade entry: `U` restores this harness's current state (the old
+    /// version's `get-state`, the new one's `restore-from-snapshot`). The
+    /// upgrade entry takes the next log index, so `U`'s first command comes
+    /// right after it, at the same log time.
+    ///
+    /// This harness is left as it was, so a test can keep applying the same
+    /// commands to both versions and compare. The new harness's log starts
+    /// empty; its checks replay it from the restored state.
+    ///
+    /// # Errors
+    ///
+    /// `U`'s refusal of the state: on a cluster the upgrade would fail and
+    /// the old version would keep running.
+    ///
+    /// # Panics
+    ///
+    /// If this harness's state cannot be encoded.
+    pub fn upgrade<U: StateMachine>(&self) -> Result<Harness<U>, String> {
+        let state = self.state();
+        let mut raw = Raw::<U>::new();
+        raw.restore_from_snapshot(&state)?;
+        let mut next = self.next;
+        next.index += 1;
+        Ok(Harness {
+            raw,
+            next,
+            log: Vec::new(),
+            base: Some(state),
+        })
     }
 
     /// The typed state.
@@ -255,7 +296,7 @@ impl<T: StateMachine> Harness<T> {
     pub fn assert_deterministic(&self) {
         let state = self.state();
         for run in 1..=2 {
-            let mut replica = Raw::<T>::new();
+            let mut replica = self.start();
             replay(&mut replica, &self.log, &format!("replay {run}"));
             assert!(
                 snapshot(&replica) == state,
@@ -277,7 +318,7 @@ impl<T: StateMachine> Harness<T> {
         let state = self.state();
         for split in 0..=self.log.len() {
             let (before, after) = self.log.split_at(split);
-            let mut donor = Raw::<T>::new();
+            let mut donor = self.start();
             replay(&mut donor, before, "replay before the snapshot");
             let mut replica = Raw::<T>::new();
             if let Err(error) = replica.restore_from_snapshot(&snapshot(&donor)) {
@@ -293,6 +334,18 @@ impl<T: StateMachine> Harness<T> {
                 "a replica restored from the snapshot after {split} entries ends in a different state"
             );
         }
+    }
+
+    /// A fresh instance in the state the recorded log starts from.
+    fn start(&self) -> Raw<T> {
+        let mut raw = Raw::new();
+        if let Some(base) = &self.base {
+            // It was restored once already: failing now is nondeterminism.
+            if let Err(error) = raw.restore_from_snapshot(base) {
+                panic!("restoring the state the log starts from fails this time: {error}");
+            }
+        }
+        raw
     }
 }
 
@@ -458,6 +511,38 @@ mod tests {
         );
         assert_eq!(shelf.apply_json(r#""clear""#), Ok("0".to_owned()));
         shelf.assert_deterministic();
+    }
+
+    #[test]
+    fn an_upgrade_restores_the_state_and_takes_a_log_index() {
+        use crate::test_machines::Shelf;
+        let mut old = Harness::<Journal>::new();
+        old.advance_ms(40);
+        assert_eq!(old.apply(&7), Ok(1));
+        assert_eq!(old.apply(&9), Ok(2));
+
+        let mut new = old.upgrade::<Journal>().unwrap();
+        assert_eq!(new.query(&()), Ok(vec![7, 9]));
+        // Entries 1 and 2, the upgrade at 3, then the new version's log.
+        assert_eq!(new.next_context().index, 4);
+        assert_eq!(new.next_context().timestamp_ms, 40);
+        assert_eq!(new.apply(&5), Ok(3));
+        assert_eq!(new.log().len(), 1);
+        assert_eq!(new.log()[0].ctx.index, 4);
+        // The checks replay from the restored state: from an empty one the
+        // entry would answer 1.
+        new.assert_snapshot_round_trip();
+        new.assert_deterministic();
+        new.assert_snapshot_transparent();
+        // The old harness is untouched.
+        assert_eq!(old.query(&()), Ok(vec![7, 9]));
+        assert_eq!(old.next_context().index, 3);
+
+        // A version that cannot read the state: the upgrade is refused.
+        let Err(error) = old.upgrade::<Shelf>() else {
+            panic!("a list restored as a map");
+        };
+        assert!(error.starts_with("snapshot does not decode"), "{error}");
     }
 
     #[test]

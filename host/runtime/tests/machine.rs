@@ -501,6 +501,128 @@ fn migrating_to_other_limits_carries_the_state_or_changes_nothing() {
     assert_eq!(
         kv_query(&mut m, KvQuery::Get { key: b("big") }),
         Response::Value(Some(big))
+fn upgrade_from_kv_to_kv2_migrates_the_state() {
+    use kythira_plugin_kv2::{Command as Kv2, Query as Kv2Query, Response as Kv2Response};
+    fn kv2_query(m: &mut Machine, query: Kv2Query) -> Kv2Response {
+        decode(&m.query(&encode(&query).unwrap()).result.expect("kv2 query")).unwrap()
+    }
+    let runtime = runtime();
+    let mut m = start(&runtime, "kv");
+    let mut log = Log::new();
+    for (key, value) in [("a", "1"), ("b", "2"), ("c", "3")] {
+        kv(
+            &mut log,
+            &mut m,
+            Kv::Put {
+                key: b(key),
+                value: b(value),
+            },
+        );
+    }
+    kv(&mut log, &mut m, Kv::Delete { key: b("c") });
+
+    // The upgrade is an entry of the log: it takes the next index.
+    let kv2 = load(&runtime, "kv2");
+    let upgrade = log.ctx().index;
+    m.upgrade(&kv2, upgrade).unwrap();
+    assert_eq!(m.plugin_hash(), kv2.hash());
+
+    // kv's commands and queries, with kv's types, answer as before.
+    assert_eq!(
+        kv_query(&mut m, KvQuery::Get { key: b("a") }),
+        Response::Value(Some(b("1")))
+    );
+    let all = Scan {
+        prefix: Vec::new(),
+        start_after: None,
+        limit: 10,
+    };
+    assert_eq!(
+        kv_query(&mut m, KvQuery::Scan(all.clone())),
+        Response::Entries {
+            entries: vec![(b("a"), b("1")), (b("b"), b("2"))],
+            more: false
+        }
+    );
+    // Keys written before the upgrade have revision 0.
+    assert_eq!(
+        kv2_query(&mut m, Kv2Query::Revision { key: b("a") }),
+        Kv2Response::Revision(Some(0))
+    );
+    assert_eq!(
+        kv2_query(&mut m, Kv2Query::Revision { key: b("c") }),
+        Kv2Response::Revision(None)
+    );
+
+    // The new command, then a kv command, each recording its index.
+    let append = log.next;
+    let answer: Kv2Response = decode(
+        &log.apply(
+            &mut m,
+            &Kv2::Append {
+                key: b("a"),
+                value: b("+"),
+            },
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(append > upgrade);
+    assert_eq!(answer, Kv2Response::Value(Some(b("1"))));
+    assert_eq!(
+        kv(
+            &mut log,
+            &mut m,
+            Kv::Put {
+                key: b("b"),
+                value: b("3")
+            }
+        ),
+        Response::Value(Some(b("2")))
+    );
+    assert_eq!(
+        kv2_query(&mut m, Kv2Query::Revision { key: b("a") }),
+        Kv2Response::Revision(Some(append))
+    );
+    assert_eq!(
+        kv2_query(&mut m, Kv2Query::Revision { key: b("b") }),
+        Kv2Response::Revision(Some(append + 1))
+    );
+    assert_eq!(
+        kv_query(&mut m, KvQuery::Get { key: b("a") }),
+        Response::Value(Some(b("1+")))
+    );
+
+    // The JSON forms, through the component's translations.
+    let json = runtime
+        .query_from_json(&kv2, r#"{"revision":{"key":"a"}}"#)
+        .result
+        .unwrap();
+    let answer = m.query(&json).result.unwrap();
+    assert_eq!(
+        runtime
+            .query_response_to_json(&kv2, &answer)
+            .result
+            .unwrap(),
+        format!(r#"{{"revision":{append}}}"#)
+    );
+
+    // The state is now in kv2's layout, which kv cannot read: a downgrade
+    // fails and kv2 keeps running.
+    let state = m.get_state().result.unwrap();
+    assert!(state.starts_with(&[0x00, b'K', b'V', 2]), "{state:02x?}");
+    let kv1 = load(&runtime, "kv");
+    assert!(matches!(
+        m.upgrade(&kv1, log.ctx().index),
+        Err(CallError::Plugin(_))
+    ));
+    assert_eq!(m.plugin_hash(), kv2.hash());
+    assert_eq!(
+        kv_query(&mut m, KvQuery::Scan(all)),
+        Response::Entries {
+            entries: vec![(b("a"), b("1+")), (b("b"), b("3"))],
+            more: false
+        }
     );
 }
 

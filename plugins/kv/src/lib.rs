@@ -104,7 +104,11 @@ pub enum Response {
 /// Scanned entries as `{key, value}` pairs of byte strings: in JSON
 /// `[{"key": "a", "value": "1"}]`, in postcard the same bytes as the list of
 /// tuples (a struct's fields are written in order, like a tuple's).
-mod entry_list {
+///
+/// Public for later versions of this plugin, whose responses must keep this
+/// form: use it as `#[serde(with = "kythira_plugin_kv::entry_list")]` on a
+/// `Vec<(Vec<u8>, Vec<u8>)>`.
+pub mod entry_list {
     use kythira_guest::bytes::{ByteStr, ByteString};
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -124,6 +128,11 @@ mod entry_list {
     /// The field's type: key/value pairs.
     type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
+    /// Writes the pairs as a sequence of `{key, value}` structs.
+    ///
+    /// # Errors
+    ///
+    /// The serializer's.
     pub fn serialize<S: Serializer>(
         entries: &[(Vec<u8>, Vec<u8>)],
         serializer: S,
@@ -134,6 +143,11 @@ mod entry_list {
         }))
     }
 
+    /// Reads what [`serialize`] writes.
+    ///
+    /// # Errors
+    ///
+    /// The deserializer's, or an entry that is not a `{key, value}` pair.
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Pairs, D::Error> {
         let entries = Vec::<Entry>::deserialize(deserializer)?;
         Ok(entries
@@ -222,6 +236,12 @@ impl KvStore {
         self.entries.is_empty()
     }
 
+    /// The entries in ascending key order, by value: what a later version of
+    /// this plugin migrates from after decoding this version's state.
+    pub fn into_entries(self) -> impl Iterator<Item = (Key, Vec<u8>)> {
+        self.entries.into_iter()
+    }
+
     fn get(&self, key: Vec<u8>) -> Response {
         Response::Value(self.entries.get(&Key::from(key)).cloned())
     }
@@ -288,6 +308,7 @@ impl StateMachine for KvStore {
     }
 }
 
+#[cfg(feature = "component")]
 kythira_guest::export!(KvStore);
 
 #[cfg(test)]
