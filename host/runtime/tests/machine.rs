@@ -501,6 +501,10 @@ fn migrating_to_other_limits_carries_the_state_or_changes_nothing() {
     assert_eq!(
         kv_query(&mut m, KvQuery::Get { key: b("big") }),
         Response::Value(Some(big))
+    );
+}
+
+#[test]
 fn upgrade_from_kv_to_kv2_migrates_the_state() {
     use kythira_plugin_kv2::{Command as Kv2, Query as Kv2Query, Response as Kv2Response};
     fn kv2_query(m: &mut Machine, query: Kv2Query) -> Kv2Response {
