@@ -140,6 +140,9 @@ pub enum ClientCommand {
         /// Memory limit in MiB.
         #[arg(long)]
         memory_mib: Option<u64>,
+        /// Fuel for one get-state or restore (checkpoints, snapshots, upgrades).
+        #[arg(long)]
+        snapshot_fuel: Option<u64>,
     },
     /// Upgrade a state machine's code. Every replica hands the state from
     /// the old code to the new at the same log index, or keeps the old code
@@ -175,6 +178,9 @@ pub enum ClientCommand {
         /// Memory limit in MiB.
         #[arg(long)]
         memory_mib: Option<u64>,
+        /// Fuel for one get-state or restore (checkpoints, snapshots, upgrades).
+        #[arg(long)]
+        snapshot_fuel: Option<u64>,
     },
     /// Remove a state machine and its state.
     Undeploy {
@@ -268,6 +274,7 @@ pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
             apply_fuel,
             query_fuel,
             memory_mib,
+            snapshot_fuel,
         } => {
             let bytes = std::fs::read(&component)
                 .with_context(|| format!("cannot read {}", component.display()))?;
@@ -275,6 +282,7 @@ pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
                 apply_fuel,
                 query_fuel,
                 memory_bytes: memory_mib.map(|m| m.saturating_mul(1 << 20)),
+                snapshot_fuel,
             };
             let (index, sha256) = client.deploy(&machine, Bytes::from(bytes), limits).await?;
             if conn.json {
@@ -333,11 +341,13 @@ pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
             apply_fuel,
             query_fuel,
             memory_mib,
+            snapshot_fuel,
         } => {
             let limits = DeployLimits {
                 apply_fuel,
                 query_fuel,
                 memory_bytes: memory_mib.map(|m| m.saturating_mul(1 << 20)),
+                snapshot_fuel,
             };
             let index = client.set_limits(&machine, limits).await?;
             if conn.json {

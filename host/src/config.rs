@@ -149,6 +149,8 @@ pub struct LimitsSection {
     pub query_fuel: Option<u64>,
     /// Memory limit of such a plugin, in MiB.
     pub memory_mib: Option<u64>,
+    /// Fuel for one `get-state` or restore (checkpoints, snapshots, upgrades).
+    pub snapshot_fuel: Option<u64>,
 }
 
 impl Default for LimitsSection {
@@ -160,6 +162,7 @@ impl Default for LimitsSection {
             apply_fuel: None,
             query_fuel: None,
             memory_mib: None,
+            snapshot_fuel: None,
         }
     }
 }
@@ -293,6 +296,7 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
         apply_fuel: l.apply_fuel,
         query_fuel: l.query_fuel,
         memory_bytes: l.memory_mib.map(|m| m.saturating_mul(1 << 20)),
+        snapshot_fuel: l.snapshot_fuel,
     };
     let checked = kythira_node::machines::resolve(limits);
     checked

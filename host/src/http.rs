@@ -552,13 +552,14 @@ async fn query(
     }
 }
 
-/// `?apply_fuel=N&query_fuel=N&memory_mib=N`, each optional.
+/// `?apply_fuel=N&query_fuel=N&memory_mib=N&snapshot_fuel=N`, each optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeployParams {
     apply_fuel: Option<u64>,
     query_fuel: Option<u64>,
     memory_mib: Option<u64>,
+    snapshot_fuel: Option<u64>,
 }
 
 async fn deploy(
@@ -600,6 +601,7 @@ async fn deploy(
             apply_fuel: params.apply_fuel,
             query_fuel: params.query_fuel,
             memory_bytes,
+            snapshot_fuel: params.snapshot_fuel,
         },
     };
     match call(&state, caller, request).await? {

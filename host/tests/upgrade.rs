@@ -233,7 +233,19 @@ async fn an_upgrade_that_fails_keeps_the_old_code_everywhere_and_says_why() {
         ("loops", 8, "fuel"),
     ];
     for (name, count, why) in cases {
-        let out = cli_ok(&c, "admin", &["deploy", name, looper.to_str().unwrap()]);
+        // A small budget for get-state and restore: the looping restore
+        // runs until it is spent, on every replica.
+        let out = cli_ok(
+            &c,
+            "admin",
+            &[
+                "deploy",
+                name,
+                looper.to_str().unwrap(),
+                "--snapshot-fuel",
+                "50000000",
+            ],
+        );
         assert!(out.contains(&format!("deployed {name}")), "{out}");
         for _ in 0..count {
             app.apply(name, Payload::Json(r#""increment""#.into()))

@@ -74,6 +74,9 @@ pub struct DeployLimits {
     pub query_fuel: Option<u64>,
     /// Maximum linear memory, in bytes.
     pub memory_bytes: Option<u64>,
+    /// Fuel for one `get-state` or `restore-from-snapshot` call (checkpoints,
+    /// snapshots, upgrades): these touch the whole state.
+    pub snapshot_fuel: Option<u64>,
 }
 
 /// What a client asks a node.

@@ -739,6 +739,7 @@ pub fn resolve(limits: DeployLimits) -> Limits {
         memory_bytes: limits
             .memory_bytes
             .map_or(d.memory_bytes, |m| usize::try_from(m).unwrap_or(usize::MAX)),
+        snapshot_fuel: limits.snapshot_fuel.unwrap_or(d.snapshot_fuel),
         ..d
     }
 }

@@ -164,6 +164,7 @@ impl NodeHandle {
                     apply_fuel: Some(l.apply_fuel),
                     query_fuel: Some(l.query_fuel),
                     memory_bytes: Some(l.memory_bytes as u64),
+                    snapshot_fuel: Some(l.snapshot_fuel),
                 }
             }
             None => self.cfg.default_limits,
@@ -172,6 +173,7 @@ impl NodeHandle {
             apply_fuel: asked.apply_fuel.or(defaults.apply_fuel),
             query_fuel: asked.query_fuel.or(defaults.query_fuel),
             memory_bytes: asked.memory_bytes.or(defaults.memory_bytes),
+            snapshot_fuel: asked.snapshot_fuel.or(defaults.snapshot_fuel),
         });
         resolved
             .validate()
@@ -180,6 +182,7 @@ impl NodeHandle {
             apply_fuel: Some(resolved.apply_fuel),
             query_fuel: Some(resolved.query_fuel),
             memory_bytes: Some(resolved.memory_bytes as u64),
+            snapshot_fuel: Some(resolved.snapshot_fuel),
         };
         Ok((resolved, complete))
     }
