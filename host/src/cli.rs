@@ -120,6 +120,35 @@ pub enum MembersCommand {
     },
 }
 
+/// The limits a deploy or a limit change may name; those left out keep the
+/// machine's (or, for a new machine, the node's defaults).
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Fuel for one apply.
+    #[arg(long)]
+    apply_fuel: Option<u64>,
+    /// Fuel for one query.
+    #[arg(long)]
+    query_fuel: Option<u64>,
+    /// Memory limit in MiB.
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Fuel for one get-state or restore (checkpoints, snapshots, upgrades).
+    #[arg(long)]
+    snapshot_fuel: Option<u64>,
+}
+
+impl LimitArgs {
+    fn deploy_limits(&self) -> DeployLimits {
+        DeployLimits {
+            apply_fuel: self.apply_fuel,
+            query_fuel: self.query_fuel,
+            memory_bytes: self.memory_mib.map(|m| m.saturating_mul(1 << 20)),
+            snapshot_fuel: self.snapshot_fuel,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
     /// Show every endpoint's view of the cluster: one row per node with its
@@ -131,18 +160,8 @@ pub enum ClientCommand {
         machine: String,
         /// The component (.wasm).
         component: PathBuf,
-        /// Fuel for one apply.
-        #[arg(long)]
-        apply_fuel: Option<u64>,
-        /// Fuel for one query.
-        #[arg(long)]
-        query_fuel: Option<u64>,
-        /// Memory limit in MiB.
-        #[arg(long)]
-        memory_mib: Option<u64>,
-        /// Fuel for one get-state or restore (checkpoints, snapshots, upgrades).
-        #[arg(long)]
-        snapshot_fuel: Option<u64>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Upgrade a state machine's code. Every replica hands the state from
     /// the old code to the new at the same log index, or keeps the old code
@@ -169,18 +188,8 @@ pub enum ClientCommand {
     Limits {
         /// Name of the state machine.
         machine: String,
-        /// Fuel for one apply.
-        #[arg(long)]
-        apply_fuel: Option<u64>,
-        /// Fuel for one query.
-        #[arg(long)]
-        query_fuel: Option<u64>,
-        /// Memory limit in MiB.
-        #[arg(long)]
-        memory_mib: Option<u64>,
-        /// Fuel for one get-state or restore (checkpoints, snapshots, upgrades).
-        #[arg(long)]
-        snapshot_fuel: Option<u64>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Remove a state machine and its state.
     Undeploy {
@@ -235,9 +244,14 @@ pub enum ClientCommand {
 /// Runs a client command, printing its result.
 pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
     let client = match cmd {
-        ClientCommand::Members(_) | ClientCommand::Transfer { .. } => {
-            conn.client_waiting(conn.timeout)?
-        }
+        // Answered once carried out: a membership change, a transfer, or
+        // code compiled, migrated or serialized on the node.
+        ClientCommand::Members(_)
+        | ClientCommand::Transfer { .. }
+        | ClientCommand::Deploy { .. }
+        | ClientCommand::Upgrade { .. }
+        | ClientCommand::Limits { .. }
+        | ClientCommand::Plugins => conn.client_waiting(conn.timeout)?,
         _ => conn.client()?,
     };
     match cmd {
@@ -271,19 +285,11 @@ pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Deploy {
             machine,
             component,
-            apply_fuel,
-            query_fuel,
-            memory_mib,
-            snapshot_fuel,
+            limits,
         } => {
             let bytes = std::fs::read(&component)
                 .with_context(|| format!("cannot read {}", component.display()))?;
-            let limits = DeployLimits {
-                apply_fuel,
-                query_fuel,
-                memory_bytes: memory_mib.map(|m| m.saturating_mul(1 << 20)),
-                snapshot_fuel,
-            };
+            let limits = limits.deploy_limits();
             let (index, sha256) = client.deploy(&machine, Bytes::from(bytes), limits).await?;
             if conn.json {
                 println!(
@@ -336,20 +342,8 @@ pub async fn run(conn: &Connection, cmd: ClientCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        ClientCommand::Limits {
-            machine,
-            apply_fuel,
-            query_fuel,
-            memory_mib,
-            snapshot_fuel,
-        } => {
-            let limits = DeployLimits {
-                apply_fuel,
-                query_fuel,
-                memory_bytes: memory_mib.map(|m| m.saturating_mul(1 << 20)),
-                snapshot_fuel,
-            };
-            let index = client.set_limits(&machine, limits).await?;
+        ClientCommand::Limits { machine, limits } => {
+            let index = client.set_limits(&machine, limits.deploy_limits()).await?;
             if conn.json {
                 println!(
                     "{}",

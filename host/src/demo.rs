@@ -77,6 +77,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     let kv = kv.canonicalize()?;
+    let kv2 = args
+        .plugins
+        .join("kv2.wasm")
+        .canonicalize()
+        .with_context(|| {
+            format!(
+                "{}/kv2.wasm is missing: build the plugins with `just plugins`",
+                args.plugins.display()
+            )
+        })?;
     let exe = std::env::current_exe()?;
     let tmp = tempfile::Builder::new().prefix("kythira-demo-").tempdir()?;
     // Removed when the demo ends, after every process is stopped.
@@ -138,6 +148,36 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cluster.start(old)?;
     caught_up(&cluster, old, new).await?;
     show(&cluster, &["status"])?;
+
+    println!("\nupgrading kv to its second version (an append command, a revision per key)");
+    let kv2_arg = kv2.to_string_lossy().to_string();
+    show(
+        &cluster,
+        &[
+            "upgrade",
+            "kv",
+            &kv2_arg,
+            "--dry-run",
+            "--command",
+            r#"{"append":{"key":"greeting","value":"!"}}"#,
+            "--query",
+            r#"{"get":{"key":"greeting"}}"#,
+        ],
+    )?;
+    show(&cluster, &["upgrade", "kv", &kv2_arg])?;
+    show(
+        &cluster,
+        &[
+            "apply",
+            "kv",
+            r#"{"append":{"key":"greeting","value":"!"}}"#,
+        ],
+    )?;
+    let out = show(&cluster, &["query", "kv", r#"{"get":{"key":"greeting"}}"#])?;
+    if !out.contains("hello again!") {
+        bail!("the upgrade lost the data: {out}");
+    }
+    show(&cluster, &["plugins"])?;
 
     let f = cluster.client_files("admin");
     println!(

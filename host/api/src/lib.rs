@@ -79,7 +79,8 @@ pub struct DeployLimits {
     pub snapshot_fuel: Option<u64>,
 }
 
-/// What a client asks a node.
+/// What a client asks a node. Variants are numbered by position on the
+/// wire (and in snapshots' session tables): new ones go last.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Replicate a command for a state machine and return its response.
@@ -109,6 +110,40 @@ pub enum Request {
         /// Resource limits for its calls.
         limits: DeployLimits,
     },
+    /// Open a client session; its id numbers the commands that follow.
+    RegisterSession,
+    /// Describe the node and what it knows of the cluster.
+    Status,
+    /// The cluster's members as the leader sees them.
+    Members,
+    /// Add node `id` as a learner: it receives the log but does not vote.
+    /// Its addresses are replicated, so every member can reach it.
+    AddLearner {
+        /// The new node's id (its certificate's).
+        id: u64,
+        /// Its peer address, `ip:port`.
+        peer: String,
+        /// Its client address, `ip:port`.
+        client: String,
+    },
+    /// Make learner `id` a voter, once it has caught up with the leader.
+    Promote {
+        /// The learner.
+        id: u64,
+    },
+    /// Remove node `id`, voter or learner; it stops serving.
+    RemoveMember {
+        /// The member.
+        id: u64,
+    },
+    /// Hand leadership to voter `to`.
+    TransferLeadership {
+        /// The voter to lead.
+        to: u64,
+    },
+    /// Answered at once by the connection's handler, without touching the
+    /// node: a round trip of the client protocol alone.
+    Ping,
     /// Upgrade the code of an existing state machine: at the entry's index
     /// every replica hands the old code's state to the new code, or keeps
     /// the old code if that fails. Limits named here replace the machine's.
@@ -148,40 +183,6 @@ pub enum Request {
     },
     /// The deployed state machines with their code, history, limits and state.
     Plugins,
-    /// Open a client session; its id numbers the commands that follow.
-    RegisterSession,
-    /// Describe the node and what it knows of the cluster.
-    Status,
-    /// The cluster's members as the leader sees them.
-    Members,
-    /// Add node `id` as a learner: it receives the log but does not vote.
-    /// Its addresses are replicated, so every member can reach it.
-    AddLearner {
-        /// The new node's id (its certificate's).
-        id: u64,
-        /// Its peer address, `ip:port`.
-        peer: String,
-        /// Its client address, `ip:port`.
-        client: String,
-    },
-    /// Make learner `id` a voter, once it has caught up with the leader.
-    Promote {
-        /// The learner.
-        id: u64,
-    },
-    /// Remove node `id`, voter or learner; it stops serving.
-    RemoveMember {
-        /// The member.
-        id: u64,
-    },
-    /// Hand leadership to voter `to`.
-    TransferLeadership {
-        /// The voter to lead.
-        to: u64,
-    },
-    /// Answered at once by the connection's handler, without touching the
-    /// node: a round trip of the client protocol alone.
-    Ping,
 }
 
 impl Request {
@@ -200,6 +201,8 @@ impl Request {
             | Request::DryRunUpgrade { .. }
             | Request::SetLimits { .. }
             | Request::Undeploy { .. } => Some("deploying code"),
+            // Serializes every machine's state on the node asked.
+            Request::Plugins => Some("reading the state machines' states"),
             Request::AddLearner { .. } | Request::Promote { .. } | Request::RemoveMember { .. } => {
                 Some("changing the membership")
             }
@@ -209,7 +212,6 @@ impl Request {
             | Request::RegisterSession
             | Request::Status
             | Request::Members
-            | Request::Plugins
             | Request::Ping => None,
         }
     }
@@ -240,7 +242,7 @@ impl Request {
     }
 }
 
-/// A successful answer.
+/// A successful answer. New variants go last (see [`Request`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     /// The command was committed and applied at `index`.
@@ -262,15 +264,6 @@ pub enum Response {
         /// sha256 of the component, hex.
         sha256: String,
     },
-    /// The state machine was removed at `index`.
-    Undeployed {
-        /// Log index of the entry that removed it.
-        index: u64,
-    },
-    /// What an upgrade would do, from a dry run.
-    DryRun(DryRunReport),
-    /// The deployed state machines.
-    Plugins(Vec<PluginReport>),
     /// A new session.
     Session {
         /// Its id (the log index that registered it).
@@ -289,6 +282,15 @@ pub enum Response {
     },
     /// The answer to `Ping`.
     Pong,
+    /// The state machine was removed at `index`.
+    Undeployed {
+        /// Log index of the entry that removed it.
+        index: u64,
+    },
+    /// What an upgrade would do, from a dry run.
+    DryRun(DryRunReport),
+    /// The deployed state machines.
+    Plugins(Vec<PluginReport>),
 }
 
 /// What a node reports of itself.
@@ -468,7 +470,8 @@ pub struct MigrationReport {
     pub state_bytes: u64,
 }
 
-/// Why a request failed, and so what the caller can do about it.
+/// Why a request failed, and so what the caller can do about it. New
+/// variants go last (see [`Request`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum ApiError {
     /// This node does not lead; ask `leader` (at `addr`, if known).
@@ -500,17 +503,6 @@ pub enum ApiError {
     /// The deploy was refused (not a valid component, wrong imports, bad limits).
     #[error("deploy refused: {0}")]
     Deploy(String),
-    /// The upgrade's entry committed at `index`, but the new code could not
-    /// take the state over: every replica keeps the old code and state.
-    #[error("upgrade of {machine} failed at index {index}, the old code keeps running: {reason}")]
-    UpgradeFailed {
-        /// The state machine.
-        machine: String,
-        /// Log index of the upgrade entry.
-        index: u64,
-        /// Why, as the runtime reported it (the plugin's error, a trap, fuel, memory).
-        reason: String,
-    },
     /// The session is unknown or expired; register a new one.
     #[error("session {0} is unknown or expired")]
     SessionExpired(u64),
@@ -534,6 +526,17 @@ pub enum ApiError {
     /// A fault in the node; the message says which.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The upgrade's entry committed at `index`, but the new code could not
+    /// take the state over: every replica keeps the old code and state.
+    #[error("upgrade of {machine} failed at index {index}, the old code keeps running: {reason}")]
+    UpgradeFailed {
+        /// The state machine.
+        machine: String,
+        /// Log index of the upgrade entry.
+        index: u64,
+        /// Why, as the runtime reported it (the plugin's error, a trap, fuel, memory).
+        reason: String,
+    },
 }
 
 fn leader_hint(leader: Option<u64>, addr: Option<&str>) -> String {
@@ -594,6 +597,25 @@ mod tests {
             Request::Promote { id: 4 },
             Request::RemoveMember { id: 4 },
             Request::TransferLeadership { to: 2 },
+            Request::Upgrade {
+                machine: "kv".into(),
+                component: Bytes::new(),
+                limits: DeployLimits::default(),
+            },
+            Request::DryRunUpgrade {
+                machine: "kv".into(),
+                component: Bytes::new(),
+                commands: Vec::new(),
+                queries: Vec::new(),
+            },
+            Request::SetLimits {
+                machine: "kv".into(),
+                limits: DeployLimits::default(),
+            },
+            Request::Undeploy {
+                machine: "kv".into(),
+            },
+            Request::Plugins,
         ];
         for r in &admin {
             assert!(r.needs_admin(), "{r:?}");

@@ -155,16 +155,12 @@ impl Client {
         component: Bytes,
         limits: DeployLimits,
     ) -> Result<(u64, String), ClientError> {
-        let req = Request::Deploy {
+        self.code(Request::Deploy {
             machine: machine.into(),
             component,
             limits,
-        };
-        // Deploying the same bytes twice leaves the same code: safe to retry.
-        match self.request(&req, true).await? {
-            Response::Deployed { index, sha256 } => Ok((index, sha256)),
-            other => Err(unexpected(&other)),
-        }
+        })
+        .await
     }
 
     /// Upgrades existing machine `machine` to `component`; needs an admin
@@ -177,12 +173,17 @@ impl Client {
         component: Bytes,
         limits: DeployLimits,
     ) -> Result<(u64, String), ClientError> {
-        let req = Request::Upgrade {
+        self.code(Request::Upgrade {
             machine: machine.into(),
             component,
             limits,
-        };
-        // Upgrading to the code a machine runs changes nothing: safe to retry.
+        })
+        .await
+    }
+
+    /// A deploy or an upgrade. Deploying the code and limits a machine runs
+    /// changes nothing: safe to retry.
+    async fn code(&self, req: Request) -> Result<(u64, String), ClientError> {
         match self.request(&req, true).await? {
             Response::Deployed { index, sha256 } => Ok((index, sha256)),
             other => Err(unexpected(&other)),
@@ -205,7 +206,9 @@ impl Client {
             commands,
             queries,
         };
-        match self.request(&req, true).await? {
+        // Not sent again after an attempt timed out: that rehearsal may be
+        // running still, and the node runs one at a time.
+        match self.request(&req, false).await? {
             Response::DryRun(report) => Ok(report),
             other => Err(unexpected(&other)),
         }

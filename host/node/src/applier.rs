@@ -199,6 +199,11 @@ impl State {
             .apply_seconds
             .observe(started.elapsed().as_secs_f64());
         self.published();
+        // Before anyone hears of a deploy: a caller's next request on this
+        // node must translate its JSON with the new code.
+        if self.machines.take_code_changed() {
+            publish(&self.machines, shared);
+        }
         let mut answers = answers.into_iter().peekable();
         for e in entries {
             let answer = answers.next_if(|a| a.index == e.index);
@@ -211,9 +216,6 @@ impl State {
                 _ => lost(&shared.metrics),
             };
             let _ = reply.send(outcome);
-        }
-        if self.machines.take_code_changed() {
-            publish(&self.machines, shared);
         }
     }
 

@@ -6,10 +6,12 @@
 
 use std::path::PathBuf;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
-use kythira_runtime::{Limits, LoadError, Plugin, Runtime, RuntimeConfig, RuntimeError};
+use kythira_runtime::{
+    Limits, LoadError, Plugin, PluginHash, Runtime, RuntimeConfig, RuntimeError,
+};
 
 /// Largest machine count one runtime's instance pool is sized for.
 pub const MACHINES_PER_RUNTIME: u32 = 16;
@@ -31,6 +33,11 @@ pub struct Engines {
 
 struct Inner {
     runtimes: Mutex<Vec<(Limits, Runtime)>>,
+    /// Components being compiled, by hash and limits: a second compile of
+    /// the same waits for the first and takes its artifact from the cache
+    /// (an entry applied while the compile thread still compiles it).
+    compiling: Mutex<Vec<(PluginHash, Limits)>>,
+    compiled: Condvar,
     cache_dir: Option<PathBuf>,
     ahead: Mutex<Option<SyncSender<(Limits, Bytes)>>>,
 }
@@ -41,6 +48,8 @@ impl Engines {
         Self {
             inner: Arc::new(Inner {
                 runtimes: Mutex::new(Vec::new()),
+                compiling: Mutex::new(Vec::new()),
+                compiled: Condvar::new(),
                 cache_dir,
                 ahead: Mutex::new(None),
             }),
@@ -76,7 +85,11 @@ impl Engines {
     /// deploy will; the compiled artifact stays in the cache. Work ahead of
     /// the log never grows the registry past the machines' runtimes and a
     /// few spares: past that it compiles in a runtime of its own.
-    pub fn compile(&self, limits: Limits, component: &[u8]) -> Result<Plugin, CompileError> {
+    pub fn compile(
+        &self,
+        limits: Limits,
+        component: &[u8],
+    ) -> Result<(Runtime, Plugin), CompileError> {
         let existing = {
             let runtimes = self.inner.runtimes.lock().expect("lock");
             match runtimes.iter().find(|(l, _)| *l == limits) {
@@ -89,7 +102,23 @@ impl Engines {
             Some(r) => r,
             None => self.runtime(limits).map_err(CompileError::Runtime)?,
         };
-        runtime.load(component).map_err(CompileError::Load)
+        let key = (PluginHash::of(component), limits);
+        {
+            let mut compiling = self.inner.compiling.lock().expect("lock");
+            while compiling.contains(&key) {
+                compiling = self.inner.compiled.wait(compiling).expect("lock");
+            }
+            compiling.push(key);
+        }
+        let loaded = runtime.load(component);
+        self.inner
+            .compiling
+            .lock()
+            .expect("lock")
+            .retain(|k| *k != key);
+        self.inner.compiled.notify_all();
+        let plugin = loaded.map_err(CompileError::Load)?;
+        Ok((runtime, plugin))
     }
 
     /// Compiles `component` for `limits` on the compile thread, if it is

@@ -13,8 +13,12 @@ use kythira_storage::LogEntry;
 use serde::{Deserialize, Serialize};
 
 /// Version of the envelope this node writes. A node refuses to apply an
-/// entry of a version it does not know rather than guess.
-pub const ENVELOPE_VERSION: u8 = 1;
+/// entry of a version it does not know rather than guess; it reads every
+/// earlier version. Version 2 gave deploy limits a snapshot fuel budget.
+pub const ENVELOPE_VERSION: u8 = 2;
+
+/// The first version, still read (see [`v1`]).
+const ENVELOPE_V1: u8 = 1;
 
 const KIND_NORMAL: u8 = 0;
 const KIND_NOOP: u8 = 1;
@@ -135,6 +139,85 @@ pub fn carries_code(data: &[u8]) -> bool {
     data.len() > HEADER && data[0] == ENVELOPE_VERSION && CODE_OPS.contains(&data[HEADER])
 }
 
+/// Envelope version 1, whose deploy limits had no snapshot fuel; every
+/// other op was as it is now. Kept so that a log written by the version
+/// before still applies, to the same state.
+mod v1 {
+    use bytes::Bytes;
+    use kythira_api::SessionSeq;
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub(super) struct Limits {
+        apply_fuel: Option<u64>,
+        query_fuel: Option<u64>,
+        memory_bytes: Option<u64>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) enum Op {
+        Apply {
+            machine: String,
+            session: Option<SessionSeq>,
+            command: Bytes,
+        },
+        Deploy {
+            machine: String,
+            component: Bytes,
+            sha256: [u8; 32],
+            limits: Limits,
+        },
+        RegisterSession {
+            ttl_ms: u64,
+        },
+        SetAddress {
+            id: u64,
+            peer: std::net::SocketAddr,
+            client: std::net::SocketAddr,
+        },
+        RemoveMember {
+            id: u64,
+        },
+    }
+
+    impl From<Op> for super::Op {
+        fn from(op: Op) -> Self {
+            match op {
+                Op::Apply {
+                    machine,
+                    session,
+                    command,
+                } => Self::Apply {
+                    machine,
+                    session,
+                    command,
+                },
+                Op::Deploy {
+                    machine,
+                    component,
+                    sha256,
+                    limits,
+                } => Self::Deploy {
+                    machine,
+                    component,
+                    sha256,
+                    // Snapshot fuel then was the runtime's default, which
+                    // an absent value still resolves to.
+                    limits: kythira_api::DeployLimits {
+                        apply_fuel: limits.apply_fuel,
+                        query_fuel: limits.query_fuel,
+                        memory_bytes: limits.memory_bytes,
+                        snapshot_fuel: None,
+                    },
+                },
+                Op::RegisterSession { ttl_ms } => Self::RegisterSession { ttl_ms },
+                Op::SetAddress { id, peer, client } => Self::SetAddress { id, peer, client },
+                Op::RemoveMember { id } => Self::RemoveMember { id },
+            }
+        }
+    }
+}
+
 /// A decoded `Normal` entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Envelope {
@@ -158,7 +241,13 @@ impl Envelope {
     /// Decodes the data of the `Normal` entry at `index`.
     pub fn decode(index: u64, data: &[u8]) -> Result<Self, EntryError> {
         let timestamp_ms = timestamp(index, data)?;
-        let op = postcard::from_bytes(&data[HEADER..]).map_err(|e| EntryError::Malformed {
+        let body = &data[HEADER..];
+        let op = if data[0] == ENVELOPE_V1 {
+            postcard::from_bytes::<v1::Op>(body).map(Op::from)
+        } else {
+            postcard::from_bytes(body)
+        };
+        let op = op.map_err(|e| EntryError::Malformed {
             index,
             reason: e.to_string(),
         })?;
@@ -173,10 +262,10 @@ pub fn timestamp(index: u64, data: &[u8]) -> Result<u64, EntryError> {
             index,
             reason: "empty".into(),
         }),
-        Some(&ENVELOPE_VERSION) if data.len() >= HEADER => Ok(u64::from_le_bytes(
+        Some(&(ENVELOPE_V1 | ENVELOPE_VERSION)) if data.len() >= HEADER => Ok(u64::from_le_bytes(
             data[1..HEADER].try_into().expect("eight bytes"),
         )),
-        Some(&ENVELOPE_VERSION) => Err(EntryError::Malformed {
+        Some(&(ENVELOPE_V1 | ENVELOPE_VERSION)) => Err(EntryError::Malformed {
             index,
             reason: format!("{} bytes is shorter than the header", data.len()),
         }),
@@ -244,6 +333,36 @@ mod tests {
                 op
             }
         );
+    }
+
+    #[test]
+    fn a_version_1_deploy_still_reads() {
+        // Version 1's deploy: three optional limits, no snapshot fuel.
+        let mut body = vec![1, 2, b'k', b'v', 4, 0, b'a', b's', b'm'];
+        body.extend([7; 32]);
+        body.extend([1, 100, 0, 1, 128, 1]);
+        let mut data = vec![1];
+        data.extend(42u64.to_le_bytes());
+        data.extend(&body);
+        let env = Envelope::decode(3, &data).unwrap();
+        assert_eq!(env.timestamp_ms, 42);
+        assert_eq!(
+            env.op,
+            Op::Deploy {
+                machine: "kv".into(),
+                component: Bytes::from_static(b"\0asm"),
+                sha256: [7; 32],
+                limits: DeployLimits {
+                    apply_fuel: Some(100),
+                    query_fuel: None,
+                    memory_bytes: Some(128),
+                    snapshot_fuel: None,
+                },
+            }
+        );
+        // This version writes version 2, and sees code only there.
+        assert!(!carries_code(&data));
+        assert_eq!(Envelope::encode(1, &env.op)[0], ENVELOPE_VERSION);
     }
 
     #[test]

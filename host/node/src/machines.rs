@@ -23,7 +23,7 @@ use kythira_runtime::{
 use sha2::{Digest, Sha256};
 
 use crate::addresses::{AddressBook, Addresses};
-use crate::engines::Engines;
+use crate::engines::{CompileError, Engines};
 use crate::entry::{Envelope, Op};
 use crate::image::{self, Image, MachineRecord};
 use crate::metrics::Metrics;
@@ -554,6 +554,19 @@ impl Machines {
     /// entry at `index` says. Every refusal and failure is the entry's
     /// replicated answer; a local failure stops the node.
     fn change(&mut self, name: &str, change: Change, limits: DeployLimits, index: u64) -> Reply {
+        let reply = self.try_change(name, change, limits, index);
+        // Refused or not, a runtime built for limits no machine runs goes.
+        self.retain_engines();
+        reply
+    }
+
+    fn try_change(
+        &mut self,
+        name: &str,
+        change: Change,
+        limits: DeployLimits,
+        index: u64,
+    ) -> Reply {
         let refuse = |why: String| Err(ApiError::Deploy(why));
         let (code, kind) = match change {
             Change::Deploy(code) if self.machines.contains_key(name) => {
@@ -571,7 +584,10 @@ impl Machines {
         {
             return refuse("the component's sha256 does not match the one deployed".into());
         }
-        let limits = resolve(limits);
+        let limits = match self.machines.get(name) {
+            Some(d) => resolve_against(limits, d.limits),
+            None => resolve(limits),
+        };
         if kind == ChangeKind::Deploy && self.machines.len() >= MAX_MACHINES {
             return refuse(format!(
                 "the cluster runs {MAX_MACHINES} machines, the most this version supports"
@@ -603,14 +619,22 @@ impl Machines {
             Some(code) => code.component,
             None => self.machines[name].component.clone(),
         };
-        let plugin = match runtime.load(&component) {
-            Ok(p) => p,
-            Err(e) => return refuse(e.to_string()),
+        // Through the registry: if the compile thread is compiling this
+        // component, wait for its artifact rather than compile it twice.
+        let plugin = match self.engines.compile(limits, &component) {
+            Ok((_, p)) => p,
+            Err(CompileError::Load(e)) => return refuse(e.to_string()),
+            Err(CompileError::Runtime(e)) => {
+                panic!("cannot build a plugin runtime: {e}; stopping rather than diverge")
+            }
         };
         let sha256 = plugin.hash().to_string();
-        let reply = match self.machines.get_mut(name) {
+        match self.machines.get_mut(name) {
             Some(d) if d.sha256 == sha256 && d.limits == limits => {
-                // The same code under the same limits: nothing to carry over.
+                // The same code under the same limits (a retry, say):
+                // nothing to carry over; the answer names the change that
+                // put them in place.
+                let index = d.history.last().map_or(index, |c| c.index);
                 Ok(Response::Deployed { index, sha256 })
             }
             Some(d) => {
@@ -684,9 +708,7 @@ impl Machines {
                 self.code_changed = true;
                 Ok(Response::Deployed { index, sha256 })
             }
-        };
-        self.retain_engines();
-        reply
+        }
     }
 
     /// Removes machine `name` and its state; its code goes with the last
@@ -732,7 +754,15 @@ fn local_failure_stops(e: CallError, index: u64) -> CallError {
 /// Defaults are constants, never a node's configuration, so every replica
 /// resolves the same limits.
 pub fn resolve(limits: DeployLimits) -> Limits {
-    let d = Limits::default();
+    resolve_against(limits, Limits::default())
+}
+
+/// The limits an entry names, with `base`'s for the rest: an upgrade or a
+/// limit change keeps what it does not name of the limits the machine runs
+/// under when the entry applies (replicated state), not of those the
+/// proposing node had applied when it proposed.
+pub fn resolve_against(limits: DeployLimits, base: Limits) -> Limits {
+    let d = base;
     Limits {
         apply_fuel: limits.apply_fuel.unwrap_or(d.apply_fuel),
         query_fuel: limits.query_fuel.unwrap_or(d.query_fuel),

@@ -468,14 +468,28 @@ impl<N: Network> EventLoop<N> {
             return;
         };
         if let Op::Deploy {
-            component, limits, ..
+            machine,
+            component,
+            limits,
+            ..
         }
         | Op::Upgrade {
-            component, limits, ..
+            machine,
+            component,
+            limits,
+            ..
         } = env.op
         {
+            // The limits it will apply under, as far as this node knows.
+            let base = self
+                .shared
+                .plugins
+                .lock()
+                .expect("lock")
+                .get(&machine)
+                .map_or_else(Default::default, |info| *info.runtime.limits());
             self.engines
-                .compile_ahead(machines::resolve(limits), component);
+                .compile_ahead(machines::resolve_against(limits, base), component);
         }
     }
 
@@ -1037,13 +1051,27 @@ impl NodeHandle {
                         .expect("lock")
                         .contains_key(&machine)
                 };
-                if json && consistency != Consistency::Stale && unknown() {
+                let fresh = json && consistency != Consistency::Stale;
+                let mut barrier_done = false;
+                if fresh && unknown() {
                     // A lagging node may not have applied the deploy yet:
                     // once it has applied up to a read index, it knows
                     // whether the machine exists.
                     self.query(String::new(), Bytes::new(), consistency).await?;
+                    barrier_done = true;
                 }
-                let query = self.to_bytes(&machine, query, Translate::Query).await?;
+                let query = match self
+                    .to_bytes(&machine, query.clone(), Translate::Query)
+                    .await
+                {
+                    // Nor an upgrade that taught the machine this query:
+                    // translate again once this node is as fresh as the read.
+                    Err(ApiError::BadRequest(_)) if fresh && !barrier_done => {
+                        self.query(String::new(), Bytes::new(), consistency).await?;
+                        self.to_bytes(&machine, query, Translate::Query).await?
+                    }
+                    other => other?,
+                };
                 let output = self.query(machine.clone(), query, consistency).await?;
                 let output = if json {
                     self.to_json(&machine, Payload::Bytes(output), Translate::QueryResponse)

@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use kythira_api::{ApiError, DeployLimits, Payload, Response, SessionSeq};
+use kythira_api::{ApiError, ChangeKind, DeployLimits, Payload, Response, SessionSeq};
 use kythira_guest::codec;
+use kythira_node::engines::Engines;
 use kythira_node::entry::{Envelope, Op};
-use kythira_node::machines::Machines;
+use kythira_node::machines::{Machines, resolve};
 use kythira_plugin_kv::{Command, Response as KvResponse};
 use kythira_raft::{Entry, EntryKind};
 use sha2::{Digest, Sha256};
@@ -70,7 +71,7 @@ fn previous(reply: &Result<Response, ApiError>) -> Option<Vec<u8>> {
 
 #[test]
 fn a_duplicate_inside_one_batch_gets_the_first_answer_in_log_order() {
-    let mut m = Machines::new(kythira_node::engines::Engines::new(None));
+    let mut m = Machines::new(Engines::new(None));
     let seq = |serial| {
         Some(SessionSeq {
             id: 2,
@@ -125,7 +126,7 @@ fn a_duplicate_inside_one_batch_gets_the_first_answer_in_log_order() {
 
 #[test]
 fn bad_deploys_and_unknown_machines_are_replicated_errors() {
-    let mut m = Machines::new(kythira_node::engines::Engines::new(None));
+    let mut m = Machines::new(Engines::new(None));
     let junk = Bytes::from_static(b"not a component");
     let mut tampered = deploy("kv", component("kv"));
     if let Op::Deploy { sha256, .. } = &mut tampered {
@@ -161,7 +162,7 @@ fn bad_deploys_and_unknown_machines_are_replicated_errors() {
 fn a_session_that_expires_while_its_command_waits_in_a_batch_is_no_crash() {
     // One batch, as a restarted node replays it: the session's command
     // joins a run, and a later entry of the same run is past the ttl.
-    let mut m = Machines::new(kythira_node::engines::Engines::new(None));
+    let mut m = Machines::new(Engines::new(None));
     let seq = Some(SessionSeq {
         id: 2,
         serial: 1,
@@ -177,4 +178,111 @@ fn a_session_that_expires_while_its_command_waits_in_a_batch_is_no_crash() {
     assert_eq!(previous(&answers[2].reply), None);
     assert_eq!(previous(&answers[3].reply), Some(b"1".to_vec()));
     assert_eq!(answers[4].reply, Err(ApiError::SessionExpired(2)));
+}
+
+fn new_machines() -> Machines {
+    Machines::new(Engines::new(None))
+}
+
+fn kv_limits(memory_mib: u64) -> DeployLimits {
+    DeployLimits {
+        memory_bytes: Some(memory_mib << 20),
+        ..DeployLimits::default()
+    }
+}
+
+#[test]
+fn a_component_compiled_ahead_is_in_the_cache_when_its_deploy_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let engines = Engines::new(Some(dir.path().to_path_buf()));
+    let kv = component("kv");
+    let sha = kythira_node::machines::hex(&Sha256::digest(&kv));
+    engines.compile_ahead(resolve(DeployLimits::default()), kv.clone());
+    // The compile thread announces nothing: wait for its artifact (the
+    // bound is a safety net for a loaded machine, not a schedule).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let cached = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().starts_with(&sha))
+    };
+    while !cached() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was compiled ahead"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut m = Machines::new(engines);
+    let answers = m.apply(&[entry(1, deploy("kv", kv)), entry(2, put("a", "1", None))]);
+    assert!(
+        matches!(answers[0].reply, Ok(Response::Deployed { .. })),
+        "{answers:?}"
+    );
+    assert_eq!(previous(&answers[1].reply), None);
+}
+
+#[test]
+fn limits_change_and_machines_go_through_entries_and_snapshots_keep_their_history() {
+    let mut m = new_machines();
+    let kv = component("kv");
+    let limits = Op::SetLimits {
+        machine: "kv".into(),
+        limits: kv_limits(128),
+    };
+    let answers = m.apply(&[
+        entry(1, limits.clone()),
+        entry(2, deploy("kv", kv)),
+        entry(3, put("a", "1", None)),
+        entry(4, limits),
+        entry(5, put("b", "2", None)),
+    ]);
+    assert_eq!(answers[0].reply, Err(ApiError::UnknownMachine("kv".into())));
+    assert!(
+        matches!(answers[3].reply, Ok(Response::Deployed { index: 4, .. })),
+        "{answers:?}"
+    );
+    let report = &m.reports()[0];
+    assert_eq!(report.limits.memory_bytes, 128 << 20);
+    let changes: Vec<_> = report.history.iter().map(|c| (c.index, c.change)).collect();
+    assert_eq!(changes, [(2, ChangeKind::Deploy), (4, ChangeKind::Limits)]);
+
+    // A replica restored from a snapshot runs the same machine.
+    let mut restored =
+        Machines::from_image(m.image(), Engines::new(None), Default::default()).unwrap();
+    assert_eq!(restored.reports(), m.reports());
+
+    let answers = m.apply(&[
+        entry(
+            6,
+            Op::Undeploy {
+                machine: "kv".into(),
+            },
+        ),
+        entry(7, put("c", "3", None)),
+        entry(
+            8,
+            Op::Undeploy {
+                machine: "kv".into(),
+            },
+        ),
+    ]);
+    assert_eq!(answers[0].reply, Ok(Response::Undeployed { index: 6 }));
+    assert_eq!(answers[1].reply, Err(ApiError::UnknownMachine("kv".into())));
+    assert_eq!(answers[2].reply, Err(ApiError::UnknownMachine("kv".into())));
+    let image = m.image();
+    assert!(
+        image.machines.is_empty() && image.components.is_empty(),
+        "{image:?}"
+    );
+}
+
+#[test]
+fn two_machines_of_one_component_keep_it_once() {
+    let mut m = new_machines();
+    let kv = component("kv");
+    m.apply(&[entry(1, deploy("a", kv.clone())), entry(2, deploy("b", kv))]);
+    assert_eq!(m.image().components.len(), 1);
+    assert_eq!(m.reports().len(), 2);
 }

@@ -122,7 +122,7 @@ impl Runtime {
     }
 
     /// Refuses a plugin compiled by another runtime's engine.
-    fn check_plugin(&self, plugin: &Plugin) -> Result<(), CallError> {
+    pub(crate) fn check_plugin(&self, plugin: &Plugin) -> Result<(), CallError> {
         if wasmtime::Engine::same(plugin.pre().engine(), &self.inner.engine) {
             Ok(())
         } else {

@@ -162,6 +162,17 @@ impl Live {
         set_fuel(&mut store, limits.snapshot_fuel)?;
         match plugin.pre().instantiate(&mut store) {
             Ok(bindings) => Ok(Self { store, bindings }),
+            // A start function that traps or runs out of fuel, or an initial
+            // memory over the cap, fails alike on every replica: the
+            // plugin's fault, not this host's.
+            Err(e)
+                if store.data().memory_limit_hit
+                    || e.is::<MemoryLimitReached>()
+                    || e.downcast_ref::<Trap>().is_some() =>
+            {
+                Err(classify(&store, e, limits.snapshot_fuel))
+            }
+            // No free instance slot, a failed mmap: this host's own failure.
             Err(e) => Err(CallError::Internal(format!("cannot instantiate: {e:#}"))),
         }
     }
@@ -465,6 +476,40 @@ impl Machine {
             perturbed: false,
             last_applied: None,
         })
+    }
+
+    /// A machine of `plugin` whose state is `state`, checkpointed at log
+    /// `index`: one fresh instance, restored.
+    fn restored(runtime: &Runtime, plugin: &Plugin, state: &[u8], index: u64) -> Outcome<Self> {
+        let started = Instant::now();
+        let budget = runtime.limits().snapshot_fuel;
+        let (result, fuel_used) = match runtime
+            .check_plugin(plugin)
+            .and_then(|()| Live::new(runtime, plugin))
+        {
+            Ok(mut fresh) => {
+                let (result, fuel) = fresh.restore(budget, state);
+                let machine = result.map(|()| Self {
+                    runtime: runtime.clone(),
+                    plugin: plugin.clone(),
+                    instance: Instance::Live(fresh),
+                    checkpoint: Checkpoint {
+                        index,
+                        state: Some(state.into()),
+                        replay: Replay::default(),
+                    },
+                    perturbed: false,
+                    last_applied: None,
+                });
+                (machine, fuel)
+            }
+            Err(e) => (Err(e), 0),
+        };
+        Outcome {
+            result,
+            fuel_used,
+            duration: started.elapsed(),
+        }
     }
 
     /// The plugin this machine runs.
@@ -807,14 +852,18 @@ impl Machine {
                 return Err(e);
             }
         };
-        let mut next = runtime.start(plugin)?;
-        let restored = next.restore(&state, index);
-        restored.result?;
+        // The old instance's heap now holds what `get-state` left in it,
+        // which a rebuild from the checkpoint would not: if the new code
+        // fails, every replica keeps this instance, no longer canonical.
+        self.perturbed = true;
+        let restored = Machine::restored(runtime, plugin, &state, index);
+        let restore_fuel = restored.fuel_used;
+        let mut next = restored.result?;
         next.last_applied = self.last_applied;
         *self = next;
         Ok(Migration {
             state_bytes: state.len(),
-            fuel_used: get_fuel + restored.fuel_used,
+            fuel_used: get_fuel + restore_fuel,
             duration: started.elapsed(),
         })
     }

@@ -12,7 +12,7 @@ use kythira_api::{
     ApiError, Consistency, DeployLimits, DryRunReport, MigrationReport, Payload, PluginReport,
     Reply, Response,
 };
-use kythira_runtime::{ApplyContext, Limits, Plugin, RuntimeError};
+use kythira_runtime::{ApplyContext, CallError, Limits, Plugin, RuntimeError};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
@@ -116,7 +116,9 @@ impl NodeHandle {
         }
         // One at a time: a rehearsal holds instances from the pool the
         // machines draw on.
-        let _one = self.dry_runs.try_acquire().map_err(|_| {
+        // The permit goes with the rehearsal's thread, which runs on if the
+        // request is abandoned.
+        let one = self.dry_runs.clone().try_acquire_owned().map_err(|_| {
             ApiError::Unavailable("another dry run is under way on this node".into())
         })?;
         // Everything committed before the request is applied here first.
@@ -134,10 +136,13 @@ impl NodeHandle {
             .map_err(|_| stopped())?
             .ok_or_else(|| ApiError::UnknownMachine(machine.clone()))?;
         let plugin = self.compile(*fork.runtime.limits(), component).await?;
-        tokio::task::spawn_blocking(move || rehearse(machine, fork, plugin, commands, queries))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map(Response::DryRun)
+        tokio::task::spawn_blocking(move || {
+            let _one = one;
+            rehearse(machine, fork, plugin, commands, queries)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map(Response::DryRun)
     }
 
     fn is_deployed(&self, machine: &str) -> bool {
@@ -148,59 +153,75 @@ impl NodeHandle {
             .contains_key(machine)
     }
 
-    /// The complete limits an entry for `machine` carries: those asked for,
-    /// then the machine's own (for a machine that exists) or this node's
-    /// defaults (for a new one). Checked here, so that a bad value is refused
-    /// before it is proposed.
+    /// The limits an entry for `machine` carries, and what they resolve to
+    /// on this node now (checked here, so that a bad value is refused before
+    /// it is proposed). For a machine this node knows, only the limits asked
+    /// for: the rest are the machine's own at apply, which a limit change
+    /// this node has not applied yet may still move. For a new machine,
+    /// every limit, this node's defaults for those not asked for.
     fn limits_for(
         &self,
         machine: &str,
         asked: DeployLimits,
     ) -> Result<(Limits, DeployLimits), ApiError> {
-        let defaults = match self.shared.plugins.lock().expect("lock").get(machine) {
-            Some(info) => {
-                let l = info.runtime.limits();
-                DeployLimits {
-                    apply_fuel: Some(l.apply_fuel),
-                    query_fuel: Some(l.query_fuel),
-                    memory_bytes: Some(l.memory_bytes as u64),
-                    snapshot_fuel: Some(l.snapshot_fuel),
-                }
+        let current = self
+            .shared
+            .plugins
+            .lock()
+            .expect("lock")
+            .get(machine)
+            .map(|info| *info.runtime.limits());
+        let (resolved, entry) = match current {
+            Some(base) => (machines::resolve_against(asked, base), asked),
+            None => {
+                let d = self.cfg.default_limits;
+                let resolved = machines::resolve(DeployLimits {
+                    apply_fuel: asked.apply_fuel.or(d.apply_fuel),
+                    query_fuel: asked.query_fuel.or(d.query_fuel),
+                    memory_bytes: asked.memory_bytes.or(d.memory_bytes),
+                    snapshot_fuel: asked.snapshot_fuel.or(d.snapshot_fuel),
+                });
+                let complete = DeployLimits {
+                    apply_fuel: Some(resolved.apply_fuel),
+                    query_fuel: Some(resolved.query_fuel),
+                    memory_bytes: Some(resolved.memory_bytes as u64),
+                    snapshot_fuel: Some(resolved.snapshot_fuel),
+                };
+                (resolved, complete)
             }
-            None => self.cfg.default_limits,
         };
-        let resolved = machines::resolve(DeployLimits {
-            apply_fuel: asked.apply_fuel.or(defaults.apply_fuel),
-            query_fuel: asked.query_fuel.or(defaults.query_fuel),
-            memory_bytes: asked.memory_bytes.or(defaults.memory_bytes),
-            snapshot_fuel: asked.snapshot_fuel.or(defaults.snapshot_fuel),
-        });
         resolved
             .validate()
             .map_err(|e| ApiError::Deploy(e.to_string()))?;
-        let complete = DeployLimits {
-            apply_fuel: Some(resolved.apply_fuel),
-            query_fuel: Some(resolved.query_fuel),
-            memory_bytes: Some(resolved.memory_bytes as u64),
-            snapshot_fuel: Some(resolved.snapshot_fuel),
-        };
-        Ok((resolved, complete))
+        Ok((resolved, entry))
     }
 
-    /// Validates and compiles `component` as applying it will, off the
-    /// event loop.
+    /// Validates, compiles and instantiates `component` as applying it
+    /// will, off the event loop: a component whose instantiation fails
+    /// (a start function that traps, an initial memory over the cap) would
+    /// fail at apply on every replica, so it is refused here.
     async fn compile(&self, limits: Limits, component: Bytes) -> Result<Plugin, ApiError> {
         let engines = self.engines.clone();
-        tokio::task::spawn_blocking(move || engines.compile(limits, &component))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| match e {
+        tokio::task::spawn_blocking(move || {
+            let (runtime, plugin) = engines.compile(limits, &component).map_err(|e| match e {
                 CompileError::Load(e) => ApiError::Deploy(e.to_string()),
                 CompileError::Runtime(e @ RuntimeError::InvalidConfig(_)) => {
                     ApiError::Deploy(e.to_string())
                 }
                 CompileError::Runtime(e) => ApiError::Internal(e.to_string()),
-            })
+            })?;
+            match runtime.start(&plugin) {
+                Ok(_) => Ok(plugin),
+                Err(CallError::Internal(why)) => Err(ApiError::Unavailable(format!(
+                    "no instance to try the component in: {why}"
+                ))),
+                Err(e) => Err(ApiError::Deploy(format!(
+                    "the component fails when it starts: {e}"
+                ))),
+            }
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
     }
 }
 
