@@ -102,22 +102,8 @@ impl Engines {
             Some(r) => r,
             None => self.runtime(limits).map_err(CompileError::Runtime)?,
         };
-        let key = (PluginHash::of(component), limits);
-        {
-            let mut compiling = self.inner.compiling.lock().expect("lock");
-            while compiling.contains(&key) {
-                compiling = self.inner.compiled.wait(compiling).expect("lock");
-            }
-            compiling.push(key);
-        }
-        let loaded = runtime.load(component);
-        self.inner
-            .compiling
-            .lock()
-            .expect("lock")
-            .retain(|k| *k != key);
-        self.inner.compiled.notify_all();
-        let plugin = loaded.map_err(CompileError::Load)?;
+        let _turn = Compiling::start(&self.inner, (PluginHash::of(component), limits));
+        let plugin = runtime.load(component).map_err(CompileError::Load)?;
         Ok((runtime, plugin))
     }
 
@@ -173,6 +159,39 @@ impl Engines {
             cache_dir: self.inner.cache_dir.clone(),
             max_machines: MACHINES_PER_RUNTIME,
         })
+    }
+}
+
+/// One compile of a component under a set of limits; another of the same
+/// waits for it to end. Ends when dropped, a panic included, so a waiter
+/// is never left waiting for a compile that is gone.
+struct Compiling<'a> {
+    inner: &'a Inner,
+    key: (PluginHash, Limits),
+}
+
+impl<'a> Compiling<'a> {
+    fn start(inner: &'a Inner, key: (PluginHash, Limits)) -> Self {
+        let mut compiling = inner.compiling.lock().unwrap_or_else(|p| p.into_inner());
+        while compiling.contains(&key) {
+            compiling = inner
+                .compiled
+                .wait(compiling)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        compiling.push(key);
+        Self { inner, key }
+    }
+}
+
+impl Drop for Compiling<'_> {
+    fn drop(&mut self) {
+        self.inner
+            .compiling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k| *k != self.key);
+        self.inner.compiled.notify_all();
     }
 }
 

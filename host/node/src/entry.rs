@@ -113,14 +113,14 @@ pub enum Op {
         component: Bytes,
         /// Its sha256, checked at apply.
         sha256: [u8; 32],
-        /// Resource limits of its calls, all of them filled in.
+        /// The limits asked for; the rest are the machine's when it applies.
         limits: DeployLimits,
     },
     /// Move a machine to other limits, same code.
     SetLimits {
         /// Name of the machine.
         machine: String,
-        /// The new limits, all of them filled in.
+        /// The limits asked for; the rest stay as they are.
         limits: DeployLimits,
     },
     /// Remove a machine and its state.
@@ -141,7 +141,8 @@ pub fn carries_code(data: &[u8]) -> bool {
 
 /// Envelope version 1, whose deploy limits had no snapshot fuel; every
 /// other op was as it is now. Kept so that a log written by the version
-/// before still applies, to the same state.
+/// before still reads. (Its deploys apply by today's rules: see
+/// ARCHITECTURE.md, "What the log carries".)
 mod v1 {
     use bytes::Bytes;
     use kythira_api::SessionSeq;
@@ -228,11 +229,22 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// The data of a `Normal` entry carrying `op` at `timestamp_ms`.
+    /// The data of a `Normal` entry carrying `op` at `timestamp_ms`. Ops
+    /// whose encoding version 1 shares are written as version 1, which
+    /// the build before reads too.
     pub fn encode(timestamp_ms: u64, op: &Op) -> Bytes {
         let body = postcard::to_allocvec(op).expect("ops always serialize");
+        let version = match op {
+            Op::Apply { .. }
+            | Op::RegisterSession { .. }
+            | Op::SetAddress { .. }
+            | Op::RemoveMember { .. } => ENVELOPE_V1,
+            Op::Deploy { .. } | Op::Upgrade { .. } | Op::SetLimits { .. } | Op::Undeploy { .. } => {
+                ENVELOPE_VERSION
+            }
+        };
         let mut buf = BytesMut::with_capacity(HEADER + body.len());
-        buf.put_u8(ENVELOPE_VERSION);
+        buf.put_u8(version);
         buf.put_u64_le(timestamp_ms);
         buf.put_slice(&body);
         buf.freeze()

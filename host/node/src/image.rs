@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use crate::addresses::AddressBook;
 use crate::sessions::Sessions;
 
-/// Version of the layout below; an image of another version is refused.
+/// Version of the layout below. Images of version 1 (no history, only the
+/// index of the code's deploy) are still read; later ones are refused.
 pub const FORMAT: u32 = 2;
 
 /// The node's replicated state after applying entry `applied`.
@@ -177,9 +178,153 @@ impl Image {
         // such rather than reported as damage.
         let (found, _) = postcard::take_from_bytes::<u32>(bytes)
             .map_err(|e| ImageError::Decode(e.to_string()))?;
-        if found != FORMAT {
-            return Err(ImageError::Format { found });
+        let decoded = match found {
+            FORMAT => postcard::from_bytes(bytes),
+            1 => postcard::from_bytes::<v1::Image>(bytes).map(Image::from),
+            found => return Err(ImageError::Format { found }),
+        };
+        decoded.map_err(|e| ImageError::Decode(e.to_string()))
+    }
+}
+
+/// Layout 1, read so that a node restarts from a snapshot the build before
+/// wrote: a machine's history was only the index of the deploy of the code
+/// it runs.
+mod v1 {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use kythira_api::{ChangeKind, CodeChange, Reply};
+    use serde::Deserialize;
+
+    use super::{FORMAT, LimitsRecord, MachineRecord, StateRecord};
+    use crate::addresses::AddressBook;
+    use crate::sessions::Sessions;
+
+    #[derive(Deserialize)]
+    pub(super) struct Image {
+        _format: u32,
+        applied: u64,
+        last_timestamp_ms: u64,
+        sessions: Sessions<Reply>,
+        addresses: AddressBook,
+        components: BTreeMap<String, Bytes>,
+        machines: BTreeMap<String, Machine>,
+    }
+
+    #[derive(Deserialize)]
+    struct Machine {
+        sha256: String,
+        deployed_at: u64,
+        limits: LimitsRecord,
+        state: StateRecord,
+    }
+
+    impl From<Image> for super::Image {
+        fn from(i: Image) -> Self {
+            let machines = i
+                .machines
+                .into_iter()
+                .map(|(name, m)| {
+                    let history = vec![CodeChange {
+                        index: m.deployed_at,
+                        sha256: m.sha256.clone(),
+                        change: ChangeKind::Deploy,
+                    }];
+                    let record = MachineRecord {
+                        sha256: m.sha256,
+                        history,
+                        limits: m.limits,
+                        state: m.state,
+                    };
+                    (name, record)
+                })
+                .collect();
+            Self {
+                format: FORMAT,
+                applied: i.applied,
+                last_timestamp_ms: i.last_timestamp_ms,
+                sessions: i.sessions,
+                addresses: i.addresses,
+                components: i.components,
+                machines,
+            }
         }
-        postcard::from_bytes(bytes).map_err(|e| ImageError::Decode(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kythira_api::ChangeKind;
+
+    /// Layout 1 as the build before wrote it.
+    #[derive(Serialize)]
+    struct V1<'a> {
+        format: u32,
+        applied: u64,
+        last_timestamp_ms: u64,
+        sessions: &'a Sessions<Reply>,
+        addresses: &'a AddressBook,
+        components: &'a BTreeMap<String, Bytes>,
+        machines: BTreeMap<String, V1Machine<'a>>,
+    }
+
+    #[derive(Serialize)]
+    struct V1Machine<'a> {
+        sha256: &'a str,
+        deployed_at: u64,
+        limits: LimitsRecord,
+        state: &'a StateRecord,
+    }
+
+    #[test]
+    fn a_layout_1_image_reads_with_its_deploy_as_history() {
+        let state = StateRecord {
+            checkpoint_index: 5,
+            checkpoint_state: Some(Bytes::from_static(b"state")),
+            replay: vec![(6, 1, 1000, Bytes::from_static(b"cmd"))],
+            counted_bytes: 3,
+            unavailable: None,
+        };
+        let components = BTreeMap::from([("ab".to_string(), Bytes::from_static(b"\0asm"))]);
+        let limits = LimitsRecord::from(Limits::default());
+        let old = V1 {
+            format: 1,
+            applied: 6,
+            last_timestamp_ms: 1000,
+            sessions: &Sessions::default(),
+            addresses: &AddressBook::default(),
+            components: &components,
+            machines: BTreeMap::from([(
+                "kv".to_string(),
+                V1Machine {
+                    sha256: "ab",
+                    deployed_at: 2,
+                    limits,
+                    state: &state,
+                },
+            )]),
+        };
+        let image = Image::decode(&postcard::to_stdvec(&old).unwrap()).unwrap();
+        assert_eq!(image.format, FORMAT);
+        assert_eq!((image.applied, image.last_timestamp_ms), (6, 1000));
+        assert_eq!(image.components, components);
+        let kv = &image.machines["kv"];
+        assert_eq!(
+            kv.history,
+            [CodeChange {
+                index: 2,
+                sha256: "ab".into(),
+                change: ChangeKind::Deploy,
+            }]
+        );
+        assert_eq!((&kv.state, kv.limits), (&state, limits));
+        // And it writes the current layout.
+        assert_eq!(Image::decode(&image.encode()).unwrap(), image);
+        assert!(matches!(
+            Image::decode(&postcard::to_stdvec(&3u32).unwrap()),
+            Err(ImageError::Format { found: 3 })
+        ));
     }
 }

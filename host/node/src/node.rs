@@ -208,6 +208,8 @@ pub struct NodeHandle {
     engines: Engines,
     /// One dry-run upgrade at a time.
     dry_runs: Arc<tokio::sync::Semaphore>,
+    /// One component validated (compiled and started once) at a time.
+    trials: Arc<tokio::sync::Semaphore>,
 }
 
 /// JSON translations at once, no more than the instance slots the runtime
@@ -362,6 +364,7 @@ impl Node {
                 changes: ops,
                 engines: engines.clone(),
                 dry_runs: Arc::new(tokio::sync::Semaphore::new(1)),
+                trials: Arc::new(tokio::sync::Semaphore::new(1)),
             },
             task,
         })
@@ -1008,7 +1011,20 @@ impl NodeHandle {
                     )));
                 }
                 let json = command.is_json();
-                let command = self.to_bytes(&machine, command, Translate::Command).await?;
+                let command = match self
+                    .to_bytes(&machine, command.clone(), Translate::Command)
+                    .await
+                {
+                    // A leader that has not applied an upgrade it committed
+                    // (new, or behind its log) translates with the old code:
+                    // once it has applied what it committed, try again.
+                    Err(ApiError::BadRequest(_)) if json => {
+                        self.query(String::new(), Bytes::new(), Consistency::Linearizable)
+                            .await?;
+                        self.to_bytes(&machine, command, Translate::Command).await?
+                    }
+                    other => other?,
+                };
                 let reply = self
                     .propose(Op::Apply {
                         machine: machine.clone(),

@@ -103,6 +103,10 @@ pub(crate) struct StoreData {
     memory_limit_hit: bool,
     /// Largest linear memory size granted so far.
     memory_size: usize,
+    /// Growing memory failed for a reason of this host's (a refused `mmap`
+    /// or `mprotect`) rather than the limit: the call's failure is then not
+    /// the plugin's, and must not be replicated as one.
+    host_failure: Option<String>,
 }
 
 /// Marks a trap raised because the memory limit was reached.
@@ -139,6 +143,14 @@ impl ResourceLimiter for StoreData {
     ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
+
+    /// wasmtime's default ignores the failure and lets `memory.grow` return
+    /// -1, which the guest's allocator turns into a trap that would read as
+    /// the plugin's own: stop the call and remember why.
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.host_failure = Some(format!("{error:#}"));
+        Err(error)
+    }
 }
 
 /// An instance and the store it lives in.
@@ -156,6 +168,7 @@ impl Live {
                 memory_limit: limits.memory_bytes,
                 memory_limit_hit: false,
                 memory_size: 0,
+                host_failure: None,
             },
         );
         store.limiter(|data| data);
@@ -164,9 +177,11 @@ impl Live {
             Ok(bindings) => Ok(Self { store, bindings }),
             // A start function that traps or runs out of fuel, or an initial
             // memory over the cap, fails alike on every replica: the
-            // plugin's fault, not this host's.
+            // plugin's fault, not this host's (`classify` tells a memory
+            // this host could not map apart).
             Err(e)
-                if store.data().memory_limit_hit
+                if store.data().host_failure.is_some()
+                    || store.data().memory_limit_hit
                     || e.is::<MemoryLimitReached>()
                     || e.downcast_ref::<Trap>().is_some() =>
             {
@@ -189,6 +204,7 @@ impl Live {
             return (Err(e), 0);
         }
         self.store.data_mut().memory_limit_hit = false;
+        self.store.data_mut().host_failure = None;
         let result = f(&mut self.store, &self.bindings);
         let left = self.store.get_fuel().unwrap_or(0);
         let fuel_used = budget.saturating_sub(left);
@@ -257,6 +273,9 @@ fn set_fuel(store: &mut Store<StoreData>, fuel: u64) -> Result<(), CallError> {
 /// Names a failed call. Only the trap code or the top-level message is kept,
 /// never a backtrace or an address, so the error is the same on every replica.
 fn classify(store: &Store<StoreData>, error: wasmtime::Error, budget: u64) -> CallError {
+    if let Some(why) = &store.data().host_failure {
+        return CallError::Internal(format!("memory could not grow on this host: {why}"));
+    }
     if store.data().memory_limit_hit || error.is::<MemoryLimitReached>() {
         return CallError::MemoryLimit {
             limit: store.data().memory_limit,

@@ -135,9 +135,13 @@ impl NodeHandle {
             .await
             .map_err(|_| stopped())?
             .ok_or_else(|| ApiError::UnknownMachine(machine.clone()))?;
-        let plugin = self.compile(*fork.runtime.limits(), component).await?;
         tokio::task::spawn_blocking(move || {
             let _one = one;
+            // Compiled by the machine's own runtime: the copy runs there.
+            let plugin = fork
+                .runtime
+                .load(&component)
+                .map_err(|e| ApiError::Deploy(e.to_string()))?;
             rehearse(machine, fork, plugin, commands, queries)
         })
         .await
@@ -200,9 +204,19 @@ impl NodeHandle {
     /// will, off the event loop: a component whose instantiation fails
     /// (a start function that traps, an initial memory over the cap) would
     /// fail at apply on every replica, so it is refused here.
-    async fn compile(&self, limits: Limits, component: Bytes) -> Result<Plugin, ApiError> {
+    async fn compile(&self, limits: Limits, component: Bytes) -> Result<(), ApiError> {
+        // One at a time, with the permit held until the work ends (it runs
+        // on if the request is abandoned): the trial start takes an
+        // instance from the pool the machines draw on.
+        let one = self
+            .trials
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| stopped())?;
         let engines = self.engines.clone();
         tokio::task::spawn_blocking(move || {
+            let _one = one;
             let (runtime, plugin) = engines.compile(limits, &component).map_err(|e| match e {
                 CompileError::Load(e) => ApiError::Deploy(e.to_string()),
                 CompileError::Runtime(e @ RuntimeError::InvalidConfig(_)) => {
@@ -211,7 +225,7 @@ impl NodeHandle {
                 CompileError::Runtime(e) => ApiError::Internal(e.to_string()),
             })?;
             match runtime.start(&plugin) {
-                Ok(_) => Ok(plugin),
+                Ok(_) => Ok(()),
                 Err(CallError::Internal(why)) => Err(ApiError::Unavailable(format!(
                     "no instance to try the component in: {why}"
                 ))),
