@@ -222,9 +222,15 @@ async fn kv_upgraded_under_16_writing_clients_loses_nothing_and_switches_everywh
             revision.contains(&appended_at.to_string()),
             "node {id}: {revision}"
         );
-        // Every acknowledged write, before and after the upgrade.
+        // Every acknowledged write, before and after the upgrade, read by
+        // one connection to the node.
+        let node = client_for(&c, "app", vec![c.addr(*id)]);
         for (key, value) in &written {
-            let got = local_query(&c, *id, "kv", kv_get(key)).await.unwrap();
+            let got = node
+                .query("kv", kv_get(key), Consistency::Stale)
+                .await
+                .map(json)
+                .unwrap();
             assert_eq!(
                 got,
                 format!(r#"{{"value":"{value}"}}"#),
