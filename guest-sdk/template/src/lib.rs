@@ -87,6 +87,7 @@ impl StateMachine for TemplateMachine {
     }
 }
 
+#[cfg(feature = "component")]
 kythira_guest::export!(TemplateMachine);
 
 #[cfg(test)]
