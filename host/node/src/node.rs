@@ -1015,10 +1015,11 @@ impl NodeHandle {
                     .to_bytes(&machine, command.clone(), Translate::Command)
                     .await
                 {
-                    // A leader that has not applied an upgrade it committed
-                    // (new, or behind its log) translates with the old code:
-                    // once it has applied what it committed, try again.
-                    Err(ApiError::BadRequest(_)) if json => {
+                    // A leader that has not applied a deploy or an upgrade it
+                    // committed (new, or behind its log) does not know the
+                    // machine or translates with the old code: once it has
+                    // applied what it committed, try again.
+                    Err(ApiError::BadRequest(_) | ApiError::UnknownMachine(_)) if json => {
                         self.query(String::new(), Bytes::new(), Consistency::Linearizable)
                             .await?;
                         self.to_bytes(&machine, command, Translate::Command).await?
